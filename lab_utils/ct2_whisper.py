@@ -180,9 +180,27 @@ def whisper_config(v: dict[str, np.ndarray], extra: dict | None = None):
         eos_token_id=eos,
         pad_token_id=eos,
         decoder_start_token_id=extra.get("decoder_start_id", 50257),
-        suppress_tokens=extra.get("suppress_ids", []),
-        begin_suppress_tokens=extra.get("suppress_ids_begin", [220, eos]),
         tie_word_embeddings=True,
+    )
+
+
+def whisper_generation_config(config, extra: dict | None = None):
+    """Greedy transcription settings of tiny.en: the prompt is
+    <|startoftranscript|> <|notimestamps|>, and the token ids CTranslate2
+    suppresses are suppressed here too."""
+    from transformers import GenerationConfig
+
+    extra = extra or {}
+    return GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        max_length=config.max_target_positions,
+        no_timestamps_token_id=extra.get("no_timestamps_id", 50362),
+        suppress_tokens=list(extra.get("suppress_ids", [])),
+        begin_suppress_tokens=list(extra.get("suppress_ids_begin", [220, config.eos_token_id])),
+        is_multilingual=False,
     )
 
 
@@ -206,4 +224,5 @@ def load_whisper_ct2(model_dir: str | Path):
     if missing or unexpected:
         raise CT2FormatError(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    model.generation_config = whisper_generation_config(config, extra)
     return model.eval()

@@ -262,6 +262,7 @@ def _convert_minilm(dst: Path) -> None:
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
+CONVERTER_VERSION = 2
 _CONVERTERS = {"smollm2-135m": _convert_smollm2, "whisper-tiny-en": _convert_whisper,
                "minilm-l6": _convert_minilm}
 
@@ -271,7 +272,9 @@ def embedded_model_dir(name: str) -> tuple[Path, bool]:
 
     Returns (folder, was_cached). A folder whose checksums fail is rebuilt.
     """
-    folder = io.cache_dir() / "models" / name
+    # The converter version is part of the folder name: a fixed converter
+    # never reuses what an older one wrote.
+    folder = io.cache_dir() / "models" / f"{name}-v{CONVERTER_VERSION}"
     if io.verify_dir(folder):
         return folder, True
     with io.atomic_dir(folder) as tmp:

@@ -34,3 +34,25 @@ def tmp_output(tmp_path, monkeypatch) -> Path:
     """An empty output root (LAB_OUTPUT_DIR) so tests never touch figs/ or results/."""
     monkeypatch.setenv("LAB_OUTPUT_DIR", str(tmp_path / "out"))
     return tmp_path / "out"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_report(out_dir: Path, params: str = "params/smoke.yaml", *extra: str, timeout: int = 1500):
+    """Run the report runner in a subprocess with its outputs under ``out_dir``."""
+    import subprocess
+
+    env = dict(os.environ, LAB_OUTPUT_DIR=str(out_dir))
+    return subprocess.run([sys.executable, "-m", "lab_utils.report", "--params", params,
+                           "--no-progress", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_report(tmp_path_factory):
+    """One run of every notebook under params/smoke.yaml, shared by the tests
+    that check what it produced: (output root, completed process)."""
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run_report(out)
+    return out, proc

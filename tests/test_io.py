@@ -1,0 +1,35 @@
+import pytest
+
+from lab_utils import io
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path):
+    f = tmp_path / "x.txt"
+    io.write_text(f, "old")
+    with pytest.raises(RuntimeError), io.atomic_write(f, "w") as fh:
+        fh.write("half")
+        raise RuntimeError("killed")
+    assert f.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary left behind
+
+
+def test_atomic_dir_and_manifest(tmp_path):
+    d = tmp_path / "entry"
+    with io.atomic_dir(d) as tmp:
+        (tmp / "a.bin").write_bytes(b"123")
+    assert io.verify_dir(d)
+    (d / "a.bin").write_bytes(b"12")
+    assert not io.verify_dir(d)
+
+
+def test_checked_files_detect_edits(tmp_path):
+    f = tmp_path / "r.json"
+    io.store_json(f, {"v": 1})
+    assert io.cached_json(f) == {"v": 1}
+    f.write_text('{"v": 2}')
+    assert io.cached_json(f) is None
+
+
+def test_key_hash_is_stable_and_sensitive():
+    assert io.key_hash("a", 1, 0.5) == io.key_hash("a", 1, 0.5)
+    assert io.key_hash("a", 1, 0.5) != io.key_hash("a", 1, 0.25)

@@ -1,0 +1,89 @@
+"""The report runner: parameter checks before any work, and the smoke run."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import run_report
+from lab_utils import params, report
+
+
+def _write(tmp_path, text):
+    f = tmp_path / "p.yaml"
+    f.write_text(text)
+    return str(f)
+
+
+def test_every_params_file_is_valid_offline_or_names_the_hub():
+    paths = report.notebook_paths()
+    for name in ("default", "smoke"):
+        report.prepare(f"params/{name}.yaml", paths)
+    with pytest.raises(params.ParamError, match="hub"):
+        report.prepare("params/full.yaml", paths)
+    report.prepare("params/full.yaml", paths, check_hub=False)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("modles: [smollm2-135m]\n", "'modles' is not declared"),
+    ("notebooks:\n  02_visualization:\n    decoder_model: smollm2-135m\n", "not declared by notebook 02"),
+    ("models: [no-such-model]\n", "unknown model"),
+    ("models: [gpt2-medium]\n", "Hugging Face hub"),
+    ("seed: -1\n", "seed"),
+    ("models: [smollm2-135m\n", "not valid YAML"),
+    ("- just\n- a list\n", "mapping"),
+    ("seed: zero\n", "seed"),
+])
+def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
+    with pytest.raises(params.ParamError, match=needle):
+        report.prepare(_write(tmp_path, text), report.notebook_paths())
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("sparsities", [0.5, 1.2], r"1\.2 is outside \[0, 1\)"),
+    ("patterns", ["4:2"], "'4:2' is not a pattern"),
+    ("methods", ["obs"], "'obs' is not a method"),
+    ("nsamples", 0, "positive"),
+    ("scope", "blockwise", "not a scope"),
+])
+def test_value_rules_by_parameter_name(name, value, needle):
+    with pytest.raises(params.ParamError, match=needle):
+        params.validate({name: value})
+    with pytest.raises(params.ParamError, match=needle):  # suffixed names follow the same rule
+        params.validate({f"size_{name}": value})
+
+
+def test_runner_exits_2_on_unknown_parameter_without_running(tmp_path):
+    proc = run_report(tmp_path / "out", _write(tmp_path, "sparsity_ratio: 0.5\n"), timeout=120)
+    assert proc.returncode == 2
+    assert "'sparsity_ratio' is not declared" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    assert not (tmp_path / "out" / "build").exists()
+
+
+def test_smoke_report_runs_every_notebook_and_renders(smoke_report):
+    out, proc = smoke_report
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "build" / "run.json").read_text())
+    names = [r["name"] for r in run["runs"]]
+    assert names == [p.stem for p in report.notebook_paths()]
+    assert all(r["status"] == "ok" for r in run["runs"])
+    for r in run["runs"]:
+        html = (out / "report" / f"{r['name']}.html").read_text()
+        assert "cdnjs" not in html and "<script src=\"http" not in html  # offline-readable
+        assert "Traceback" not in html
+    index = (out / "report" / "index.html").read_text()
+    for name in names:
+        assert f"{name}.html" in index
+    assert yaml.safe_load(open("params/smoke.yaml"))["models"][0] in index
+
+
+def test_executed_notebooks_have_no_error_outputs(smoke_report):
+    import nbformat
+
+    out, _ = smoke_report
+    for path in sorted((out / "build" / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{path.name}: {errors[0].get('ename')}"
