@@ -188,8 +188,8 @@ def validate_value(name: str, value, check_hub: bool = True) -> None:
         _check_scope(name, value)
 
 
-def validate(params: dict, check_hub: bool = True) -> dict:
-    """Validate every parameter (nested per-notebook ones too); return params.
+def validate(params: dict, check_hub: bool = True) -> None:
+    """Validate every parameter (nested per-notebook ones too); raise ParamError.
 
     Notebooks call this in the cell after their parameters, so a value typed in
     JupyterLab fails as clearly as one from a parameter file.
@@ -201,7 +201,6 @@ def validate(params: dict, check_hub: bool = True) -> dict:
                     validate(per, check_hub)
             continue
         validate_value(name, value, check_hub)
-    return params
 
 
 def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:

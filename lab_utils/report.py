@@ -131,6 +131,10 @@ def render_html(executed: Path, html_path: Path) -> Path:
     exporter = HTMLExporter(config=c)
     exporter.register_preprocessor(TagRemovePreprocessor(config=c), enabled=True)
     nb = nbformat.read(str(executed), as_version=4)
+    if any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        # Show the values this run used (papermill's injected cell), not the
+        # notebook's defaults that they replaced.
+        nb.cells = [c for c in nb.cells if "parameters" not in c.metadata.get("tags", [])]
     body, _ = exporter.from_notebook_node(nb)
     io.write_text(html_path, body)
     return html_path
