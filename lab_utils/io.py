@@ -115,6 +115,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def sweep_temporaries(*roots: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that a killed run left behind
+    (``.<name>.*.tmp*``: never a finished file, only an unfinished write)."""
+    removed = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for p in sorted(root.rglob(".*.tmp*"), reverse=True):
+            if p.name.startswith(".") and ".tmp" in p.name:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                removed.append(p)
+    return removed
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path, "w") as fh:
         fh.write(text)

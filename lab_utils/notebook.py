@@ -42,11 +42,39 @@ def in_report() -> bool:
     return os.environ.get("LAB_REPORT") == "1"
 
 
-def md(text: str):
-    """Display generated markdown (call with an f-string of computed values)."""
+def md(text: str, key: str | None = None):
+    """Display generated markdown (call with an f-string of computed values).
+
+    With a ``key`` the text is also recorded as a finding, so the lab
+    write-up (``lab_utils.writeup``) quotes the very sentence the notebook
+    showed instead of computing it a second time.
+    """
     from IPython.display import Markdown, display
 
     display(Markdown(text))
+    if key:
+        record(key, text)
+
+
+def findings_path(notebook: str | None = None):
+    """``results/findings/<notebook>.json``; the report runner names the
+    notebook through ``LAB_NOTEBOOK`` (and clears the file before each run)."""
+    from lab_utils import io
+
+    name = notebook or os.environ.get("LAB_NOTEBOOK", "interactive")
+    return io.results_dir() / "findings" / f"{name}.json"
+
+
+def record(key: str, value) -> None:
+    """Record a finding (a sentence, a figure file name, a number) for the write-up."""
+    import json
+
+    from lab_utils import io
+
+    path = findings_path()
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    io.write_json(path, data)
 
 
 def pct(x: float, digits: int = 1) -> str:

@@ -201,6 +201,10 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         print(f"error: {e}", file=sys.stderr)
         return 2
     _kernel_env()
+    # An interrupted earlier run may have left unfinished temporaries; the
+    # finished files next to them are complete (atomic renames) and reused.
+    io.sweep_temporaries(io.cache_dir(), io.output_root() / "figs", io.output_root() / "results",
+                         build_dir(), report_dir())
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t_all = time.perf_counter()
     runs = [NotebookRun(p.stem) for p in paths]
@@ -208,6 +212,9 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
     for path, r in bar:
         bar.set_postfix_str(path.stem)
         executed = build_dir() / "notebooks" / path.name
+        os.environ["LAB_NOTEBOOK"] = path.stem  # findings are recorded per notebook
+        findings = io.results_dir() / "findings" / f"{path.stem}.json"
+        findings.unlink(missing_ok=True)
         result = execute(path, per_nb[path.stem], executed, timeout, progress=progress)
         r.seconds, r.status, r.error_cell, r.error = (result.seconds, result.status,
                                                        result.error_cell, result.error)

@@ -33,3 +33,15 @@ def test_checked_files_detect_edits(tmp_path):
 def test_key_hash_is_stable_and_sensitive():
     assert io.key_hash("a", 1, 0.5) == io.key_hash("a", 1, 0.5)
     assert io.key_hash("a", 1, 0.5) != io.key_hash("a", 1, 0.25)
+
+
+def test_sweep_removes_only_unfinished_temporaries(tmp_path):
+    done = io.write_text(tmp_path / "figs" / "a.png", "complete")
+    leftover = tmp_path / "figs" / ".a.png.x1y2.tmp"
+    leftover.write_text("half")
+    leftover_dir = tmp_path / "cache" / ".ckpt.abc.tmp"
+    leftover_dir.mkdir(parents=True)
+    (leftover_dir / "model.safetensors").write_bytes(b"\0" * 10)
+    removed = io.sweep_temporaries(tmp_path)
+    assert set(removed) == {leftover, leftover_dir}
+    assert done.read_text() == "complete" and not leftover.exists() and not leftover_dir.exists()
