@@ -1,0 +1,670 @@
+"""Sparse checkpoints as real single files, and the arithmetic of their sizes.
+
+"My pruned model file is not smaller": a pruned model saved as usual still
+stores every zero. This module writes the same model in formats that skip the
+zeros, as real files whose sizes are measured on disk, and computes what each
+format should cost and the information-theoretic floor it is compared with.
+
+A format name is ``layout[-precision][+zstd]``:
+
+* layout ``dense`` (every weight, zeros included), ``csr`` (kept values, row
+  pointers, column indices in the smallest unsigned dtype that fits),
+  ``bitmask`` (one packed bit per weight, then the kept values) or ``nm``
+  (for N:M-pruned weights: the kept values of each group of M and their
+  positions inside the group, packed in ceil(log2 M) bits each);
+* precision: none (the weights' own dtype: lossless), ``fp16`` (values rounded
+  to half precision) or ``int8`` (per-row symmetric int8 with one fp32 scale
+  per output row: sparsity and quantization composing);
+* ``+zstd``: every stored tensor compressed with zstandard, one frame each, so
+  the bytes of each part of the file stay measurable.
+
+The precision and the layout apply to the prunable weights
+(:func:`lab_utils.models.prunable_layers`, seen as out x in whether the module
+is ``nn.Linear`` or GPT-2's ``Conv1D``). Every other tensor (embeddings, norms,
+biases, the head) is stored the same way in every format, densely and
+losslessly, in the same file: differences between formats are differences in
+the prunable weights alone.
+
+The container is safetensors (no pickle; the header lists every tensor with
+its byte range). Its metadata holds the model class and config, so
+:func:`load_sparse` rebuilds the model without a template, a description of
+each prunable weight, and a sha256 of every stored byte: a truncated or
+corrupted file fails with one :class:`StorageError`, never a silently wrong
+model. The ``dense`` and ``dense-fp16`` files are ordinary safetensors
+checkpoints (weights under their own names and layouts) that any tool reads.
+
+Round trip: a lossless format gives back every weight bit for bit, except that
+a pruned zero always reads back as +0.0 (a masked multiply leaves -0.0 behind
+for negative weights; a sparse layout records where the nonzeros are, not the
+sign of the zeros, and both zeros multiply the same), so the logits are
+identical. ``fp16`` and ``int8`` are lossy by design: what comes back is
+exactly :func:`quantized_weight` of the saved weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lab_utils import io
+from lab_utils.models import _conv1d_type, prunable_layers
+from lab_utils.sparsify import SparsityError, parse_pattern
+
+FILE_VERSION = "1"
+LAYOUTS = ("dense", "csr", "bitmask", "nm")
+PRECISIONS = ("", "fp16", "int8")  # "" = the weights' own dtype (lossless)
+ZSTD_LEVEL = 3  # zstd's default: fast; higher levels gain little on masks and float values
+SCALE_DTYPE = torch.float32  # one int8 scale per output row
+SEP = "::"  # key of a stored part: "<state-dict name>::<component>"
+
+
+class StorageError(ValueError):
+    """A file that cannot be written or read back faithfully (one line, naming the fix)."""
+
+
+# --------------------------------------------------------------------------- format names
+@dataclass(frozen=True)
+class Format:
+    layout: str
+    precision: str = ""
+    zstd: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.layout + (f"-{self.precision}" if self.precision else "") + ("+zstd" if self.zstd else "")
+
+    @property
+    def lossless(self) -> bool:
+        return self.precision == ""
+
+    def value_bits(self, native_bits: int = 32) -> int:
+        return {"": native_bits, "fp16": 16, "int8": 8}[self.precision]
+
+
+def parse_format(name: str | Format) -> Format:
+    """``"bitmask-int8+zstd"`` -> Format("bitmask", "int8", True)."""
+    if isinstance(name, Format):
+        return name
+    text = str(name).strip()
+    zstd = text.endswith("+zstd")
+    base = text[: -len("+zstd")] if zstd else text
+    layout, _, precision = base.partition("-")
+    if layout not in LAYOUTS or precision not in PRECISIONS:
+        raise StorageError(f"unknown format {name!r}; a format is layout[-precision][+zstd] with "
+                           f"layout in {', '.join(LAYOUTS)} and precision in fp16, int8, "
+                           f"e.g. 'csr', 'bitmask-int8+zstd', 'dense-fp16'")
+    return Format(layout, precision, zstd)
+
+
+def all_formats(pattern: str = "unstructured", zstd: bool = True,
+                precisions: Iterable[str] = PRECISIONS) -> list[str]:
+    """Every format that applies to a model pruned with ``pattern`` (``nm``
+    needs an N:M pattern)."""
+    prune_n, _ = parse_pattern(pattern)
+    layouts = [lay for lay in LAYOUTS if lay != "nm" or prune_n]
+    out = [Format(lay, p, z).name for z in ((False, True) if zstd else (False,))
+           for p in precisions for lay in layouts]
+    return out
+
+
+# --------------------------------------------------------------------------- arithmetic
+def index_dtype(max_value: int) -> np.dtype:
+    """The smallest unsigned dtype that holds 0..max_value."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def nm_position_bits(prune_m: int) -> int:
+    """Bits for a position inside a group of M: ceil(log2 M)."""
+    return max(1, math.ceil(math.log2(prune_m)))
+
+
+def format_bytes(fmt: str | Format, shape: tuple[int, int], nnz: int, value_bits: int = 32,
+                 pattern: str = "unstructured") -> dict[str, int]:
+    """Bytes of each part that ``fmt`` stores for one out x in weight with
+    ``nnz`` nonzeros (uncompressed formats: zstd's output is measured, not
+    predicted). ``value_bits`` is the bit width of the weights' own dtype."""
+    f = parse_format(fmt)
+    if f.zstd:
+        raise StorageError(f"{f.name}: the size of a zstd-compressed part is measured, not predicted; "
+                           f"ask for the format without '+zstd'")
+    out_f, in_f = shape
+    numel = out_f * in_f
+    vbytes = f.value_bits(value_bits) / 8
+    parts: dict[str, int] = {}
+    if f.layout == "dense":
+        parts["values"] = int(numel * vbytes)
+    elif f.layout == "csr":
+        parts["values"] = int(nnz * vbytes)
+        parts["crow_indices"] = (out_f + 1) * index_dtype(nnz).itemsize
+        parts["col_indices"] = nnz * index_dtype(in_f - 1).itemsize
+    elif f.layout == "bitmask":
+        parts["mask"] = math.ceil(numel / 8)
+        parts["values"] = int(nnz * vbytes)
+    else:
+        prune_n, prune_m = parse_pattern(pattern)
+        if not prune_n:
+            raise StorageError("format nm needs an N:M pattern, e.g. pattern='2:4'")
+        kept = out_f * (in_f // prune_m) * (prune_m - prune_n)
+        parts["values"] = int(kept * vbytes)
+        parts["positions"] = math.ceil(kept * nm_position_bits(prune_m) / 8)
+    if f.precision == "int8":
+        parts["scale"] = out_f * SCALE_DTYPE.itemsize
+    return parts
+
+
+def binary_entropy(p: float) -> float:
+    """H(p) in bits; H(0) = H(1) = 0."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def entropy_floor_bits(density: float, value_bits: int = 32) -> float:
+    """Fewest bits per weight of any lossless code for a weight matrix whose
+    kept fraction is ``density``, when the kept values are ``value_bits``-bit
+    numbers with no structure and the mask has no structure either:
+    density * b for the values plus H(density) for where they are.
+    (In terms of the sparsity s = 1 - density: (1-s)*b + H(s).)"""
+    if not 0.0 <= density <= 1.0:
+        raise StorageError(f"density {density!r} is outside [0, 1]")
+    return density * value_bits + binary_entropy(density)
+
+
+def nm_floor_bits(prune_n: int, prune_m: int, value_bits: int = 32) -> float:
+    """Floor for an N:M-pruned weight (N zeros in every group of M): the kept
+    values plus log2(C(M, N))/M bits of mask per weight (which of the C(M, N)
+    patterns each group uses)."""
+    if not 0 < prune_n < prune_m:
+        raise StorageError(f"N:M needs 0 < N < M, got {prune_n}:{prune_m}")
+    return (prune_m - prune_n) / prune_m * value_bits + math.log2(math.comb(prune_m, prune_n)) / prune_m
+
+
+def floor_bytes(shapes_nnz: Iterable[tuple[tuple[int, int], int]], value_bits: int = 32,
+                pattern: str = "unstructured") -> float:
+    """The floor, in bytes, summed over weights given as ((out, in), nnz)."""
+    prune_n, prune_m = parse_pattern(pattern)
+    total = 0.0
+    for (out_f, in_f), nnz in shapes_nnz:
+        numel = out_f * in_f
+        bits = (nm_floor_bits(prune_n, prune_m, value_bits) if prune_n
+                else entropy_floor_bits(nnz / numel, value_bits))
+        total += numel * bits / 8
+    return total
+
+
+def break_even_sparsity(fmt: str | Format, shapes: Iterable[tuple[int, int]], value_bits: int = 32,
+                        against: str | None = None, pattern: str = "unstructured") -> float:
+    """The lowest sparsity at which ``fmt`` takes fewer bytes than the dense
+    layout of the same precision (or the format ``against``), summed over the
+    weight ``shapes``. Found by bisection on the sparsity (bytes fall as
+    sparsity rises); ``nan`` when it never breaks even below 100%."""
+    f = parse_format(fmt)
+    ref = parse_format(against) if against else Format("dense", f.precision)
+    shapes = list(shapes)
+    if f.layout == "nm":  # the N:M pattern fixes the sparsity
+        n, m = parse_pattern(pattern)
+        s = n / m
+        return s if _total(f, shapes, s, value_bits, pattern) < _total(ref, shapes, s, value_bits,
+                                                                       pattern) else math.nan
+
+    def wins(s: float) -> bool:
+        return _total(f, shapes, s, value_bits, pattern) < _total(ref, shapes, s, value_bits, pattern)
+
+    if wins(0.0):
+        return 0.0
+    if not wins(1.0):
+        return math.nan
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if wins(mid) else (mid, hi)
+    return hi
+
+
+def _total(f: Format, shapes, sparsity: float, value_bits: int, pattern: str) -> int:
+    return sum(sum(format_bytes(f, s, round((1 - sparsity) * s[0] * s[1]), value_bits, pattern).values())
+               for s in shapes)
+
+
+# --------------------------------------------------------------------------- value codecs
+def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: scale = max|row| / 127, q = round(W / scale).
+    A row of zeros gets scale 0 and stays zero."""
+    scale = W.abs().amax(dim=1).to(SCALE_DTYPE) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(W.to(SCALE_DTYPE) / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.to(SCALE_DTYPE) * scale[:, None]).to(dtype)
+
+
+def quantized_weight(W: torch.Tensor, precision: str) -> torch.Tensor:
+    """What a lossy precision turns W (out x in) into: what load_sparse returns."""
+    if precision == "":
+        return W
+    if precision == "fp16":
+        return _to_fp16(W, "weight").to(W.dtype)
+    q, scale = quantize_int8(W)
+    return dequantize_int8(q, scale, W.dtype) * (W != 0)
+
+
+def _to_fp16(W: torch.Tensor, name: str) -> torch.Tensor:
+    finite = torch.finfo(torch.float16).max
+    if W.abs().max() > finite:
+        raise StorageError(f"{name}: values exceed fp16's range ({finite}); use the lossless "
+                           f"format or int8 instead of fp16")
+    return W.to(torch.float16)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack small unsigned integers (< 2**bits) into a uint8 bit stream."""
+    values = np.ascontiguousarray(values, dtype=np.uint8).ravel()
+    if bits == 8:
+        return values
+    planes = np.unpackbits(values[:, None], axis=1)[:, 8 - bits:]
+    return np.packbits(planes.ravel())
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[:count].astype(np.int64)
+    planes = np.unpackbits(packed)[: count * bits].reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    return planes.astype(np.int64) @ weights
+
+
+# --------------------------------------------------------------------------- layouts
+def encode_weight(W: torch.Tensor, fmt: str | Format, pattern: str = "unstructured",
+                  name: str = "weight") -> dict[str, torch.Tensor]:
+    """The parts that ``fmt`` stores for one out x in weight (before zstd)."""
+    f = parse_format(fmt)
+    W = W.detach().contiguous()
+    out_f, in_f = W.shape
+    keep = W != 0
+    if f.precision == "int8":
+        q, scale = quantize_int8(W)
+        V, extra = q, {"scale": scale}
+    elif f.precision == "fp16":
+        V, extra = _to_fp16(W, name), {}
+    else:
+        V, extra = W, {}
+    if f.layout == "dense":
+        parts = {"values": V}
+    elif f.layout == "csr":
+        crow = torch.zeros(out_f + 1, dtype=torch.int64)
+        crow[1:] = keep.sum(dim=1).cumsum(0)
+        col = keep.nonzero()[:, 1]
+        nnz = int(crow[-1])
+        parts = {"values": V[keep],
+                 "crow_indices": torch.from_numpy(crow.numpy().astype(index_dtype(nnz))),
+                 "col_indices": torch.from_numpy(col.numpy().astype(index_dtype(in_f - 1)))}
+    elif f.layout == "bitmask":
+        parts = {"mask": torch.from_numpy(np.packbits(keep.numpy().ravel())), "values": V[keep]}
+    else:
+        parts = _encode_nm(keep, V, pattern, name)
+    parts.update(extra)
+    return {k: v.contiguous() for k, v in parts.items()}
+
+
+def _encode_nm(keep: torch.Tensor, V: torch.Tensor, pattern: str, name: str) -> dict:
+    prune_n, prune_m = parse_pattern(pattern)
+    if not prune_n:
+        raise StorageError(f"{name}: format nm needs an N:M pattern, e.g. pattern='2:4'")
+    out_f, in_f = keep.shape
+    if in_f % prune_m:
+        raise StorageError(f"{name}: {in_f} inputs are not a multiple of M={prune_m}; use csr or bitmask")
+    kept = prune_m - prune_n
+    groups = keep.reshape(out_f, in_f // prune_m, prune_m)
+    if int(groups.sum(-1).max()) > kept:
+        raise StorageError(f"{name}: not {prune_n}:{prune_m} sparse (a group of {prune_m} keeps more "
+                           f"than {kept}); prune with pattern {pattern!r} first, or use csr or bitmask")
+    # K positions per group: its nonzeros first, then (if a kept weight happens to
+    # be exactly zero) the first zero positions, so every group stores exactly K.
+    order = torch.argsort((~groups).to(torch.int8), dim=-1, stable=True)[..., :kept]
+    positions = order.sort(dim=-1).values
+    values = V.reshape(out_f, in_f // prune_m, prune_m).gather(-1, positions)
+    bits = nm_position_bits(prune_m)
+    return {"values": values.reshape(-1),
+            "positions": torch.from_numpy(pack_bits(positions.numpy().ravel(), bits))}
+
+
+def decode_weight(parts: dict[str, torch.Tensor], fmt: str | Format, shape: tuple[int, int],
+                  dtype: torch.dtype, pattern: str = "unstructured") -> torch.Tensor:
+    """Inverse of :func:`encode_weight`: the out x in weight in ``dtype``."""
+    f = parse_format(fmt)
+    out_f, in_f = shape
+    values = parts["values"]
+    if f.precision == "int8":
+        scale = parts["scale"]
+    if f.layout == "dense":
+        W = values.reshape(out_f, in_f)
+        return dequantize_int8(W, scale, dtype) if f.precision == "int8" else W.to(dtype)
+    if f.precision == "int8":
+        rows = _value_rows(parts, f, shape, pattern)
+        values = (values.to(SCALE_DTYPE) * scale[rows]).to(dtype)
+    else:
+        values = values.to(dtype)
+    W = torch.zeros(out_f, in_f, dtype=dtype)
+    if f.layout == "csr":
+        crow = parts["crow_indices"].to(torch.int64)
+        col = parts["col_indices"].to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(out_f), crow.diff())
+        W[rows, col] = values
+    elif f.layout == "bitmask":
+        keep = np.unpackbits(parts["mask"].numpy())[: out_f * in_f].astype(bool).reshape(out_f, in_f)
+        W[torch.from_numpy(keep)] = values
+    else:
+        prune_n, prune_m = parse_pattern(pattern)
+        kept = prune_m - prune_n
+        n_groups = out_f * (in_f // prune_m)
+        pos = unpack_bits(parts["positions"].numpy(), nm_position_bits(prune_m), n_groups * kept)
+        pos = torch.from_numpy(pos).reshape(out_f, in_f // prune_m, kept)
+        W = W.reshape(out_f, in_f // prune_m, prune_m)
+        W.scatter_(-1, pos, values.reshape(out_f, in_f // prune_m, kept))
+        W = W.reshape(out_f, in_f)
+    return W
+
+
+def _value_rows(parts, f: Format, shape, pattern) -> torch.Tensor:
+    """Row index of every stored value (to apply its row's int8 scale)."""
+    out_f, in_f = shape
+    if f.layout == "csr":
+        return torch.repeat_interleave(torch.arange(out_f), parts["crow_indices"].to(torch.int64).diff())
+    if f.layout == "bitmask":
+        keep = np.unpackbits(parts["mask"].numpy())[: out_f * in_f].reshape(out_f, in_f)
+        return torch.repeat_interleave(torch.arange(out_f), torch.from_numpy(keep.sum(1).astype(np.int64)))
+    prune_n, prune_m = parse_pattern(pattern)
+    return torch.arange(out_f).repeat_interleave((in_f // prune_m) * (prune_m - prune_n))
+
+
+# --------------------------------------------------------------------------- files
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise StorageError(f"unknown dtype {name!r} in the file header: the file is corrupted")
+    return dt
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # A uint8 view of the raw memory: works for every dtype, fp16 and uint16 included.
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _checksum(stored: dict[str, torch.Tensor], metadata: dict) -> str:
+    """sha256 of the header's metadata (all but this checksum) and of every
+    stored tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
+    for key in sorted(stored):
+        t = stored[key]
+        h.update(f"{key}|{_dtype_name(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _zstd(t: torch.Tensor, level: int) -> torch.Tensor:
+    import zstandard
+
+    frame = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(_tensor_bytes(t))
+    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+
+
+def _unzstd(t: torch.Tensor, dtype: torch.dtype, shape: list[int], key: str) -> torch.Tensor:
+    import zstandard
+
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(t.numpy().tobytes())
+    except zstandard.ZstdError as e:
+        raise StorageError(f"part {key} does not decompress ({e}): the file is corrupted; save it again") from None
+    out = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if out.numel() != math.prod(shape) * torch.empty(0, dtype=dtype).element_size():
+        raise StorageError(f"part {key} decompresses to the wrong size: the file is corrupted; save it again")
+    return out.view(dtype).reshape(shape)
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with tied tensors stored once: (tensors, aliases)."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = name
+            tensors[name] = t.detach()
+    return tensors, aliases
+
+
+def save_sparse(model: nn.Module, path: str | os.PathLike, format: str = "bitmask",
+                pattern: str = "unstructured", zstd_level: int = ZSTD_LEVEL) -> Path:
+    """Write ``model`` to one file in ``format`` (atomically: a temporary file,
+    then a rename). ``pattern`` is the N:M pattern that format ``nm`` relies on.
+    Returns the path."""
+    from safetensors.torch import save_file
+
+    f = parse_format(format)
+    try:
+        parse_pattern(pattern)
+    except SparsityError as e:
+        raise StorageError(str(e)) from None
+    tensors, aliases = _unique_state(model)
+    layers = {f"{pl.name}.weight": pl for pl in prunable_layers(model)}
+    conv1d = _conv1d_type()
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for name, t in tensors.items():
+        pl = layers.get(name)
+        if pl is None:
+            parts, entry = {"": t}, {"kind": "other", "layout": "raw"}
+        else:
+            W = pl.weight
+            entry = {"kind": "prunable", "layout": f.layout, "out_in": list(W.shape),
+                     "transposed": isinstance(pl.module, conv1d), "nnz": int((W != 0).sum())}
+            if f.layout == "dense" and f.precision != "int8":
+                # Under its own name and layout: the dense files are ordinary checkpoints.
+                parts = {"": _to_fp16(t, name) if f.precision == "fp16" else t}
+                entry["layout"] = "raw"
+            else:
+                parts = encode_weight(W, f, pattern, name)
+        entry.update(dtype=_dtype_name(t.dtype), shape=list(t.shape), parts={})
+        for comp, value in parts.items():
+            key = f"{name}{SEP}{comp}" if comp else name
+            entry["parts"][comp] = {"key": key, "dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
+            stored[key] = _zstd(value, zstd_level) if f.zstd else value.contiguous()
+        entries[name] = entry
+    metadata = {
+        "lab_format_version": FILE_VERSION, "format": f.name, "pattern": str(pattern),
+        "model_class": type(model).__name__, "config_class": type(model.config).__name__,
+        "config": json.dumps(model.config.to_dict(), sort_keys=True, default=str),
+        "tensors": json.dumps(entries, sort_keys=True), "aliases": json.dumps(aliases, sort_keys=True),
+    }
+    metadata["checksum"] = _checksum(stored, metadata)
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        save_file(stored, str(tmp), metadata=metadata)
+    return path
+
+
+@dataclass
+class FileInfo:
+    """What a file's header says (read without loading any tensor)."""
+
+    path: Path
+    file_bytes: int
+    header_bytes: int  # 8-byte length + JSON header (padded)
+    metadata: dict
+    entries: dict  # state-dict name -> description
+    ranges: dict  # stored key -> (dtype, shape, start, end) in the data section
+
+    @property
+    def format(self) -> Format:
+        return parse_format(self.metadata["format"])
+
+
+def read_header(path: str | os.PathLike) -> FileInfo:
+    """Parse and check the header; raise :class:`StorageError` if the file is
+    cut short, has trailing bytes, or its header is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{path} does not exist; write it with save_sparse(model, path, format=...)")
+    size = path.stat().st_size
+    bad = f"{path} is truncated or corrupted"
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise StorageError(f"{bad} ({size} bytes, no header); save it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise StorageError(f"{bad} (the header says {n} bytes, the file has {size}); save it again")
+        try:
+            header = json.loads(fh.read(n))
+            metadata = header.pop("__metadata__")
+            entries = json.loads(metadata["tensors"])
+            ranges = {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{bad} (unreadable header: {e}); save it again") from None
+    if metadata.get("lab_format_version") != FILE_VERSION:
+        raise StorageError(f"{path} is not a lab sparse file of version {FILE_VERSION} "
+                           f"(found {metadata.get('lab_format_version')!r}); save it again")
+    end = max((r[3] for r in ranges.values()), default=0)
+    if 8 + n + end != size:
+        raise StorageError(f"{bad} ({size} bytes on disk, the header accounts for {8 + n + end}); save it again")
+    return FileInfo(path, size, 8 + n, metadata, entries, ranges)
+
+
+def file_table(path: str | os.PathLike):
+    """One row per stored part, with its bytes as they lie in the file on
+    disk: name, kind (prunable/other), component, dtype, bytes."""
+    import pandas as pd
+
+    info = read_header(path)
+    key_to = {p["key"]: (name, e["kind"], comp) for name, e in info.entries.items()
+              for comp, p in e["parts"].items()}
+    rows = []
+    for key, (dtype, _shape, start, end) in sorted(info.ranges.items()):
+        name, kind, comp = key_to.get(key, (key, "?", ""))
+        rows.append({"key": key, "name": name, "kind": kind, "component": comp or "values",
+                     "stored_dtype": dtype, "bytes": end - start})
+    return pd.DataFrame(rows)
+
+
+def _load_parts(path: Path, info: FileInfo) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StorageError(f"{path} is truncated or corrupted ({e}); save it again") from None
+    if _checksum(stored, info.metadata) != info.metadata.get("checksum"):
+        raise StorageError(f"{path} is corrupted: its bytes do not match the checksum in its header; "
+                           f"save it again")
+    return stored
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path`` (weights decoded, aliases restored)."""
+    path = Path(path)
+    info = read_header(path)
+    stored = _load_parts(path, info)  # checksum first: nothing below reads unchecked bytes
+    f = info.format
+    pattern = info.metadata.get("pattern", "unstructured")
+    state = {}
+    for name, e in info.entries.items():
+        parts = {}
+        for comp, p in e["parts"].items():
+            t = stored[p["key"]]
+            parts[comp] = _unzstd(t, _dtype(p["dtype"]), p["shape"], p["key"]) if f.zstd else t
+        dtype = _dtype(e["dtype"])
+        if e["layout"] == "raw":
+            state[name] = parts[""].to(dtype)  # fp16 prunable weights come back in their dtype
+            continue
+        W = decode_weight(parts, f, tuple(e["out_in"]), dtype, pattern)
+        state[name] = (W.t() if e["transposed"] else W).contiguous()
+    for alias, target in json.loads(info.metadata["aliases"]).items():
+        state[alias] = state[target]
+    return state
+
+
+def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Read a file written by :func:`save_sparse` back into a model.
+
+    Without ``model`` the architecture is rebuilt from the class and config in
+    the header (transformers classes only, never remote code); with ``model``
+    the weights are loaded into it (it must be of the same class). Either way
+    every tensor is checked against the header's checksum first.
+    """
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    info = read_header(path)
+    state = load_state(path)
+    cls_name = info.metadata["model_class"]
+    if model is None:
+        cls = getattr(transformers, cls_name, None)
+        cfg_cls = getattr(transformers, info.metadata["config_class"], None)
+        if cls is None or cfg_cls is None:
+            raise StorageError(f"{path}: {cls_name} is not a transformers class; pass a model of "
+                               f"that architecture: load_sparse(path, model=...)")
+        config = cfg_cls.from_dict(json.loads(info.metadata["config"]))
+        with no_init_weights():  # every weight is overwritten below
+            model = cls(config)
+    elif type(model).__name__ != cls_name:
+        raise StorageError(f"{path} holds a {cls_name}, not a {type(model).__name__}; pass a model of "
+                           f"the same architecture (or none, to rebuild it from the file)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise StorageError(f"{path} does not fit this model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- sizes
+def prunable_summary(model: nn.Module) -> list[tuple[tuple[int, int], int]]:
+    """((out, in), nnz) of every prunable weight."""
+    return [(tuple(pl.shape), int((pl.weight != 0).sum())) for pl in prunable_layers(model)]
+
+
+def size_row(path: str | os.PathLike, value_bits: int | None = None) -> dict:
+    """Sizes of one file, measured on disk and split into prunable weights,
+    other tensors and header, next to the floor for its prunable weights."""
+    info = read_header(path)
+    table = file_table(path)
+    f = info.format
+    pattern = info.metadata.get("pattern", "unstructured")
+    prunable = [e for e in info.entries.values() if e["kind"] == "prunable"]
+    native = value_bits or (torch.finfo(_dtype(prunable[0]["dtype"])).bits if prunable else 32)
+    shapes_nnz = [(tuple(e["out_in"]), e["nnz"]) for e in prunable]
+    numel = sum(s[0] * s[1] for s, _ in shapes_nnz)
+    prunable_bytes = int(table.loc[table.kind == "prunable", "bytes"].sum())
+    row = {"format": f.name, "layout": f.layout, "precision": f.precision or "native",
+           "zstd": f.zstd, "file_bytes": info.file_bytes, "header_bytes": info.header_bytes,
+           "prunable_bytes": prunable_bytes,
+           "other_bytes": int(table.loc[table.kind == "other", "bytes"].sum()),
+           "prunable_numel": numel, "value_bits": f.value_bits(native),
+           "bits_per_weight": 8 * prunable_bytes / numel if numel else math.nan}
+    row["nnz"] = sum(nnz for _, nnz in shapes_nnz)
+    row["floor_bytes"] = floor_bytes(shapes_nnz, f.value_bits(native), pattern)
+    row["floor_ratio"] = prunable_bytes / row["floor_bytes"] if row["floor_bytes"] else math.nan
+    return row

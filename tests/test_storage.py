@@ -1,0 +1,254 @@
+import math
+
+import pytest
+import torch
+from tiny_models import KINDS, build_tiny
+
+from lab_utils import storage as st
+from lab_utils.models import prunable_layers
+
+
+def prune_2_4(model):
+    """Zero the 2 smallest of every 4 weights by multiplying with the mask, so
+    negative weights leave -0.0 behind (as a masked multiply does in practice)."""
+    for pl in prunable_layers(model):
+        W = pl.weight
+        groups = W.reshape(W.shape[0], -1, 4)
+        drop = groups.abs().argsort(dim=-1)[..., :2]
+        mask = torch.ones_like(groups).scatter_(-1, drop, 0.0)
+        pl.set_weight((groups * mask).reshape(W.shape))
+    return model
+
+
+def prune_random(model, sparsity_ratio, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for pl in prunable_layers(model):
+        W = pl.weight
+        pl.set_weight(W * (torch.rand(W.shape, generator=g) >= sparsity_ratio))
+    return model
+
+
+def model_inputs(kind):
+    ids = torch.tensor([[1, 5, 9, 12, 20, 7, 3, 2]])
+    if kind == "bart":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    if kind == "whisper":
+        g = torch.Generator().manual_seed(0)
+        return {"input_features": torch.randn(1, 80, 3000, generator=g), "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids}
+
+
+def outputs(model, kind):
+    with torch.no_grad():
+        out = model(**model_inputs(kind))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def canonical_bits(t):
+    """Bit pattern with -0.0 turned into +0.0 (-0.0 + 0.0 == +0.0 in IEEE):
+    the sign of a pruned zero is the one thing a sparse layout does not keep."""
+    t = t + 0.0
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.fixture(scope="module")
+def tiny_pruned():
+    return {kind: prune_2_4(build_tiny(kind)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_round_trip_every_format(kind, tiny_pruned, tmp_path):
+    model = tiny_pruned[kind]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any((v == 0).any() and (torch.signbit(v) & (v == 0)).any() for v in state.values()), \
+        "the test model should contain -0.0 entries"
+    prunable = {f"{pl.name}.weight": pl for pl in prunable_layers(model)}
+    ref = outputs(model, kind)
+    for fmt in st.all_formats("2:4"):
+        f = st.parse_format(fmt)
+        path = st.save_sparse(model, tmp_path / f"{kind}.lab", fmt, pattern="2:4")
+        back = st.load_sparse(path)  # rebuilt from the header, no template
+        assert type(back) is type(model)
+        loaded = back.state_dict()
+        assert set(loaded) == set(state)
+        for name, t in state.items():
+            got = loaded[name]
+            assert got.dtype == t.dtype and got.shape == t.shape, (fmt, name)
+            if name in prunable and not f.lossless:
+                pl = prunable[name]
+                want = st.quantized_weight(pl.weight, f.precision)
+                W = next(p for p in prunable_layers(back) if p.name == pl.name).weight
+                assert torch.equal(canonical_bits(W), canonical_bits(want)), (fmt, name)
+                assert not torch.equal(W, pl.weight), (fmt, name)  # lossy by design
+            else:
+                assert torch.equal(canonical_bits(got), canonical_bits(t)), (fmt, name)
+        if f.lossless:
+            assert torch.equal(outputs(back, kind), ref), fmt
+
+
+def test_dense_file_is_a_plain_safetensors_checkpoint(tiny_pruned, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_pruned["gpt2"]
+    path = st.save_sparse(model, tmp_path / "dense.safetensors", "dense")
+    raw = load_file(str(path))
+    for name, t in model.state_dict().items():
+        if name in raw:  # tied copies are stored once
+            assert torch.equal(raw[name], t)  # Conv1D weights keep their in x out layout
+
+
+def test_load_into_a_template_and_reject_another_architecture(tiny_pruned, tmp_path):
+    model = tiny_pruned["llama"]
+    path = st.save_sparse(model, tmp_path / "m.lab", "csr+zstd")
+    template = build_tiny("llama", seed=1)
+    assert not torch.equal(template.lm_head.weight, model.lm_head.weight)
+    back = st.load_sparse(path, model=template)
+    assert back is template
+    assert torch.equal(template.lm_head.weight, model.lm_head.weight)
+    assert template.lm_head.weight.data_ptr() == template.model.embed_tokens.weight.data_ptr()
+    with pytest.raises(st.StorageError, match="holds a LlamaForCausalLM"):
+        st.load_sparse(path, model=build_tiny("gpt2"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("fmt", ["dense", "dense-fp16", "dense-int8", "csr", "csr-int8", "bitmask",
+                                 "bitmask-fp16", "nm", "nm-int8"])
+def test_measured_sizes_equal_the_arithmetic(kind, fmt, tmp_path):
+    model = build_tiny(kind)
+    pattern = "2:4" if fmt.startswith("nm") else "unstructured"
+    if pattern == "2:4":
+        prune_2_4(model)
+    else:
+        prune_random(model, 0.7)
+    path = st.save_sparse(model, tmp_path / "m.lab", fmt, pattern=pattern)
+    table = st.file_table(path)
+    info = st.read_header(path)
+    expected_total = info.header_bytes
+    for pl in prunable_layers(model):
+        name = f"{pl.name}.weight"
+        nnz = int((pl.weight != 0).sum())
+        parts = st.format_bytes(fmt, pl.shape, nnz, value_bits=32, pattern=pattern)
+        measured = table[table.name == name].set_index("component")["bytes"].to_dict()
+        assert measured == parts, (name, measured, parts)
+        expected_total += sum(parts.values())
+    others = table[table.kind == "other"]
+    state = model.state_dict()
+    for _, row in others.iterrows():
+        assert row["bytes"] == state[row["name"]].numel() * state[row["name"]].element_size()
+    expected_total += int(others["bytes"].sum())
+    assert path.stat().st_size == expected_total
+    row = st.size_row(path)
+    assert row["file_bytes"] == path.stat().st_size
+    assert row["bits_per_weight"] == pytest.approx(8 * row["prunable_bytes"] / row["prunable_numel"])
+
+
+def test_smallest_index_dtype_that_fits(tmp_path):
+    assert st.index_dtype(255).itemsize == 1 and st.index_dtype(256).itemsize == 2
+    assert st.index_dtype(65535).itemsize == 2 and st.index_dtype(65536).itemsize == 4
+    W = torch.zeros(3, 300)
+    W[0, 299] = 1.0
+    W[2, 5] = -2.0
+    parts = st.encode_weight(W, "csr")
+    assert parts["col_indices"].dtype == torch.uint16  # 300 inputs: 299 does not fit a byte
+    assert parts["crow_indices"].dtype == torch.uint8  # 2 nonzeros
+    assert parts["crow_indices"].tolist() == [0, 1, 1, 2]
+    assert torch.equal(st.decode_weight(parts, "csr", (3, 300), torch.float32), W)
+
+
+def test_nm_positions_pack_into_log2_m_bits():
+    W = torch.zeros(2, 8)
+    W[0, [1, 3, 4, 7]] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # 2:4 per group of 4
+    W[1, [0, 6]] = torch.tensor([5.0, 6.0])  # a group with a single nonzero is fine
+    parts = st.encode_weight(W, "nm", pattern="2:4")
+    assert parts["values"].numel() == 8 and parts["positions"].numel() == 2  # 8 x 2 bits
+    assert torch.equal(st.decode_weight(parts, "nm", (2, 8), torch.float32, "2:4"), W)
+    for bits, count in [(1, 13), (3, 11), (5, 9)]:
+        v = torch.randint(0, 2**bits, (count,)).numpy()
+        assert (st.unpack_bits(st.pack_bits(v, bits), bits, count) == v).all()
+    with pytest.raises(st.StorageError, match="not 2:4 sparse"):
+        st.encode_weight(torch.ones(2, 8), "nm", pattern="2:4")
+
+
+def test_entropy_floor_known_cases():
+    assert st.binary_entropy(0.5) == 1.0
+    assert st.binary_entropy(0.0) == 0.0 and st.binary_entropy(1.0) == 0.0
+    assert st.binary_entropy(0.1) == pytest.approx(0.4689955935892812)
+    assert st.entropy_floor_bits(0.5, 32) == 17.0  # (1-s)*b + H(s) at s = 0.5
+    assert st.entropy_floor_bits(1.0, 32) == 32.0 and st.entropy_floor_bits(0.0, 32) == 0.0
+    assert st.nm_floor_bits(2, 4, value_bits=0) == pytest.approx(math.log2(6) / 4)
+    assert st.nm_floor_bits(2, 4, 16) == pytest.approx(8 + math.log2(6) / 4)
+    # 2:4 fixes where the zeros may go: less mask information than unstructured 50%.
+    assert st.nm_floor_bits(2, 4, 32) < st.entropy_floor_bits(0.5, 32)
+    assert st.floor_bytes([((4, 8), 16)], 32) == pytest.approx(32 * 17 / 8)
+
+
+def test_break_even_sparsity():
+    shapes = [(1024, 1024)]
+    # csr: 4-byte values + 2-byte column indices beat 4 bytes per weight once
+    # density < 4/6, i.e. sparsity > 1/3 (a little more for the row pointers).
+    s = st.break_even_sparsity("csr", shapes)
+    assert 1 / 3 < s < 1 / 3 + 0.01
+    # bitmask: 1 bit per weight plus the values beats 32 bits once s > 1/32.
+    assert st.break_even_sparsity("bitmask", shapes) == pytest.approx(1 / 32, abs=1e-3)
+    assert st.break_even_sparsity("bitmask-int8", shapes) == pytest.approx(1 / 8, abs=1e-3)
+    assert st.break_even_sparsity("dense-fp16", shapes, against="dense") == 0.0
+    assert st.break_even_sparsity("nm", shapes, pattern="2:4") == 0.5
+    with pytest.raises(st.StorageError, match="measured, not predicted"):
+        st.break_even_sparsity("csr+zstd", shapes)
+
+
+def _corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    if how == "truncate-end":
+        data = data[:-1]
+    elif how == "truncate-header":
+        data = data[: 8 + n // 2]
+    elif how == "truncate-tiny":
+        data = data[:5]
+    elif how == "flip-data":
+        data[8 + n + (len(data) - 8 - n) // 2] ^= 0x10
+    elif how == "flip-header":
+        data[8 + n // 3] ^= 0x5A
+    elif how == "trailing":
+        data += b"\0" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr-int8+zstd", "dense"])
+@pytest.mark.parametrize("how", ["truncate-end", "truncate-header", "truncate-tiny", "flip-data",
+                                 "flip-header", "trailing"])
+def test_damaged_file_fails_with_one_clear_error(fmt, how, tiny_pruned, tmp_path):
+    path = st.save_sparse(tiny_pruned["llama"], tmp_path / "m.lab", fmt)
+    st.load_sparse(path)  # intact: loads
+    _corrupt(path, how)
+    with pytest.raises(st.StorageError, match="truncated or corrupted|corrupted|not a lab sparse file"):
+        st.load_sparse(path)
+
+
+def test_bad_requests_fail_clearly_and_leave_no_file(tiny_pruned, tmp_path):
+    model = prune_random(build_tiny("llama"), 0.5)
+    path = tmp_path / "m.lab"
+    with pytest.raises(st.StorageError, match="not 2:4 sparse"):
+        st.save_sparse(model, path, "nm", pattern="2:4")
+    with pytest.raises(st.StorageError, match="needs an N:M pattern"):
+        st.save_sparse(model, path, "nm")
+    with pytest.raises(st.StorageError, match="unknown format"):
+        st.save_sparse(model, path, "coo")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    with pytest.raises(st.StorageError, match="does not exist"):
+        st.load_sparse(path)
+    big = build_tiny("llama")
+    big.model.layers[0].mlp.up_proj.weight.data[0, 0] = 1e6
+    with pytest.raises(st.StorageError, match="fp16's range"):
+        st.save_sparse(big, path, "csr-fp16")
+
+
+def test_formats_and_quantization():
+    assert st.parse_format("bitmask-int8+zstd") == st.Format("bitmask", "int8", True)
+    assert st.parse_format("dense").name == "dense"
+    assert "nm" not in st.all_formats() and "nm-int8+zstd" in st.all_formats("2:4")
+    W = torch.tensor([[0.0, 1.0, -0.5], [0.0, 0.0, 0.0]])
+    q, scale = st.quantize_int8(W)
+    assert q.tolist() == [[0, 127, -64], [0, 0, 0]] and scale[1] == 0
+    assert torch.equal(st.quantized_weight(W, "int8")[1], torch.zeros(3))
