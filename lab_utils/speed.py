@@ -1,0 +1,296 @@
+"""Does sparsity buy time on a CPU? Dense vs ``torch.sparse`` CSR matmuls.
+
+A pruned layer that keeps its zeros runs exactly as fast as the dense one: the
+matmul multiplies the zeros too. A CSR layer skips them, but each kept weight
+costs far more than in a dense matmul (an index to read, scattered access,
+no blocking for the caches), so CSR only wins above some sparsity: the
+*crossover*. This module measures it per layer shape and uses it:
+
+* :func:`time_calls` times functions interleaved (each repetition calls every
+  function once, in a rotating order) after a warm-up, so a machine that gets
+  busier half way through slows every variant alike; report medians;
+* :func:`layer_speed` times ``x @ W.T`` dense and CSR for each out x in shape
+  and sparsity, on a batch of ``tokens`` rows;
+* :class:`CSRLinear` is a drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` that
+  stores its weight as CSR; :func:`to_sparse_aware` swaps it in for the
+  layers whose measured speed-up at their sparsity clears a margin, and keeps
+  the others dense, so the model is never slower than dense by design;
+* :func:`forward_speed` times whole forward passes, :func:`flop_limit` gives
+  the speed-up that counting multiply-adds allows (the dense parts, such as
+  the output head, bound it).
+
+Timings taken on a shared machine are noisy: compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lab_utils.models import _conv1d_type, prunable_layers
+
+
+# --------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def num_threads(threads: int | None):
+    """Run the block with ``threads`` intra-op threads (None: leave as is)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7,
+               threads: int | None = None) -> pd.DataFrame:
+    """Seconds per call of each function: ``warmup`` untimed rounds, then
+    ``repeats`` rounds in which every function runs once, in an order that
+    rotates from round to round. One row per (name, repeat)."""
+    names = list(fns)
+    rows = []
+    with num_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for rep in range(repeats):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[name]()
+                rows.append({"name": name, "repeat": rep, "seconds": time.perf_counter() - t0})
+    return pd.DataFrame(rows)
+
+
+def median_seconds(times: pd.DataFrame) -> pd.Series:
+    return times.groupby("name", sort=False)["seconds"].median()
+
+
+# --------------------------------------------------------------------------- layers
+def sparse_weight(shape: tuple[int, int], sparsity_ratio: float, seed: int = 0) -> torch.Tensor:
+    """A random out x in weight with exactly round(sparsity * in) zeros in
+    every row (the per-row count that magnitude or Wanda pruning leaves)."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    n_zero = round(sparsity_ratio * in_f)
+    if n_zero:
+        drop = torch.rand(out_f, in_f, generator=g).argsort(dim=1)[:, :n_zero]
+        W.scatter_(1, drop, 0.0)
+    return W
+
+
+def to_csr(W: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and what we measure
+        warnings.simplefilter("ignore", UserWarning)
+        return W.detach().to_sparse_csr()
+
+
+def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in CSR: (W @ x.T).T, since torch multiplies a
+    sparse matrix on the left. Contiguous output, as the next layer may view() it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.sparse.mm(W_csr, x2.t().contiguous()).t()
+    if bias is not None:
+        y = y + bias
+    return y.contiguous().reshape(*x.shape[:-1], W_csr.shape[0])
+
+
+def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], tokens: int = 512,
+                warmup: int = 2, repeats: int = 7, seed: int = 0, threads: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Median time of ``x @ W.T`` (x: tokens x in) dense and CSR, per shape
+    and sparsity; speedup = dense time / CSR time (> 1: CSR is faster). The
+    pair is timed interleaved, so the ratio is measured under the same load."""
+    from tqdm.auto import tqdm
+
+    shapes = sorted({tuple(int(v) for v in s) for s in shapes})
+    sparsities = sorted({float(s) for s in sparsities})
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    jobs = [(s, sp) for s in shapes for sp in sparsities]
+    for shape, sp in tqdm(jobs, desc="layer timings", disable=not progress):
+        W = sparse_weight(shape, sp, seed)
+        W_csr = to_csr(W)
+        x = torch.randn(tokens, shape[1], generator=g)
+        med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
+                                         "csr": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
+                                        warmup, repeats, threads))
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
+                     "sparsity": sp, "tokens": tokens, "dense_ms": 1e3 * med["dense"],
+                     "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"]})
+    return pd.DataFrame(rows)
+
+
+def predicted_speedup(speed: pd.DataFrame, shape: tuple[int, int], sparsity_ratio: float) -> float:
+    """CSR speed-up for ``shape`` at ``sparsity_ratio``, interpolated from a
+    :func:`layer_speed` table (linearly in log speed-up between the measured
+    sparsities, flat beyond them). A shape that was not timed borrows the
+    timed shape with the closest number of weights."""
+    t = speed[(speed.out_features == shape[0]) & (speed.in_features == shape[1])]
+    if t.empty:
+        numel = speed.out_features * speed.in_features
+        nearest = (np.log(numel) - math.log(shape[0] * shape[1])).abs().idxmin()
+        t = speed[speed["shape"] == speed.loc[nearest, "shape"]]
+    t = t.groupby("sparsity")["speedup"].median().sort_index()
+    return float(np.exp(np.interp(sparsity_ratio, t.index.to_numpy(), np.log(t.to_numpy()))))
+
+
+def crossover(speed: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
+    """Per shape: the sparsity above which CSR beats dense by more than
+    ``margin`` at every measured point (interpolated between the last losing
+    and the first winning sparsity; nan if it never wins, the lowest measured
+    sparsity if it always wins), and the measured speed-ups."""
+    rows = []
+    for shape, t in speed.groupby("shape", sort=False):
+        t = t.groupby("sparsity")["speedup"].median().sort_index()
+        s, v = t.index.to_numpy(), np.log(t.to_numpy())
+        target = math.log(1 + margin)
+        wins = v > target
+        if not wins[-1]:
+            cross = math.nan
+        elif wins.all():
+            cross = float(s[0])
+        else:
+            i = int(np.flatnonzero(~wins)[-1])  # last losing point; all above it win
+            cross = float(s[i] + (target - v[i]) * (s[i + 1] - s[i]) / (v[i + 1] - v[i]))
+        row = {"shape": shape, "crossover_sparsity": cross}
+        row.update({f"speedup@{sp:g}": float(np.exp(val)) for sp, val in zip(s, v, strict=True)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- modules
+class CSRLinear(nn.Module):
+    """A linear layer whose weight (out x in) is a CSR tensor."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_csr", to_csr(weight), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> CSRLinear:
+        """From ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is in x out)."""
+        W = module.weight.detach()
+        if isinstance(module, _conv1d_type()):
+            W = W.t()
+        return cls(W.contiguous(), module.bias)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.weight_csr.values().numel())
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_csr.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return csr_linear(x, self.weight_csr, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparse_plan(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
+                force: bool = False) -> pd.DataFrame:
+    """Per prunable layer: its shape, sparsity, the predicted CSR speed-up and
+    whether to use CSR (predicted speed-up >= 1 + margin; every layer when
+    ``force``). The margin keeps layers near the crossover dense: there the
+    timing noise is as large as the gain."""
+    rows = []
+    for pl in prunable_layers(model):
+        W = pl.weight
+        sparsity = float((W == 0).float().mean())
+        pred = predicted_speedup(speed, pl.shape, sparsity) if speed is not None else math.nan
+        rows.append({"name": pl.name, "component": pl.component, "shape": f"{pl.shape[0]}x{pl.shape[1]}",
+                     "sparsity": sparsity, "predicted_speedup": pred,
+                     "use_csr": bool(force or pred >= 1 + margin)})
+    return pd.DataFrame(rows)
+
+
+def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
+                    force: bool = False, inplace: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+    """A copy of ``model`` (or the model itself) with the layers that
+    :func:`sparse_plan` picks replaced by :class:`CSRLinear`; returns
+    (model, plan). ``force=True`` converts every prunable layer."""
+    plan = sparse_plan(model, speed, margin, force)
+    target = model if inplace else copy.deepcopy(model)
+    for name in plan.loc[plan.use_csr, "name"]:
+        _set_module(target, name, CSRLinear.from_module(target.get_submodule(name)))
+    return target.eval(), plan
+
+
+# --------------------------------------------------------------------------- whole model
+def forward_speed(models: dict[str, nn.Module], inputs: dict, warmup: int = 1, repeats: int = 5,
+                  threads: int | None = None, baseline: str | None = None) -> pd.DataFrame:
+    """Median seconds of a forward pass for each model (timed interleaved on
+    the same ``inputs``) and its speed-up over ``baseline`` (the first model)."""
+    baseline = baseline or next(iter(models))
+    times = time_calls({name: (lambda m=m: m(**inputs)) for name, m in models.items()},
+                       warmup, repeats, threads)
+    med = median_seconds(times)
+    return pd.DataFrame({"model": list(models), "median_s": [med[n] for n in models],
+                         "speedup": [med[baseline] / med[n] for n in models],
+                         "repeats": repeats})
+
+
+def linear_macs(model: nn.Module, inputs: dict) -> pd.DataFrame:
+    """Multiply-adds of every linear layer in one forward pass on ``inputs``
+    (counted with forward hooks): dense (out x in per row of input) and
+    effective (nonzero weights per row, for the prunable layers)."""
+    conv1d = _conv1d_type()
+    prunable = {pl.name for pl in prunable_layers(model)}
+    rows, hooks = [], []
+
+    def hook(name):
+        def fn(module, args, output):
+            rows_in = args[0].numel() // args[0].shape[-1]
+            if isinstance(module, CSRLinear):
+                out_f, in_f, nnz = module.out_features, module.in_features, module.nnz
+            else:
+                W = module.weight
+                out_f, in_f = (W.shape[1], W.shape[0]) if isinstance(module, conv1d) else W.shape
+                nnz = int((W != 0).sum()) if name in prunable else out_f * in_f
+            rows.append({"name": name, "prunable": name in prunable, "rows": rows_in,
+                         "dense_macs": rows_in * out_f * in_f, "macs": rows_in * nnz})
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | conv1d | CSRLinear):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pd.DataFrame(rows)
+
+
+def flop_limit(model: nn.Module, inputs: dict) -> dict:
+    """The end-to-end speed-up allowed by counting the linear layers'
+    multiply-adds: dense count / count with only the nonzero weights of the
+    prunable layers. The dense layers (the output head above all) stay as they
+    are; attention products, norms and activations are not counted, so the
+    true limit is lower still."""
+    t = linear_macs(model, inputs)
+    dense, sparse = int(t.dense_macs.sum()), int(t.macs.sum())
+    head = t[~t.prunable]
+    return {"dense_macs": dense, "sparse_macs": sparse, "limit": dense / sparse,
+            "unprunable_share": float(head.dense_macs.sum() / dense)}

@@ -1,0 +1,136 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from tiny_models import build_tiny
+
+from lab_utils import speed
+from lab_utils.models import prunable_layers
+
+
+def prune(model, sparsity_ratio, seed=0):
+    for i, pl in enumerate(prunable_layers(model)):
+        pl.set_weight(pl.weight * (speed.sparse_weight(pl.shape, sparsity_ratio, seed + i) != 0))
+    return model
+
+
+def test_sparse_weight_has_exact_zeros_per_row():
+    W = speed.sparse_weight((5, 40), 0.75, seed=1)
+    assert ((W == 0).sum(dim=1) == 30).all()
+    assert torch.equal(W, speed.sparse_weight((5, 40), 0.75, seed=1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_csr_linear_matches_dense(bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 10, bias=bias)
+    lin.weight.data = speed.sparse_weight((10, 24), 0.6)
+    csr = speed.CSRLinear.from_module(lin)
+    assert csr.nnz == int((lin.weight != 0).sum())
+    assert torch.equal(csr.dense_weight(), lin.weight.data)
+    x = torch.randn(2, 3, 24)
+    y = csr(x)
+    assert y.shape == (2, 3, 10) and y.is_contiguous()
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-6)
+    y.view(6, 10)  # the next layer may view() it
+
+
+def test_csr_linear_from_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(7, 12)  # nx=12 inputs, nf=7 outputs; weight stored 12 x 7
+    conv.weight.data = speed.sparse_weight((7, 12), 0.5).t().contiguous()
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(speed.CSRLinear.from_module(conv)(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bart"])
+def test_fully_converted_model_gives_the_same_outputs(kind):
+    model = prune(build_tiny(kind), 0.7)
+    ids = torch.tensor([[1, 5, 9, 12, 20, 7]])
+    inputs = {"input_ids": ids} | ({"decoder_input_ids": ids[:, :3]} if kind == "bart" else {})
+    sparse, plan = speed.to_sparse_aware(model, None, force=True)
+    n = len(prunable_layers(model))
+    assert plan.use_csr.all() and len(plan) == n
+    assert sum(isinstance(m, speed.CSRLinear) for m in sparse.modules()) == n
+    assert not any(isinstance(m, speed.CSRLinear) for m in model.modules())  # a copy
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
+    macs = speed.linear_macs(sparse, inputs)
+    macs_dense = speed.linear_macs(model, inputs)
+    assert macs.macs.sum() == macs_dense.macs.sum()  # the CSR layers count their nonzeros
+    limit = speed.flop_limit(model, inputs)
+    assert limit["sparse_macs"] < limit["dense_macs"] and 1 < limit["limit"] < 1 / 0.3
+
+
+def synthetic_table(rows):
+    """A layer_speed-shaped table from (shape, sparsity, speedup) triples."""
+    out = []
+    for shape, sp, su in rows:
+        o, i = shape
+        out.append({"shape": f"{o}x{i}", "out_features": o, "in_features": i, "sparsity": sp,
+                    "tokens": 8, "dense_ms": 1.0, "csr_ms": 1.0 / su, "speedup": su})
+    return pd.DataFrame(out)
+
+
+def test_crossover_from_a_synthetic_table():
+    t = synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.8, 0.5), ((8, 8), 0.9, 2.0), ((8, 8), 0.95, 4.0),
+                         ((4, 8), 0.5, 0.5), ((4, 8), 0.9, 0.8),  # never wins
+                         ((8, 4), 0.5, 1.5), ((8, 4), 0.9, 3.0),  # always wins
+                         ((2, 8), 0.5, 2.0), ((2, 8), 0.7, 0.9), ((2, 8), 0.9, 1.2)])  # noisy: wins, loses, wins
+    c = speed.crossover(t).set_index("shape")
+    # log-linear between (0.8, 0.5) and (0.9, 2.0): log2 goes -1 -> 1, zero half way.
+    assert c.loc["8x8", "crossover_sparsity"] == pytest.approx(0.85)
+    assert math.isnan(c.loc["4x8", "crossover_sparsity"])
+    assert c.loc["8x4", "crossover_sparsity"] == 0.5
+    assert 0.7 < c.loc["2x8", "crossover_sparsity"] < 0.9  # above the last point where it lost
+    assert c.loc["8x8", "speedup@0.95"] == pytest.approx(4.0)
+    # a margin moves the crossover up: 1.2x is reached later than 1.0x
+    assert speed.crossover(t, margin=0.2).set_index("shape").loc["8x8", "crossover_sparsity"] > 0.85
+
+
+def test_predicted_speedup_interpolates_and_borrows_the_nearest_shape():
+    t = synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.9, 4.0), ((100, 100), 0.5, 9.0), ((100, 100), 0.9, 9.0)])
+    assert speed.predicted_speedup(t, (8, 8), 0.7) == pytest.approx(1.0)
+    assert speed.predicted_speedup(t, (8, 8), 0.99) == pytest.approx(4.0)  # flat beyond
+    assert speed.predicted_speedup(t, (4, 16), 0.7) == pytest.approx(1.0)  # 64 weights: like 8x8
+    assert speed.predicted_speedup(t, (90, 120), 0.7) == pytest.approx(9.0)
+
+
+def test_plan_picks_csr_only_where_the_table_says_it_pays():
+    model = build_tiny("llama")  # attn 32x32 / 16x32 (k, v), mlp 64x32 and 32x64
+    prune(model, 0.9)
+    shapes = sorted({pl.shape for pl in prunable_layers(model)})
+    rows = []
+    for s in shapes:
+        wins = s == (64, 32)  # only the mlp up/gate shape gains from CSR
+        rows += [(s, 0.5, 0.3), (s, 0.95, 2.0 if wins else 0.8)]
+    t = synthetic_table(rows)
+    sparse, plan = speed.to_sparse_aware(model, t, margin=0.1)
+    chosen = set(plan.loc[plan.use_csr, "shape"])
+    assert chosen == {"64x32"}
+    assert plan.sparsity.between(0.89, 0.91).all()
+    converted = {n for n, m in sparse.named_modules() if isinstance(m, speed.CSRLinear)}
+    assert converted == set(plan.loc[plan.use_csr, "name"]) and converted
+    # at 50% nothing pays: the sparse-aware model is the dense model
+    dense_model = prune(build_tiny("llama"), 0.5)
+    _, plan50 = speed.to_sparse_aware(dense_model, t, margin=0.1)
+    assert not plan50.use_csr.any()
+
+
+def test_time_calls_interleaves_and_reports_every_repeat():
+    calls = []
+    times = speed.time_calls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             warmup=1, repeats=4)
+    assert len(times) == 8 and set(times.name) == {"a", "b"}
+    assert calls[:2] == ["a", "b"]  # warm-up
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotating order
+    assert (times.seconds >= 0).all()
+    assert list(speed.median_seconds(times).index) == ["a", "b"]
+
+
+def test_layer_speed_table_shape():
+    t = speed.layer_speed([(16, 8), (8, 16)], [0.5, 0.9], tokens=4, warmup=0, repeats=1, progress=False)
+    assert len(t) == 4 and set(t["shape"]) == {"16x8", "8x16"}
+    assert (t.speedup == t.dense_ms / t.csr_ms).all()
