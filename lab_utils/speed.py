@@ -294,3 +294,85 @@ def flop_limit(model: nn.Module, inputs: dict) -> dict:
     head = t[~t.prunable]
     return {"dense_macs": dense, "sparse_macs": sparse, "limit": dense / sparse,
             "unprunable_share": float(head.dense_macs.sum() / dense)}
+
+
+# --------------------------------------------------------------------------- sweeps and figures
+def prunable_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """The distinct out x in shapes of a model's prunable layers."""
+    return sorted({tuple(pl.shape) for pl in prunable_layers(model)})
+
+
+def forward_inputs(lm, tokens: int = 512) -> dict:
+    """One batch of real text for a whole-model forward: ``tokens`` tokens of
+    the NYT editorials (decoder and encoder models; capped at the encoder's
+    positions), or 30 s of log-mel frames plus ``tokens`` decoder tokens for
+    Whisper (a zero input: its timing does not depend on the values)."""
+    from lab_utils import data
+
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
+    n = min(tokens, limit) if limit else tokens
+    ids = data.eval_windows(lm.tokenizer, seqlen=n, n_windows=1)
+    if config.model_type == "whisper":
+        n = min(tokens, config.max_target_positions)
+        frames = 2 * config.max_source_positions
+        return {"input_features": torch.zeros(1, config.num_mel_bins, frames), "decoder_input_ids": ids[:, :n]}
+    if getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids} | ({"use_cache": False} if "Causal" in type(lm.model).__name__ else {})
+
+
+def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
+                  tokens: int = 512, warmup: int = 1, repeats: int = 5, threads: int | None = None,
+                  margin: float = 0.1, all_csr: bool = True, progress: bool = True, **prune_kw) -> pd.DataFrame:
+    """Whole forward passes at each sparsity, timed interleaved: the pruned
+    model as it is (dense kernels), the sparse-aware model (CSR where the
+    ``speed`` table says it pays) and, with ``all_csr``, every prunable layer
+    in CSR. Speed-ups are over dense; ``flop_limit`` is what counting
+    multiply-adds allows."""
+    from tqdm.auto import tqdm
+
+    from lab_utils import prune
+
+    rows = []
+    for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
+        lm, _ = prune.pruned_model(model_name, method, sparsity, progress=progress, **prune_kw)
+        inputs = forward_inputs(lm, tokens)
+        aware, plan = to_sparse_aware(lm.model, speed, margin)
+        # With no layer worth converting, the sparse-aware model *is* the dense
+        # model: timing it again would only measure the machine's noise.
+        variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
+        if all_csr:
+            variants["all-csr"] = to_sparse_aware(lm.model, None, force=True)[0]
+        t = forward_speed(variants, inputs, warmup, repeats, threads).set_index("model")
+        if not plan.use_csr.any():
+            t.loc["sparse-aware"] = t.loc["dense"]
+        limit = flop_limit(lm.model, inputs)
+        row = {"model": model_name, "label": lm.label, "method": method, "sparsity": sparsity,
+               "tokens": int(next(v for k, v in inputs.items() if k.endswith("input_ids")).numel()),
+               "dense_s": t.loc["dense", "median_s"], "sparse_aware_s": t.loc["sparse-aware", "median_s"],
+               "sparse_aware_speedup": t.loc["sparse-aware", "speedup"],
+               "csr_layers": int(plan.use_csr.sum()), "layers": len(plan),
+               "sparse_aware_is_dense": not plan.use_csr.any(),
+               "flop_limit": limit["limit"], "unprunable_share": limit["unprunable_share"],
+               "threads": threads or torch.get_num_threads(), "repeats": repeats}
+        if all_csr:
+            row.update(all_csr_s=t.loc["all-csr", "median_s"], all_csr_speedup=t.loc["all-csr", "speedup"])
+        rows.append(row)
+        del lm, aware, variants
+    return pd.DataFrame(rows)
+
+
+def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer shape"):
+    """Speed-up (dense time / CSR time) vs sparsity, one line per shape."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for shape, t in speed.groupby("shape", sort=False):
+        t = t.sort_values("sparsity")
+        ax.plot(t.sparsity, t.speedup, marker="o", label=shape)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set(xlabel="sparsity", ylabel="speed-up of CSR over dense", yscale="log", title=title)
+    ax.legend(title="out x in", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -555,8 +556,6 @@ def read_header(path: str | os.PathLike) -> FileInfo:
 def file_table(path: str | os.PathLike):
     """One row per stored part, with its bytes as they lie in the file on
     disk: name, kind (prunable/other), component, dtype, bytes."""
-    import pandas as pd
-
     info = read_header(path)
     key_to = {p["key"]: (name, e["kind"], comp) for name, e in info.entries.items()
               for comp, p in e["parts"].items()}
@@ -668,3 +667,171 @@ def size_row(path: str | os.PathLike, value_bits: int | None = None) -> dict:
     row["floor_bytes"] = floor_bytes(shapes_nnz, f.value_bits(native), pattern)
     row["floor_ratio"] = prunable_bytes / row["floor_bytes"] if row["floor_bytes"] else math.nan
     return row
+
+
+# --------------------------------------------------------------------------- sweeps
+# What notebook 03 writes by default: the plain and compressed sparse layouts
+# next to the two usual dense baselines, and int8 to show the two composing.
+SIZE_FORMATS = ("dense", "dense-fp16", "csr", "bitmask", "dense+zstd", "csr+zstd", "bitmask+zstd",
+                "dense-int8", "bitmask-int8", "bitmask-int8+zstd")
+
+
+def check_formats(formats: Iterable[str], pattern: str = "unstructured") -> list[str]:
+    """Parse every format name (one clear error for a bad one) and refuse
+    ``nm`` for an unstructured pattern."""
+    names = [parse_format(f).name for f in formats]
+    if not parse_pattern(pattern)[0] and any(parse_format(f).layout == "nm" for f in names):
+        raise StorageError("format nm stores N:M-pruned weights: use it with a pattern such as '2:4'")
+    return names
+
+
+def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder: str | os.PathLike | None = None,
+                pattern: str = "unstructured", zstd_level: int = ZSTD_LEVEL, keep_files: bool = False,
+                progress: bool = True) -> pd.DataFrame:
+    """Write ``model`` once per format, measure each file on disk
+    (:func:`size_row`), then delete it unless ``keep_files``. One row per format,
+    with the parameter counts (total, nonzero) and the seconds the write took."""
+    import tempfile
+    import time
+
+    from tqdm.auto import tqdm
+
+    from lab_utils.models import count_parameters
+
+    formats = check_formats(formats, pattern)
+    total = count_parameters(model)
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    own = folder is None
+    folder = Path(tempfile.mkdtemp(prefix="sizes-", dir=io.cache_dir())) if own else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for fmt in tqdm(formats, desc="formats", disable=not progress, leave=False):
+            path = folder / f"{fmt.replace('+', '_')}.lab"
+            t0 = time.perf_counter()
+            save_sparse(model, path, fmt, pattern=pattern, zstd_level=zstd_level)
+            row = size_row(path)
+            row.update(save_s=time.perf_counter() - t0, params=total, nonzero_params=nonzero)
+            rows.append(row)
+            if not keep_files:
+                path.unlink()
+    finally:
+        if own and not keep_files:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    return pd.DataFrame(rows)
+
+
+def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
+               formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
+               zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
+               **prune_kw) -> pd.DataFrame:
+    """Sizes for every model x method x sparsity: the pruned checkpoint comes
+    from :func:`lab_utils.prune.pruned_model`, each format is written and
+    measured by :func:`model_sizes`. Results are cached (checksummed JSON)
+    per setting, so a re-run reads them instead of rewriting the files."""
+    from tqdm.auto import tqdm
+
+    from lab_utils import prune
+
+    formats = check_formats(formats, pattern)
+    jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
+    frames = []
+    for model_name, method, sparsity in tqdm(jobs, desc="sizes", disable=not progress):
+        key = io.key_hash("sizes", FILE_VERSION, model_name, method, sparsity, pattern, formats,
+                          zstd_level, sorted(prune_kw.items()))
+        cache = io.cache_dir() / "sizes" / f"{key}.json"
+        rows = io.cached_json(cache)
+        if rows is None:
+            lm, report = prune.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)
+            table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
+                                folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
+                                keep_files=keep_files, progress=progress)
+            table.insert(0, "label", lm.label)
+            table.insert(0, "model", model_name)
+            table.insert(2, "method", method)
+            table.insert(3, "sparsity", sparsity)
+            table.insert(4, "pattern", pattern)
+            table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
+            rows = table.to_dict(orient="records")
+            io.store_json(cache, rows)
+            del lm
+        frames.append(pd.DataFrame(rows))
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_formats(sizes: pd.DataFrame, lossless: bool = True) -> pd.DataFrame:
+    """Per model, method and sparsity: the format whose prunable weights take
+    the fewest bytes (lossless formats only, unless ``lossless=False``), with
+    its bits per weight, the floor and their ratio."""
+    t = sizes[sizes.precision == "native"] if lossless else sizes
+    idx = t.groupby(["model", "method", "sparsity"])["prunable_bytes"].idxmin()
+    cols = ["model", "label", "method", "sparsity", "format", "prunable_bytes", "bits_per_weight",
+            "floor_bytes", "floor_ratio"]
+    out = t.loc[idx, cols].reset_index(drop=True)
+    out["floor_bits_per_weight"] = 8 * out.floor_bytes / t.loc[idx, "prunable_numel"].to_numpy()
+    return out
+
+
+def break_even_table(sizes: pd.DataFrame,
+                     shapes: Iterable[tuple[int, int]] | None = None) -> pd.DataFrame:
+    """Per model and format: the lowest measured sparsity at which its file
+    is smaller than the dense fp32 file of the same checkpoint, and for the
+    uncompressed formats the break-even the arithmetic predicts for the
+    model's prunable shapes (against dense of the same precision and against
+    dense fp32)."""
+    rows = []
+    for (name, fmt), t in sizes.groupby(["model", "format"], sort=False):
+        dense = sizes[(sizes.model == name) & (sizes.format == "dense")].set_index(["method", "sparsity"])
+        t = t.set_index(["method", "sparsity"]).sort_index()
+        wins = t.file_bytes < dense.file_bytes.reindex(t.index)
+        measured = min((s for (_, s), w in wins.items() if w), default=math.nan)
+        row = {"model": name, "format": fmt, "measured_break_even": measured}
+        f = parse_format(fmt)
+        if shapes is not None and not f.zstd and f.layout != "nm":
+            row["predicted_vs_same_precision"] = break_even_sparsity(f, shapes)
+            row["predicted_vs_dense_fp32"] = break_even_sparsity(f, shapes, against="dense")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- figures
+def save_figure(fig, name: str) -> Path:
+    """Save under figs/ atomically, with no timestamp: same data, same bytes."""
+    import matplotlib.pyplot as plt
+
+    path = io.figs_dir() / name
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def size_figure(sizes: pd.DataFrame, label: str, method: str):
+    """Two panels for one model and method: file size vs sparsity per format
+    (the floor drawn for the whole file: floor of the prunable weights plus
+    the rest as stored), and bits per prunable weight vs sparsity."""
+    import matplotlib.pyplot as plt
+
+    t = sizes[(sizes.label == label) & (sizes.method == method)].sort_values("sparsity")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for fmt, g in t.groupby("format", sort=False):
+        style = "--" if "zstd" in fmt else "-"
+        ax1.plot(g.sparsity, g.file_bytes / 2**20, style, marker=".", label=fmt)
+        ax2.plot(g.sparsity, g.bits_per_weight, style, marker=".", label=fmt)
+    native = t[t.format == "dense"]
+    floor_file = native.floor_bytes + native.other_bytes + native.header_bytes
+    ax1.plot(native.sparsity, floor_file / 2**20, "k:", lw=2.5, label="floor (fp32 values)")
+    ax2.plot(native.sparsity, 8 * native.floor_bytes / native.prunable_numel, "k:", lw=2.5,
+             label="floor (fp32 values)")
+    int8 = t[t.format == "dense-int8"]
+    if len(int8):
+        ax2.plot(int8.sparsity, 8 * int8.floor_bytes / int8.prunable_numel, color="grey", ls=":", lw=2,
+                 label="floor (int8 values)")
+    ax1.set(xlabel="sparsity", ylabel="file size (MiB)", title=f"{label}: file size on disk ({method})")
+    ax2.set(xlabel="sparsity", ylabel="bits per prunable weight", yscale="log",
+            title="bits per prunable weight")
+    ax2.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return fig
