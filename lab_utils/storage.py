@@ -742,8 +742,8 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
         key = io.key_hash("sizes", FILE_VERSION, model_name, method, sparsity, pattern, formats,
                           zstd_level, sorted(prune_kw.items()))
         cache = io.cache_dir() / "sizes" / f"{key}.json"
-        rows = io.cached_json(cache)
-        if rows is None:
+        cached = io.cached_json(cache)
+        if cached is None:
             lm, report = prune.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)
             table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
                                 folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
@@ -754,10 +754,10 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
             table.insert(3, "sparsity", sparsity)
             table.insert(4, "pattern", pattern)
             table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
-            rows = table.to_dict(orient="records")
-            io.store_json(cache, rows)
+            cached = {"columns": list(table.columns), "rows": table.to_dict(orient="records")}
+            io.store_json(cache, cached)  # (sorts the keys: the column order is kept aside)
             del lm
-        frames.append(pd.DataFrame(rows))
+        frames.append(pd.DataFrame(cached["rows"])[cached["columns"]])
     return pd.concat(frames, ignore_index=True)
 
 

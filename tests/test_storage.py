@@ -1,5 +1,6 @@
 import math
 
+import pandas as pd
 import pytest
 import torch
 from tiny_models import KINDS, build_tiny
@@ -252,3 +253,77 @@ def test_formats_and_quantization():
     q, scale = st.quantize_int8(W)
     assert q.tolist() == [[0, 127, -64], [0, 0, 0]] and scale[1] == 0
     assert torch.equal(st.quantized_weight(W, "int8")[1], torch.zeros(3))
+
+
+SMALL_FORMATS = ["dense", "csr", "bitmask", "bitmask+zstd", "dense-int8"]
+
+
+def sized(kind, sparsity_ratio, tmp_path):
+    model = prune_random(build_tiny(kind), sparsity_ratio)
+    folder = tmp_path / f"files-{sparsity_ratio}"
+    t = st.model_sizes(model, SMALL_FORMATS, folder=folder, progress=False)
+    assert list(folder.iterdir()) == []  # measured, then removed
+    t.insert(0, "model", kind)
+    t.insert(1, "label", kind.upper())
+    t.insert(2, "method", "random")
+    t.insert(3, "sparsity", sparsity_ratio)
+    return t
+
+
+def test_model_sizes_are_measured_per_format(tmp_path):
+    t = sized("llama", 0.9, tmp_path).set_index("format")
+    assert list(t.index) == SMALL_FORMATS
+    assert (t.nonzero_params < t.params).all()
+    assert t.loc["bitmask", "file_bytes"] < t.loc["dense", "file_bytes"]
+    assert t.loc["dense", "bits_per_weight"] == 32
+    density = t.loc["bitmask", "nnz"] / t.loc["bitmask", "prunable_numel"]
+    assert t.loc["bitmask", "bits_per_weight"] == pytest.approx(density * 32 + 1, rel=1e-3)
+    assert t.loc["bitmask", "floor_ratio"] == pytest.approx(
+        (density * 32 + 1) / st.entropy_floor_bits(density, 32), rel=1e-3)
+    assert t.loc["dense-int8", "value_bits"] == 8
+    # the tensors outside the prunable layers are stored identically in every
+    # uncompressed format (zstd compresses them too)
+    assert t[~t.zstd].other_bytes.nunique() == 1
+    assert t.loc["bitmask+zstd", "other_bytes"] < t.loc["bitmask", "other_bytes"]
+
+
+def test_best_format_and_break_even_tables(tmp_path):
+    sizes = pd.concat([sized("llama", s, tmp_path) for s in (0.0, 0.5, 0.9)], ignore_index=True)
+    best = st.best_formats(sizes).set_index("sparsity")
+    dense0 = sizes[(sizes.sparsity == 0.0) & (sizes.format == "dense")].prunable_bytes.item()
+    assert best.loc[0.0, "prunable_bytes"] <= dense0 and best.loc[0.0, "format"] not in {"csr", "bitmask"}
+    assert best.loc[0.9, "format"] in {"bitmask", "bitmask+zstd", "csr"}
+    assert (best.bits_per_weight >= 0).all() and "dense-int8" not in set(best.format)
+    shapes = sorted({pl.shape for pl in prunable_layers(build_tiny("llama"))})
+    be = st.break_even_table(sizes, shapes=shapes).set_index("format")
+    assert be.loc["bitmask", "measured_break_even"] == 0.5  # bigger than dense at 0, smaller at 0.5
+    assert be.loc["dense-int8", "measured_break_even"] == 0.0
+    assert math.isnan(be.loc["dense", "measured_break_even"])
+    assert be.loc["bitmask", "predicted_vs_same_precision"] == pytest.approx(1 / 32, abs=0.01)
+    assert math.isnan(be.loc["bitmask+zstd", "predicted_vs_same_precision"])  # measured only
+    fig = st.size_figure(sizes, "LLAMA", "random")
+    assert len(fig.axes) == 2
+
+
+def test_size_sweep_uses_pruned_model_and_caches(tmp_cache, monkeypatch):
+    from lab_utils import prune
+    from lab_utils.models import LoadedModel, ModelSpec
+
+    calls = []
+
+    def fake_pruned_model(name, method, sparsity, pattern="unstructured", progress=True, **kw):
+        calls.append((name, method, sparsity, pattern))
+        spec = ModelSpec(name, "decoder-only", "Tiny", "local", "perplexity", name)
+        return LoadedModel(prune_random(build_tiny("llama"), sparsity), None, spec), None
+
+    monkeypatch.setattr(prune, "pruned_model", fake_pruned_model)
+    args = (["tiny"], ["magnitude"], [0.5, 0.8])
+    first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
+    assert calls == [("tiny", "magnitude", 0.5, "unstructured"), ("tiny", "magnitude", 0.8, "unstructured")]
+    assert len(first) == 4 and set(first.label) == {"Tiny"}
+    assert first.actual_sparsity.round(1).tolist() == [0.5, 0.5, 0.8, 0.8]
+    again = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
+    assert len(calls) == 2  # read from the cache, nothing re-pruned or rewritten
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)
+    with pytest.raises(st.StorageError, match="with a pattern such as"):
+        st.size_sweep(*args, formats=["nm"], progress=False)
