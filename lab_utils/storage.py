@@ -66,6 +66,7 @@ LAYOUTS = ("dense", "csr", "bitmask", "nm")
 PRECISIONS = ("", "fp16", "int8")  # "" = the weights' own dtype (lossless)
 ZSTD_LEVEL = 3  # zstd's default: fast; higher levels gain little on masks and float values
 SCALE_DTYPE = torch.float32  # one int8 scale per output row
+SIZES_VERSION = 2  # part of the size cache key: bump when the size table changes
 SEP = "::"  # key of a stored part: "<state-dict name>::<component>"
 
 
@@ -191,6 +192,41 @@ def nm_floor_bits(prune_n: int, prune_m: int, value_bits: int = 32) -> float:
     if not 0 < prune_n < prune_m:
         raise StorageError(f"N:M needs 0 < N < M, got {prune_n}:{prune_m}")
     return (prune_m - prune_n) / prune_m * value_bits + math.log2(math.comb(prune_m, prune_n)) / prune_m
+
+
+def symbol_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy, in bits per symbol, of a histogram."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def value_entropy_bits(values: torch.Tensor) -> float:
+    """Bits per kept value that an entropy coder cannot avoid if the mantissa
+    bits are incompressible: the measured entropy of the sign + exponent field
+    plus the mantissa width (23 bits for fp32, 10 for fp16, 7 for bf16).
+    Trained weights use a handful of exponents, so this is well under the
+    dtype's width: the reason zstd can beat :func:`entropy_floor_bits`."""
+    if values.numel() == 0:
+        return 0.0
+    mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}.get(values.dtype)
+    if mantissa is None:
+        raise StorageError(f"value_entropy_bits needs float values, got {values.dtype}")
+    width = torch.finfo(values.dtype).bits
+    as_int = {32: torch.int32, 16: torch.int16}[width]
+    field = (values.contiguous().view(as_int).to(torch.int64) >> mantissa) & ((1 << (width - mantissa)) - 1)
+    counts = torch.bincount(field, minlength=1 << (width - mantissa)).numpy()
+    return symbol_entropy(counts) + mantissa
+
+
+def value_entropy_floor_bytes(model: nn.Module) -> float:
+    """A tighter floor for the prunable weights in their own dtype: per layer,
+    nnz x :func:`value_entropy_bits` of its kept values + numel x H(density)."""
+    total = 0.0
+    for pl in prunable_layers(model):
+        W = pl.weight
+        kept = W[W != 0]
+        total += (kept.numel() * value_entropy_bits(kept) + W.numel() * binary_entropy(kept.numel() / W.numel())) / 8
+    return total
 
 
 def floor_bytes(shapes_nnz: Iterable[tuple[tuple[int, int], int]], value_bits: int = 32,
@@ -701,6 +737,7 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     formats = check_formats(formats, pattern)
     total = count_parameters(model)
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    entropy_floor = value_entropy_floor_bytes(model)
     own = folder is None
     folder = Path(tempfile.mkdtemp(prefix="sizes-", dir=io.cache_dir())) if own else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -712,6 +749,9 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
             save_sparse(model, path, fmt, pattern=pattern, zstd_level=zstd_level)
             row = size_row(path)
             row.update(save_s=time.perf_counter() - t0, params=total, nonzero_params=nonzero)
+            lossless = parse_format(fmt).lossless
+            row["value_entropy_floor_bytes"] = entropy_floor if lossless else math.nan
+            row["value_entropy_floor_ratio"] = row["prunable_bytes"] / entropy_floor if lossless else math.nan
             rows.append(row)
             if not keep_files:
                 path.unlink()
@@ -739,7 +779,7 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
     jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
     frames = []
     for model_name, method, sparsity in tqdm(jobs, desc="sizes", disable=not progress):
-        key = io.key_hash("sizes", FILE_VERSION, model_name, method, sparsity, pattern, formats,
+        key = io.key_hash("sizes", FILE_VERSION, SIZES_VERSION, model_name, method, sparsity, pattern, formats,
                           zstd_level, sorted(prune_kw.items()))
         cache = io.cache_dir() / "sizes" / f"{key}.json"
         cached = io.cached_json(cache)
@@ -768,7 +808,7 @@ def best_formats(sizes: pd.DataFrame, lossless: bool = True) -> pd.DataFrame:
     t = sizes[sizes.precision == "native"] if lossless else sizes
     idx = t.groupby(["model", "method", "sparsity"])["prunable_bytes"].idxmin()
     cols = ["model", "label", "method", "sparsity", "format", "prunable_bytes", "bits_per_weight",
-            "floor_bytes", "floor_ratio"]
+            "floor_bytes", "floor_ratio", "value_entropy_floor_bytes", "value_entropy_floor_ratio"]
     out = t.loc[idx, cols].reset_index(drop=True)
     out["floor_bits_per_weight"] = 8 * out.floor_bytes / t.loc[idx, "prunable_numel"].to_numpy()
     return out

@@ -183,6 +183,16 @@ def test_entropy_floor_known_cases():
     assert st.floor_bytes([((4, 8), 16)], 32) == pytest.approx(32 * 17 / 8)
 
 
+def test_value_entropy_counts_sign_and_exponent_only():
+    assert st.value_entropy_bits(torch.tensor([1.0, 1.5, 1.25, 1.75])) == 23  # one sign, one exponent
+    assert st.value_entropy_bits(torch.tensor([1.0, -1.0, 1.5, -1.5])) == 24  # two signs, equally often
+    assert st.value_entropy_bits(torch.tensor([1.0, -1.0, 2.0, -2.0])) == 25  # + two exponents
+    assert st.value_entropy_bits(torch.tensor([1.0, 2.0], dtype=torch.float16)) == 11
+    model = prune_random(build_tiny("llama"), 0.5)
+    floor32 = st.floor_bytes(st.prunable_summary(model), 32)
+    assert 0.5 * floor32 < st.value_entropy_floor_bytes(model) < floor32  # few exponents in use
+
+
 def test_break_even_sparsity():
     shapes = [(1024, 1024)]
     # csr: 4-byte values + 2-byte column indices beat 4 bytes per weight once
@@ -281,6 +291,8 @@ def test_model_sizes_are_measured_per_format(tmp_path):
     assert t.loc["bitmask", "floor_ratio"] == pytest.approx(
         (density * 32 + 1) / st.entropy_floor_bits(density, 32), rel=1e-3)
     assert t.loc["dense-int8", "value_bits"] == 8
+    assert t.loc["bitmask", "value_entropy_floor_bytes"] < t.loc["bitmask", "floor_bytes"]
+    assert math.isnan(t.loc["dense-int8", "value_entropy_floor_ratio"])
     # the tensors outside the prunable layers are stored identically in every
     # uncompressed format (zstd compresses them too)
     assert t[~t.zstd].other_bytes.nunique() == 1
