@@ -1,0 +1,297 @@
+"""The five concepts of notebook 01, on tiny tensors and tiny models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import build_tiny
+from transformers import AutoModelForCausalLM
+
+from lab_utils.concepts import distill, measure, moe, quantize, structured
+from lab_utils.models import count_parameters
+
+IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# --------------------------------------------------------------------------- structured pruning
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_structured_pruning_removes_exactly_the_expected_parameters(kind):
+    model = build_tiny(kind)
+    mlps = structured.mlps(model)
+    width = mlps[0].width
+    scores = [torch.rand(width, generator=torch.Generator().manual_seed(i)) for i in range(len(mlps))]
+    n_drop = round(0.25 * width)
+    expected = sum(structured.expected_removed(m, n_drop) for m in mlps)
+    before = count_parameters(model)
+    report = structured.prune_neurons_(model, scores, 0.25)
+    assert report["removed"] == expected > 0
+    assert count_parameters(model) == before - expected
+    assert report["width"] == width - n_drop
+    assert all(m.width == width - n_drop for m in structured.mlps(model))
+    out = _logits(model)
+    assert torch.isfinite(out).all()
+
+
+def test_pruned_llama_saves_and_reloads_with_the_smaller_config(tmp_path):
+    model = build_tiny("llama")
+    scores = [torch.arange(64.0) for _ in structured.mlps(model)]
+    structured.prune_neurons_(model, scores, 0.5)
+    assert model.config.intermediate_size == 32
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert count_parameters(again) == count_parameters(model)
+    assert torch.allclose(_logits(again), _logits(model), atol=1e-6)
+
+
+def test_kept_neurons_are_the_highest_scored_and_their_weights_are_unchanged():
+    model = build_tiny("llama")
+    mlp = structured.mlps(model)[0]
+    W_up = mlp.inputs[-1].weight.detach().clone()
+    W_down = mlp.output.weight.detach().clone()
+    s = torch.tensor([5.0, 1.0, 4.0, 0.5] * 16)
+    keep = structured.keep_indices(s, 0.5)
+    assert sorted(s[keep].tolist()) == sorted(s.tolist())[32:]
+    structured.remove_neurons_(mlp, keep)
+    assert torch.equal(mlp.inputs[-1].weight, W_up[keep])
+    assert torch.equal(mlp.output.weight, W_down[:, keep])
+
+
+def test_removing_neurons_that_never_fire_leaves_the_output_unchanged():
+    model = build_tiny("llama")
+    mlp = structured.mlps(model)[0]
+    with torch.no_grad():
+        mlp.output.weight[:, :16] = 0  # neurons 0..15 contribute nothing
+    ref = _logits(model)
+    acts = structured.hidden_abs_means(model, IDS, progress=False)
+    scores = [structured.neuron_scores(a, m.output.weight) for a, m in zip(acts, structured.mlps(model), strict=True)]
+    assert (scores[0][:16] == 0).all()
+    structured.remove_neurons_(mlp, structured.keep_indices(scores[0], 0.25))
+    assert torch.allclose(_logits(model), ref, atol=1e-5)
+
+
+def test_neuron_scores_are_activation_times_column_norm():
+    W = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    assert torch.allclose(structured.neuron_scores(torch.tensor([2.0, 10.0]), W),
+                          torch.tensor([10.0, 10.0]))
+    with pytest.raises(ValueError, match="width"):
+        structured.neuron_scores(torch.ones(3), W)
+
+
+# --------------------------------------------------------------------------- quantization
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 128, generator=g) * 0.05
+    W[3] = 0.0  # an all-zero row
+    W[5, :32] = 0.7  # a constant group
+    W[6] += 3.0  # a row far from zero (the minimum must be stored below it)
+    W[7, 10] = 9.0  # an outlier
+    return W
+
+
+def test_int8_per_channel_error_within_half_a_step():
+    W = _weights()
+    q, scale = quantize.int8_per_channel(W)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (quantize.dequant_int8(q, scale) - W).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert scale[3] == 0 and err[3].max() == 0
+    # the bound is tight: some weight lands close to half a step away
+    assert (err[scale > 0] / (scale[scale > 0, None] / 2)).max() > 0.9
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_groups_error_within_half_a_step(group_size):
+    W = _weights()
+    codes, step, minimum = quantize.int4_groups(W, group_size)
+    assert codes.max() <= 15 and step.dtype == torch.float16 and step.shape == (16, 128 // group_size)
+    err = (quantize.dequant_int4(codes, step, minimum) - W).abs()
+    bound = (step.float() / 2).repeat_interleave(group_size, dim=1)
+    assert (err <= bound * (1 + 1e-4) + 1e-7).all()
+    assert (err / bound).max() > 0.9
+
+
+def test_int4_reproduces_weights_already_on_a_q4_1_grid_exactly():
+    # SmolLM2's weights were stored this way: 16 levels per block of 32
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64), generator=g, dtype=torch.uint8)
+    codes[:, 0], codes[:, 1], codes[:, 32], codes[:, 33] = 0, 15, 0, 15
+    step = (torch.rand(8, 2, generator=g) * 0.01 + 1e-3).half()
+    minimum = (-torch.rand(8, 2, generator=g) * 0.1).half()
+    W = quantize.dequant_int4(codes, step, minimum)
+    again = quantize.dequant_int4(*quantize.int4_groups(W, 32))
+    assert torch.equal(again, W)
+    assert not torch.equal(quantize.dequant_int4(*quantize.int4_groups(W, 64)), W)
+
+
+def test_pack4_round_trip_and_halves_the_bytes():
+    codes = torch.randint(0, 16, (4, 10), dtype=torch.uint8)
+    packed = quantize.pack4(codes)
+    assert packed.shape == (4, 5) and torch.equal(quantize.unpack4(packed), codes)
+
+
+def test_bad_group_size_names_the_fix():
+    with pytest.raises(quantize.QuantError, match="divide"):
+        quantize.int4_groups(torch.zeros(2, 48), 32)
+    with pytest.raises(quantize.QuantError, match="even"):
+        quantize.int4_groups(torch.zeros(2, 48), 3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_runs_with_bounded_errors_and_fewer_bytes(kind, scheme):
+    model = build_tiny(kind)
+    qmodel, table = quantize.quantize_weights(model, scheme, group_size=32)
+    assert (table.max_err_over_bound <= 1 + 1e-4).all()
+    assert measure.model_bytes(qmodel) < measure.model_bytes(model)
+    ref, out = _logits(model), _logits(qmodel)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.05 if scheme == "int8" else 0.3)
+    assert type(structured.mlps(model)[0].output).__name__ != "QuantLinear"  # original untouched
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dynamic_int8_runs_with_weights_within_the_bound(kind, tmp_path):
+    model = build_tiny(kind)
+    qmodel, table = quantize.dynamic_int8(model)
+    assert (table.max_err_over_bound <= 1 + 1e-4).all() and len(table) > 0
+    ref, out = _logits(model), _logits(qmodel)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    tensors = quantize.quantized_tensors(qmodel)
+    assert any(t.dtype == torch.int8 for t in tensors.values())
+    assert measure.save_tensors(tensors, tmp_path / "q.safetensors") < \
+        measure.checkpoint_bytes(model, tmp_path / "dense.safetensors")
+
+
+# --------------------------------------------------------------------------- measurements
+def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_path):
+    model = build_tiny("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    buffers = sum(b.nbytes for b in model.buffers())  # rotary frequencies
+    assert measure.model_bytes(model) == 4 * count_parameters(model) + buffers
+    counts = measure.count_zeros(model)
+    assert counts["prunable_zeros"] == 0
+    pl = structured.mlps(model)[0].output
+    with torch.no_grad():
+        pl.weight[:, :8] = 0
+    counts = measure.count_zeros(model)
+    assert counts["prunable_zeros"] == 8 * pl.weight.shape[0]
+    size = measure.checkpoint_bytes(model, tmp_path / "m.safetensors")
+    assert 4 * count_parameters(model) < size < 4 * count_parameters(model) + 20_000
+
+
+# --------------------------------------------------------------------------- distillation
+def test_distillation_loss_is_zero_when_student_equals_teacher():
+    logits = torch.randn(6, 2)
+    assert distill.distillation_loss(logits, logits.clone(), temperature=2.0).item() == \
+        pytest.approx(0.0, abs=1e-7)
+    assert distill.distillation_loss(logits, logits + torch.tensor([0.0, 1.0])).item() > 1e-3
+
+
+def test_label_only_loss_is_cross_entropy_and_temperature_must_be_positive():
+    s, t, y = torch.randn(6, 2), torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 0])
+    assert torch.allclose(distill.distillation_loss(s, t, y, alpha=0.0), F.cross_entropy(s, y))
+    with pytest.raises(distill.DistillError, match="temperature"):
+        distill.distillation_loss(s, t, temperature=0)
+
+
+def test_truncated_student_keeps_the_first_blocks_and_runs():
+    teacher = build_tiny("bert")
+    student = distill.truncate_blocks(teacher, 1)
+    assert len(student.encoder.layer) == 1 and len(teacher.encoder.layer) == 2
+    assert torch.equal(student.encoder.layer[0].output.dense.weight,
+                       teacher.encoder.layer[0].output.dense.weight)
+    assert count_parameters(student) < count_parameters(teacher)
+    assert _logits(student).shape == _logits(teacher).shape
+    with pytest.raises(distill.DistillError, match="student_layers"):
+        distill.truncate_blocks(teacher, 3)
+
+
+def test_logistic_head_separates_separable_features_and_distilled_student_learns():
+    from tiny_models import tiny_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(40, 32, generator=g) + 2, torch.randn(40, 32, generator=g) - 2])
+    labels = [1] * 40 + [0] * 40
+    head = distill.fit_logistic_head(feats, labels)
+    assert distill.accuracy(head(feats), labels) == 1.0
+    # a tiny student trained to match a teacher's logits gets closer to them
+    tok = tiny_tokenizer()
+    texts = ["good movie", "bad plot", "great film", "bad acting", "good story", "bad scene"] * 4
+    y = [1, 0, 1, 0, 1, 0] * 4
+    student = distill.SentenceClassifier(build_tiny("bert"), torch.nn.Linear(32, 2))
+    teacher_logits = torch.tensor([[-2.0, 2.0] if v else [2.0, -2.0] for v in y])
+    before = distill.predict_logits(student, tok, texts, progress=False)
+    distill.train_student(student, tok, texts, y, teacher_logits, steps=30, batch_size=8, lr=3e-3,
+                          progress=False)
+    after = distill.predict_logits(student, tok, texts, progress=False)
+    assert (after - teacher_logits).norm() < (before - teacher_logits).norm()
+
+
+# --------------------------------------------------------------------------- MoEfication
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_moefication_with_every_expert_active_reproduces_the_dense_model(kind):
+    model = build_tiny(kind)
+    experts = moe.split_experts(model, 4, progress=False)
+    ref = _logits(model)
+    with moe.moefied(model, experts, top_k=4) as captured:
+        out = _logits(model)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert captured.fraction == pytest.approx(1.0, abs=1e-6) and captured.tokens > 0
+    with moe.moefied(model, experts, top_k=1) as captured:
+        partial = _logits(model)
+    assert not torch.allclose(partial, ref, atol=1e-3)
+    assert 0 < captured.fraction < 1
+    assert torch.equal(_logits(model), ref)  # restored on exit
+
+
+def test_moe_layer_keeps_exactly_the_top_k_experts_by_activation():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    h = torch.tensor([[1.0, 1.0, 5.0, 0.0, -3.0, 0.0]])
+    layer = moe.MoEOutput(torch.nn.Linear(6, 2, bias=False), labels, 2, "oracle", None, moe.Captured())
+    assert layer.expert_mask(h).tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]]
+
+
+def test_balanced_kmeans_gives_equal_experts_and_finds_separated_groups():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 10
+    X = torch.cat([centres[i] + 0.1 * torch.randn(8, 4, generator=g) for i in range(4)])
+    labels = moe.balanced_kmeans(X, 4)
+    assert torch.bincount(labels).tolist() == [8, 8, 8, 8]
+    for i in range(4):  # each true group is one cluster
+        assert len(set(labels[8 * i : 8 * i + 8].tolist())) == 1
+    with pytest.raises(moe.MoEError, match="divisor"):
+        moe.balanced_kmeans(X, 5)
+
+
+def test_linear_router_recovers_a_linear_target_and_top_k_recall():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    W = torch.randn(6, 3, generator=g)
+    W_fit, b_fit = moe.fit_linear_router(x, x @ W + 0.5, ridge=1e-8)
+    assert torch.allclose(W_fit, W, atol=1e-4) and torch.allclose(b_fit, torch.full((3,), 0.5), atol=1e-4)
+    scores = x @ W
+    assert moe.top_k_recall(scores, scores, 1) == 1.0
+    assert moe.top_k_recall(-scores, scores, 1) < 0.5
+
+
+def test_active_fraction_must_be_whole_experts():
+    assert moe.active_top_k(0.125, 16) == 2
+    with pytest.raises(moe.MoEError, match="multiples"):
+        moe.active_top_k(0.1, 16)
+
+
+def test_moefied_model_has_the_same_parameters():
+    model = build_tiny("llama")
+    experts = moe.split_experts(model, 4, progress=False)
+    before = copy.deepcopy(model.state_dict())
+    with moe.moefied(model, experts, top_k=2):
+        assert sum(p.numel() for p in model.parameters()) == count_parameters(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
