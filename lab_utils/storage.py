@@ -212,9 +212,9 @@ def value_entropy_bits(values: torch.Tensor) -> float:
     if mantissa is None:
         raise StorageError(f"value_entropy_bits needs float values, got {values.dtype}")
     width = torch.finfo(values.dtype).bits
-    as_int = {32: torch.int32, 16: torch.int16}[width]
-    field = (values.contiguous().view(as_int).to(torch.int64) >> mantissa) & ((1 << (width - mantissa)) - 1)
-    counts = torch.bincount(field, minlength=1 << (width - mantissa)).numpy()
+    as_uint = {32: np.uint32, 16: np.uint16}[width]
+    raw = values.detach().contiguous().reshape(-1).view(torch.uint8).numpy().view(as_uint)
+    counts = np.bincount(raw >> mantissa, minlength=1 << (width - mantissa))
     return symbol_entropy(counts) + mantissa
 
 
@@ -223,8 +223,8 @@ def value_entropy_floor_bytes(model: nn.Module) -> float:
     nnz x :func:`value_entropy_bits` of its kept values + numel x H(density)."""
     total = 0.0
     for pl in prunable_layers(model):
-        W = pl.weight
-        kept = W[W != 0]
+        W = pl.weight.contiguous()
+        kept = torch.from_numpy(W.numpy().ravel()[np.flatnonzero(W.numpy())])
         total += (kept.numel() * value_entropy_bits(kept) + W.numel() * binary_entropy(kept.numel() / W.numel())) / 8
     return total
 
@@ -280,10 +280,11 @@ def _total(f: Format, shapes, sparsity: float, value_bits: int, pattern: str) ->
 def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: scale = max|row| / 127, q = round(W / scale).
     A row of zeros gets scale 0 and stays zero."""
-    scale = W.abs().amax(dim=1).to(SCALE_DTYPE) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(W.to(SCALE_DTYPE) / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    A = W.detach().to(SCALE_DTYPE).numpy()
+    scale = np.abs(A).max(axis=1) / np.float32(127.0)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(A / safe[:, None]), -127, 127).astype(np.int8)  # rint: half to even
+    return torch.from_numpy(q), torch.from_numpy(scale)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -332,7 +333,6 @@ def encode_weight(W: torch.Tensor, fmt: str | Format, pattern: str = "unstructur
     f = parse_format(fmt)
     W = W.detach().contiguous()
     out_f, in_f = W.shape
-    keep = W != 0
     if f.precision == "int8":
         q, scale = quantize_int8(W)
         V, extra = q, {"scale": scale}
@@ -342,18 +342,25 @@ def encode_weight(W: torch.Tensor, fmt: str | Format, pattern: str = "unstructur
         V, extra = W, {}
     if f.layout == "dense":
         parts = {"values": V}
-    elif f.layout == "csr":
-        crow = torch.zeros(out_f + 1, dtype=torch.int64)
-        crow[1:] = keep.sum(dim=1).cumsum(0)
-        col = keep.nonzero()[:, 1]
-        nnz = int(crow[-1])
-        parts = {"values": V[keep],
-                 "crow_indices": torch.from_numpy(crow.numpy().astype(index_dtype(nnz))),
-                 "col_indices": torch.from_numpy(col.numpy().astype(index_dtype(in_f - 1)))}
-    elif f.layout == "bitmask":
-        parts = {"mask": torch.from_numpy(np.packbits(keep.numpy().ravel())), "values": V[keep]}
+    elif f.layout in ("csr", "bitmask"):
+        # Row-major positions of the nonzeros, found once (numpy's 1-D flatnonzero
+        # is several times faster than a 2-D boolean mask on a busy CPU).
+        # Single-threaded numpy is also steadier than torch's thread pool on a shared machine.
+        flat = np.flatnonzero(W.numpy())
+        values = V.reshape(-1)[torch.from_numpy(flat)] if V.dtype == torch.bfloat16 \
+            else torch.from_numpy(V.reshape(-1).numpy()[flat])  # numpy has no bfloat16
+        if f.layout == "csr":
+            crow = np.zeros(out_f + 1, dtype=np.int64)
+            np.cumsum(np.count_nonzero(W.numpy(), axis=1), out=crow[1:])
+            parts = {"values": values,
+                     "crow_indices": torch.from_numpy(crow.astype(index_dtype(flat.size))),
+                     "col_indices": torch.from_numpy((flat % in_f).astype(index_dtype(in_f - 1)))}
+        else:
+            keep = np.zeros(out_f * in_f, dtype=bool)
+            keep[flat] = True
+            parts = {"mask": torch.from_numpy(np.packbits(keep)), "values": values}
     else:
-        parts = _encode_nm(keep, V, pattern, name)
+        parts = _encode_nm(W != 0, V, pattern, name)
     parts.update(extra)
     return {k: v.contiguous() for k, v in parts.items()}
 
@@ -458,11 +465,28 @@ def _checksum(stored: dict[str, torch.Tensor], metadata: dict) -> str:
     return h.hexdigest()
 
 
-def _zstd(t: torch.Tensor, level: int) -> torch.Tensor:
+_ZSTD_MEMO: dict[tuple[str, int], torch.Tensor] = {}  # (sha256 of the bytes, level) -> frame
+_ZSTD_MEMO_BYTES = 256 << 20  # budget of remembered frames
+
+
+def _zstd(t: torch.Tensor, level: int, memo: bool = False) -> torch.Tensor:
+    """One zstd frame (with its own checksum) of the tensor's bytes. With
+    ``memo`` the frame is remembered by the sha256 of the bytes: a sweep writes
+    the same embeddings and norms into every file, and hashing is ~10x
+    cheaper than compressing."""
     import zstandard
 
-    frame = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(_tensor_bytes(t))
-    return torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+    raw = _tensor_bytes(t)
+    key = (hashlib.sha256(raw).hexdigest(), level) if memo else None
+    if key is not None and key in _ZSTD_MEMO:
+        return _ZSTD_MEMO[key].clone()  # a copy: safetensors refuses tensors that share memory
+    frame = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
+    out = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+    if key is not None:
+        while _ZSTD_MEMO and sum(v.numel() for v in _ZSTD_MEMO.values()) + out.numel() > _ZSTD_MEMO_BYTES:
+            _ZSTD_MEMO.pop(next(iter(_ZSTD_MEMO)))  # oldest first
+        _ZSTD_MEMO[key] = out
+    return out
 
 
 def _unzstd(t: torch.Tensor, dtype: torch.dtype, shape: list[int], key: str) -> torch.Tensor:
@@ -516,7 +540,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, format: str = "bitmas
         else:
             W = pl.weight
             entry = {"kind": "prunable", "layout": f.layout, "out_in": list(W.shape),
-                     "transposed": isinstance(pl.module, conv1d), "nnz": int((W != 0).sum())}
+                     "transposed": isinstance(pl.module, conv1d), "nnz": int(np.count_nonzero(W.numpy()))}
             if f.layout == "dense" and f.precision != "int8":
                 # Under its own name and layout: the dense files are ordinary checkpoints.
                 parts = {"": _to_fp16(t, name) if f.precision == "fp16" else t}
@@ -527,7 +551,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, format: str = "bitmas
         for comp, value in parts.items():
             key = f"{name}{SEP}{comp}" if comp else name
             entry["parts"][comp] = {"key": key, "dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
-            stored[key] = _zstd(value, zstd_level) if f.zstd else value.contiguous()
+            stored[key] = (_zstd(value, zstd_level, memo=entry["kind"] == "other") if f.zstd
+                           else value.contiguous())
         entries[name] = entry
     metadata = {
         "lab_format_version": FILE_VERSION, "format": f.name, "pattern": str(pattern),
@@ -736,7 +761,7 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
 
     formats = check_formats(formats, pattern)
     total = count_parameters(model)
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    nonzero = sum(int(np.count_nonzero(p.detach().numpy())) for p in model.parameters())
     entropy_floor = value_entropy_floor_bytes(model)
     own = folder is None
     folder = Path(tempfile.mkdtemp(prefix="sizes-", dir=io.cache_dir())) if own else Path(folder)
