@@ -192,7 +192,6 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
     for the decoder); Whisper gets synthesized speech of ``nsamples`` held-out
     sentences, teacher-forced with their tokenized text.
     """
-    from lab_utils import data
 
     model = lm.model
     if getattr(model.config, "model_type", "") == "whisper":
@@ -200,8 +199,7 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
     ctx = model_context(model)
     if seqlen > ctx:
         raise SparsityError(f"seqlen {seqlen} exceeds the context of {lm.spec.name} ({ctx} tokens)")
-    windows = data.calibration_windows(lm.tokenizer, nsamples, seqlen, seed,
-                                       corpus or default_calibration(lm))
+    windows = _windows(lm.tokenizer, nsamples, seqlen, seed, corpus or default_calibration(lm))
     bs = max(1, batch_tokens // seqlen)
     out = []
     for i in range(0, windows.shape[0], bs):
@@ -211,6 +209,24 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
             inputs["decoder_input_ids"] = _shift_right(w, model.config)
         out.append({"inputs": inputs, "masks": {}})
     return out
+
+
+_WINDOWS: dict = {}
+
+
+def _windows(tokenizer, nsamples: int, seqlen: int, seed: int, corpus: str) -> torch.Tensor:
+    """Calibration windows, remembered per tokenizer (its class, folder and
+    size): tokenizing the whole calibration text takes seconds, and a sweep
+    asks for the same windows again and again."""
+    from lab_utils import data
+
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           nsamples, seqlen, seed, corpus)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) >= 16:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        _WINDOWS[key] = data.calibration_windows(tokenizer, nsamples, seqlen, seed, corpus)
+    return _WINDOWS[key]
 
 
 def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:

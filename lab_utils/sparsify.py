@@ -156,7 +156,7 @@ def global_masks(W_metrics: Sequence[torch.Tensor], sparsity_ratio: float) -> li
     t, ties = global_threshold(W_metrics, sparsity_ratio)
     masks = []
     for m in W_metrics:
-        W_mask = m < t
+        W_mask = torch.lt(m, t).contiguous()
         if ties > 0:
             eq = (m == t).flatten().nonzero().flatten()[:ties]
             W_mask.view(-1)[eq] = True
@@ -334,18 +334,22 @@ def outlier_ratio(W_metrics: Sequence[torch.Tensor], hyper_m: float = 5.0) -> fl
 def owl_sparsities(outlier_ratios: Sequence[float], sparsity_ratio: float,
                    lam: float = 0.08) -> list[float]:
     """Per-block sparsity from outlier ratios, as OWL allocates it: densities
-    are the outlier ratios rescaled linearly onto [1-s-lam, 1-s+lam] and
+    are the outlier ratios rescaled linearly onto a range of width 2*lam, then
     shifted so their mean density is exactly 1-s. Blocks with more outliers
-    are pruned less. ``lam`` is bounded by s and 1-s so no block leaves [0, 1);
-    equal ratios give the uniform allocation."""
+    are pruned less; equal ratios give the uniform allocation. Where that
+    would push a block outside [0, 1) (s near 0 or 1), the deviations from s
+    shrink by a common factor: mean and order are kept."""
     d = torch.tensor(list(outlier_ratios), dtype=torch.float64)
-    lam = max(0.0, min(lam, sparsity_ratio, 1.0 - sparsity_ratio - 1e-6))
-    span = float(d.max() - d.min()) if d.numel() else 0.0
-    if d.numel() == 0 or span == 0.0 or lam == 0.0:
+    if d.numel() == 0:
+        return []
+    span = float(d.max() - d.min())
+    if span == 0.0 or lam <= 0.0:
         return [float(sparsity_ratio)] * d.numel()
     density = (d - d.min()) / span * (2 * lam)
-    density = density - density.mean() + (1.0 - sparsity_ratio)
-    return [float(1.0 - x) for x in density]
+    dev = density - density.mean()  # density = 1 - s + dev
+    room_up, room_down = sparsity_ratio, 1.0 - sparsity_ratio - 1e-6
+    shrink = min(1.0, room_up / float(dev.max()), room_down / float(-dev.min()))
+    return [float(sparsity_ratio - shrink * x) for x in dev]
 
 
 # --------------------------------------------------------------------------- checking

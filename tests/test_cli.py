@@ -1,0 +1,80 @@
+"""python -m lab_utils prune | perplexity: one JSON object out, one error line and status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab_utils import io
+from lab_utils.__main__ import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def cache_with_data(tmp_path, monkeypatch):
+    real = io.cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (real / "data").mkdir(parents=True, exist_ok=True)
+    os.symlink(real / "data", cache / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
+def run_cli(*args):
+    env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "lab_utils", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_prune_then_perplexity_end_to_end(tiny_dirs, tmp_path, cache_with_data, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_dirs["llama"]), "--method", "wanda", "--sparsity", "0.5",
+                 "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0 and len(printed.strip().splitlines()) == 1
+    result = json.loads(printed)
+    assert result["actual_sparsity"] == pytest.approx(0.5) and result["nm_verified"] is True
+    assert result["seconds"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["output"] == str(out.resolve()) and (out / "config.json").is_file()
+    assert io.verify_dir(out)
+
+    # the real entry point, in a fresh interpreter, reading the folder written above
+    proc = run_cli("perplexity", "--model", str(out), "--seqlen", "16", "--windows", "3")
+    assert proc.returncode == 0, proc.stderr
+    ppl = json.loads(proc.stdout)
+    assert ppl["windows"] == 3 and ppl["seqlen"] == 16 and ppl["perplexity"] > 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sparsity", "1.0"], r"\[0, 1\)"),
+    (["--sparsity", "0.5", "--pattern", "4:2"], "N < M"),
+    (["--sparsity", "0.5", "--method", "obs"], "unknown method"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "nsamples"),
+    (["--sparsity", "half"], "invalid float"),
+])
+def test_prune_errors_are_one_line_and_status_2(tiny_dirs, capsys, args, match):
+    argv = ["prune", "--model", str(tiny_dirs["llama"]), "--method", "wanda", *args]
+    if "--method" in args:
+        argv = ["prune", "--model", str(tiny_dirs["llama"]), *args]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr()
+    assert code == 2 and err.out == ""
+    lines = err.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert __import__("re").search(match, lines[0]), lines[0]
+
+
+def test_perplexity_errors(tiny_dirs, capsys):
+    assert main(["perplexity", "--model", str(tiny_dirs["bert"]), "--windows", "2"]) == 2
+    assert "decoder-only" in capsys.readouterr().err
+    assert main(["perplexity", "--model", "/no/such/folder"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

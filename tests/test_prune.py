@@ -1,0 +1,185 @@
+"""The pruning driver on tiny models of every family (random weights: plumbing,
+exact counts and the order of calibration, not quality)."""
+
+import os
+
+import pytest
+import torch
+
+from lab_utils import io, prune
+from lab_utils import sparsify as sp
+from lab_utils.models import load_model, prunable_layers
+from lab_utils.sparsify import SparsityError
+
+CAL = dict(nsamples=4, seqlen=32, progress=False)
+
+
+@pytest.fixture()
+def cache_with_data(tmp_path, monkeypatch):
+    """An empty cache for checkpoints, sharing the real cache's corpora (no download)."""
+    real = io.cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (real / "data").mkdir(parents=True, exist_ok=True)
+    os.symlink(real / "data", cache / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
+def layer_sparsity(model):
+    return {pl.name: (pl.component, pl.side, sp.sparsity(pl.weight)) for pl in prunable_layers(model)}
+
+
+# --------------------------------------------------------------------------- decoder-only
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_wanda_prunes_every_decoder_layer_exactly_per_row(tiny_dirs, kind):
+    lm = load_model(str(tiny_dirs[kind]))
+    report = prune.prune_model(lm, "wanda", 0.5, **CAL)
+    layers = prunable_layers(lm.model)
+    assert len(report.layers) == len(layers) > 0
+    for pl in layers:  # GPT-2's Conv1D too: out x in view, rows of `in` weights
+        W = pl.weight
+        assert ((W == 0).sum(dim=1) == int(W.shape[1] * 0.5)).all(), pl.name
+    assert report.actual_sparsity == pytest.approx(0.5, abs=1e-9)
+    assert 0 < report.actual_sparsity_total < report.actual_sparsity  # embeddings stay dense
+    assert report.seconds > 0 and report.peak_memory_bytes > report.start_memory_bytes * 0.5
+    assert report.nm_verified is None
+
+
+def test_sparsegpt_nm_on_llama_is_verified(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    before = {pl.name: pl.weight.clone() for pl in prunable_layers(lm.model)}
+    report = prune.prune_model(lm, "sparsegpt", 0.5, "4:8", **CAL)
+    assert report.nm_verified is True and report.nm_violations == 0
+    assert report.actual_sparsity == pytest.approx(0.5)
+    # SparseGPT updates the kept weights, it does not only mask them
+    after = {pl.name: pl.weight for pl in prunable_layers(lm.model)}
+    updated = sum(int(((after[n] != 0) & (after[n] != W)).sum()) for n, W in before.items())
+    assert updated > 0.25 * sum(W.numel() for W in before.values())
+
+
+def test_global_magnitude_reaches_the_global_target(tiny_dirs):
+    lm = load_model(str(tiny_dirs["gpt2"]))
+    report = prune.prune_model(lm, "magnitude", 0.6, scope="global", progress=False)
+    total = sum(r["numel"] for r in report.layers)
+    assert sum(r["zeros"] for r in report.layers) == int(total * 0.6)
+    assert len({round(r["sparsity"], 3) for r in report.layers}) > 1  # not uniform per layer
+
+
+def test_batched_statistics_equal_one_sample_at_a_time(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    batches = prune.calibration_batches(lm, 6, 16, batch_tokens=16 * 6)
+    single = prune.calibration_batches(lm, 6, 16, batch_tokens=16)
+    assert len(batches) == 1 and len(single) == 6
+    block = lm.model.model.layers[0]
+    layers = prune.find_layers(block)
+    for kind in ("norm", "hessian"):
+        a = prune.collect_statistics(block, layers, prune.capture_inputs(lm.model, block, batches, "decoder"), kind)
+        b = prune.collect_statistics(block, layers, prune.capture_inputs(lm.model, block, single, "decoder"), kind)
+        for name in layers:
+            assert a[name]["count"] == b[name]["count"] == 96
+            assert torch.allclose(a[name]["sum"], b[name]["sum"], rtol=1e-4, atol=1e-5), name
+
+
+def test_owl_allocates_non_uniform_block_sparsity_with_the_same_mean(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    report = prune.prune_model(lm, "wanda", 0.5, owl=True, **CAL)
+    targets = report.block_sparsity["decoder"]
+    assert len(targets) == 2 and targets[0] != targets[1]
+    assert sum(targets) / 2 == pytest.approx(0.5)
+    table = report.layer_table()
+    per_block = table.groupby("block").sparsity.mean()
+    assert (per_block.idxmax() == int(torch.tensor(targets).argmax()))
+
+
+# --------------------------------------------------------------------------- encoder-only
+def test_encoder_only_prunes_all_layers(tiny_dirs):
+    lm = load_model(str(tiny_dirs["bert"]))
+    report = prune.prune_model(lm, "sparsegpt", 0.5, **CAL)
+    sides = {r["side"] for r in report.layers}
+    assert sides == {"encoder"}
+    assert all(abs(r["sparsity"] - 0.5) < 0.02 for r in report.layers)
+    assert {r["component"] for r in report.layers} >= {"attn.q", "attn.o", "mlp.up", "mlp.down"}
+
+
+# --------------------------------------------------------------------------- encoder-decoder
+@pytest.mark.parametrize("kind,method", [("bart", "wanda"), ("whisper", "sparsegpt")])
+def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder(
+        tiny_dirs, monkeypatch, kind, method):
+    lm = load_model(str(tiny_dirs[kind]))
+    seen = {}
+    capture = prune.capture_inputs
+
+    def spy(model, block, batches, side):
+        # when the decoder's inputs are captured, the encoder must already be pruned
+        enc = [sp.sparsity(pl.weight) for pl in prunable_layers(model) if pl.side == "encoder"]
+        seen[side] = min(enc)
+        return capture(model, block, batches, side)
+
+    monkeypatch.setattr(prune, "capture_inputs", spy)
+    report = prune.prune_model(lm, method, 0.5, nsamples=3, seqlen=32, progress=False)
+    assert seen["encoder"] == 0.0 and seen["decoder"] >= 0.49
+    table = report.layer_table()
+    assert set(table.side) == {"encoder", "decoder"}
+    xattn = table[table.component.str.startswith("xattn.")]
+    assert set(xattn.component) == {"xattn.q", "xattn.k", "xattn.v", "xattn.o"}
+    assert (table.sparsity > 0.45).all() and (xattn.sparsity > 0.45).all()
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="wanda", sparsity_ratio=1.0), r"\[0, 1\)"),
+    (dict(method="wanda", sparsity_ratio=-0.2), r"\[0, 1\)"),
+    (dict(method="magnitude", sparsity_ratio=0.5, pattern="4:2"), "N < M"),
+    (dict(method="magnitude", sparsity_ratio=0.5, pattern="2:2"), "N < M"),
+    (dict(method="obs", sparsity_ratio=0.5), "unknown method"),
+    (dict(method="wanda", sparsity_ratio=0.5, nsamples=0), "nsamples"),
+    (dict(method="sparsegpt", sparsity_ratio=0.5, nsamples=0), "nsamples"),
+    (dict(method="magnitude", sparsity_ratio=0.5, owl=True, nsamples=0), "nsamples"),
+    (dict(method="wanda", sparsity_ratio=0.5, pattern="2:4", owl=True), "OWL"),
+    (dict(method="sparsegpt", sparsity_ratio=0.5, scope="row"), "scope"),
+])
+def test_bad_input_is_one_clear_error(tiny_dirs, kwargs, match):
+    lm = load_model(str(tiny_dirs["llama"]))
+    with pytest.raises(SparsityError, match=match) as exc:
+        prune.prune_model(lm, progress=False, **kwargs)
+    assert "\n" not in str(exc.value)
+    assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(lm.model))  # untouched
+
+
+def test_magnitude_needs_no_calibration(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]))
+    report = prune.prune_model(lm, "magnitude", 0.5, nsamples=0, progress=False)
+    assert report.actual_sparsity == pytest.approx(0.5) and report.nsamples is None
+
+
+# --------------------------------------------------------------------------- the cache
+def test_pruned_model_caches_checkpoints(tiny_dirs, cache_with_data):
+    name = str(tiny_dirs["llama"])
+    lm1, r1 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert not r1.from_cache and io.verify_dir(r1.checkpoint)
+    lm2, r2 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert r2.from_cache and r2.key == r1.key and r2.checkpoint == r1.checkpoint
+    for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
+        assert torch.equal(a.weight, b.weight)
+    # every argument is in the key
+    _, r3 = prune.pruned_model(name, "wanda", 0.5, "2:4", nsamples=4, seqlen=32, seed=1, progress=False)
+    assert r3.key != r1.key and not r3.from_cache
+    # a damaged checkpoint is not reused
+    weights = cache_with_data / "pruned" / os.path.basename(r1.checkpoint) / prune.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-10])
+    _, r4 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert not r4.from_cache and io.verify_dir(r4.checkpoint)
+
+
+def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
+    lm, report = prune.pruned_model(str(tiny_dirs["gpt2"]), "sparsegpt", 0.0, progress=False)
+    assert report.actual_sparsity == 0.0 and report.checkpoint is None
+    assert not (cache_with_data / "pruned").exists()
+
+
+def test_peak_memory_sees_an_allocation():
+    with prune.PeakMemory() as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+    assert mem.peak - mem.start >= 48 * 2**20
