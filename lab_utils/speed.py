@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -122,13 +123,15 @@ def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], 
     for shape, sp in tqdm(jobs, desc="layer timings", disable=not progress):
         W = sparse_weight(shape, sp, seed)
         W_csr = to_csr(W)
+        load = os.getloadavg()[0]
         x = torch.randn(tokens, shape[1], generator=g)
         med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
                                          "csr": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
                                         warmup, repeats, threads))
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
                      "sparsity": sp, "tokens": tokens, "dense_ms": 1e3 * med["dense"],
-                     "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"]})
+                     "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"],
+                     "threads": threads or torch.get_num_threads(), "load_avg": load})
     return pd.DataFrame(rows)
 
 
@@ -302,6 +305,21 @@ def prunable_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return sorted({tuple(pl.shape) for pl in prunable_layers(model)})
 
 
+def model_shapes(model_name: str) -> list[tuple[int, int]]:
+    """The distinct prunable shapes of a model, read from its config alone
+    (the model is built on the meta device: no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from lab_utils import models
+
+    spec = models.resolve(model_name)
+    location = models.embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
+    config = AutoConfig.from_pretrained(location)
+    with torch.device("meta"):
+        model = models._auto_class(spec.family, config).from_config(config)
+    return prunable_shapes(model)
+
+
 def forward_inputs(lm, tokens: int = 512) -> dict:
     """One batch of real text for a whole-model forward: ``tokens`` tokens of
     the NYT editorials (decoder and encoder models; capped at the encoder's
@@ -332,11 +350,11 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     multiply-adds allows."""
     from tqdm.auto import tqdm
 
-    from lab_utils import prune
+    from lab_utils.storage import pruned
 
     rows = []
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
-        lm, _ = prune.pruned_model(model_name, method, sparsity, progress=progress, **prune_kw)
+        lm = pruned(model_name, method, sparsity, progress=progress, **prune_kw)
         inputs = forward_inputs(lm, tokens)
         aware, plan = to_sparse_aware(lm.model, speed, margin)
         # With no layer worth converting, the sparse-aware model *is* the dense
@@ -344,6 +362,7 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
         variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
         if all_csr:
             variants["all-csr"] = to_sparse_aware(lm.model, None, force=True)[0]
+        load = os.getloadavg()[0]
         t = forward_speed(variants, inputs, warmup, repeats, threads).set_index("model")
         if not plan.use_csr.any():
             t.loc["sparse-aware"] = t.loc["dense"]
@@ -355,7 +374,7 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
                "csr_layers": int(plan.use_csr.sum()), "layers": len(plan),
                "sparse_aware_is_dense": not plan.use_csr.any(),
                "flop_limit": limit["limit"], "unprunable_share": limit["unprunable_share"],
-               "threads": threads or torch.get_num_threads(), "repeats": repeats}
+               "threads": threads or torch.get_num_threads(), "repeats": repeats, "load_avg": load}
         if all_csr:
             row.update(all_csr_s=t.loc["all-csr", "median_s"], all_csr_speedup=t.loc["all-csr", "speedup"])
         rows.append(row)
@@ -376,3 +395,40 @@ def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer 
     ax.legend(title="out x in", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def speed_conclusions(layers: pd.DataFrame, forward: pd.DataFrame | None = None) -> str:
+    """Generated prose: the crossover per shape, the speed-ups at 90% and 95%
+    (where measured), and the whole-forward ratios next to the FLOP limit."""
+    cross = crossover(layers)
+    text = []
+    wins = cross.dropna(subset=["crossover_sparsity"])
+    never = cross[cross.crossover_sparsity.isna()]["shape"].tolist()
+    top = layers.sparsity.max()
+    if len(wins):
+        text.append("CSR beats the dense matmul above " + ", ".join(
+            f"{c:.0%} sparsity for {sh}" for sh, c in zip(wins["shape"], wins.crossover_sparsity, strict=True))
+            + (f"; it never does for {', '.join(never)} up to {top:.0%}" if never else "") + ".")
+    else:
+        text.append(f"CSR never beats the dense matmul for any measured shape, up to {top:.0%} sparsity.")
+    for sp in (0.9, 0.95):
+        col = f"speedup@{sp:g}"
+        if col in cross:
+            text.append(f"At {sp:.0%} the CSR speed-up is " + ", ".join(
+                f"{v:.2f}x for {sh}" for sh, v in zip(cross["shape"], cross[col], strict=True)) + ".")
+    text.append(f"(Dense and CSR are timed in turns on {int(layers.tokens.iloc[0])} input rows with "
+                f"{int(layers.threads.iloc[0])} threads, medians; the load average was "
+                f"{layers.load_avg.min():.1f} to {layers.load_avg.max():.1f} on {os.cpu_count()} cores, so "
+                "single ratios can be off by tens of percent.)")
+    if forward is not None and len(forward):
+        for r in forward.itertuples():
+            how = ("no layer is worth converting, so it is the dense model" if r.sparse_aware_is_dense
+                   else f"{r.csr_layers} of {r.layers} layers in CSR")
+            line = (f"Whole {r.label} forward on {r.tokens} tokens at {r.sparsity:.0%}: the sparse-aware model "
+                    f"runs at {r.sparse_aware_speedup:.2f}x dense ({how})")
+            if hasattr(r, "all_csr_speedup") and not pd.isna(r.all_csr_speedup):
+                line += f", every layer in CSR at {r.all_csr_speedup:.2f}x"
+            line += (f"; counting multiply-adds allows {r.flop_limit:.2f}x at most, since the layers "
+                     f"left dense (the output head above all) are {r.unprunable_share:.0%} of the dense work.")
+            text.append(line)
+    return " ".join(text)

@@ -66,7 +66,7 @@ LAYOUTS = ("dense", "csr", "bitmask", "nm")
 PRECISIONS = ("", "fp16", "int8")  # "" = the weights' own dtype (lossless)
 ZSTD_LEVEL = 3  # zstd's default: fast; higher levels gain little on masks and float values
 SCALE_DTYPE = torch.float32  # one int8 scale per output row
-SIZES_VERSION = 2  # part of the size cache key: bump when the size table changes
+SIZES_VERSION = 3  # part of the size cache key: bump when the size table changes
 SEP = "::"  # key of a stored part: "<state-dict name>::<component>"
 
 
@@ -763,6 +763,8 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     total = count_parameters(model)
     nonzero = sum(int(np.count_nonzero(p.detach().numpy())) for p in model.parameters())
     entropy_floor = value_entropy_floor_bytes(model)
+    shapes = [tuple(pl.shape) for pl in prunable_layers(model)]
+    native_bits = torch.finfo(prunable_layers(model)[0].weight.dtype).bits if shapes else 32
     own = folder is None
     folder = Path(tempfile.mkdtemp(prefix="sizes-", dir=io.cache_dir())) if own else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -774,7 +776,13 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
             save_sparse(model, path, fmt, pattern=pattern, zstd_level=zstd_level)
             row = size_row(path)
             row.update(save_s=time.perf_counter() - t0, params=total, nonzero_params=nonzero)
-            lossless = parse_format(fmt).lossless
+            f = parse_format(fmt)
+            lossless = f.lossless
+            predictable = not f.zstd and f.layout != "nm"
+            row["predicted_break_even"] = (break_even_sparsity(f, shapes, native_bits)
+                                           if predictable else math.nan)
+            row["predicted_break_even_vs_dense"] = (break_even_sparsity(f, shapes, native_bits, against="dense")
+                                                    if predictable else math.nan)
             row["value_entropy_floor_bytes"] = entropy_floor if lossless else math.nan
             row["value_entropy_floor_ratio"] = row["prunable_bytes"] / entropy_floor if lossless else math.nan
             rows.append(row)
@@ -788,17 +796,34 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     return pd.DataFrame(rows)
 
 
+def pruned(model_name: str, method: str, sparsity: float, pattern: str = "unstructured",
+           progress: bool = True, **prune_kw):
+    """A pruned model to measure (a LoadedModel). Calibrated methods (Wanda,
+    SparseGPT) come from :func:`lab_utils.prune.pruned_model` and its
+    checkpoint cache (minutes to compute, shared with the pruning sweep);
+    magnitude and random pruning take seconds, so they are redone in memory
+    by :func:`lab_utils.prune.prune_model` instead of leaving a full checkpoint
+    per sparsity in the cache."""
+    from lab_utils import prune
+    from lab_utils.models import load_model
+    from lab_utils.sparsify import CALIBRATED
+
+    if method in CALIBRATED:
+        return prune.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)[0]
+    lm = load_model(model_name)
+    prune.prune_model(lm, method, sparsity, pattern, progress=progress, **prune_kw)
+    return lm
+
+
 def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
                formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
                zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
                **prune_kw) -> pd.DataFrame:
-    """Sizes for every model x method x sparsity: the pruned checkpoint comes
-    from :func:`lab_utils.prune.pruned_model`, each format is written and
-    measured by :func:`model_sizes`. Results are cached (checksummed JSON)
-    per setting, so a re-run reads them instead of rewriting the files."""
+    """Sizes for every model x method x sparsity: the pruned model comes from
+    :func:`pruned`, each format is written and measured by :func:`model_sizes`.
+    Results are cached (checksummed JSON) per setting, so a re-run reads them
+    instead of rewriting the files."""
     from tqdm.auto import tqdm
-
-    from lab_utils import prune
 
     formats = check_formats(formats, pattern)
     jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
@@ -809,7 +834,7 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
         cache = io.cache_dir() / "sizes" / f"{key}.json"
         cached = io.cached_json(cache)
         if cached is None:
-            lm, report = prune.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)
+            lm = pruned(model_name, method, sparsity, pattern, progress=progress, **prune_kw)
             table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
                                 folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
                                 keep_files=keep_files, progress=progress)
@@ -839,25 +864,22 @@ def best_formats(sizes: pd.DataFrame, lossless: bool = True) -> pd.DataFrame:
     return out
 
 
-def break_even_table(sizes: pd.DataFrame,
-                     shapes: Iterable[tuple[int, int]] | None = None) -> pd.DataFrame:
-    """Per model and format: the lowest measured sparsity at which its file
-    is smaller than the dense fp32 file of the same checkpoint, and for the
-    uncompressed formats the break-even the arithmetic predicts for the
-    model's prunable shapes (against dense of the same precision and against
+def break_even_table(sizes: pd.DataFrame) -> pd.DataFrame:
+    """Per model, method and format: the lowest measured sparsity at which its
+    file is smaller than the dense fp32 file of the same checkpoint, next to
+    the break-even the arithmetic predicts for the model's prunable shapes
+    (uncompressed formats; against dense of the same precision and against
     dense fp32)."""
     rows = []
-    for (name, fmt), t in sizes.groupby(["model", "format"], sort=False):
-        dense = sizes[(sizes.model == name) & (sizes.format == "dense")].set_index(["method", "sparsity"])
-        t = t.set_index(["method", "sparsity"]).sort_index()
-        wins = t.file_bytes < dense.file_bytes.reindex(t.index)
-        measured = min((s for (_, s), w in wins.items() if w), default=math.nan)
-        row = {"model": name, "format": fmt, "measured_break_even": measured}
-        f = parse_format(fmt)
-        if shapes is not None and not f.zstd and f.layout != "nm":
-            row["predicted_vs_same_precision"] = break_even_sparsity(f, shapes)
-            row["predicted_vs_dense_fp32"] = break_even_sparsity(f, shapes, against="dense")
-        rows.append(row)
+    for (name, method, fmt), t in sizes.groupby(["label", "method", "format"], sort=False):
+        dense = sizes[(sizes.label == name) & (sizes.method == method) & (sizes.format == "dense")]
+        dense = dense.set_index("sparsity").file_bytes
+        t = t.set_index("sparsity").sort_index()
+        wins = t.file_bytes < dense.reindex(t.index)
+        rows.append({"model": name, "method": method, "format": fmt,
+                     "measured_break_even": min((s for s, w in wins.items() if w), default=math.nan),
+                     "predicted_vs_same_precision": t.predicted_break_even.iloc[0],
+                     "predicted_vs_dense_fp32": t.predicted_break_even_vs_dense.iloc[0]})
     return pd.DataFrame(rows)
 
 
@@ -900,3 +922,74 @@ def size_figure(sizes: pd.DataFrame, label: str, method: str):
     ax2.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- conclusions
+def _ranges(points: list[tuple[float, str]]) -> list[tuple[str, float, float]]:
+    """Consecutive runs of the same label: [(label, first x, last x)]."""
+    runs: list[list] = []
+    for x, label in points:
+        if runs and runs[-1][0] == label:
+            runs[-1][2] = x
+        else:
+            runs.append([label, x, x])
+    return [tuple(r) for r in runs]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
+                     target: float = 1.05) -> str:
+    """Generated prose for the size table: which lossless format wins where,
+    how much smaller than dense it is at the highest sparsities, and how close
+    the best one comes to the floor between ``low`` and ``high`` sparsity."""
+    out = []
+    best = best_formats(sizes)
+    plain = best_formats(sizes[~sizes.zstd]) if (~sizes.zstd).any() else None
+    for (label, method), b in best.groupby(["label", "method"], sort=False):
+        b = b.sort_values("sparsity")
+        runs = ", ".join(f"**{f}** from {_pct(a)} to {_pct(z)}" if a != z else f"**{f}** at {_pct(a)}"
+                         for f, a, z in _ranges(list(zip(b.sparsity, b.format, strict=True))))
+        text = [f"**{label}** ({method}): the smallest lossless file is {runs}."]
+        t = sizes[(sizes.label == label) & (sizes.method == method)]
+        top = b.sparsity.max()
+        at = t[t.sparsity == top].set_index("format")
+        if "dense" in at.index:
+            winner = b[b.sparsity == top].format.item()
+            smallest = at.file_bytes.idxmin()
+            text.append(f"At {_pct(top)} sparsity the dense fp32 file still takes "
+                        f"{at.loc['dense', 'file_bytes'] / 2**20:.1f} MiB (every zero is stored); "
+                        f"{winner} takes {at.loc[winner, 'file_bytes'] / 2**20:.1f} MiB "
+                        f"({at.loc['dense', 'file_bytes'] / at.loc[winner, 'file_bytes']:.1f}x smaller)"
+                        + (f", and {smallest}, composing sparsity with int8, "
+                           f"{at.loc[smallest, 'file_bytes'] / 2**20:.1f} MiB "
+                           f"({at.loc['dense', 'file_bytes'] / at.loc[smallest, 'file_bytes']:.1f}x)"
+                           if smallest != winner else "") + ".")
+        mid = b[(b.sparsity >= low) & (b.sparsity <= high)]
+        if len(mid):
+            lo, hi = mid.floor_ratio.min(), mid.floor_ratio.max()
+            verdict = (f"within {target - 1:.0%} of the floor at every one of them" if hi <= target
+                       else f"above {target:.2f}x the floor at "
+                            + ", ".join(_pct(s) for s in mid[mid.floor_ratio > target].sparsity))
+            text.append(f"Between {_pct(low)} and {_pct(high)} sparsity its prunable weights take "
+                        f"{lo:.2f}x to {hi:.2f}x the floor of (1-s)*32 + H(s) bits per weight: {verdict}.")
+            if lo < 1:
+                ve = mid.value_entropy_floor_ratio
+                text.append("Going below that floor is no paradox: it counts 32 bits per kept value, "
+                            "while trained weights use few distinct exponents. Against a floor that "
+                            "uses the measured entropy of the sign and exponent bits (mantissas counted "
+                            f"as incompressible) the best format is at {ve.min():.2f}x to {ve.max():.2f}x"
+                            + ("; below even that, so the mantissas repeat too, as in weights "
+                               "dequantized from a few levels per block." if ve.min() < 1 else "."))
+        if plain is not None:
+            p = plain[(plain.label == label) & (plain.method == method)]
+            p = p[(p.sparsity >= low) & (p.sparsity <= high)]
+            if len(p):
+                text.append(f"Without entropy coding the best is "
+                            f"{' / '.join(dict.fromkeys(p.format))}, at {p.floor_ratio.min():.2f}x to "
+                            f"{p.floor_ratio.max():.2f}x the floor: a fixed bit per weight of mask costs "
+                            f"more than H(s) once s moves away from 50%.")
+        out.append(" ".join(text))
+    return "\n\n".join(out)

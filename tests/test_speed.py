@@ -134,3 +134,22 @@ def test_layer_speed_table_shape():
     t = speed.layer_speed([(16, 8), (8, 16)], [0.5, 0.9], tokens=4, warmup=0, repeats=1, progress=False)
     assert len(t) == 4 and set(t["shape"]) == {"16x8", "8x16"}
     assert (t.speedup == t.dense_ms / t.csr_ms).all()
+
+
+def test_model_shapes_from_the_config_alone(tiny_dirs):
+    shapes = speed.model_shapes(str(tiny_dirs["llama"]))
+    assert shapes == speed.prunable_shapes(build_tiny("llama")) == [(16, 32), (32, 32), (32, 64), (64, 32)]
+
+
+def test_speed_conclusions_follow_the_numbers():
+    t = synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.9, 2.0), ((4, 8), 0.5, 0.5), ((4, 8), 0.9, 0.8)])
+    t["threads"], t["load_avg"] = 2, 1.0
+    text = speed.speed_conclusions(t)
+    assert "for 8x8" in text and "never does for 4x8" in text and "2.00x for 8x8" in text
+    t.loc[t["shape"] == "8x8", "speedup"] = 0.5
+    assert "CSR never beats the dense matmul" in speed.speed_conclusions(t)
+    fwd = pd.DataFrame([{"label": "Tiny", "tokens": 8, "sparsity": 0.9, "sparse_aware_speedup": 1.3,
+                         "sparse_aware_is_dense": False, "csr_layers": 3, "layers": 4, "all_csr_speedup": 0.8,
+                         "flop_limit": 2.5, "unprunable_share": 0.2}])
+    text = speed.speed_conclusions(t, fwd)
+    assert "1.30x dense (3 of 4 layers in CSR)" in text and "allows 2.50x" in text

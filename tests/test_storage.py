@@ -306,29 +306,28 @@ def test_best_format_and_break_even_tables(tmp_path):
     assert best.loc[0.0, "prunable_bytes"] <= dense0 and best.loc[0.0, "format"] not in {"csr", "bitmask"}
     assert best.loc[0.9, "format"] in {"bitmask", "bitmask+zstd", "csr"}
     assert (best.bits_per_weight >= 0).all() and "dense-int8" not in set(best.format)
-    shapes = sorted({pl.shape for pl in prunable_layers(build_tiny("llama"))})
-    be = st.break_even_table(sizes, shapes=shapes).set_index("format")
+    be = st.break_even_table(sizes).set_index("format")
     assert be.loc["bitmask", "measured_break_even"] == 0.5  # bigger than dense at 0, smaller at 0.5
     assert be.loc["dense-int8", "measured_break_even"] == 0.0
     assert math.isnan(be.loc["dense", "measured_break_even"])
     assert be.loc["bitmask", "predicted_vs_same_precision"] == pytest.approx(1 / 32, abs=0.01)
     assert math.isnan(be.loc["bitmask+zstd", "predicted_vs_same_precision"])  # measured only
+    assert be.loc["dense-int8", "predicted_vs_dense_fp32"] == 0.0
     fig = st.size_figure(sizes, "LLAMA", "random")
     assert len(fig.axes) == 2
 
 
-def test_size_sweep_uses_pruned_model_and_caches(tmp_cache, monkeypatch):
-    from lab_utils import prune
+def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
     from lab_utils.models import LoadedModel, ModelSpec
 
     calls = []
 
-    def fake_pruned_model(name, method, sparsity, pattern="unstructured", progress=True, **kw):
+    def fake_pruned(name, method, sparsity, pattern="unstructured", progress=True, **kw):
         calls.append((name, method, sparsity, pattern))
         spec = ModelSpec(name, "decoder-only", "Tiny", "local", "perplexity", name)
-        return LoadedModel(prune_random(build_tiny("llama"), sparsity), None, spec), None
+        return LoadedModel(prune_random(build_tiny("llama"), sparsity), None, spec)
 
-    monkeypatch.setattr(prune, "pruned_model", fake_pruned_model)
+    monkeypatch.setattr(st, "pruned", fake_pruned)
     args = (["tiny"], ["magnitude"], [0.5, 0.8])
     first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
     assert calls == [("tiny", "magnitude", 0.5, "unstructured"), ("tiny", "magnitude", 0.8, "unstructured")]
@@ -339,3 +338,28 @@ def test_size_sweep_uses_pruned_model_and_caches(tmp_cache, monkeypatch):
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
     with pytest.raises(st.StorageError, match="with a pattern such as"):
         st.size_sweep(*args, formats=["nm"], progress=False)
+
+
+def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, monkeypatch):
+    from lab_utils import prune
+
+    lm = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.6, progress=False)
+    ws = [pl.weight for pl in prunable_layers(lm.model)]
+    assert sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws) == pytest.approx(0.6, abs=0.01)
+    assert not (tmp_cache / "pruned").exists()  # magnitude: no checkpoint left behind
+    seen = []
+    monkeypatch.setattr(prune, "pruned_model", lambda *a, **k: (seen.append(a), (lm, None))[1])
+    assert st.pruned("m", "wanda", 0.5, progress=False) is lm and seen == [("m", "wanda", 0.5, "unstructured")]
+
+
+def test_size_conclusions_follow_the_numbers(tmp_path):
+    sizes = pd.concat([sized("llama", s, tmp_path) for s in (0.0, 0.5, 0.9)], ignore_index=True)
+    text = st.size_conclusions(sizes)
+    best90 = st.best_formats(sizes).set_index("sparsity").loc[0.9, "format"]
+    assert text.startswith("**LLAMA** (random): the smallest lossless file is")
+    assert f"**{best90}** " in text and "dense fp32 file still takes" in text
+    assert "Between 50% and 95% sparsity" in text
+    # make bitmask+zstd absurdly big: it can no longer be the winner anywhere
+    worse = sizes.copy()
+    worse.loc[worse.format == "bitmask+zstd", "prunable_bytes"] *= 100
+    assert "**bitmask+zstd**" not in st.size_conclusions(worse)
