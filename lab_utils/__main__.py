@@ -59,7 +59,8 @@ def cmd_prune(a) -> dict:
     from lab_utils import prune
 
     lm, report = prune.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
-                                    a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress)
+                                    a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
+                                    save=True)
     out = report.summary()
     out["output"] = report.checkpoint
     if a.out:

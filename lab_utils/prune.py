@@ -724,14 +724,16 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
 def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
                  scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
                  seqlen: int | None = None, seed: int = 0, owl: bool = False,
-                 calibration: str | None = None, progress: bool = True,
+                 calibration: str | None = None, progress: bool = True, save: bool | None = None,
                  **kw) -> tuple[LoadedModel, PruneReport]:
     """Load a model and prune it, or load the cached checkpoint of the same
     pruning. Sparsity 0 returns the dense model (with its measured sparsity).
 
     The checkpoint lives under ``cache_dir()/pruned/`` keyed by the model and
     every pruning argument (plus the engine version); it is written atomically
-    with a checksum manifest, so a cut-short write is never reused.
+    with a checksum manifest, so a cut-short write is never reused. ``save``:
+    None (default) checkpoints the calibrated methods only, because random and
+    magnitude pruning take less time than reading a checkpoint back.
     """
     cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration)
     spec = resolve(model_name)
@@ -755,7 +757,10 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         return lm, report
     report = prune_model(lm, cfg.method, cfg.sparsity, cfg.pattern, cfg.scope, cfg.nsamples,
                          cfg.seqlen, cfg.seed or 0, cfg.owl, cfg.calibration, progress=progress, **kw)
-    report.key, report.checkpoint = key, str(folder)
+    report.key = key
+    if not (cfg.calibrated if save is None else save):
+        return lm, report
+    report.checkpoint = str(folder)
     with io.atomic_dir(folder) as tmp:
         save_checkpoint(lm.model, tmp)
         (tmp / REPORT_FILE).write_text(report.to_json())

@@ -220,3 +220,17 @@ def test_unknown_method_and_scope_are_clear_errors():
         sp.check_method("obs")
     with pytest.raises(SparsityError, match="scope"):
         sp.magnitude_mask(torch.randn(2, 4), 0.5, scope="block")
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(24, 40), lambda: quantized(24, 40, seed=4)])
+@pytest.mark.parametrize("s", [0.2, 0.5, 0.85])
+def test_selection_masks_equal_a_stable_sort(make, s):
+    """Row masks and the layer selection (kthvalue + ties in index order) equal a stable sort."""
+    metric = make().abs()
+    k_row, k_all = int(40 * s), int(metric.numel() * s)
+    by_sort = torch.zeros_like(metric, dtype=torch.bool)
+    by_sort.scatter_(1, torch.sort(metric, dim=1, stable=True)[1][:, :k_row], True)
+    assert torch.equal(sp.row_mask(metric, s), by_sort)
+    flat = torch.zeros(metric.numel(), dtype=torch.bool)
+    flat[torch.sort(metric.flatten(), stable=True)[1][:k_all]] = True
+    assert torch.equal(sp.layer_mask(metric, s), flat.view_as(metric))

@@ -63,12 +63,28 @@ def default_seqlen(lm) -> int:
     return calibration_seqlen(lm)
 
 
+_WINDOWS: dict = {}
+
+
+def _eval_windows(tokenizer, seqlen, n_windows, corpus) -> torch.Tensor:
+    """Evaluation windows, remembered per tokenizer (class, folder, size): the
+    whole text is tokenized once per process, not once per pruned model."""
+    from lab_utils import data
+
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           seqlen, n_windows, corpus)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) >= 16:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        _WINDOWS[key] = data.eval_windows(tokenizer, seqlen, n_windows, corpus)
+    return _WINDOWS[key]
+
+
 def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: str | None = None,
              cache_key: str | None = None, progress: bool = True) -> dict:
     """Perplexity of a loaded decoder-only model as a dict (perplexity, seqlen,
     windows, corpus, seconds). With a ``cache_key`` (e.g. a PruneReport's
     key) the result is cached on disk and reused."""
-    from lab_utils import data
     from lab_utils.models import DECODER_ONLY
 
     if lm.family != DECODER_ONLY:
@@ -82,7 +98,7 @@ def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: 
         hit = io.cached_json(path)
         if hit is not None:
             return hit
-    windows = data.eval_windows(lm.tokenizer, seqlen, n_windows, corpus)
+    windows = _eval_windows(lm.tokenizer, seqlen, n_windows, corpus)
     t0 = time.perf_counter()
     ppl = perplexity(lm.model, windows, progress=progress)
     result = {"model": lm.spec.name, "perplexity": ppl, "seqlen": seqlen,

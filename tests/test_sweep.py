@@ -1,0 +1,79 @@
+"""The notebook-03 sweep on tiny models: table, figures, generated conclusions."""
+
+import os
+
+import pandas as pd
+import pytest
+
+from lab_utils import io, sweep
+
+
+@pytest.fixture()
+def cache_with_data(tmp_path, monkeypatch):
+    real = io.cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (real / "data").mkdir(parents=True, exist_ok=True)
+    os.symlink(real / "data", cache / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
+SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
+
+
+def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_output):
+    models = [str(tiny_dirs["llama"]), str(tiny_dirs["bert"])]
+    df = sweep.sparsity_sweep(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6], **SMALL)
+    # 2 dense rows + 2 models x 2 methods x (2 sparsities + one 2:4)
+    assert len(df) == 2 + 2 * 2 * 3
+    pruned = df[df.method != "dense"]
+    assert ((pruned.actual - pruned.requested).abs() < 0.02).all()
+    assert pruned[pruned.pattern == "2:4"].nm_ok.all()
+    llama, bert = df[df.family == "decoder-only"], df[df.family == "encoder-only"]
+    assert llama.perplexity.notna().all() and bert.perplexity.isna().all()
+    assert (llama[llama.method == "dense"].ppl_vs_dense == 1).all()
+
+    path = sweep.plot_perplexity(df, llama.model.iloc[0])
+    first = path.read_bytes()
+    assert path.name == f"perplexity_vs_sparsity_{llama.model.iloc[0]}.png" and first[:4] == b"\x89PNG"
+    assert sweep.plot_perplexity(df, llama.model.iloc[0]).read_bytes() == first  # deterministic
+
+    again = sweep.sparsity_sweep(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6], **SMALL)
+    assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
+    text = sweep.conclusions(df)
+    assert "N:M" in text and "dense perplexity" in text
+
+
+def test_owl_comparison_and_heatmap(tiny_dirs, cache_with_data, tmp_output):
+    layers, summary = sweep.owl_comparison(str(tiny_dirs["llama"]), "wanda", 0.6, **SMALL)
+    assert list(summary.allocation) == ["uniform", "OWL"]
+    assert summary.actual.sub(0.6).abs().max() < 0.03
+    uni = layers[layers.allocation == "uniform"].groupby("block").sparsity.mean()
+    owl = layers[layers.allocation == "OWL"].groupby("block").sparsity.mean()
+    assert uni.max() - uni.min() < 0.02 < owl.max() - owl.min()
+    path = sweep.plot_owl_heatmap(layers, summary.model.iloc[0], "wanda", 0.6)
+    assert path.is_file() and path.name.endswith("_wanda_60%.png")
+
+
+def fake_sweep(wanda_ppl):
+    rows = [dict(model="M", family="decoder-only", method="dense", pattern="-", requested=0.0,
+                 actual=0.0, nm_ok=None, seconds=0.0, perplexity=10.0)]
+    for method, ppl in (("magnitude", 50.0), ("wanda", wanda_ppl)):
+        rows.append(dict(model="M", family="decoder-only", method=method, pattern="unstructured",
+                         requested=0.5, actual=0.5, nm_ok=None, seconds=1.0, perplexity=ppl))
+    return pd.DataFrame(rows)
+
+
+def test_conclusions_follow_the_numbers():
+    good = sweep.conclusions(fake_sweep(12.0))
+    bad = sweep.conclusions(fake_sweep(80.0))
+    assert "wanda kept the lowest perplexity (12.0" in good
+    assert "magnitude kept the lowest perplexity (50.0" in bad
+    assert "within 1.5x of the dense perplexity, wanda reached 50%" in good
+    assert "1.5x of the dense" not in bad
+    owl = pd.DataFrame([dict(allocation="uniform", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=30.0),
+                        dict(allocation="OWL", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=25.0)])
+    assert "lowered the perplexity of M from 30.0 to 25.0" in sweep.conclusions(fake_sweep(12.0), owl)
+    owl.loc[1, "perplexity"] = 35.0
+    assert "raised" in sweep.conclusions(fake_sweep(12.0), owl)
