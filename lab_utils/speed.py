@@ -352,9 +352,9 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
 
     from lab_utils.storage import pruned
 
-    rows = []
+    rows, dense = [], {}
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
-        lm = pruned(model_name, method, sparsity, progress=progress, **prune_kw)
+        lm = pruned(model_name, method, sparsity, progress=progress, dense=dense, **prune_kw)
         inputs = forward_inputs(lm, tokens)
         aware, plan = to_sparse_aware(lm.model, speed, margin)
         # With no layer worth converting, the sparse-aware model *is* the dense

@@ -797,20 +797,30 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
 
 
 def pruned(model_name: str, method: str, sparsity: float, pattern: str = "unstructured",
-           progress: bool = True, **prune_kw):
+           progress: bool = True, dense: dict | None = None, **prune_kw):
     """A pruned model to measure (a LoadedModel). Calibrated methods (Wanda,
     SparseGPT) come from :func:`lab_utils.prune.pruned_model` and its
     checkpoint cache (minutes to compute, shared with the pruning sweep);
     magnitude and random pruning take seconds, so they are redone in memory
     by :func:`lab_utils.prune.prune_model` instead of leaving a full checkpoint
-    per sparsity in the cache."""
+    per sparsity in the cache. ``dense`` (a dict) keeps the loaded dense
+    model between calls: each call prunes a copy instead of reloading it."""
+    import copy
+    import dataclasses
+
     from lab_utils import prune
     from lab_utils.models import load_model
     from lab_utils.sparsify import CALIBRATED
 
     if method in CALIBRATED:
         return prune.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)[0]
-    lm = load_model(model_name)
+    if dense is None:
+        lm = load_model(model_name)
+    else:
+        if model_name not in dense:
+            dense.clear()  # one dense model held at a time
+            dense[model_name] = load_model(model_name)
+        lm = dataclasses.replace(dense[model_name], model=copy.deepcopy(dense[model_name].model))
     prune.prune_model(lm, method, sparsity, pattern, progress=progress, **prune_kw)
     return lm
 
@@ -827,14 +837,14 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
 
     formats = check_formats(formats, pattern)
     jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
-    frames = []
+    frames, dense = [], {}
     for model_name, method, sparsity in tqdm(jobs, desc="sizes", disable=not progress):
         key = io.key_hash("sizes", FILE_VERSION, SIZES_VERSION, model_name, method, sparsity, pattern, formats,
                           zstd_level, sorted(prune_kw.items()))
         cache = io.cache_dir() / "sizes" / f"{key}.json"
         cached = io.cached_json(cache)
         if cached is None:
-            lm = pruned(model_name, method, sparsity, pattern, progress=progress, **prune_kw)
+            lm = pruned(model_name, method, sparsity, pattern, progress=progress, dense=dense, **prune_kw)
             table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
                                 folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
                                 keep_files=keep_files, progress=progress)

@@ -347,6 +347,12 @@ def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, mon
     ws = [pl.weight for pl in prunable_layers(lm.model)]
     assert sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws) == pytest.approx(0.6, abs=0.01)
     assert not (tmp_cache / "pruned").exists()  # magnitude: no checkpoint left behind
+    dense = {}
+    a = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.5, progress=False, dense=dense)
+    b = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.8, progress=False, dense=dense)
+    held = next(iter(dense.values())).model
+    assert a.model is not b.model and a.model is not held
+    assert not any(bool((pl.weight == 0).any()) for pl in prunable_layers(held))  # the copy was pruned
     seen = []
     monkeypatch.setattr(prune, "pruned_model", lambda *a, **k: (seen.append(a), (lm, None))[1])
     assert st.pruned("m", "wanda", 0.5, progress=False) is lm and seen == [("m", "wanda", 0.5, "unstructured")]
