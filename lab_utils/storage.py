@@ -893,6 +893,67 @@ def break_even_table(sizes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def bits_table(sizes: pd.DataFrame) -> pd.DataFrame:
+    """Bits per prunable weight: one row per model, method and sparsity, one
+    column per format, and the floors for fp32 (and int8) values."""
+    keys = ["label", "method", "sparsity"]
+    table = sizes.pivot_table(index=keys, columns="format", values="bits_per_weight", sort=False)
+    table = table[list(dict.fromkeys(sizes.format))]
+    for precision, name in (("native", "floor fp32"), ("int8", "floor int8")):
+        t = sizes[sizes.precision == precision]
+        if len(t):
+            first = t.groupby(keys, sort=False).first()
+            table[name] = 8 * first.floor_bytes / first.prunable_numel
+    return table
+
+
+def round_trip(lm, formats: Iterable[str], folder: str | os.PathLike | None = None,
+               pattern: str = "unstructured", tokens: int = 32) -> pd.DataFrame:
+    """Save ``lm.model`` in each format, load it back from the file alone and
+    compare: weights (bit for bit for lossless formats, with zeros read as
+    +0.0; equal to :func:`quantized_weight` for fp16/int8) and the outputs on
+    ``tokens`` tokens of real text."""
+    import tempfile
+
+    from lab_utils.speed import forward_inputs
+
+    inputs = forward_inputs(lm, tokens)
+
+    def outputs(model):
+        with torch.inference_mode():
+            out = model(**inputs)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    ref = outputs(lm.model)
+    prunable = {pl.name: pl.weight for pl in prunable_layers(lm.model)}
+    state = lm.model.state_dict()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=folder or io.cache_dir()) as tmp:
+        for fmt in check_formats(formats, pattern):
+            f = parse_format(fmt)
+            path = save_sparse(lm.model, Path(tmp) / "model.lab", fmt, pattern=pattern)
+            back = load_sparse(path)
+            got = back.state_dict()
+            same = True
+            for pl in prunable_layers(back):
+                want = quantized_weight(prunable[pl.name], f.precision)
+                same &= torch.equal(pl.weight + 0.0, want + 0.0)  # +0.0: -0.0 -> +0.0
+            names = set(state) - {f"{n}.weight" for n in prunable}
+            same &= all(torch.equal(got[n], state[n]) for n in names)
+            diff = (outputs(back) - ref).abs().max().item()
+            rows.append({"format": fmt, "file_bytes": path.stat().st_size, "weights_as_expected": bool(same),
+                         "outputs_identical": diff == 0.0, "max_abs_output_diff": diff})
+    return pd.DataFrame(rows)
+
+
+def write_csv(table: pd.DataFrame, name: str) -> Path:
+    """A table under results/ (atomically), for the write-up."""
+    path = io.results_dir() / name
+    with io.atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return path
+
+
 # --------------------------------------------------------------------------- figures
 def save_figure(fig, name: str) -> Path:
     """Save under figs/ atomically, with no timestamp: same data, same bytes."""

@@ -369,3 +369,23 @@ def test_size_conclusions_follow_the_numbers(tmp_path):
     worse = sizes.copy()
     worse.loc[worse.format == "bitmask+zstd", "prunable_bytes"] *= 100
     assert "**bitmask+zstd**" not in st.size_conclusions(worse)
+
+
+def test_bits_table_has_a_column_per_format_and_the_floors(tmp_path):
+    sizes = pd.concat([sized("llama", s, tmp_path) for s in (0.5, 0.9)], ignore_index=True)
+    t = st.bits_table(sizes)
+    assert list(t.columns) == SMALL_FORMATS + ["floor fp32", "floor int8"]
+    assert t.loc[("LLAMA", "random", 0.9), "floor fp32"] < t.loc[("LLAMA", "random", 0.9), "bitmask"]
+    assert t.loc[("LLAMA", "random", 0.5), "floor fp32"] == pytest.approx(17, abs=0.3)
+
+
+def test_round_trip_report_on_a_loaded_model(tiny_dirs, tmp_path):
+    from lab_utils.models import load_model
+
+    lm = load_model(str(tiny_dirs["llama"]))
+    prune_random(lm.model, 0.6)
+    rt = st.round_trip(lm, ["bitmask+zstd", "csr", "bitmask-int8"], folder=tmp_path).set_index("format")
+    assert rt.weights_as_expected.all()
+    assert rt.loc["bitmask+zstd", "outputs_identical"] and rt.loc["csr", "outputs_identical"]
+    assert not rt.loc["bitmask-int8", "outputs_identical"]  # int8 is lossy by design
+    assert list(tmp_path.iterdir()) == []
