@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prune(a) -> dict:
     from lab_utils import prune
 
+    if a.out:
+        prune.check_output_dir(a.out)  # before minutes of pruning, not after
     lm, report = prune.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
                                     a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
                                     save=True)

@@ -767,10 +767,20 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     return lm, report
 
 
+def check_output_dir(out: str | Path) -> Path:
+    """A folder that may be (re)written: absent, empty, or one written here
+    before (it has our manifest). Anything else would be replaced: refuse."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / io.MANIFEST).is_file())):
+        raise SparsityError(f"{out} exists and is not a model folder written here; "
+                            f"choose a new --out folder (it would be replaced)")
+    return out
+
+
 def save_pretrained(lm: LoadedModel, out: str | Path) -> Path:
     """A complete model folder (safetensors, tokenizer, feature extractor) that
     loads like any other: ``load_model(out)``."""
-    out = Path(out)
+    out = check_output_dir(out)
     with io.atomic_dir(out) as tmp:
         lm.model.save_pretrained(tmp)
         if lm.tokenizer is not None:

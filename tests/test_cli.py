@@ -73,6 +73,16 @@ def test_prune_errors_are_one_line_and_status_2(tiny_dirs, capsys, args, match):
     assert __import__("re").search(match, lines[0]), lines[0]
 
 
+def test_out_never_replaces_an_unrelated_folder(tiny_dirs, tmp_path, capsys, cache_with_data):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("precious")
+    code = main(["prune", "--model", str(tiny_dirs["llama"]), "--method", "magnitude",
+                 "--sparsity", "0.5", "--out", str(keep)])
+    assert code == 2 and "not a model folder" in capsys.readouterr().err
+    assert (keep / "mine.txt").read_text() == "precious"
+
+
 def test_perplexity_errors(tiny_dirs, capsys):
     assert main(["perplexity", "--model", str(tiny_dirs["bert"]), "--windows", "2"]) == 2
     assert "decoder-only" in capsys.readouterr().err

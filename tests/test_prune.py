@@ -183,3 +183,19 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block += 1
     assert mem.peak - mem.start >= 48 * 2**20
+
+
+def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
+    from lab_utils.data import DataError
+    from lab_utils.evaluation import perplexity
+
+    lm = load_model(str(tiny_dirs["gpt2"]))
+    assert prune.default_calibration(lm) == "movie-reviews" and perplexity.default_corpus(lm.spec) == "nyt"
+    assert prune.default_seqlen(lm) == 128  # 512, capped by the tiny model's context
+    lm.spec.source = "hub"  # the same model as if it came from the hub (gpt2-medium's path)
+    assert prune.default_seqlen(lm) == lm.model.config.n_positions
+    assert prune.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
+    with pytest.raises(DataError, match="hub"):  # offline here: a clear error, not a hang
+        prune.prune_model(lm, "wanda", 0.5, nsamples=2, progress=False)
+    with pytest.raises(SparsityError, match="exceeds the context"):
+        prune.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
