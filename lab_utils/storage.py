@@ -825,6 +825,9 @@ def pruned(model_name: str, method: str, sparsity: float, pattern: str = "unstru
     return lm
 
 
+CONFIG_ARGS = ("scope", "nsamples", "seqlen", "seed", "owl", "calibration")  # of prune.make_config
+
+
 def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
                formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
                zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
@@ -833,14 +836,22 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
     :func:`pruned`, each format is written and measured by :func:`model_sizes`.
     Results are cached (checksummed JSON) per setting, so a re-run reads them
     instead of rewriting the files."""
+    import dataclasses
+
     from tqdm.auto import tqdm
+
+    from lab_utils import prune
 
     formats = check_formats(formats, pattern)
     jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
     frames, dense = [], {}
     for model_name, method, sparsity in tqdm(jobs, desc="sizes", disable=not progress):
-        key = io.key_hash("sizes", FILE_VERSION, SIZES_VERSION, model_name, method, sparsity, pattern, formats,
-                          zstd_level, sorted(prune_kw.items()))
+        # The pruning as the engine sees it (arguments that do not apply to a method drop out).
+        cfg_kw = {k: prune_kw[k] for k in CONFIG_ARGS if k in prune_kw}
+        other_kw = sorted((k, v) for k, v in prune_kw.items() if k not in CONFIG_ARGS)
+        cfg = dataclasses.asdict(prune.make_config(method, sparsity, pattern, **cfg_kw))
+        key = io.key_hash("sizes", FILE_VERSION, SIZES_VERSION, prune.ENGINE_VERSION, model_name, cfg,
+                          formats, zstd_level, other_kw)
         cache = io.cache_dir() / "sizes" / f"{key}.json"
         cached = io.cached_json(cache)
         if cached is None:
@@ -1064,3 +1075,21 @@ def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
                             f"more than H(s) once s moves away from 50%.")
         out.append(" ".join(text))
     return "\n\n".join(out)
+
+
+def round_trip_conclusion(rt: pd.DataFrame, label: str, sparsity: float) -> str:
+    """One generated sentence on a :func:`round_trip` table."""
+    lossless = rt[rt.format.map(lambda f: parse_format(f).lossless)]
+    lossy = rt[~rt.index.isin(lossless.index)]
+    ok = lossless[lossless.weights_as_expected & lossless.outputs_identical]
+    text = (f"Round trip ({label}, {sparsity:.0%} sparsity): {len(ok)} of {len(lossless)} lossless formats "
+            f"({', '.join(lossless.format)}) gave back bit-identical weights and identical outputs")
+    bad = lossless[~lossless.index.isin(ok.index)]
+    if len(bad):
+        text += f"; {', '.join(bad.format)} did not (largest output difference {bad.max_abs_output_diff.max():.3g})"
+    if len(lossy):
+        text += (f". The lossy ones ({', '.join(lossy.format)}) gave back exactly the rounded weights "
+                 if lossy.weights_as_expected.all() else
+                 f". The lossy ones ({', '.join(lossy.format)}) did not all give back the rounded weights ")
+        text += f"and outputs within {lossy.max_abs_output_diff.max():.3g} of the original"
+    return text + "."

@@ -389,3 +389,15 @@ def test_round_trip_report_on_a_loaded_model(tiny_dirs, tmp_path):
     assert rt.loc["bitmask+zstd", "outputs_identical"] and rt.loc["csr", "outputs_identical"]
     assert not rt.loc["bitmask-int8", "outputs_identical"]  # int8 is lossy by design
     assert list(tmp_path.iterdir()) == []
+
+
+def test_round_trip_conclusion_reports_failures():
+    rt = pd.DataFrame([{"format": "csr", "weights_as_expected": True, "outputs_identical": True,
+                        "max_abs_output_diff": 0.0},
+                       {"format": "bitmask", "weights_as_expected": False, "outputs_identical": False,
+                        "max_abs_output_diff": 0.5},
+                       {"format": "csr-int8", "weights_as_expected": True, "outputs_identical": False,
+                        "max_abs_output_diff": 0.25}])
+    text = st.round_trip_conclusion(rt, "M", 0.5)
+    assert "1 of 2 lossless formats" in text and "bitmask did not" in text
+    assert "lossy ones (csr-int8) gave back exactly the rounded weights" in text and "0.25" in text
