@@ -1,0 +1,150 @@
+"""Figure names, deterministic bytes, and what the figures and captions say."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_stats import GROWING, Synthetic
+
+from lab_utils import stats, viz
+
+SEED_PATTERN = re.compile(r"^vis_all_params_[A-Za-z0-9._-]+_sparsity_\d+(\.\d+)?%(_[a-z]+)?\.png$")
+
+
+def test_figure_names_follow_the_seed():
+    assert viz.figure_name("GPT2-medium", 0) == "vis_all_params_GPT2-medium_sparsity_0%.png"
+    assert viz.figure_name("SmolLM2-135M", 0.5, "wanda") == "vis_all_params_SmolLM2-135M_sparsity_50%_wanda.png"
+    assert viz.figure_name("BERT-large", 0.625, "magnitude").endswith("_sparsity_62.5%_magnitude.png")
+    assert viz.figure_name("BART-large", 0.0, "sparsegpt") == "vis_all_params_BART-large_sparsity_0%.png"
+    assert viz.figure_name("my model/v2", 0.7, "sparsegpt") == "vis_all_params_my-model-v2_sparsity_70%_sparsegpt.png"
+    assert viz.figure_name("MiniLM-L6", 0.0, kind="layers") == "vis_layers_MiniLM-L6_sparsity_0%.png"
+    for name in (viz.figure_name("Whisper-tiny.en", s, m) for s in (0, 0.5, 0.9) for m in ("magnitude", "sparsegpt")):
+        assert SEED_PATTERN.match(name), name
+    with pytest.raises(ValueError, match="kind"):
+        viz.figure_name("x", 0, kind="All Params")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Dense synthetic stats and a magnitude-pruned copy measured on the same bins."""
+    model = Synthetic(GROWING)
+    dense = stats.weight_stats(model, label="Synthetic", chunk=4096, sample_size=20000, progress=False)
+    with torch.no_grad():  # half of every matrix, the embedding too: a spike at zero
+        for W in (model.embed_tokens.weight, *(m.weight for b in model.layers
+                                              for m in (b.q_proj, b.up_proj, b.down_proj))):
+            W[W.abs() < W.abs().median()] = 0
+    pruned = stats.weight_stats(model, label="Synthetic", bins=dense.bins, chunk=4096,
+                                sample_size=20000, progress=False, reuse=dense,
+                                info={"sparsity": 0.5, "method": "magnitude"})
+    return dense, pruned
+
+
+def test_saving_the_same_figure_twice_gives_identical_bytes(pair, tmp_output):
+    dense, pruned = pair
+    makers = {"all_params": lambda: viz.all_params_figure(pruned, dense=dense),
+              "depth": lambda: viz.depth_figure({"a": stats.depth_distances(dense)},
+                                                {"a": stats.depth_distances(dense, "tensor")})}
+    for kind, make in makers.items():
+        name = viz.figure_name("Synthetic", 0.5, "magnitude", kind=kind)
+        first = viz.save_figure(make(), name).read_bytes()
+        second = viz.save_figure(make(), name).read_bytes()
+        assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 10_000
+        assert first == second, kind
+        assert (tmp_output / "figs" / name).is_file()
+    assert not list((tmp_output / "figs").glob(".*tmp*"))  # atomic: no temporaries left
+
+
+def test_log_axis_only_where_the_zero_spike_hides_the_rest(pair):
+    dense, pruned = pair
+    fig = viz.all_params_figure(dense)
+    assert fig.axes[0].get_yscale() == "linear"
+    fig = viz.all_params_figure(pruned, dense=dense)
+    assert fig.axes[0].get_yscale() == "log"
+    cut = stats.magnitude_cut(dense, 0.5)
+    xs = {round(float(line.get_xdata()[0]), 9) for line in fig.axes[0].lines}
+    assert {round(cut, 9), round(-cut, 9)} <= xs  # the pruning threshold is marked
+    assert any("magnitude cut for 50%" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert fig.axes[1].get_yscale() == "log"
+
+
+def test_layer_and_component_figures_have_a_row_per_block_and_group(pair):
+    dense, _ = pair
+    fig = viz.layers_figure(dense)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [f"block {i}" for i in range(len(GROWING))]
+    fig = viz.components_figure(dense)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["attn.q", "mlp.up", "mlp.down",
+                                                                    "embedding"]
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["norm", "bias"]
+
+
+def test_4bit_note_appears_only_for_a_4bit_model(pair):
+    dense, _ = pair
+    texts = lambda fig: " ".join(t.get_text() for ax in fig.axes for t in ax.texts)  # noqa: E731
+    assert "4-bit" not in texts(viz.all_params_figure(dense))
+    dense.info["levels_per_block"] = 16
+    try:
+        assert "4-bit" in texts(viz.all_params_figure(dense))
+        assert "4-bit" in viz.caption_all_params(dense)
+    finally:
+        dense.info.pop("levels_per_block")
+
+
+def test_rebin_keeps_zero_centred_and_counts_inside(pair):
+    dense, _ = pair
+    counts = stats.core_histogram(dense)[0]
+    window = viz.display_window(dense)
+    edges, merged = viz.rebin(dense, counts, window)
+    assert len(merged) % 2 == 1 and len(edges) == len(merged) + 1
+    mid = len(merged) // 2
+    assert edges[mid] < 0 < edges[mid + 1] and edges[mid] == pytest.approx(-edges[mid + 1])
+    assert edges[-1] >= window * 0.99
+    lo = np.searchsorted(dense.bins.core_edges, edges[0] - 1e-12)
+    hi = np.searchsorted(dense.bins.core_edges, edges[-1] - 1e-12)
+    assert merged.sum() == counts[lo:hi].sum()
+
+
+def test_zero_spike():
+    flat = np.full(21, 100)
+    assert not viz.zero_spike(flat)
+    flat[10] = 10_000
+    assert viz.zero_spike(flat)
+
+
+def test_captions_follow_the_numbers(pair):
+    dense, pruned = pair
+    s = stats.summarize(dense)
+    cap = viz.caption_all_params(dense)
+    assert cap.startswith(f"{100 * s['frac_abs_lt_0.05']:.1f}% of Synthetic's")
+    assert "No surviving weight changed value" in viz.caption_pruned(pruned, dense)
+    moved_model = Synthetic(GROWING)
+    with torch.no_grad():
+        for block in moved_model.layers:
+            W = block.down_proj.weight
+            W[W.abs() < W.abs().median()] = 0
+            W *= 1.05  # survivors updated, as SparseGPT does
+    moved = stats.weight_stats(moved_model, label="Synthetic", bins=dense.bins, chunk=4096,
+                               progress=False, info={"sparsity": 0.5, "method": "sparsegpt"})
+    assert "changed value (they moved" in viz.caption_pruned(moved, dense)
+    dist = stats.depth_distances(dense)
+    assert "rises with depth" in viz.caption_layers(dense, dist)
+    assert "rises with depth" in viz.caption_depth({"Synthetic": dist})
+    assert viz.caption_components(dense).startswith("In Synthetic, embedding holds the most")
+
+
+def test_claims_are_worded_by_the_data(pair):
+    dense, pruned = pair
+    near = stats.claim_near_zero([dense])
+    frac = stats.summarize(dense)["frac_abs_lt_0.05"]
+    assert ("holds for every model" in near) == (frac > 0.5)
+    assert "does not hold" in near or "holds for every" in near
+    layers = stats.claim_layers([dense], {"Synthetic": stats.depth_distances(dense)})
+    assert "rises with depth" in layers
+    assert "none of them arrives sparsified" in stats.claim_presparsified([dense])
+    pruned.label = "Pruned"
+    try:
+        assert "exact zeros, a sign of sparsification" in stats.claim_presparsified([pruned])
+    finally:
+        pruned.label = "Synthetic"
+    assert "cannot confirm or refute" in stats.claim_presparsified([dense])
