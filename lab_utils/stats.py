@@ -798,30 +798,46 @@ def claim_layers(all_stats, distances: dict) -> str:
             "of the model's, on shared bins. " + ". ".join(parts) + ".")
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+PRESPARSIFIED = 0.01  # exact zeros in >= 1% of the prunable weights: sparsified before release
+
+
 def claim_presparsified(all_stats) -> str:
     """The seed's "billion-parameter models come partly sparsified": what our
-    models can and cannot say about it."""
-    parts, biggest = [], 0
+    models can and cannot say about it. Exact zeros are counted in the
+    prunable weight matrices (what a developer's pruning would zero) and
+    everywhere else (zero-initialized biases, padding rows) separately."""
+    parts, flagged, biggest = [], [], 0
     for ws in all_stats:
-        s = summarize(ws)
         biggest = max(biggest, ws.n)
-        by_group = ws.tensors.groupby("group")["zeros"].sum()
-        where = (f", most of them in {by_group.idxmax()} ({int(by_group.max()):,})"
-                 if s["exact_zeros"] else "")
-        parts.append(f"{ws.label}: {s['exact_zeros']:,} exact zeros = {_pct(s['exact_zero_frac'], 4)} "
-                     f"of {ws.n / 1e6:.1f}M{where}; {s['zero_rows']} all-zero rows")
-    most = max(summarize(ws)["exact_zero_frac"] for ws in all_stats)
-    verdict = ("none of them arrives sparsified: a model pruned by its developers would show its "
-               "sparsity as exact zeros (50% after the 50% pruning below)" if most < 0.01 else
-               f"at least one arrives with {_pct(most)} exact zeros, a sign of sparsification "
-               f"before release")
-    scale = ("These models have at most "
-             f"{biggest / 1e6:.0f}M parameters, so they cannot confirm or refute the claim about "
-             "billion-parameter models; run this notebook with such a model in `models` (a hub id "
-             "or a local folder) to measure it the same way."
+        mp = ws.mask(prunable=True)
+        n_pr = int(ws.tensors.loc[mp, "numel"].sum())
+        z_pr = int(ws.tensors.loc[mp, "zeros"].sum())
+        z_other = int(ws.tensors.loc[~mp, "zeros"].sum())
+        frac = z_pr / n_pr if n_pr else 0.0
+        if frac >= PRESPARSIFIED:
+            flagged.append(f"{ws.label} ({_pct(frac)})")
+        rows = int(ws.tensors["zero_rows"].sum())
+        parts.append(f"{ws.label} ({_count(ws.n)} parameters): {z_pr:,} exact zeros in the prunable "
+                     f"weights = {_pct(frac, 4)}, {z_other:,} elsewhere, {rows} all-zero "
+                     f"row{'s' if rows != 1 else ''}")
+    if flagged:
+        verdict = (f"{', '.join(flagged)} arrive{'s' if len(flagged) == 1 else ''} with at least "
+                   f"{_pct(PRESPARSIFIED, 0)} of the prunable weights exactly zero: a sign of "
+                   f"sparsification before release (or of a quantizer that rounds small weights to 0)")
+    else:
+        verdict = (f"none of them arrives sparsified: every model has fewer than "
+                   f"{_pct(PRESPARSIFIED, 0)} of its prunable weights exactly zero, while pruning "
+                   f"to 50% leaves 50% (next section)")
+    scale = (f"These models have at most {_count(biggest)} parameters, so they cannot confirm or "
+             "refute the claim about billion-parameter models; run this notebook with such a model "
+             "in `models` (a hub id or a local folder) to measure it the same way."
              if biggest < 1e9 else "At least one model measured has a billion parameters or more, "
              "so this measures the claim directly for it.")
-    return (f"**Claim 3, large models come pre-sparsified.** Exact-zero fraction before any pruning: "
+    return (f"**Claim 3, large models come pre-sparsified.** Exact zeros before any pruning: "
             f"{'; '.join(parts)}. So {verdict}. {scale}")
 
 

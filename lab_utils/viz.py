@@ -187,6 +187,7 @@ def _ridge(ax, rows: list[tuple[str, np.ndarray, np.ndarray]], reference=None, r
         return
     palette = sns.color_palette("viridis", len(rows)) if color is None else [color] * len(rows)
     n = len(rows)
+    top = n - 1 + overlap
     for i, (_name, edges, dens) in enumerate(rows):
         base = n - 1 - i
         scale = overlap / (float(np.nanmax(dens)) or 1.0)  # each row to its own peak: shapes compare
@@ -196,14 +197,15 @@ def _ridge(ax, rows: list[tuple[str, np.ndarray, np.ndarray]], reference=None, r
         ax.plot(x, y, color="white", lw=0.6, zorder=2 * i + 1)
         if reference is not None:
             r_edges, r_dens = reference
-            ax.plot(np.repeat(r_edges, 2)[1:-1], base + np.repeat(r_dens, 2) * scale, color="0.15",
-                    lw=0.7, ls=":", zorder=2 * i + 1)
+            r_y = base + np.repeat(r_dens, 2) * scale
+            top = max(top, float(np.nanmax(r_y)))
+            ax.plot(np.repeat(r_edges, 2)[1:-1], r_y, color="0.15", lw=0.7, ls=":", zorder=2 * i + 1)
         if right_labels:
             ax.text(1.01, base + 0.15, right_labels[i], transform=ax.get_yaxis_transform(),
                     fontsize=7.5, va="bottom")
     ax.set_yticks([n - 1 - i for i in range(n)])
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
-    ax.set_ylim(-0.2, n - 1 + overlap * 1.05)
+    ax.set_ylim(-0.2, top + 0.05 * overlap)
     ax.grid(axis="y", visible=False)
 
 
@@ -301,6 +303,7 @@ def depth_figure(per_model: dict, tensor_level: dict | None = None):
         corr = st.depth_correlation(dist).set_index("side")
         if tensor_level and label in tensor_level:
             t = tensor_level[label]
+            t = t[~t["component"].isin(["norm"]) & ~t["name"].str.endswith(".bias")]
             for side, part in t.groupby("side", sort=False):
                 ax.scatter(part["block"], part["ks"], s=9, alpha=0.3, color=colors.get(side, "0.5"),
                            lw=0)
@@ -312,12 +315,13 @@ def depth_figure(per_model: dict, tensor_level: dict | None = None):
             sns.lineplot(x=part["block"].to_numpy(), y=part["ks"].to_numpy(), marker="o", ax=ax,
                          color=colors.get(side, "0.3"), label=lab)
         ax.set_xlabel("block index (0 = nearest the input)")
-        ax.set_ylabel("KS distance to the whole model")
-        ax.set_ylim(bottom=0)
+        ax.set_ylabel("KS distance to the whole model (log)")
+        ax.set_yscale("log")
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=7.5, loc="upper left")
-    fig.suptitle("Distance of each block's weight distribution to the whole model's "
-                 "(Kolmogorov-Smirnov on shared bins; dots: single tensors)", fontsize=10)
+    fig.suptitle("Distance of each block's parameter distribution to the whole model's "
+                 "(Kolmogorov-Smirnov on shared bins; faint dots: the block's weight matrices)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -340,7 +344,7 @@ def _tails(kurtosis: float) -> str:
 def caption_all_params(ws: st.WeightStats) -> str:
     """The sentence under a model's all-parameters figure, from its numbers."""
     s = st.summarize(ws)
-    text = (f"{_pct(s['frac_abs_lt_0.05'])} of {ws.label}'s {ws.n / 1e6:.1f}M parameters lie within "
+    text = (f"{_pct(s['frac_abs_lt_0.05'])} of {ws.label}'s {st._count(ws.n)} parameters lie within "
             f"±0.05 ({_pct(s['frac_abs_lt_0.01'])} within ±0.01, {_pct(s['frac_abs_lt_0.001'])} "
             f"within ±0.001); the median |w| is {s['abs_median']:.3g} and the standard deviation "
             f"{s['std']:.3g}. Excess kurtosis {s['excess_kurtosis']:.3g}: "

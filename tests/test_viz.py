@@ -144,7 +144,7 @@ def test_claims_are_worded_by_the_data(pair):
     assert "none of them arrives sparsified" in stats.claim_presparsified([dense])
     pruned.label = "Pruned"
     try:
-        assert "exact zeros, a sign of sparsification" in stats.claim_presparsified([pruned])
+        assert "prunable weights exactly zero: a sign of sparsification" in stats.claim_presparsified([pruned])
     finally:
         pruned.label = "Synthetic"
     assert "cannot confirm or refute" in stats.claim_presparsified([dense])
