@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
-from lab_utils.concepts import distill, measure, moe, quantize, structured
+from lab_utils.concepts import distill, measure, moe, quantize, sparsification, structured
 from lab_utils.models import count_parameters
 
 IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -157,7 +157,7 @@ def test_quantized_model_runs_with_bounded_errors_and_fewer_bytes(kind, scheme):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_dynamic_int8_runs_with_weights_within_the_bound(kind, tmp_path):
+def test_dynamic_int8_runs_with_weights_within_the_bound(kind, tmp_path, tmp_cache):
     model = build_tiny(kind)
     qmodel, table = quantize.dynamic_int8(model)
     assert (table.max_err_over_bound <= 1 + 1e-4).all() and len(table) > 0
@@ -165,12 +165,11 @@ def test_dynamic_int8_runs_with_weights_within_the_bound(kind, tmp_path):
     assert (out - ref).norm() / ref.norm() < 0.05
     tensors = quantize.quantized_tensors(qmodel)
     assert any(t.dtype == torch.int8 for t in tensors.values())
-    assert measure.save_tensors(tensors, tmp_path / "q.safetensors") < \
-        measure.checkpoint_bytes(model, tmp_path / "dense.safetensors")
+    assert measure.save_tensors(tensors, tmp_path / "q.safetensors") < measure.dense_file_bytes(model)
 
 
 # --------------------------------------------------------------------------- measurements
-def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_path):
+def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_cache):
     model = build_tiny("llama")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     buffers = sum(b.nbytes for b in model.buffers())  # rotary frequencies
@@ -182,8 +181,26 @@ def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_path):
         pl.weight[:, :8] = 0
     counts = measure.count_zeros(model)
     assert counts["prunable_zeros"] == 8 * pl.weight.shape[0]
-    size = measure.checkpoint_bytes(model, tmp_path / "m.safetensors")
+    size = measure.dense_file_bytes(model)  # tied head stored once, the zeros stored like any value
     assert 4 * count_parameters(model) < size < 4 * count_parameters(model) + 20_000
+    assert size == measure.dense_file_bytes(build_tiny("llama"))
+
+
+def test_sparsification_keeps_parameters_and_dense_file_size_and_adds_zeros(tiny_dirs, tmp_cache):
+    from lab_utils.models import load_model
+
+    lm = load_model(str(tiny_dirs["llama"]))
+    sparse, report = sparsification.sparsified(lm, 0.5, progress=False)
+    assert report.actual_sparsity == pytest.approx(0.5, abs=0.01)
+    assert measure.count_zeros(lm.model)["prunable_zeros"] == 0  # the dense model is untouched
+    windows = torch.randint(7, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = sparsification.compare(lm.model, sparse.model, windows, windows[:1], reps=1,
+                                   progress=False).set_index("model")
+    assert table.parameters["dense"] == table.parameters["sparsified"]
+    assert table.dense_file_bytes["dense"] == table.dense_file_bytes["sparsified"]
+    assert table.memory_bytes["dense"] == table.memory_bytes["sparsified"]
+    assert table.prunable_zero_fraction["sparsified"] == pytest.approx(0.5, abs=0.01)
+    assert table.bitmask_file_bytes["sparsified"] < table.bitmask_file_bytes["dense"]
 
 
 # --------------------------------------------------------------------------- distillation
@@ -251,11 +268,18 @@ def test_moefication_with_every_expert_active_reproduces_the_dense_model(kind):
     assert torch.equal(_logits(model), ref)  # restored on exit
 
 
-def test_moe_layer_keeps_exactly_the_top_k_experts_by_activation():
+def test_moe_layer_keeps_exactly_the_top_k_experts_by_output_contribution():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     h = torch.tensor([[1.0, 1.0, 5.0, 0.0, -3.0, 0.0]])
-    layer = moe.MoEOutput(torch.nn.Linear(6, 2, bias=False), labels, 2, "oracle", None, moe.Captured())
+    down = torch.nn.Linear(6, 2, bias=False)
+    with torch.no_grad():
+        down.weight.fill_(1.0)  # equal column norms: the largest |h| sums win
+    layer = moe.MoEOutput(down, labels, 2, "oracle", None, moe.Captured())
     assert layer.expert_mask(h).tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    with torch.no_grad():
+        down.weight[:, :2] = 10.0  # expert 0's neurons write 10x more into the output
+    layer = moe.MoEOutput(down, labels, 2, "oracle", None, moe.Captured())
+    assert layer.expert_mask(h).tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]]
 
 
 def test_balanced_kmeans_gives_equal_experts_and_finds_separated_groups():

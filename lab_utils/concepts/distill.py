@@ -187,3 +187,66 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
         losses.append(loss.item())
     student.eval()
     return losses
+
+
+# --------------------------------------------------------------------------- the demo
+def subset(split, n: int, seed: int = 0):
+    """A seeded random subset of ``n`` rows of a datasets split (all rows if n >= len)."""
+    if n >= len(split):
+        return split
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+    return split.select(idx.tolist())
+
+
+def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int = 2,
+               steps: int = 100, batch_size: int = 32, lr: float = 1e-4,
+               temperature: float = 2.0, alpha: float = 1.0, max_length: int = 64,
+               seed: int = 0, progress: bool = True):
+    """Teacher, untrained truncation, distilled student and label-only student.
+
+    Returns (table, losses): one row per model (layers, parameters, bytes,
+    test accuracy, seconds of training), and the per-step training losses.
+    """
+    import time
+
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    f_train = encode(encoder, tokenizer, train["text"], max_length=max_length, progress=progress)
+    f_test = encode(encoder, tokenizer, test["text"], max_length=max_length, progress=progress)
+    head = fit_logistic_head(f_train, train["label"])
+    with torch.no_grad():
+        teacher_train, teacher_test = head(f_train), head(f_test)
+    teacher_s = time.perf_counter() - t0
+    n_blocks = len(next(iter(transformer_blocks(encoder).values()))[1])
+
+    def size(m):
+        return sum(p.numel() for p in m.parameters())
+
+    teacher = SentenceClassifier(encoder, head)
+    rows = [{"model": "teacher", "layers": n_blocks, "parameters": size(teacher),
+             "accuracy": accuracy(teacher_test, test["label"]), "train_s": teacher_s,
+             "agreement_with_teacher": 1.0}]
+    start = SentenceClassifier(truncate_blocks(encoder, student_layers), copy.deepcopy(head))
+    logits = predict_logits(start, tokenizer, test["text"], max_length=max_length, progress=progress)
+    rows.append({"model": "student, untrained", "layers": student_layers,
+                 "parameters": size(start), "accuracy": accuracy(logits, test["label"]),
+                 "train_s": 0.0, "agreement_with_teacher": float(
+                     (logits.argmax(-1) == teacher_test.argmax(-1)).float().mean())})
+    losses = {}
+    for name, a in (("student, distilled", alpha), ("student, labels only", 0.0)):
+        student = copy.deepcopy(start)
+        t0 = time.perf_counter()
+        losses[name] = train_student(student, tokenizer, train["text"], train["label"],
+                                     teacher_train, steps, batch_size, lr, temperature, a,
+                                     max_length, seed, progress=progress)
+        seconds = time.perf_counter() - t0
+        logits = predict_logits(student, tokenizer, test["text"], max_length=max_length,
+                                progress=progress)
+        rows.append({"model": name, "layers": student_layers, "parameters": size(student),
+                     "accuracy": accuracy(logits, test["label"]), "train_s": seconds,
+                     "agreement_with_teacher": float((logits.argmax(-1) == teacher_test.argmax(-1))
+                                                     .float().mean())})
+    table = pd.DataFrame(rows)
+    table["bytes_fp32"] = 4 * table.parameters
+    return table, pd.DataFrame(losses)

@@ -3,8 +3,9 @@
 Sizes are counted from the tensors a model really holds (quantized weights
 included) and from files really written; times are medians after a warm-up,
 so that one slow repetition on a shared machine does not decide a ratio.
-Perplexity is :func:`lab_utils.evaluation.perplexity.perplexity`; dense and
-sparse checkpoint files are written by :mod:`lab_utils.storage`.
+Perplexity is :func:`lab_utils.evaluation.perplexity.perplexity`; dense
+checkpoints are what ``save_pretrained`` writes, sparse-format files come from
+:mod:`lab_utils.storage`.
 """
 
 from __future__ import annotations
@@ -61,25 +62,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> int:
     return path.stat().st_size
 
 
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's plain tensors, a tied tensor kept once (as save_pretrained does)."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
-def checkpoint_bytes(model: nn.Module, path: str | Path) -> int:
-    """Save the model's tensors as a dense safetensors file; return its size on disk."""
-    return save_tensors(unique_state_dict(model), path)
-
-
 def count_zeros(model: nn.Module) -> dict[str, int]:
     """Parameters and exact zeros, over all parameters and over the prunable weights."""
     total = sum(p.numel() for p in model.parameters())
@@ -104,3 +86,56 @@ def forward_seconds(model: nn.Module, input_ids: torch.Tensor, reps: int = 5, wa
         model(input_ids=input_ids)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor, reps: int = 5,
+                         warmup: int = 1, device: str = "cpu") -> dict[str, float]:
+    """Median forward time of each model, the repetitions interleaved (A B C A B C ...)
+    so that a burst of load on a shared machine hits every model alike."""
+    input_ids = input_ids.to(device)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(warmup):
+                model(input_ids=input_ids)
+        for _ in range(reps):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(input_ids=input_ids)
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def file_bytes(write) -> int:
+    """Size on disk of what ``write(folder)`` writes (every file in it), measured
+    in a scratch folder of the cache that is removed afterwards (model files
+    are hundreds of MB)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="concepts-", dir=io.cache_dir()))
+    try:
+        write(folder)
+        return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def dense_file_bytes(model: nn.Module) -> int:
+    """Bytes of the weights file that ``save_pretrained`` writes: the ordinary
+    dense safetensors checkpoint everyone ships (zeros stored like any value)."""
+    return file_bytes(lambda folder: model.save_pretrained(folder))
+
+
+def sparse_file_bytes(model: nn.Module, format: str = "bitmask") -> int:
+    """Bytes of the model in one of :mod:`lab_utils.storage`'s sparse formats."""
+    from lab_utils import storage
+
+    return file_bytes(lambda folder: storage.save_sparse(model, folder / "model.safetensors", format))
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> float:
+    """The lab's perplexity protocol (:mod:`lab_utils.evaluation.perplexity`)."""
+    from lab_utils.evaluation.perplexity import perplexity as ppl
+
+    return ppl(model, windows, progress=progress)

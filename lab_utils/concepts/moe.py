@@ -9,11 +9,12 @@ similar directions of x land in the same expert.
 Each token then keeps the top-k experts and zeroes the other neurons' h before
 the output projection. Two ways to choose them:
 
-* ``oracle``: the experts with the largest sum of |h_j| over their neurons,
-  computed from the token's true activations (an upper bound for any router:
-  it needs the dense computation it is meant to save);
+* ``oracle``: the experts with the largest sum of |h_j| * ||down[:, j]|| over
+  their neurons (the size of what each neuron adds to the output), computed
+  from the token's true activations: an upper bound for any router, since it
+  needs the dense computation it is meant to save;
 * ``linear``: a linear router, fitted by ridge regression on calibration
-  tokens, that predicts each expert's sum of |h_j| from the MLP input x.
+  tokens, that predicts those expert sums from the MLP input x.
 
 With all K experts active the output equals the dense MLP's (up to float
 rounding: the same products, computed through the same masked path). The
@@ -102,10 +103,22 @@ def split_experts(model: nn.Module, n_experts: int, seed: int = 0,
             for m in tqdm(mlps(model), desc="k-means", leave=False, disable=not progress)]
 
 
-def expert_sums(h: torch.Tensor, labels: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Sum of |h_j| over each expert's neurons: tokens x width -> tokens x K."""
+def expert_sums(h: torch.Tensor, labels: torch.Tensor, n_experts: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of |h_j| * weight_j over each expert's neurons: tokens x width -> tokens x K.
+
+    With ``weight`` = the norms of the output projection's columns, |h_j| *
+    ||down[:, j]|| bounds neuron j's contribution to the MLP output, so the
+    sum says how much output an expert carries for this token.
+    """
     onehot = F.one_hot(labels, n_experts).to(h.dtype)
-    return h.abs() @ onehot
+    a = h.abs() if weight is None else h.abs() * weight.to(h.dtype)
+    return a @ onehot
+
+
+def output_norms(mlp: MLP) -> torch.Tensor:
+    """||down[:, j]||_2 for every neuron j."""
+    return weight_out_in(mlp.output).detach().float().norm(dim=0)
 
 
 # --------------------------------------------------------------------------- routers
@@ -115,6 +128,7 @@ def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windo
     """Per MLP: (inputs x: tokens x d_model, expert sums of |h|: tokens x K) on calibration text."""
     layers = mlps(model)
     K = int(experts[0].max()) + 1
+    norms = [output_norms(m) for m in layers]
     xs = [[] for _ in layers]
     ss = [[] for _ in layers]
 
@@ -126,7 +140,7 @@ def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windo
     def keep_s(i):
         def fn(_m, args):
             h = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-            ss[i].append(expert_sums(h, experts[i], K))
+            ss[i].append(expert_sums(h, experts[i], K, norms[i]))
         return fn
 
     handles = []
@@ -190,6 +204,8 @@ class MoEOutput(nn.Module):
         self.output, self.top_k, self.router = output, top_k, router
         self.n_experts = int(labels.max()) + 1
         self.register_buffer("labels", labels.clone(), persistent=False)
+        self.register_buffer("norms", weight_out_in(output).detach().float().norm(dim=0),
+                             persistent=False)
         self.router_weights = router_weights
         self.captured = captured
         self.x = None  # the MLP input of the current forward, set by a pre-hook
@@ -197,7 +213,7 @@ class MoEOutput(nn.Module):
     def expert_mask(self, h: torch.Tensor) -> torch.Tensor:
         """tokens x width mask of the neurons in each token's top-k experts."""
         if self.router == "oracle":
-            scores = expert_sums(h, self.labels, self.n_experts)
+            scores = expert_sums(h, self.labels, self.n_experts, self.norms)
         else:
             W, b = self.router_weights
             scores = self.x.reshape(-1, W.shape[0]).to(W.dtype) @ W + b
@@ -276,3 +292,71 @@ def active_top_k(fraction: float, n_experts: int) -> int:
         raise MoEError(f"active fraction {fraction!r} x {n_experts} experts is not a whole number "
                        f"of experts in [1, {n_experts}]; use multiples of 1/{n_experts}")
     return int(round(k))
+
+
+# --------------------------------------------------------------------------- the demo
+def fit_routers(model: nn.Module, experts: list[torch.Tensor], calibration: torch.Tensor,
+                ks=(1,), ridge: float = 1e-3, progress: bool = True):
+    """Linear routers fitted on the first 3/4 of the calibration windows, and
+    their top-k recall of the true experts on the held-out last quarter
+    ({k: recall}, empty with a single window)."""
+    n_fit = max(1, (3 * len(calibration)) // 4)
+    fit = calibration_activations(model, experts, calibration[:n_fit], progress=progress)
+    routers = [fit_linear_router(x, s, ridge) for x, s in fit]
+    recalls = {}
+    if n_fit < len(calibration):
+        held = calibration_activations(model, experts, calibration[n_fit:], progress=progress)
+        for k in sorted(set(ks)):
+            recalls[k] = float(np.mean([top_k_recall(x @ W + b, s, k)
+                                        for (x, s), (W, b) in zip(held, routers, strict=True)]))
+    return routers, recalls
+
+
+def mlp_macs_per_token(mlp: MLP) -> int:
+    """Multiply-adds of one dense MLP for one token."""
+    return sum(weight_out_in(m).numel() for m in mlp.inputs) + weight_out_in(mlp.output).numel()
+
+
+def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor, n_experts: int,
+          fractions=(0.125, 0.25, 0.5, 1.0), routers=ROUTERS, dense_ppl: float | None = None,
+          seed: int = 0, progress: bool = True):
+    """Perplexity and captured MLP output vs the fraction of neurons active per token.
+
+    One row per router x active fraction: perplexity, the captured fraction
+    of the MLP output, the MLP multiply-adds a real MoE kernel would run
+    (linear router, router included; the oracle needs the dense MLP to route)
+    and the linear router's held-out recall of the true top-k experts.
+    """
+    import pandas as pd
+
+    from lab_utils.concepts import measure
+
+    ks = [active_top_k(f, n_experts) for f in fractions]
+    experts = split_experts(model, n_experts, seed=seed, progress=progress)
+    layers = mlps(model)
+    mlp_macs = mlp_macs_per_token(layers[0])
+    d_model = weight_out_in(layers[0].inputs[0]).shape[1]
+    fitted, recalls = None, {}
+    if "linear" in routers:
+        fitted, recalls = fit_routers(model, experts, calibration, ks, progress=progress)
+    rows, every = [], None
+    for router in routers:
+        for f, k in zip(fractions, ks, strict=True):
+            if k == n_experts and every is not None:
+                ppl, captured = every  # every expert active: the same model whatever the router
+            else:
+                with moefied(model, experts, k, router, fitted) as captured:
+                    ppl = measure.perplexity(model, windows, progress=progress)
+                if k == n_experts:
+                    every = ppl, captured
+            router_macs = d_model * n_experts if router == "linear" and k < n_experts else 0
+            macs = k / n_experts * mlp_macs + router_macs
+            rows.append({"router": router, "active_fraction": f, "top_k": k, "experts": n_experts,
+                         "perplexity": ppl, "captured": captured.fraction,
+                         "mlp_macs_fraction": macs / mlp_macs if router == "linear" else float("nan"),
+                         "router_recall": recalls.get(k, float("nan")) if router == "linear"
+                         else 1.0})
+    table = pd.DataFrame(rows)
+    if dense_ppl is not None:
+        table["dense_perplexity"] = dense_ppl
+    return table

@@ -259,3 +259,61 @@ def error_summary(table) -> dict:
     return {"rel_error": (table.sq_err.sum() / table.sq_w.sum()) ** 0.5,
             "max_abs_err": table.max_abs_err.max(),
             "max_err_over_bound": table.max_err_over_bound.max()}
+
+
+# --------------------------------------------------------------------------- the demo
+def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, weights) of the quantized layers' integer weights and scales."""
+    nbytes = numel = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            nbytes += sum(b.nbytes for b in m.buffers())
+            numel += m.in_features * m.out_features
+        elif hasattr(m, "_packed_params") and hasattr(m, "weight") and callable(m.weight):
+            qw = m.weight()
+            nbytes += qw.int_repr().nbytes + qw.q_per_channel_scales().float().nbytes \
+                + qw.q_per_channel_zero_points().to(torch.int8).nbytes
+            numel += qw.numel()
+    return nbytes, numel
+
+
+def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
+            group_sizes=(32, 64), dense_ppl: float | None = None, reps: int = 5,
+            progress: bool = True):
+    """fp32, int8 per channel, torch dynamic int8 and 4-bit in groups, side by side.
+
+    One row per scheme: bits per quantized weight, memory, file, relative
+    weight error, the largest error over its analytical bound, forward time
+    and perplexity. Embeddings, norms and the tied head stay fp32 throughout.
+    """
+    import pandas as pd
+
+    from lab_utils.concepts import measure
+
+    variants, errors = {"fp32": model}, {}
+    variants["int8 per channel"], errors["int8 per channel"] = quantize_weights(model, "int8")
+    variants["dynamic int8 (torch)"], errors["dynamic int8 (torch)"] = dynamic_int8(model)
+    for g in group_sizes:
+        name = f"4-bit RTN g{g}"
+        variants[name], errors[name] = quantize_weights(model, "int4", group_size=g)
+    speed = measure.forward_seconds_each(variants, time_ids, reps)
+    n_weights = sum(pl.numel for pl in prunable_layers(model))
+    rows = []
+    for name, m in variants.items():
+        if name == "fp32":
+            qbytes, err = 4 * n_weights, {"rel_error": 0.0, "max_abs_err": 0.0,
+                                          "max_err_over_bound": float("nan")}
+            file = measure.dense_file_bytes(m)
+        else:
+            qbytes, numel = quantized_layer_bytes(m)
+            assert numel == n_weights, f"{name}: {numel} quantized weights, expected {n_weights}"
+            err = error_summary(errors[name])
+            tensors = quantized_tensors(m)
+            file = measure.file_bytes(
+                lambda folder, t=tensors: measure.save_tensors(t, folder / "model.safetensors"))
+        rows.append({"scheme": name, "bits_per_weight": 8 * qbytes / n_weights,
+                     "layer_bytes": qbytes, "memory_bytes": measure.model_bytes(m),
+                     "file_bytes": file, **err, "forward_s": speed[name],
+                     "perplexity": dense_ppl if name == "fp32" and dense_ppl is not None
+                     else measure.perplexity(m, windows, progress=progress)})
+    return pd.DataFrame(rows)

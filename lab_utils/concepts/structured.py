@@ -186,3 +186,36 @@ def prune_neurons_(model: nn.Module, scores: list[torch.Tensor], sparsity_ratio:
             if getattr(config, attr, None) is not None:
                 setattr(config, attr, width)
     return {"removed": removed, "width": width}
+
+
+# --------------------------------------------------------------------------- the demo
+def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
+          time_ids: torch.Tensor, sparsities, dense_ppl: float | None = None, reps: int = 5,
+          progress: bool = True):
+    """Prune copies of ``model`` at each ratio of MLP neurons; one row per model
+    (the dense one first): parameters, MLP width, file, memory, forward time, perplexity."""
+    import copy
+
+    import pandas as pd
+
+    from lab_utils.concepts import measure
+
+    acts = hidden_abs_means(model, calibration, progress=progress)
+    scores = [neuron_scores(a, m.output.weight) for a, m in zip(acts, mlps(model), strict=True)]
+    variants = {"dense": (0.0, model, 0)}
+    for s in sparsities:
+        pruned = copy.deepcopy(model)
+        rep = prune_neurons_(pruned, scores, s)
+        variants[f"{s:g}"] = (s, pruned, rep["removed"])
+    speed = measure.forward_seconds_each({k: v[1] for k, v in variants.items()}, time_ids, reps)
+    rows = []
+    for name, (s, m, removed) in variants.items():
+        rows.append({
+            "neurons_removed": s, "mlp_width": mlps(m)[0].width,
+            "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
+            "file_bytes": measure.dense_file_bytes(m), "memory_bytes": measure.model_bytes(m),
+            "forward_s": speed[name],
+            "perplexity": dense_ppl if s == 0 and dense_ppl is not None
+            else measure.perplexity(m, windows, progress=progress),
+        })
+    return pd.DataFrame(rows)

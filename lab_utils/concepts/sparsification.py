@@ -1,0 +1,49 @@
+"""Sparsification: zeros in tensors that keep their shape.
+
+The pruning itself is the lab's engine (:func:`lab_utils.prune.prune_model`);
+this module only lays the dense and the sparsified model side by side: the
+parameter count, the zeros, the dense file, a sparse-format file, the memory,
+the forward time and the perplexity.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pandas as pd
+import torch
+
+from lab_utils.concepts import measure
+from lab_utils.models import LoadedModel
+
+
+def sparsified(lm: LoadedModel, sparsity_ratio: float, method: str = "magnitude",
+               progress: bool = True):
+    """A pruned copy of ``lm`` (the engine prunes in place) and its PruneReport."""
+    from lab_utils import prune
+
+    copy_lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+    report = prune.prune_model(copy_lm, method, sparsity_ratio, progress=progress)
+    return copy_lm, report
+
+
+def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tensor,
+            time_ids: torch.Tensor, dense_ppl: float | None = None, sparse_format: str = "bitmask",
+            reps: int = 5, progress: bool = True) -> pd.DataFrame:
+    """One row per model: what sparsification changes and what it does not."""
+    speed = measure.forward_seconds_each({"dense": dense, "sparsified": sparse}, time_ids, reps)
+    rows = []
+    for name, model in (("dense", dense), ("sparsified", sparse)):
+        zeros = measure.count_zeros(model)
+        rows.append({
+            "model": name, "parameters": zeros["parameters"], "zeros": zeros["zeros"],
+            "zero_fraction": zeros["zeros"] / zeros["parameters"],
+            "prunable_zero_fraction": zeros["prunable_zeros"] / zeros["prunable"],
+            "dense_file_bytes": measure.dense_file_bytes(model),
+            f"{sparse_format}_file_bytes": measure.sparse_file_bytes(model, sparse_format),
+            "memory_bytes": measure.model_bytes(model), "forward_s": speed[name],
+            "perplexity": dense_ppl if name == "dense" and dense_ppl is not None
+            else measure.perplexity(model, windows, progress=progress),
+        })
+    return pd.DataFrame(rows)
