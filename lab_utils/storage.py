@@ -733,8 +733,8 @@ def size_row(path: str | os.PathLike, value_bits: int | None = None) -> dict:
 # --------------------------------------------------------------------------- sweeps
 # What notebook 03 writes by default: the plain and compressed sparse layouts
 # next to the two usual dense baselines, and int8 to show the two composing.
-SIZE_FORMATS = ("dense", "dense-fp16", "csr", "bitmask", "dense+zstd", "csr+zstd", "bitmask+zstd",
-                "dense-int8", "bitmask-int8", "bitmask-int8+zstd")
+SIZE_FORMATS = ("dense", "dense-fp16", "dense-int8", "csr", "bitmask", "dense+zstd", "bitmask+zstd",
+                "bitmask-int8+zstd")
 
 
 def check_formats(formats: Iterable[str], pattern: str = "unstructured") -> list[str]:
@@ -994,7 +994,8 @@ def size_figure(sizes: pd.DataFrame, label: str, method: str):
     ax1.plot(native.sparsity, floor_file / 2**20, "k:", lw=2.5, label="floor (fp32 values)")
     ax2.plot(native.sparsity, 8 * native.floor_bytes / native.prunable_numel, "k:", lw=2.5,
              label="floor (fp32 values)")
-    int8 = t[t.format == "dense-int8"]
+    int8 = t[t.precision == "int8"]
+    int8 = int8[int8.format == int8.format.iloc[0]] if len(int8) else int8
     if len(int8):
         ax2.plot(int8.sparsity, 8 * int8.floor_bytes / int8.prunable_numel, color="grey", ls=":", lw=2,
                  label="floor (int8 values)")
@@ -1052,7 +1053,7 @@ def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
         mid = b[(b.sparsity >= low) & (b.sparsity <= high)]
         if len(mid):
             lo, hi = mid.floor_ratio.min(), mid.floor_ratio.max()
-            verdict = (f"within {target - 1:.0%} of the floor at every one of them" if hi <= target
+            verdict = (f"at most {target:.2f}x the floor at every one of them" if hi <= target
                        else f"above {target:.2f}x the floor at "
                             + ", ".join(_pct(s) for s in mid[mid.floor_ratio > target].sparsity))
             text.append(f"Between {_pct(low)} and {_pct(high)} sparsity its prunable weights take "
@@ -1063,8 +1064,9 @@ def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
                             "while trained weights use few distinct exponents. Against a floor that "
                             "uses the measured entropy of the sign and exponent bits (mantissas counted "
                             f"as incompressible) the best format is at {ve.min():.2f}x to {ve.max():.2f}x"
-                            + ("; below even that, so the mantissas repeat too, as in weights "
-                               "dequantized from a few levels per block." if ve.min() < 1 else "."))
+                            + ("; below even that, so the mantissa bits are not random either (weights "
+                               "that came from a lower precision, such as fp16 or 4-bit blocks, keep some "
+                               "of them constant)." if ve.min() < 1 else "."))
         if plain is not None:
             p = plain[(plain.label == label) & (plain.method == method)]
             p = p[(p.sparsity >= low) & (p.sparsity <= high)]
