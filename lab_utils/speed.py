@@ -391,7 +391,11 @@ def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer 
         t = t.sort_values("sparsity")
         ax.plot(t.sparsity, t.speedup, marker="o", label=shape)
     ax.axhline(1.0, color="k", lw=1, ls="--")
-    ax.set(xlabel="sparsity", ylabel="speed-up of CSR over dense", yscale="log", title=title)
+    ax.set(xlabel="sparsity", ylabel="speed-up of CSR over dense (log scale)", yscale="log", title=title)
+    lo, hi = min(speed.speedup.min(), 1.0), max(speed.speedup.max(), 1.0)
+    ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8, 16) if lo / 1.3 <= t <= hi * 1.3]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
     ax.legend(title="out x in", fontsize=8)
     fig.tight_layout()
     return fig
