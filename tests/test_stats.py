@@ -89,6 +89,16 @@ def test_counts_and_fractions_equal_brute_force(growing):
     assert s["min"] == x.min() and s["max"] == x.max()
 
 
+def test_moments_of_a_long_chunk_keep_their_digits():
+    g = torch.Generator().manual_seed(1)
+    x = 1.0 + 0.02 * torch.randn(1 << 21, generator=g) ** 3  # off-centre, heavy-tailed
+    m = stats.Moments.of(x)
+    xd = x.double().numpy()
+    assert m.mean == pytest.approx(xd.mean(), rel=1e-7)
+    assert m.std == pytest.approx(xd.std(), rel=1e-5)
+    assert m.kurtosis == pytest.approx(sps.kurtosis(xd), rel=1e-4)
+
+
 def test_streaming_histogram_equals_one_histc_over_everything(growing):
     model, ws = growing
     x = brute(model)
@@ -158,6 +168,16 @@ def test_no_significant_trend_when_std_is_equal():
     assert "no significant trend" in stats.describe_correlation(corr["rho"], corr["p"], corr["n"])
 
 
+def test_spearman_p_is_exact_for_few_blocks():
+    rho, p = stats.spearman([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(2 / 24)  # not significant with 4 blocks
+    rho, p = stats.spearman(range(8), [1, 2, 3, 4, 5, 6, 8, 7])
+    assert p < 0.01
+    big = np.arange(30)
+    rho, p = stats.spearman(big, big[::-1])
+    assert rho == pytest.approx(-1.0) and p < 1e-6
+
+
 def test_falling_trend_is_worded_as_falling():
     assert "falls with depth" in stats.describe_correlation(-0.9, 0.001, 10)
     assert "too few blocks" in stats.describe_correlation(float("nan"), float("nan"), 2)
@@ -175,6 +195,8 @@ def test_reuse_copies_unchanged_tensors_and_remeasures_pruned_ones(growing):
     reused = stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, sample_size=20000,
                                 progress=False, reuse=dense)
     assert np.array_equal(fresh.core_counts, reused.core_counts)
+    assert fresh.info["reused_tensors"] == 0
+    assert reused.info["reused_tensors"] == int((~reused.tensors["prunable"]).sum()) > 0
     assert stats.summarize(fresh) == pytest.approx(stats.summarize(reused), rel=1e-9, nan_ok=True)
     x = brute(pruned)
     assert stats.summarize(reused)["exact_zeros"] == int((x == 0).sum())
