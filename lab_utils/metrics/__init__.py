@@ -1,0 +1,41 @@
+"""Metric modules in the ``evaluate`` format, shipped with the lab.
+
+``evaluate.load("accuracy")`` and every other hub metric fail offline: their
+scripts live on the Hugging Face hub. ``evaluate.load(<folder>)`` loads a
+local module, so the lab carries its own (each ``<name>/<name>.py`` holds one
+``evaluate.Metric``):
+
+* ``accuracy`` and ``f1``: scikit-learn's ``accuracy_score`` / ``f1_score``;
+* ``wer``: jiwer's word alignment (corpus-level word error rate);
+* ``perplexity``: exp of the mean per-token loss, from losses a model produced.
+
+    >>> from lab_utils.metrics import load_metric
+    >>> load_metric("f1").compute(predictions=[1, 0], references=[1, 1])["f1"]
+    0.6666666666666666
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRICS_DIR = Path(__file__).resolve().parent
+METRICS = ("accuracy", "f1", "wer", "perplexity")
+
+
+def metric_path(name: str) -> Path:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; the lab ships {', '.join(METRICS)} "
+                         f"(hub metrics do not load offline)")
+    return METRICS_DIR / name
+
+
+def load_metric(name: str, **kwargs):
+    """The ``evaluate`` module of a shipped metric, loaded by path.
+
+    ``keep_in_memory=True`` by default: the inputs stay in memory instead of an
+    Arrow file under ``~/.cache/huggingface`` (one small evaluation at a time).
+    """
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(str(metric_path(name)), **kwargs)

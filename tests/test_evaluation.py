@@ -1,0 +1,304 @@
+"""Benchmarks of lab_utils.evaluation (sentiment, asr, denoising, benchmarks,
+summary) on tiny models, hand-made features, and one real Whisper check."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lab_utils import io, models, prune
+from lab_utils.evaluation import asr, benchmarks, denoising, sentiment, summary
+
+
+@pytest.fixture()
+def eval_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache for evaluations and checkpoints that still sees the
+    downloaded corpus, the converted models and the synthesized speech."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real = io.cache_dir()
+    for sub in ("data", "models", "speech"):
+        (real / sub).mkdir(parents=True, exist_ok=True)
+        (cache / sub).symlink_to(real / sub, target_is_directory=True)
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
+def _tokenizer():
+    from tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------- probe
+def test_probe_on_separable_features_reaches_full_accuracy():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    X = rng.normal(size=(400, 16))
+    y = (X @ direction > 0).astype(int)
+    X += np.outer(2 * y - 1, direction) * 1.0  # a margin of 2 between the classes
+    head = sentiment.train_probe(X[:300], y[:300])
+    assert head["train_accuracy"] == 1.0
+    out = sentiment.probe_scores(head, X[300:], y[300:], X_dense=X[300:])
+    assert out["accuracy"] == 1.0 and out["f1"] == 1.0 and out["fidelity"] == pytest.approx(1.0)
+    # the cached head is plain JSON and predicts the same after a round trip
+    again = json.loads(json.dumps(head))
+    assert (sentiment.probe_predict(again, X[300:]) == y[300:]).all()
+
+
+def test_probe_on_random_labels_is_near_chance():
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(2000, 8)), rng.integers(0, 2, 2000)
+    head = sentiment.train_probe(X[:1000], y[:1000])
+    acc = sentiment.probe_scores(head, X[1000:], y[1000:])["accuracy"]
+    assert 0.42 < acc < 0.58
+
+
+def test_probe_refuses_features_of_another_width_and_a_single_class():
+    head = sentiment.train_probe(np.eye(4), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="width 3"):
+        sentiment.probe_predict(head, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="two classes"):
+        sentiment.train_probe(np.eye(3), [1, 1, 1])
+
+
+def test_cosine_fidelity_known_values():
+    X = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    assert sentiment.cosine_fidelity(X, X) == pytest.approx(1.0)
+    assert sentiment.cosine_fidelity(-X, X) == pytest.approx(-1.0)
+    assert sentiment.cosine_fidelity(X[:, ::-1], X) == pytest.approx((0 + 0 + 1) / 3)
+    assert sentiment.cosine_fidelity(np.zeros_like(X), X) == 0.0  # a dead encoder scores 0
+
+
+def test_mean_pooling_ignores_padding(tiny_dirs):
+    lm = models.load_model(str(tiny_dirs["bert"]))
+    short, long = "good movie", "the plot of this long film was very bad and the acting was bad"
+    alone = sentiment.mean_pooled(lm.model, lm.tokenizer, [short], progress=False)
+    batched = sentiment.mean_pooled(lm.model, lm.tokenizer, [long, short], progress=False)
+    np.testing.assert_allclose(alone[0], batched[1], atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])
+
+
+# --------------------------------------------------------------------------- zero-shot
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_answer_logprobs_match_a_direct_forward(tiny_dirs, kind):
+    lm = models.load_model(str(tiny_dirs[kind]))
+    texts = ["good movie", "the plot was long and bad"]
+    prompt = "{text} . it was"
+    for answers in ((" bad", " good"), (" very bad", " very good")):  # one token / two tokens each
+        got = sentiment.answer_logprobs(lm.model, lm.tokenizer, texts, prompt, answers, progress=False)
+        for i, t in enumerate(texts):
+            p = lm.tokenizer(prompt.format(text=t))["input_ids"]
+            for k, a in enumerate(answers):
+                ids = lm.tokenizer(a, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logp = torch.log_softmax(lm.model(torch.tensor([p + ids])).logits[0], -1)
+                want = sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(ids))
+                assert got[i, k] == pytest.approx(want, abs=1e-4)
+
+
+def test_zero_shot_sentiment_reports_prompt_and_scores(tiny_dirs):
+    lm = models.load_model(str(tiny_dirs["llama"]))
+    texts, labels = ["good movie", "bad movie", "great film", "bad plot"], [1, 0, 1, 0]
+    out = sentiment.zero_shot_sentiment(lm.model, lm.tokenizer, texts, labels, progress=False)
+    assert out["prompt"] == sentiment.PROMPT and out["answers"] == list(sentiment.ANSWERS)
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["n"] == 4
+    # all four are predicted the same way or not: accuracy and the positive share agree
+    pred_pos = out["predicted_positive"]
+    if pred_pos in (0.0, 1.0):
+        assert out["accuracy"] == 0.5
+
+
+# --------------------------------------------------------------------------- speech
+def test_normalizer_applies_the_same_rules_to_both_sides():
+    ref = "It's mainly a holiday celebration - toys for Mr. Smith!"
+    hyp = "it is mainly a holiday celebration, toys for mister smith"
+    assert asr.normalize(ref) == asr.normalize(hyp)
+    assert asr.wer([ref], [hyp])["wer"] == 0.0
+    assert asr.wer([ref], ["it is mainly a holiday"])["deletions"] == 5
+
+
+def test_whisper_wer_path_on_the_tiny_model(tiny_dirs):
+    lm = models.load_model(str(tiny_dirs["whisper"]))
+    assert asr.decoder_prompt(lm.tokenizer, lm.model.config) == [lm.model.config.decoder_start_token_id]
+    out = asr.wer_benchmark(lm, n_utterances=2, max_new_tokens=8, progress=False)
+    assert out["n"] == 2 and out["reference_words"] > 0
+    assert 0.0 <= out["wer"] < math.inf
+
+
+@pytest.mark.slow
+def test_real_whisper_transcribes_a_synthesized_sentence():
+    from lab_utils import data
+
+    lm = models.load_model("whisper-tiny-en")
+    assert asr.decoder_prompt(lm.tokenizer, lm.model.config) == [50257, 50362]
+    text = "The government will publish the new budget next week."
+    hyp = asr.transcribe(lm.model, lm.feature_extractor, lm.tokenizer, data.speech([text], progress=False),
+                         progress=False)
+    assert asr.wer([text], hyp)["wer"] < 0.5, hyp
+
+
+# --------------------------------------------------------------------------- denoising
+def test_text_infilling_masks_thirty_percent_in_poisson_spans():
+    ids = list(range(100, 200))
+    rng = np.random.default_rng(3)
+    out, masked = denoising.text_infilling(ids, mask_id=4, rng=rng)
+    assert masked.sum() == 30
+    runs = int(masked[0]) + int(np.sum(masked[1:] & ~masked[:-1]))
+    inserted = out.count(4) - runs  # zero-length spans add a mask without removing anything
+    assert inserted >= 0
+    assert len(out) == len(ids) - 30 + runs + inserted
+    kept = [t for t in out if t != 4]
+    assert kept == [t for t, m in zip(ids, masked, strict=True) if not m]
+    again, _ = denoising.text_infilling(ids, 4, rng=np.random.default_rng(3))
+    assert again == out  # the same corruption for every model
+
+
+def test_denoising_on_the_tiny_bart(tiny_dirs):
+    from tiny_models import WORDS
+
+    lm = models.load_model(str(tiny_dirs["bart"]))
+    sents = [" ".join(WORDS[i:i + 12]) for i in range(0, 40, 5)]
+    out = denoising.denoising(lm.model, lm.tokenizer, sents, progress=False)
+    assert out["tokens"] == sum(len(lm.tokenizer(s)["input_ids"]) for s in sents)
+    assert out["masked_tokens"] == sum(round(0.3 * len(lm.tokenizer(s, add_special_tokens=False)["input_ids"]))
+                                       for s in sents)
+    # a random tiny model is near uniform over its 64-word vocabulary
+    assert 10 < out["perplexity"] < 300 and 10 < out["infill_perplexity"] < 300
+    assert denoising.split_sentences(" = Title = \nOne two three four five six seven eight. "
+                                     "Nine ten eleven twelve thirteen fourteen fifteen sixteen.")[1] \
+        .startswith("Nine")
+
+
+# --------------------------------------------------------------------------- runner
+def test_settings_put_dense_first_and_nm_at_its_own_sparsity():
+    s = benchmarks.settings(["magnitude", "wanda"], ["unstructured", "2:4"], [0.7, 0.5])
+    assert s[0] == benchmarks.Setting("dense", "unstructured", 0.0)
+    assert len(s) == 1 + 2 * 2 + 2
+    assert {x.sparsity for x in s if x.pattern == "2:4"} == {0.5}
+    assert [x.sparsity for x in s if x.method == "wanda" and x.pattern == "unstructured"] == [0.5, 0.7]
+
+
+@pytest.mark.parametrize("kind,method,seqlen", [("llama", "magnitude", 16), ("llama", "wanda", 16),
+                                                ("llama", "wanda", None), ("whisper", "wanda", 16)])
+def test_checkpoint_key_matches_the_pruning_engine(tiny_dirs, eval_cache, kind, method, seqlen):
+    name = str(tiny_dirs[kind])
+    spec = models.resolve(name)
+    for setting in (benchmarks.Setting("dense", "unstructured", 0.0),
+                    benchmarks.Setting(method, "unstructured", 0.5)):
+        m = "magnitude" if setting.is_dense else setting.method
+        _, report = prune.pruned_model(name, m, setting.sparsity, nsamples=2, seqlen=seqlen, seed=0,
+                                       progress=False)
+        assert benchmarks.checkpoint_key(spec, setting, 2, seqlen, 0) == report.key
+
+
+SMALL = benchmarks.BenchParams(ppl_windows=2, ppl_seqlen=16, sentiment_examples=8, probe_train_examples=40,
+                               probe_test_examples=12, wer_utterances=2, denoise_sentences=4)
+
+
+def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny_dirs, eval_cache,
+                                                                             monkeypatch):
+    names = [str(tiny_dirs[k]) for k in ("llama", "bert", "bart")]
+    cfg = benchmarks.SweepConfig(nsamples=2, seqlen=16, bench=SMALL, size_formats=("dense", "bitmask+zstd"))
+    df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
+                                           cfg, progress=False)
+    per_model = {"decoder-only": 3, "encoder-only": 3, "encoder-decoder": 2}  # metrics per setting
+    n_settings = 1 + 2 * 3
+    for name in names:
+        g = df[df.model == name]
+        assert len(g) == n_settings * per_model[g.family.iloc[0]]
+        assert g.iloc[0].method == "dense" and g.index[0] == df.index[df.model == name][0]
+        assert set(zip(g.method, g.pattern, g.requested_sparsity, strict=True)) == {
+            (s.method, s.pattern, s.sparsity) for s in benchmarks.settings(["magnitude", "wanda"],
+                                                                          ["unstructured", "2:4"], [0.5, 0.7])}
+    assert (df[df.method == "dense"].relative_change.dropna() == 0).all()
+    sparse = df[df.method != "dense"]
+    assert np.allclose(sparse.actual_sparsity, sparse.requested_sparsity, atol=0.02)
+    assert len(sizes) == n_settings * len(names)
+    assert (sizes[sizes.requested_sparsity > 0].file_bytes < sizes[sizes.requested_sparsity > 0].dense_file_bytes).all()
+    path = benchmarks.write_csv(df)
+    assert pd.read_csv(path).shape == df.shape
+
+    def no_loading(*a, **k):
+        raise AssertionError("a cached rerun must not load or prune a model")
+
+    monkeypatch.setattr(prune, "pruned_model", no_loading)
+    df2, sizes2 = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
+                                             cfg, progress=False)
+    pd.testing.assert_frame_equal(df, df2)
+    pd.testing.assert_frame_equal(sizes, sizes2)
+
+
+def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, monkeypatch):
+    calls = []
+    real = sentiment.train_probe
+    monkeypatch.setattr(sentiment, "train_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = benchmarks.SweepConfig(nsamples=2, seqlen=16, bench=SMALL)
+    df, _ = benchmarks.benchmark_table([str(tiny_dirs["bert"])], ["magnitude"], ["unstructured"], [0.3, 0.6],
+                                       cfg, progress=False)
+    assert len(calls) == 1
+    fid = df[df.metric == "embedding fidelity"].set_index("requested_sparsity").value
+    assert fid[0.0] == pytest.approx(1.0) and fid[0.6] < 1.0
+
+
+# --------------------------------------------------------------------------- summary
+def _table(values: dict) -> pd.DataFrame:
+    """A hand-made tidy table: {(method, pattern, sparsity): perplexity}."""
+    rows = [{"model": "m", "label": "M", "family": "decoder-only", "method": meth, "pattern": pat,
+             "requested_sparsity": sp, "actual_sparsity": sp, "benchmark": "perplexity",
+             "metric": "perplexity", "value": v, "seconds": 0.0, "prune_seconds": 0.0, "key": "k"}
+            for (meth, pat, sp), v in values.items()]
+    return benchmarks.add_dense(pd.DataFrame(rows))
+
+
+def test_reach_and_paragraph_follow_the_numbers():
+    base = {("dense", "unstructured", 0.0): 10.0, ("magnitude", "unstructured", 0.3): 10.5,
+            ("magnitude", "unstructured", 0.5): 14.0, ("wanda", "unstructured", 0.3): 10.2,
+            ("wanda", "unstructured", 0.5): 10.9, ("magnitude", "2:4", 0.5): 30.0, ("wanda", "2:4", 0.5): 20.0}
+    reach = summary.reach_table(_table(base)).set_index("method")
+    assert reach.loc["magnitude", "max_sparsity_within"] == 0.3  # 14.0 is 40% above dense
+    assert reach.loc["wanda", "max_sparsity_within"] == 0.5  # 10.9 is within 10%
+    text = summary.family_paragraph(_table(base), "decoder-only")
+    assert "magnitude up to 30%" in text and "wanda up to 50%" in text
+    assert "at 50% unstructured, wanda" in text and "at 2:4, wanda" in text
+    flipped = dict(base)
+    flipped[("magnitude", "2:4", 0.5)] = 15.0
+    flipped[("wanda", "unstructured", 0.3)] = 12.0
+    text = summary.family_paragraph(_table(flipped), "decoder-only")
+    assert "at 2:4, magnitude" in text and "wanda up to 0%" not in text and "wanda up to 50%" in text
+    flipped[("wanda", "unstructured", 0.5)] = 11.5
+    assert "wanda at none" in summary.family_paragraph(_table(flipped), "decoder-only")
+
+
+def test_figures_are_written_deterministically(tmp_output):
+    base = {("dense", "unstructured", 0.0): 10.0, ("magnitude", "unstructured", 0.5): 14.0,
+            ("wanda", "unstructured", 0.5): 11.0, ("wanda", "2:4", 0.5): 20.0}
+    df = _table(base)
+    a = summary.metric_figure(df, "m").read_bytes()
+    b = summary.metric_figure(df, "m").read_bytes()
+    assert a == b and a[:4] == b"\x89PNG"
+    sizes = df[df.metric == "perplexity"][["model", "method", "pattern", "requested_sparsity"]].assign(
+        format="bitmask+zstd", file_bytes=[100, 60, 61, 59])
+    assert summary.size_figure(df, sizes, "m").is_file()
+
+
+# --------------------------------------------------------------------------- notebook 04 (smoke run)
+def test_smoke_run_writes_a_row_for_every_requested_setting(smoke_report):
+    out, proc = smoke_report
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = yaml.safe_load(open("params/smoke.yaml"))
+    p = {**{k: v for k, v in data.items() if k != "notebooks"}, **data["notebooks"]["04_benchmarks"]}
+    df = pd.read_csv(out / "results" / "benchmarks.csv")
+    want = benchmarks.settings(p["methods"], p["patterns"], p["sparsities"])
+    for model in p["models"]:
+        g = df[df.model == model]
+        assert g.iloc[0].method == "dense"
+        got = set(zip(g.method, g.pattern, g.requested_sparsity.round(6), strict=True))
+        assert got == {(s.method, s.pattern, round(s.sparsity, 6)) for s in want}
+        assert g.value.notna().all()
