@@ -9,7 +9,7 @@ from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
 from lab_utils.concepts import distill, measure, moe, quantize, sparsification, structured
-from lab_utils.models import count_parameters
+from lab_utils.models import count_parameters, prunable_layers, weight_out_in
 
 IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -63,16 +63,18 @@ def test_kept_neurons_are_the_highest_scored_and_their_weights_are_unchanged():
     assert torch.equal(mlp.output.weight, W_down[:, keep])
 
 
-def test_removing_neurons_that_never_fire_leaves_the_output_unchanged():
-    model = build_tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_removing_neurons_that_never_fire_leaves_the_output_unchanged(kind):
+    model = build_tiny(kind)
     mlp = structured.mlps(model)[0]
     with torch.no_grad():
-        mlp.output.weight[:, :16] = 0  # neurons 0..15 contribute nothing
+        weight_out_in(mlp.output)[:, :16] = 0  # neurons 0..15 contribute nothing
     ref = _logits(model)
-    acts = structured.hidden_abs_means(model, IDS, progress=False)
-    scores = [structured.neuron_scores(a, m.output.weight) for a, m in zip(acts, structured.mlps(model), strict=True)]
-    assert (scores[0][:16] == 0).all()
-    structured.remove_neurons_(mlp, structured.keep_indices(scores[0], 0.25))
+    scores = structured.calibrated_scores(model, IDS, progress=False)
+    assert len(scores) == 2 and scores[0].shape == (mlp.width,)
+    assert (scores[0][:16] == 0).all() and (scores[0][16:] > 0).all()
+    structured.remove_neurons_(mlp, structured.keep_indices(scores[0], 16 / mlp.width))
+    assert mlp.width in (48, 112)
     assert torch.allclose(_logits(model), ref, atol=1e-5)
 
 
@@ -319,3 +321,42 @@ def test_moefied_model_has_the_same_parameters():
         assert sum(p.numel() for p in model.parameters()) == count_parameters(model)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_levels_per_block_detects_a_4bit_grid():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64), generator=g, dtype=torch.uint8)
+    W = quantize.dequant_int4(codes, torch.full((8, 2), 0.01).half(), torch.full((8, 2), -0.08).half())
+    model = build_tiny("llama")
+    with torch.no_grad():
+        for pl in structured.mlps(model):
+            weight_out_in(pl.output).normal_()
+    assert quantize.levels_per_block(model, 32)["fraction_on_4bit_grid"] < 1
+    for pl in prunable_layers(model):
+        W_l = pl.weight
+        with torch.no_grad():
+            W_l.copy_(W.repeat(W_l.shape[0] // 8 + 1, W_l.shape[1] // 64 + 1)[: W_l.shape[0], : W_l.shape[1]])
+    levels = quantize.levels_per_block(model, 32)
+    assert levels["fraction_on_4bit_grid"] == 1 and levels["max_levels"] <= 16
+
+
+# --------------------------------------------------------------------------- generated prose
+def test_prose_flips_with_the_data():
+    import pandas as pd
+
+    from lab_utils.concepts import prose
+
+    def table(distilled, labels_only):
+        rows = [("teacher", 6, 0.8), ("student, untrained", 2, 0.6),
+                ("student, distilled", 2, distilled), ("student, labels only", 2, labels_only)]
+        return pd.DataFrame([{"model": m, "layers": n, "parameters": 100 * n, "accuracy": a,
+                              "agreement_with_teacher": 0.9, "forward_s": 1.0 / n,
+                              "forward_cpu_s": 1.0 / n} for m, n, a in rows])
+
+    assert "distilled student beats" in prose.distillation(table(0.80, 0.70), 1000, 2.0, 1.0, 10, 0)
+    assert "label-only student beats" in prose.distillation(table(0.70, 0.80), 1000, 2.0, 1.0, 10, 0)
+    assert "within two standard errors" in prose.distillation(table(0.75, 0.751), 1000, 2.0, 1.0, 10, 0)
+    fast = pd.Series({"forward_s": 1.0, "forward_cpu_s": 1.0})
+    slow = pd.Series({"forward_s": 2.0, "forward_cpu_s": 2.0})
+    assert prose._faster(fast, slow).startswith("2.00x faster")
+    assert prose._faster(slow, fast).startswith("2.00x slower")

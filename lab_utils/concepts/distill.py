@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lab_utils.concepts import measure
 from lab_utils.models import transformer_blocks
 
 
@@ -249,4 +250,12 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
                                                      .float().mean())})
     table = pd.DataFrame(rows)
     table["bytes_fp32"] = 4 * table.parameters
+    enc = tokenizer(list(test["text"][:64]), padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    teacher.eval()
+    start.eval()
+    speed = measure.time_each({m: (lambda c=c: c(enc["input_ids"], enc["attention_mask"]))
+                               for m, c in (("teacher", teacher), ("student", start))}, reps=3)
+    for col in ("forward_s", "forward_cpu_s"):
+        table[col] = [speed["teacher"][col]] + [speed["student"][col]] * (len(table) - 1)
     return table, pd.DataFrame(losses)

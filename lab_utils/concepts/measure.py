@@ -21,35 +21,33 @@ from lab_utils import io
 from lab_utils.models import prunable_layers
 
 
-def _tensor_nbytes(t) -> tuple[int, int]:
-    """(storage key, bytes) of a tensor; a quantized tensor counts its integer
-    values plus its scales and zero points (what it really keeps)."""
-    if t.is_quantized:
-        n = t.int_repr().nbytes
-        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            n += t.q_per_channel_scales().nbytes + t.q_per_channel_zero_points().nbytes
-        else:
-            n += 8 + 8  # one float64 scale, one int64 zero point
-        return id(t), n
-    return t.untyped_storage().data_ptr(), t.nbytes
+def _quantized_nbytes(t: torch.Tensor) -> int:
+    """A quantized tensor's integer values plus its scales and zero points."""
+    n = t.int_repr().nbytes
+    if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        n += t.q_per_channel_scales().nbytes + t.q_per_channel_zero_points().nbytes
+    else:
+        n += 8 + 8  # one float64 scale, one int64 zero point
+    return n
 
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter, buffer and packed (dynamic-quantized) weight,
     counting a tensor shared by two modules (tied embeddings) once."""
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
     seen: dict[int, int] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        key, n = _tensor_nbytes(t.data)
+        t = t.data
+        n = _quantized_nbytes(t) if t.is_quantized else t.nbytes
+        key = t.untyped_storage().data_ptr()
         seen[key] = max(seen.get(key, 0), n)
+    packed = 0
     for m in model.modules():
-        packed = getattr(m, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            weight, bias = packed._weight_bias()
-            for t in (weight, bias):
-                if t is not None:
-                    key, n = _tensor_nbytes(t)
-                    seen[key] = n
-    return sum(seen.values())
+        if isinstance(m, LinearPackedParams):  # int8 weights packed for the kernel: never shared
+            weight, bias = m._weight_bias()
+            packed += _quantized_nbytes(weight) + (bias.nbytes if bias is not None else 0)
+    return sum(seen.values()) + packed
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> int:
@@ -73,37 +71,34 @@ def count_zeros(model: nn.Module) -> dict[str, int]:
             "prunable_zeros": prunable_zeros}
 
 
-@torch.no_grad()
-def forward_seconds(model: nn.Module, input_ids: torch.Tensor, reps: int = 5, warmup: int = 1,
-                    device: str = "cpu") -> float:
-    """Median wall time of one forward pass over ``input_ids`` (batch x seqlen)."""
-    input_ids = input_ids.to(device)
-    for _ in range(warmup):
-        model(input_ids=input_ids)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(input_ids=input_ids)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_each(calls: dict, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each zero-argument call, the repetitions
+    interleaved (A B C A B C ...) so that a burst of load on a shared machine
+    hits every candidate alike. CPU time (all threads of this process) does
+    not count the time other processes hold the cores, so it is the steadier
+    of the two on a busy machine."""
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    with torch.no_grad():
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        for _ in range(reps):
+            for name, call in calls.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                call()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {k: {"forward_s": statistics.median(wall[k]), "forward_cpu_s": statistics.median(cpu[k])}
+            for k in calls}
 
 
 def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor, reps: int = 5,
-                         warmup: int = 1, device: str = "cpu") -> dict[str, float]:
-    """Median forward time of each model, the repetitions interleaved (A B C A B C ...)
-    so that a burst of load on a shared machine hits every model alike."""
+                         warmup: int = 1, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """:func:`time_each` of one forward pass of every model over ``input_ids``."""
     input_ids = input_ids.to(device)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(warmup):
-                model(input_ids=input_ids)
-        for _ in range(reps):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(input_ids=input_ids)
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return time_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()},
+                     reps, warmup)
 
 
 def file_bytes(write) -> int:
@@ -139,3 +134,41 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -
     from lab_utils.evaluation.perplexity import perplexity as ppl
 
     return ppl(model, windows, progress=progress)
+
+
+class Stopwatch:
+    """Wall and CPU seconds of a block (CPU time counts every thread of this
+    process, so CPU / threads estimates the wall time on an idle machine)."""
+
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.load0 = _load_average()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+        self.load = max(self.load0, _load_average())
+        return False
+
+    def row(self, demo: str) -> dict:
+        return {"demo": demo, "wall_s": self.wall, "cpu_s": self.cpu,
+                "threads": torch.get_num_threads(), "load_average": self.load}
+
+
+def _load_average() -> float:
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def timing_table(rows: list[dict]):
+    """The demos' Stopwatch rows as a table, with CPU time / threads (the idle-machine estimate)."""
+    import pandas as pd
+
+    t = pd.DataFrame(rows)
+    t["cpu_s_per_thread"] = t.cpu_s / t.threads
+    return t

@@ -262,6 +262,23 @@ def error_summary(table) -> dict:
 
 
 # --------------------------------------------------------------------------- the demo
+def levels_per_block(model: nn.Module, group_size: int = 32) -> dict:
+    """How many distinct values each block of ``group_size`` consecutive weights
+    of a row holds, over the prunable layers. A model stored in a 4-bit block
+    format (such as llama.cpp's Q4_1) has at most 16 in every block."""
+    worst, on_grid, blocks = 0, 0, 0
+    for pl in prunable_layers(model):
+        W = pl.weight
+        if W.shape[1] % group_size:
+            continue
+        B = W.reshape(-1, group_size).sort(dim=1).values
+        levels = 1 + (B[:, 1:] != B[:, :-1]).sum(dim=1)
+        worst = max(worst, int(levels.max()))
+        on_grid += int((levels <= INT4_LEVELS + 1).sum())
+        blocks += levels.numel()
+    return {"group_size": group_size, "max_levels": worst,
+            "fraction_on_4bit_grid": on_grid / blocks if blocks else float("nan")}
+
 def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes, weights) of the quantized layers' integer weights and scales."""
     nbytes = numel = 0
@@ -313,7 +330,7 @@ def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
                 lambda folder, t=tensors: measure.save_tensors(t, folder / "model.safetensors"))
         rows.append({"scheme": name, "bits_per_weight": 8 * qbytes / n_weights,
                      "layer_bytes": qbytes, "memory_bytes": measure.model_bytes(m),
-                     "file_bytes": file, **err, "forward_s": speed[name],
+                     "file_bytes": file, **err, **speed[name],
                      "perplexity": dense_ppl if name == "fp32" and dense_ppl is not None
                      else measure.perplexity(m, windows, progress=progress)})
     return pd.DataFrame(rows)

@@ -19,12 +19,15 @@ from lab_utils.models import LoadedModel
 
 
 def sparsified(lm: LoadedModel, sparsity_ratio: float, method: str = "magnitude",
-               progress: bool = True):
-    """A pruned copy of ``lm`` (the engine prunes in place) and its PruneReport."""
+               progress: bool = True, **prune_kw):
+    """A pruned copy of ``lm`` (the engine prunes in place) and its PruneReport.
+
+    ``prune_kw`` go to :func:`lab_utils.prune.prune_model` (nsamples, seqlen,
+    seed for the calibrated methods)."""
     from lab_utils import prune
 
     copy_lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-    report = prune.prune_model(copy_lm, method, sparsity_ratio, progress=progress)
+    report = prune.prune_model(copy_lm, method, sparsity_ratio, progress=progress, **prune_kw)
     return copy_lm, report
 
 
@@ -42,7 +45,7 @@ def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tens
             "prunable_zero_fraction": zeros["prunable_zeros"] / zeros["prunable"],
             "dense_file_bytes": measure.dense_file_bytes(model),
             f"{sparse_format}_file_bytes": measure.sparse_file_bytes(model, sparse_format),
-            "memory_bytes": measure.model_bytes(model), "forward_s": speed[name],
+            "memory_bytes": measure.model_bytes(model), **speed[name],
             "perplexity": dense_ppl if name == "dense" and dense_ppl is not None
             else measure.perplexity(model, windows, progress=progress),
         })

@@ -108,6 +108,13 @@ def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 
     return [(x / max(count[0], 1)).float() for x in sums]
 
 
+def calibrated_scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
+                      device: str = "cpu", progress: bool = True) -> list[torch.Tensor]:
+    """The score of every neuron of every MLP, from activations on ``calibration``."""
+    acts = hidden_abs_means(model, calibration, batch_size, device, progress)
+    return [neuron_scores(a, weight_out_in(m.output)) for a, m in zip(acts, mlps(model), strict=True)]
+
+
 def keep_indices(scores: torch.Tensor, sparsity_ratio: float) -> torch.Tensor:
     """Indices of the neurons to keep (the highest-scored), in their original order."""
     n = scores.numel()
@@ -200,8 +207,7 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
 
     from lab_utils.concepts import measure
 
-    acts = hidden_abs_means(model, calibration, progress=progress)
-    scores = [neuron_scores(a, m.output.weight) for a, m in zip(acts, mlps(model), strict=True)]
+    scores = calibrated_scores(model, calibration, progress=progress)
     variants = {"dense": (0.0, model, 0)}
     for s in sparsities:
         pruned = copy.deepcopy(model)
@@ -214,7 +220,7 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
             "neurons_removed": s, "mlp_width": mlps(m)[0].width,
             "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
             "file_bytes": measure.dense_file_bytes(m), "memory_bytes": measure.model_bytes(m),
-            "forward_s": speed[name],
+            **speed[name],
             "perplexity": dense_ppl if s == 0 and dense_ppl is not None
             else measure.perplexity(m, windows, progress=progress),
         })
