@@ -518,7 +518,7 @@ def sparsity_table(model: nn.Module) -> list[dict]:
         W = pl.weight
         rows.append({"name": pl.name, "side": pl.side, "block": pl.block,
                      "component": pl.component, "numel": W.numel(),
-                     "zeros": int((W == 0).sum()), "sparsity": sparsify.sparsity(W)})
+                     "zeros": W.numel() - int(torch.count_nonzero(W)), "sparsity": sparsify.sparsity(W)})
     return rows
 
 
@@ -534,7 +534,10 @@ def fill_report(report: PruneReport, model: nn.Module, targets: dict[str, float]
     report.actual_sparsity = zeros / max(1, report.prunable_params)
     params = list(model.parameters())  # tied tensors once
     report.total_params = sum(p.numel() for p in params)
-    report.actual_sparsity_total = sum(int((p == 0).sum()) for p in params) / max(1, report.total_params)
+    # numel - count_nonzero, not (p == 0).sum(): summing a bool tensor materializes it as
+    # int64 (2x a float32 embedding's bytes at once) and is ~7x slower on CPU
+    zeros_total = sum(p.numel() - int(torch.count_nonzero(p)) for p in params)
+    report.actual_sparsity_total = zeros_total / max(1, report.total_params)
     prune_n, prune_m = sparsify.parse_pattern(report.pattern)
     if prune_n:
         report.nm_violations = sum(sparsify.nm_violations(pl.weight, prune_n, prune_m)
