@@ -679,15 +679,20 @@ def depth_correlation(distances: pd.DataFrame) -> pd.DataFrame:
 
 
 def describe_correlation(rho: float, p: float, n: int, alpha: float = ALPHA) -> str:
-    """Words for a depth correlation, chosen by the numbers."""
+    """Words for a depth correlation, chosen by the numbers: a trend only when
+    significant; a strong rank correlation on too few blocks says so."""
     if math.isnan(rho) or math.isnan(p):
         return f"there are too few blocks ({n}) to correlate distance with depth"
-    num = f"Spearman ρ = {rho:+.2f}, p = {p:.2g}, n = {n} blocks"
-    if p >= alpha:
-        return (f"distance to the overall distribution shows no significant trend with depth "
-                f"({num}; not significant at α = {alpha:g})")
+    exact = "exact " if n <= EXACT_N else ""
+    num = f"Spearman ρ = {rho:+.2f}, {exact}p = {p:.2g}, n = {n} blocks"
     trend = "rises" if rho > 0 else "falls"
-    return f"distance to the overall distribution {trend} with depth ({num})"
+    if p < alpha:
+        return f"distance to the overall distribution {trend} with depth ({num})"
+    if abs(rho) >= 0.8:
+        return (f"distance to the overall distribution {trend} with depth in rank order, but with "
+                f"only {n} blocks this is not significant ({num} ≥ α = {alpha:g})")
+    return (f"distance to the overall distribution shows no significant trend with depth "
+            f"({num}; not significant at α = {alpha:g})")
 
 
 # --------------------------------------------------------------------------- storage precision

@@ -67,8 +67,13 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> Path:
 
 # --------------------------------------------------------------------------- binning helpers
 def display_window(ws: st.WeightStats, quantile: float = 0.999) -> float:
-    """Half-width of the zoomed window: the ``quantile`` of |w| (all parameters)."""
-    s = np.abs(ws.sample)
+    """Half-width of the zoomed window: the ``quantile`` of |w| over the
+    prunable weight matrices (all parameters if there are none). Not over all
+    parameters: Whisper's sinusoidal position table (1.5% of its parameters,
+    values in [-1, 1]) would otherwise squeeze every weight matrix into a few bars."""
+    s = np.abs(st.sample_of(ws, ws.mask(prunable=True)))
+    if not len(s):
+        s = np.abs(ws.sample)
     w = float(np.quantile(s, quantile)) if len(s) else ws.bins.core
     return min(max(w, 4 * ws.bins.core_width), ws.bins.core)
 

@@ -181,6 +181,9 @@ def test_spearman_p_is_exact_for_few_blocks():
 def test_falling_trend_is_worded_as_falling():
     assert "falls with depth" in stats.describe_correlation(-0.9, 0.001, 10)
     assert "too few blocks" in stats.describe_correlation(float("nan"), float("nan"), 2)
+    few = stats.describe_correlation(1.0, 2 / 24, 4)
+    assert "rises with depth in rank order, but with only 4 blocks this is not significant" in few
+    assert "exact p = 0.083" in few
 
 
 def test_reuse_copies_unchanged_tensors_and_remeasures_pruned_ones(growing):
