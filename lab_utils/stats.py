@@ -751,6 +751,17 @@ class RssPeak:
         return False
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps them otherwise, and
+    the next model's "before" would include this one's leftovers."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
                 bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
                 progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
@@ -793,6 +804,7 @@ def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
                           sample_size=sample_size, info=info, reuse=reuse)
         del lm, model
         gc.collect()
+        _release_freed_memory()
     ws.info.update(rss_before=mem.start, rss_peak=mem.peak, rss_after=mem.end)
     return ws
 
