@@ -690,7 +690,8 @@ def describe_correlation(rho: float, p: float, n: int, alpha: float = ALPHA) -> 
         return f"distance to the overall distribution {trend} with depth ({num})"
     if abs(rho) >= 0.8:
         return (f"distance to the overall distribution {trend} with depth in rank order, but with "
-                f"only {n} blocks this is not significant ({num} ≥ α = {alpha:g})")
+                f"only {n} blocks this is not significant (Spearman ρ = {rho:+.2f}, {exact}p = "
+                f"{p:.2g} ≥ α = {alpha:g})")
     return (f"distance to the overall distribution shows no significant trend with depth "
             f"({num}; not significant at α = {alpha:g})")
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files, not windows; the notebook shows the saved file
 
@@ -319,6 +320,7 @@ def depth_figure(per_model: dict, tensor_level: dict | None = None):
                    if not math.isnan(r["rho"]) else f"{side} blocks (n = {int(r['n'])})")
             sns.lineplot(x=part["block"].to_numpy(), y=part["ks"].to_numpy(), marker="o", ax=ax,
                          color=colors.get(side, "0.3"), label=lab)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("block index (0 = nearest the input)")
         ax.set_ylabel("KS distance to the whole model (log)")
         ax.set_yscale("log")
