@@ -247,6 +247,33 @@ def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, 
     assert fid[0.0] == pytest.approx(1.0) and fid[0.6] < 1.0
 
 
+def test_hub_encoders_use_glue_sst2_train_and_validation(monkeypatch):
+    import datasets
+
+    from lab_utils import data
+
+    fake = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": [f"{k} {i}" for i in range(4)],
+                                                                "label": [0, 1, 0, 1]})
+                                 for k in ("train", "validation", "test")})
+    monkeypatch.setattr(data, "sst2", lambda: fake)
+    spec = models.resolve("bert-large", check_hub=False)
+    train, test = benchmarks.sentiment_splits(spec)
+    assert train["text"][0] == "train 0" and test["text"][0] == "validation 0"
+    local = models.ModelSpec("x", models.ENCODER_ONLY, "x", "local", "sentiment-probe", "/x")
+    train, test = benchmarks.sentiment_splits(local)
+    assert len(test) == len(data.movie_reviews()["test"])
+
+
+def test_bad_benchmark_sizes_fail_with_one_clear_line():
+    with pytest.raises(ValueError, match="ppl_windows: 0"):
+        benchmarks.BenchParams(ppl_windows=0)
+    with pytest.raises(ValueError, match="denoise_mask_ratio.*fraction"):
+        benchmarks.BenchParams(denoise_mask_ratio=1.0)
+    with pytest.raises(ValueError, match="lossy"):
+        benchmarks.check_size_formats(["bitmask-int8"])
+    assert benchmarks.check_size_formats(["bitmask+zstd"]) == ("dense", "bitmask+zstd")
+
+
 # --------------------------------------------------------------------------- summary
 def _table(values: dict) -> pd.DataFrame:
     """A hand-made tidy table: {(method, pattern, sparsity): perplexity}."""

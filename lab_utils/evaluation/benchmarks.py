@@ -319,18 +319,35 @@ def _checkpoint_info(report) -> dict:
             "nm_verified": report.nm_verified, "prune_seconds": report.seconds}
 
 
-def _size_entry(lm, pattern: str, formats) -> dict:
-    """The smallest lossless file among ``formats`` (written and measured on disk)."""
+def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) -> dict:
+    """The smallest lossless file among ``formats``, each written and measured
+    on disk by :func:`lab_utils.storage.model_sizes`.
+
+    A pruned model saved densely keeps its zeros, so its plain ``dense`` file
+    is exactly as large as the dense model's: pass that size as
+    ``dense_file_bytes`` and the (slow) write is skipped.
+    """
     from lab_utils import storage
 
+    nm = sparsify.parse_pattern(pattern)[0]
     fmts = [f for f in formats if storage.parse_format(f).lossless
-            and (storage.parse_format(f).layout != "nm" or sparsify.parse_pattern(pattern)[0])]
-    table = storage.model_sizes(lm.model, fmts, pattern=pattern, progress=False)
-    best = table.loc[table.file_bytes.idxmin()]
-    dense = table.loc[table.format == "dense", "file_bytes"]
-    return {"format": str(best.format), "file_bytes": int(best.file_bytes),
-            "dense_file_bytes": int(dense.iloc[0]) if len(dense) else None,
-            "formats": {str(f): int(b) for f, b in zip(table.format, table.file_bytes, strict=True)}}
+            and (storage.parse_format(f).layout != "nm" or nm)
+            and not (f == "dense" and dense_file_bytes is not None)]
+    measured = {}
+    if fmts:
+        table = storage.model_sizes(lm.model, fmts, pattern=pattern, progress=False)
+        measured = {str(f): int(b) for f, b in zip(table.format, table.file_bytes, strict=True)}
+    if dense_file_bytes is not None:
+        measured["dense"] = int(dense_file_bytes)
+    best = min(measured, key=lambda f: (measured[f], f))
+    return {"format": best, "file_bytes": measured[best], "dense_file_bytes": measured.get("dense"),
+            "formats": measured}
+
+
+def _storage_version() -> str:
+    from lab_utils import storage
+
+    return f"{storage.FILE_VERSION}"
 
 
 def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfig,
@@ -355,7 +372,8 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
         results = {b: io.cached_json(p) for b, p in paths.items()}
         info_path = _eval_path(key, "checkpoint", {})
         info = io.cached_json(info_path)
-        size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or [])})
+        size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
+                                             "storage": _storage_version()})
         size = io.cached_json(size_path) if cfg.size_formats else {}
         lm = None
         if info is None or size is None or any(r is None for r in results.values()):
@@ -369,7 +387,8 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
             info = _checkpoint_info(report)
             io.store_json(info_path, info)
             if size is None:
-                size = _size_entry(lm, setting.pattern, cfg.size_formats)
+                dense_bytes = None if setting.is_dense else sizes[0]["dense_file_bytes"]
+                size = _size_entry(lm, setting.pattern, cfg.size_formats, dense_bytes)
                 io.store_json(size_path, size)
         if "sentiment-probe" in benches and ctx is None:
             ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
@@ -482,4 +501,5 @@ def check_size_formats(formats) -> tuple[str, ...]:
             raise ValueError(f"size_formats: {f!r} is lossy; the quality-vs-size figure compares files "
                              f"that hold exactly the evaluated weights (use e.g. 'bitmask+zstd')")
         out.append(fmt.name)
-    return tuple(out)
+    # the plain dense file is the baseline every size is compared with
+    return tuple(dict.fromkeys(["dense", *out])) if out else ()
