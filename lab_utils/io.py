@@ -144,6 +144,25 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_csv(table, path: str | os.PathLike, float_format: str | None = None) -> Path:
+    """A pandas table as CSV, atomically (the write-up and the reruns read it)."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format=float_format)
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
+    """A matplotlib figure as PNG, atomically and with no timestamp or software
+    tag in its metadata: the same data gives the same bytes on every run."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return Path(path)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -153,7 +153,9 @@ def _kind(name: str) -> str | None:
         "sparsities": "sparsities", "sparsity": "sparsity",
         "patterns": "patterns", "pattern": "pattern",
         "nsamples": "positive", "seqlen": "positive", "windows": "positive",
-        "utterances": "positive", "seed": "seed", "scope": "scope",
+        "utterances": "positive", "examples": "positive", "sentences": "positive",
+        "tokens": "positive", "repeats": "positive", "reps": "positive", "steps": "positive",
+        "window": "positive", "seed": "seed", "scope": "scope",
     }.get(last)
 
 

@@ -29,7 +29,14 @@ from importlib import metadata
 from pathlib import Path
 
 from lab_utils import io
-from lab_utils.params import ParamError, check_declared, check_types, load_params, split_params, validate
+from lab_utils.params import (
+    ParamError,
+    check_declared,
+    check_types,
+    load_params,
+    split_params,
+    validate,
+)
 
 NOTEBOOKS_DIR = io.REPO_ROOT / "notebooks"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -87,6 +94,7 @@ def _kernel_env() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ["LAB_OUTPUT_DIR"] = str(io.output_root())
 
 
@@ -113,6 +121,29 @@ def execute(path: Path, parameters: dict, out_path: Path, timeout: int,
     return run
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_widgets(nb) -> None:
+    """Remove ipywidgets views (a progress bar some library still drew) and the
+    widget state: rendering them would load the widget manager from a CDN,
+    which an offline reader cannot reach and which shows nothing useful."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                data.pop("text/plain", None)  # its repr, e.g. "HBox(children=...)"
+                if not data:
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+
+
 def render_html(executed: Path, html_path: Path) -> Path:
     """nbconvert to one self-contained HTML page (plumbing cells hidden)."""
     import nbformat
@@ -135,6 +166,7 @@ def render_html(executed: Path, html_path: Path) -> Path:
         # Show the values this run used (papermill's injected cell), not the
         # notebook's defaults that they replaced.
         nb.cells = [c for c in nb.cells if "parameters" not in c.metadata.get("tags", [])]
+    drop_widgets(nb)
     body, _ = exporter.from_notebook_node(nb)
     io.write_text(html_path, body)
     return html_path

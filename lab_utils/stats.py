@@ -861,10 +861,7 @@ def save_csv(table: pd.DataFrame, name: str) -> Path:
     """Write a table to ``results/<name>`` atomically (the write-up reads it from there)."""
     from lab_utils import io
 
-    path = io.results_dir() / name
-    with io.atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-    return path
+    return io.write_csv(table, io.results_dir() / name)
 
 
 # --------------------------------------------------------------------------- the seed's claims

@@ -959,22 +959,13 @@ def round_trip(lm, formats: Iterable[str], folder: str | os.PathLike | None = No
 
 def write_csv(table: pd.DataFrame, name: str) -> Path:
     """A table under results/ (atomically), for the write-up."""
-    path = io.results_dir() / name
-    with io.atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-    return path
+    return io.write_csv(table, io.results_dir() / name)
 
 
 # --------------------------------------------------------------------------- figures
 def save_figure(fig, name: str) -> Path:
     """Save under figs/ atomically, with no timestamp: same data, same bytes."""
-    import matplotlib.pyplot as plt
-
-    path = io.figs_dir() / name
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, io.figs_dir() / name)
 
 
 def size_figure(sizes: pd.DataFrame, label: str, method: str):

@@ -98,10 +98,7 @@ def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: i
 
 # --------------------------------------------------------------------------- figures
 def _save(fig, name: str):
-    path = io.figs_dir() / name
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-    return path
+    return io.save_figure(fig, io.figs_dir() / name, close=False)
 
 
 def plot_perplexity(df: pd.DataFrame, model_label: str):

@@ -59,11 +59,7 @@ def figure_name(label: str, sparsity: float = 0.0, method: str | None = None,
 
 def save_figure(fig, name: str, folder: str | Path | None = None) -> Path:
     """Save atomically into figs/ (or ``folder``) with deterministic bytes; close the figure."""
-    path = Path(folder or io.figs_dir()) / name
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None}, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, Path(folder or io.figs_dir()) / name)
 
 
 # --------------------------------------------------------------------------- binning helpers

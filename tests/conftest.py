@@ -36,6 +36,20 @@ def tmp_output(tmp_path, monkeypatch) -> Path:
     return tmp_path / "out"
 
 
+@pytest.fixture()
+def cache_with_data(tmp_path, monkeypatch) -> Path:
+    """An empty cache for checkpoints, sharing the real cache's corpora (no download)."""
+    from lab_utils import io
+
+    real = io.cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (real / "data").mkdir(parents=True, exist_ok=True)
+    os.symlink(real / "data", cache / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -9,7 +9,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from browser import IMAGES_JS, LINKS_JS, browser_available, chromium, serve
 
 pytestmark = pytest.mark.browser

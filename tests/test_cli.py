@@ -14,17 +14,6 @@ from lab_utils.__main__ import main
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
-def cache_with_data(tmp_path, monkeypatch):
-    real = io.cache_dir()
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (real / "data").mkdir(parents=True, exist_ok=True)
-    os.symlink(real / "data", cache / "data")
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
-
-
 def run_cli(*args):
     env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "lab_utils", *args], cwd=REPO, env=env,

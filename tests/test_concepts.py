@@ -232,14 +232,20 @@ def test_truncated_student_keeps_the_first_blocks_and_runs():
         distill.truncate_blocks(teacher, 3)
 
 
-def test_logistic_head_separates_separable_features_and_distilled_student_learns():
+def test_head_from_probe_predicts_what_the_probe_predicts_and_distilled_student_learns():
     from tiny_models import tiny_tokenizer
 
+    from lab_utils.evaluation import sentiment
+
     g = torch.Generator().manual_seed(0)
-    feats = torch.cat([torch.randn(40, 32, generator=g) + 2, torch.randn(40, 32, generator=g) - 2])
+    feats = torch.cat([torch.randn(40, 32, generator=g) + 0.3, torch.randn(40, 32, generator=g) - 0.3])
+    feats = feats * torch.linspace(0.1, 5, 32) + 1.0  # features of very different scales and means
     labels = [1] * 40 + [0] * 40
-    head = distill.fit_logistic_head(feats, labels)
-    assert distill.accuracy(head(feats), labels) == 1.0
+    probe = sentiment.train_probe(feats.numpy(), labels)
+    head = distill.head_from_probe(probe)
+    pred = head(feats).argmax(-1)
+    assert pred.tolist() == sentiment.probe_predict(probe, feats.numpy()).tolist()
+    assert distill.accuracy(head(feats), labels) > 0.9
     # a tiny student trained to match a teacher's logits gets closer to them
     tok = tiny_tokenizer()
     texts = ["good movie", "bad plot", "great film", "bad acting", "good story", "bad scene"] * 4
@@ -347,10 +353,10 @@ def test_prose_flips_with_the_data():
     from lab_utils.concepts import prose
 
     def table(distilled, labels_only):
-        rows = [("teacher", 6, 0.8), ("student, untrained", 2, 0.6),
+        rows = [("teacher", 6, 0.8), ("student, probe only", 2, 0.6),
                 ("student, distilled", 2, distilled), ("student, labels only", 2, labels_only)]
         return pd.DataFrame([{"model": m, "layers": n, "parameters": 100 * n, "accuracy": a,
-                              "agreement_with_teacher": 0.9, "forward_s": 1.0 / n,
+                              "agreement_with_teacher": 0.9, "forward_s": 1.0 / n, "embedding_parameters": 50,
                               "forward_cpu_s": 1.0 / n} for m, n, a in rows])
 
     assert "distilled student beats" in prose.distillation(table(0.80, 0.70), 1000, 2.0, 1.0, 10, 0)

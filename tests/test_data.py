@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from tiny_models import tiny_tokenizer
 
 from lab_utils import data, io
-from tiny_models import tiny_tokenizer
 
 
 def test_corpora_shapes():

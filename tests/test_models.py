@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny_models import build_tiny
 from torch import nn
 
 from lab_utils import models
-from tiny_models import build_tiny
 
 
 def test_every_preset_resolves_or_names_the_hub():

@@ -52,3 +52,14 @@ def test_parameters_are_validated_in_the_next_cell(path):
     assert "params.validate" in nxt
     for name in inspect_notebook(str(path)):
         assert name in nxt, f"{path.stem}: parameter {name} is not validated"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_markdown_has_no_tex_math(path):
+    # The rendered report loads no MathJax (it must read offline), so a $...$
+    # formula would show as raw TeX there; formulas are written in Unicode.
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            src = re.sub(r"`[^`]*`", "", "".join(cell["source"]))  # code spans may hold a $
+            assert not re.search(r"\$[^$\s][^$]*\$", src), f"{path.stem}: TeX math in {src[:80]!r}"

@@ -1,25 +1,13 @@
 """The perplexity protocol: batched window losses equal model(labels=...) one by one."""
 
 import math
-import os
 
 import pytest
 import torch
 
-from lab_utils import data, io
+from lab_utils import data
 from lab_utils.evaluation import perplexity as P
 from lab_utils.models import load_model
-
-
-@pytest.fixture()
-def cache_with_data(tmp_path, monkeypatch):
-    real = io.cache_dir()
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (real / "data").mkdir(parents=True, exist_ok=True)
-    os.symlink(real / "data", cache / "data")
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

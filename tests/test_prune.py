@@ -14,18 +14,6 @@ from lab_utils.sparsify import SparsityError
 CAL = dict(nsamples=4, seqlen=32, progress=False)
 
 
-@pytest.fixture()
-def cache_with_data(tmp_path, monkeypatch):
-    """An empty cache for checkpoints, sharing the real cache's corpora (no download)."""
-    real = io.cache_dir()
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (real / "data").mkdir(parents=True, exist_ok=True)
-    os.symlink(real / "data", cache / "data")
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
-
-
 def layer_sparsity(model):
     return {pl.name: (pl.component, pl.side, sp.sparsity(pl.weight)) for pl in prunable_layers(model)}
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import run_report
+
 from lab_utils import params, report
 
 
@@ -44,6 +44,8 @@ def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     ("patterns", ["4:2"], "'4:2' is not a pattern"),
     ("methods", ["obs"], "'obs' is not a method"),
     ("nsamples", 0, "positive"),
+    ("speed_tokens", -3, "positive"),
+    ("probe_examples", 1.5, "positive"),
     ("scope", "blockwise", "not a scope"),
 ])
 def test_value_rules_by_parameter_name(name, value, needle):
@@ -70,7 +72,8 @@ def test_smoke_report_runs_every_notebook_and_renders(smoke_report):
     assert all(r["status"] == "ok" for r in run["runs"])
     for r in run["runs"]:
         html = (out / "report" / f"{r['name']}.html").read_text()
-        assert "cdnjs" not in html and "<script src=\"http" not in html  # offline-readable
+        # offline-readable: no CDN script (MathJax, require.js, the widget manager from unpkg)
+        assert "cdnjs" not in html and "unpkg" not in html and "<script src=\"http" not in html
         assert "Traceback" not in html
     index = (out / "report" / "index.html").read_text()
     for name in names:

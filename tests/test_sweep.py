@@ -1,23 +1,9 @@
 """The notebook-03 sweep on tiny models: table, figures, generated conclusions."""
 
-import os
 
 import pandas as pd
-import pytest
 
-from lab_utils import io, sweep
-
-
-@pytest.fixture()
-def cache_with_data(tmp_path, monkeypatch):
-    real = io.cache_dir()
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (real / "data").mkdir(parents=True, exist_ok=True)
-    os.symlink(real / "data", cache / "data")
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
-
+from lab_utils import sweep
 
 SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
 

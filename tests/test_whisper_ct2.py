@@ -1,3 +1,4 @@
+import re
 import struct
 
 import pytest
@@ -55,5 +56,8 @@ def test_converted_whisper_transcribes_synthesized_speech():
     with torch.no_grad():
         out = lm.model.generate(feats, decoder_input_ids=torch.tensor([[50257, 50362]]))
     text = lm.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-    # A faithful conversion hears every word (the comma is Whisper's own).
-    assert text == "The weather was cold, and the streets were quiet."
+    # A faithful conversion hears every word. Punctuation is Whisper's own guess
+    # and flips with the float rounding of the machine (a comma after "cold"
+    # here, none on CI), so the words are compared, in order, without it.
+    words = re.findall(r"[a-z']+", text.lower())
+    assert words == "the weather was cold and the streets were quiet".split(), text

@@ -1,10 +1,12 @@
 """Distillation: train a small student on a teacher's soft targets.
 
 The teacher is a sentence classifier: an encoder (mean-pooled last hidden
-state) and a logistic-regression head fitted on its frozen features. The
-student is the same encoder truncated to its first few blocks, with the
-teacher's head as its starting head. Two students start from the same
-weights, see the same batches in the same order and take the same number of
+state) and the sentiment probe of the benchmarks notebook
+(:mod:`lab_utils.evaluation.sentiment`: a logistic regression fitted on the
+encoder's frozen features), turned into a linear head. The student is the
+same encoder truncated to its first few blocks, with the same kind of probe
+fitted on its own frozen features as its starting head. Two students start
+from these same weights, see the same batches in the same order and take the same number of
 steps; only the loss differs:
 
 * **distilled**: ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) +
@@ -102,37 +104,23 @@ def _batches(tokenizer, texts, batch_size: int, max_length: int):
         yield enc["input_ids"], enc["attention_mask"]
 
 
-@torch.no_grad()
-def encode(encoder: nn.Module, tokenizer, texts, batch_size: int = 64, max_length: int = 64,
-           device: str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Mean-pooled sentence features of ``texts`` (n x hidden)."""
-    encoder.eval()
-    clf = SentenceClassifier(encoder, nn.Identity())
-    out = []
-    n = (len(texts) + batch_size - 1) // batch_size
-    for ids, mask in tqdm(_batches(tokenizer, texts, batch_size, max_length), total=n,
-                          desc="encode", leave=False, disable=not progress):
-        out.append(clf.features(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+def head_from_probe(probe: dict) -> nn.Linear:
+    """The benchmarks' sentiment probe (:func:`lab_utils.evaluation.sentiment.train_probe`:
+    a logistic regression on standardized features) as a two-logit linear head.
 
-
-def fit_logistic_head(features: torch.Tensor, labels, C: float = 1.0) -> nn.Linear:
-    """A two-logit linear head from a logistic regression on frozen features.
-
-    Logits are (-z/2, z/2) with z the regression's decision value, so the
-    softmax of the head is exactly the regression's probability.
+    The standardization is folded into the weights, z = ((x - mean) / scale) . coef + b
+    = x . (coef / scale) + (b - mean . coef / scale), and the logits are (-z/2, z/2), so
+    the head's softmax is exactly the regression's probability and its argmax the
+    probe's prediction.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    y = np.asarray(labels)
-    if len(set(y.tolist())) != 2:
-        raise DistillError("the sentiment head needs examples of both classes")
-    reg = LogisticRegression(C=C, max_iter=2000).fit(features.numpy(), y)
-    head = nn.Linear(features.shape[1], 2)
-    w = torch.tensor(reg.coef_[0], dtype=torch.float32)
-    b = float(reg.intercept_[0])
+    coef = torch.tensor(probe["coef"], dtype=torch.float64)
+    mean = torch.tensor(probe["mean"], dtype=torch.float64)
+    scale = torch.tensor(probe["scale"], dtype=torch.float64)
+    w = coef / scale
+    b = probe["intercept"] - float(mean @ w)
+    head = nn.Linear(len(coef), 2)
     with torch.no_grad():
-        head.weight.copy_(torch.stack([-w / 2, w / 2]))
+        head.weight.copy_(torch.stack([-w / 2, w / 2]).float())
         head.bias.copy_(torch.tensor([-b / 2, b / 2]))
     return head
 
@@ -156,12 +144,13 @@ def accuracy(logits: torch.Tensor, labels) -> float:
 def train_student(student: SentenceClassifier, tokenizer, texts, labels,
                   teacher_logits: torch.Tensor | None, steps: int, batch_size: int = 32,
                   lr: float = 1e-4, temperature: float = 2.0, alpha: float = 1.0,
-                  max_length: int = 64, seed: int = 0, device: str = "cpu",
-                  progress: bool = True) -> list[float]:
+                  max_length: int = 64, seed: int = 0, freeze_embeddings: bool = True,
+                  device: str = "cpu", progress: bool = True) -> list[float]:
     """Train ``student`` in place for ``steps`` AdamW steps; return the loss per step.
 
     The batches are a seeded shuffle of the training set, so two students
     trained with the same seed see the same sentences in the same order.
+    With ``freeze_embeddings`` the embedding layer keeps the teacher's weights.
     """
     if steps <= 0:
         raise DistillError(f"distill_steps={steps!r} must be a positive integer")
@@ -171,7 +160,14 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)  # dropout draws, if the encoder has any
     student.to(device).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+    if freeze_embeddings:
+        # the token table is most of a small student's parameters and the same
+        # for every student: training only the blocks and the head keeps a step cheap
+        for name, p in student.named_parameters():
+            if "embeddings" in name:
+                p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.01)
     order = np.concatenate([rng.permutation(len(texts))
                             for _ in range(steps * batch_size // len(texts) + 1)])
     losses = []
@@ -191,19 +187,12 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
 
 
 # --------------------------------------------------------------------------- the demo
-def subset(split, n: int, seed: int = 0):
-    """A seeded random subset of ``n`` rows of a datasets split (all rows if n >= len)."""
-    if n >= len(split):
-        return split
-    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
-    return split.select(idx.tolist())
-
-
 def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int = 2,
                steps: int = 100, batch_size: int = 32, lr: float = 1e-4,
                temperature: float = 2.0, alpha: float = 1.0, max_length: int = 64,
                seed: int = 0, progress: bool = True):
-    """Teacher, untrained truncation, distilled student and label-only student.
+    """Teacher, the truncated student with its probe head (before any training),
+    the distilled student and the label-only student.
 
     Returns (table, losses): one row per model (layers, parameters, bytes,
     test accuracy, seconds of training), and the per-step training losses.
@@ -212,12 +201,14 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
 
     import pandas as pd
 
+    from lab_utils.evaluation import sentiment
+
     t0 = time.perf_counter()
-    f_train = encode(encoder, tokenizer, train["text"], max_length=max_length, progress=progress)
-    f_test = encode(encoder, tokenizer, test["text"], max_length=max_length, progress=progress)
-    head = fit_logistic_head(f_train, train["label"])
+    f_train = sentiment.mean_pooled(encoder, tokenizer, train["text"], max_length, progress=progress)
+    f_test = sentiment.mean_pooled(encoder, tokenizer, test["text"], max_length, progress=progress)
+    head = head_from_probe(sentiment.train_probe(f_train, train["label"], seed=seed))
     with torch.no_grad():
-        teacher_train, teacher_test = head(f_train), head(f_test)
+        teacher_train, teacher_test = head(torch.from_numpy(f_train)), head(torch.from_numpy(f_test))
     teacher_s = time.perf_counter() - t0
     n_blocks = len(next(iter(transformer_blocks(encoder).values()))[1])
 
@@ -228,9 +219,14 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
     rows = [{"model": "teacher", "layers": n_blocks, "parameters": size(teacher),
              "accuracy": accuracy(teacher_test, test["label"]), "train_s": teacher_s,
              "agreement_with_teacher": 1.0}]
-    start = SentenceClassifier(truncate_blocks(encoder, student_layers), copy.deepcopy(head))
+    # The truncated encoder's features live elsewhere than the teacher's: its
+    # starting head is the same probe, fitted on its own frozen features.
+    truncated = truncate_blocks(encoder, student_layers)
+    f_student = sentiment.mean_pooled(truncated, tokenizer, train["text"], max_length, progress=progress)
+    start = SentenceClassifier(truncated, head_from_probe(
+        sentiment.train_probe(f_student, train["label"], seed=seed)))
     logits = predict_logits(start, tokenizer, test["text"], max_length=max_length, progress=progress)
-    rows.append({"model": "student, untrained", "layers": student_layers,
+    rows.append({"model": "student, probe only", "layers": student_layers,
                  "parameters": size(start), "accuracy": accuracy(logits, test["label"]),
                  "train_s": 0.0, "agreement_with_teacher": float(
                      (logits.argmax(-1) == teacher_test.argmax(-1)).float().mean())})
@@ -250,6 +246,8 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
                                                      .float().mean())})
     table = pd.DataFrame(rows)
     table["bytes_fp32"] = 4 * table.parameters
+    table["embedding_parameters"] = sum(p.numel() for n, p in start.named_parameters()
+                                        if "embeddings" in n)
     enc = tokenizer(list(test["text"][:64]), padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt")
     teacher.eval()

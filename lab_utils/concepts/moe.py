@@ -183,16 +183,27 @@ def top_k_recall(pred: torch.Tensor, true: torch.Tensor, top_k: int) -> float:
 # --------------------------------------------------------------------------- the MoE layer
 @dataclass
 class Captured:
-    """How much of the dense MLP output the chosen experts reproduce, summed over tokens."""
+    """How much of the dense MLP output the chosen experts reproduce.
 
-    sq_err: float = 0.0  # sum ||W h - W (h * mask)||^2
-    sq_dense: float = 0.0  # sum ||W h||^2
+    Per token, captured = 1 - ||W h - W (h * mask)||^2 / ||W h||^2 (1 when the
+    experts reproduce the output exactly); the fraction is its mean over every
+    token of every MLP, so the few tokens with huge activations (the first
+    token of a window, typically) do not decide it alone.
+    """
+
+    captured_sum: float = 0.0
     tokens: int = 0
+
+    def add(self, dense: torch.Tensor, moe: torch.Tensor) -> None:
+        err = ((dense - moe).double() ** 2).sum(-1)
+        norm = (dense.double() ** 2).sum(-1)
+        ok = norm > 0
+        self.captured_sum += float((1 - err[ok] / norm[ok]).sum())
+        self.tokens += int(ok.sum())
 
     @property
     def fraction(self) -> float:
-        """1 - relative squared error: 1 when the experts reproduce the output exactly."""
-        return 1.0 - self.sq_err / self.sq_dense if self.sq_dense else float("nan")
+        return self.captured_sum / self.tokens if self.tokens else float("nan")
 
 
 class MoEOutput(nn.Module):
@@ -227,9 +238,7 @@ class MoEOutput(nn.Module):
         kept = flat * self.expert_mask(flat)
         W = weight_out_in(self.output)
         dense, moe = F.linear(flat, W), F.linear(kept, W)
-        self.captured.sq_err += float(((dense - moe).double() ** 2).sum())
-        self.captured.sq_dense += float((dense.double() ** 2).sum())
-        self.captured.tokens += flat.shape[0]
+        self.captured.add(dense, moe)
         bias = getattr(self.output, "bias", None)
         out = moe if bias is None else moe + bias
         return out.reshape(*shape[:-1], out.shape[-1])

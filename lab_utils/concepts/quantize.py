@@ -296,7 +296,7 @@ def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
 
 def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
             group_sizes=(32, 64), dense_ppl: float | None = None, reps: int = 5,
-            progress: bool = True):
+            dense_file: int | None = None, progress: bool = True):
     """fp32, int8 per channel, torch dynamic int8 and 4-bit in groups, side by side.
 
     One row per scheme: bits per quantized weight, memory, file, relative
@@ -320,7 +320,7 @@ def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
         if name == "fp32":
             qbytes, err = 4 * n_weights, {"rel_error": 0.0, "max_abs_err": 0.0,
                                           "max_err_over_bound": float("nan")}
-            file = measure.dense_file_bytes(m)
+            file = dense_file if dense_file is not None else measure.dense_file_bytes(m)
         else:
             qbytes, numel = quantized_layer_bytes(m)
             assert numel == n_weights, f"{name}: {numel} quantized weights, expected {n_weights}"

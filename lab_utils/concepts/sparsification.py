@@ -33,8 +33,11 @@ def sparsified(lm: LoadedModel, sparsity_ratio: float, method: str = "magnitude"
 
 def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tensor,
             time_ids: torch.Tensor, dense_ppl: float | None = None, sparse_format: str = "bitmask",
-            reps: int = 5, progress: bool = True) -> pd.DataFrame:
-    """One row per model: what sparsification changes and what it does not."""
+            reps: int = 5, dense_file: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per model: what sparsification changes and what it does not.
+
+    ``dense_ppl`` and ``dense_file`` (the dense model's perplexity on the same
+    windows and its checkpoint size) save measuring them again."""
     speed = measure.forward_seconds_each({"dense": dense, "sparsified": sparse}, time_ids, reps)
     rows = []
     for name, model in (("dense", dense), ("sparsified", sparse)):
@@ -43,7 +46,8 @@ def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tens
             "model": name, "parameters": zeros["parameters"], "zeros": zeros["zeros"],
             "zero_fraction": zeros["zeros"] / zeros["parameters"],
             "prunable_zero_fraction": zeros["prunable_zeros"] / zeros["prunable"],
-            "dense_file_bytes": measure.dense_file_bytes(model),
+            "dense_file_bytes": dense_file if name == "dense" and dense_file is not None
+            else measure.dense_file_bytes(model),
             f"{sparse_format}_file_bytes": measure.sparse_file_bytes(model, sparse_format),
             "memory_bytes": measure.model_bytes(model), **speed[name],
             "perplexity": dense_ppl if name == "dense" and dense_ppl is not None

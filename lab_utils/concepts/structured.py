@@ -198,7 +198,7 @@ def prune_neurons_(model: nn.Module, scores: list[torch.Tensor], sparsity_ratio:
 # --------------------------------------------------------------------------- the demo
 def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
           time_ids: torch.Tensor, sparsities, dense_ppl: float | None = None, reps: int = 5,
-          progress: bool = True):
+          dense_file: int | None = None, progress: bool = True):
     """Prune copies of ``model`` at each ratio of MLP neurons; one row per model
     (the dense one first): parameters, MLP width, file, memory, forward time, perplexity."""
     import copy
@@ -219,7 +219,9 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
         rows.append({
             "neurons_removed": s, "mlp_width": mlps(m)[0].width,
             "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
-            "file_bytes": measure.dense_file_bytes(m), "memory_bytes": measure.model_bytes(m),
+            "file_bytes": dense_file if s == 0 and dense_file is not None
+            else measure.dense_file_bytes(m),
+            "memory_bytes": measure.model_bytes(m),
             **speed[name],
             "perplexity": dense_ppl if s == 0 and dense_ppl is not None
             else measure.perplexity(m, windows, progress=progress),

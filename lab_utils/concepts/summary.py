@@ -90,10 +90,7 @@ def side_by_side(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataF
 
 
 def _save(fig, name: str):
-    path = io.figs_dir() / name
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, metadata={"Software": None}, bbox_inches="tight")
-    return path
+    return io.save_figure(fig, io.figs_dir() / name, close=False)
 
 
 def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
@@ -154,8 +151,5 @@ def save_tables(tables: dict[str, pd.DataFrame]) -> list:
     """Write each table as ``results/concepts/<name>.csv`` (atomically)."""
     paths = []
     for name, t in tables.items():
-        path = io.results_dir() / "concepts" / f"{name}.csv"
-        with io.atomic_path(path) as tmp:
-            t.to_csv(tmp, index=False)
-        paths.append(path)
+        paths.append(io.write_csv(t, io.results_dir() / "concepts" / f"{name}.csv"))
     return paths

@@ -446,10 +446,7 @@ def benchmark_table(models, methods, patterns, sparsities, cfg: SweepConfig | No
 
 def write_csv(df: pd.DataFrame, name: str = "benchmarks.csv"):
     """Write a table under results/ atomically; returns its path."""
-    path = io.results_dir() / name
-    with io.atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return path
+    return io.write_csv(df, io.results_dir() / name, float_format="%.6g")
 
 
 # --------------------------------------------------------------------------- speed

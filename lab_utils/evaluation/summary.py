@@ -105,7 +105,7 @@ def family_paragraph(df: pd.DataFrame, family: str) -> str:
                 bits = []
                 for _, row in r.iterrows():
                     bits.append(f"{row.method} up to {row.max_sparsity_within:.0%}" if row.max_sparsity_within > 0
-                                else f"{row.method} at none")
+                                else f"{row.method} at none of them")
                 s += (f" Staying within {m.tolerance:.0%} of dense (tested unstructured sparsities: "
                       f"{tested}), {_join(bits)}.")
             best = []
@@ -123,13 +123,7 @@ def family_paragraph(df: pd.DataFrame, family: str) -> str:
 
 # --------------------------------------------------------------------------- figures
 def _save(fig, name: str):
-    import matplotlib.pyplot as plt
-
-    path = io.figs_dir() / name
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return io.save_figure(fig, io.figs_dir() / name)
 
 
 def _slug(text: str) -> str:
@@ -186,7 +180,8 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
 
     metric = headline_metric(df, model)
     t = df[(df.model == model) & (df.metric == metric)].merge(
-        sizes[sizes.model == model][["method", "pattern", "requested_sparsity", "format", "file_bytes"]],
+        sizes[sizes.model == model][["method", "pattern", "requested_sparsity", "format", "file_bytes",
+                                     "dense_file_bytes"]],
         on=["method", "pattern", "requested_sparsity"])
     label = t.label.iloc[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
@@ -202,6 +197,9 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
                        label=f"{method} N:M")
     d = t[t.method == DENSE]
     ax.scatter(d.file_bytes / 2**20, d.value, color="k", marker="*", s=150, label="dense", zorder=3)
+    plain = d.dense_file_bytes.dropna()
+    if len(plain):
+        ax.axvline(plain.iloc[0] / 2**20, color="k", ls=":", lw=1, label="plain dense safetensors")
     ax.set(xlabel="file size (MiB, smallest lossless format)", ylabel=metric,
            title=f"{label}: {metric} vs file size")
     if "perplexity" in metric:
