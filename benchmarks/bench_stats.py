@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure(name: str, sparsity: float, method: str | None, dense=None) -> dict:
     t0 = time.perf_counter()
-    ws = stats.model_stats(name, sparsity, method, progress=False,
+    ws = stats.model_stats(name, sparsity, method, progress=False, cache=False,
                            bins=dense.bins if dense else None, reuse=dense)
     total = time.perf_counter() - t0
     i = ws.info

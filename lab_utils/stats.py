@@ -763,9 +763,73 @@ def _release_freed_memory() -> None:
         pass
 
 
+# --------------------------------------------------------------------------- the statistics cache
+_ARRAYS = ("core_counts", "core_below", "core_above", "outer_counts", "outer_clipped", "sample",
+           "sample_owner")
+
+
+def stats_bytes(ws: WeightStats) -> bytes:
+    """A WeightStats as one .npz (arrays, and its tables and info as JSON bytes):
+    loaded back with ``allow_pickle=False``, so reading a cache runs no code."""
+    import io as _io
+    import json
+
+    from lab_utils import memo
+
+    meta = {"label": ws.label, "bins": [ws.bins.core, ws.bins.outer, ws.bins.core_bins, ws.bins.outer_bins],
+            "tensors": memo.encode(ws.tensors), "seed": ws.seed, "info": memo.encode(ws.info)}
+    buf = _io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             **{k: getattr(ws, k) for k in _ARRAYS})
+    return buf.getvalue()
+
+
+def stats_from_bytes(data: bytes) -> WeightStats:
+    import io as _io
+    import json
+
+    from lab_utils import memo
+
+    with np.load(_io.BytesIO(data), allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        arrays = {k: z[k] for k in _ARRAYS}
+    core, outer, core_bins, outer_bins = meta["bins"]
+    return WeightStats(label=meta["label"], bins=BinSpec(core, outer, core_bins, outer_bins),
+                       tensors=memo.decode(meta["tensors"]), seed=meta["seed"],
+                       info=memo.decode(meta["info"]), **arrays)
+
+
 def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
                 bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
-                progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
+                progress: bool = True, sample_size: int = SAMPLE_SIZE, cache: bool = True,
+                **prune_kw) -> WeightStats:
+    """:func:`measure_model`, cached: the statistics of a model (and of each
+    pruned version) are computed once per parameters and code version, and
+    read back in a fraction of a second (checksummed; a damaged entry is
+    recomputed)."""
+    from lab_utils import io, memo
+
+    key = {"name": name, "sparsity": float(sparsity), "method": method, "seed": seed,
+           "sample_size": sample_size, "prune": prune_kw,
+           "bins": None if bins is None else [bins.core, bins.outer, bins.core_bins, bins.outer_bins]}
+    path = memo.step_path("weight-stats", key).with_suffix(".npz")
+    if cache:
+        data = io.read_checked(path)
+        if data is not None:
+            try:
+                return stats_from_bytes(data)
+            except (ValueError, KeyError, OSError):
+                pass  # unreadable despite its checksum (another version's layout): recompute
+    ws = measure_model(name, sparsity, method, bins=bins, reuse=reuse, seed=seed, progress=progress,
+                       sample_size=sample_size, **prune_kw)
+    if cache:
+        io.write_checked(path, stats_bytes(ws))
+    return ws
+
+
+def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *,
+                  bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
+                  progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
     """Load (or prune, through :func:`lab_utils.prune.pruned_model`) one model,
     stream its statistics, and let the model go: only the statistics stay.
 

