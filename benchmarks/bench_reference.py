@@ -1,0 +1,167 @@
+"""Issue 3's fidelity target: the lab's Wanda and SparseGPT against the authors' code.
+
+The reference implementations cannot be a dependency of the lab (they are not
+packages, and their drivers are written for CUDA and for the Llama layer
+signature of older transformers releases), so this benchmark imports their
+per-layer classes from a checkout you point it at:
+
+    git clone https://github.com/locuslab/wanda /tmp/wanda
+    python -m benchmarks reference -- --wanda /tmp/wanda
+
+From ``<checkout>/lib`` it uses ``layerwrapper.WrappedGPT`` (Wanda's input
+norms), ``sparsegpt.SparseGPT`` (the SparseGPT authors' ``fasterprune``, as
+vendored by the Wanda repository) and the Wanda score and row-wise mask of
+``prune.prune_wanda``, re-typed here in three lines because the repository has
+them inline in its driver. The driver around them is the reference one:
+calibration samples pushed one at a time through each decoder block, the
+block's outputs recomputed after pruning and fed to the next block. Only the
+way the first block's inputs are captured differs: transformers 5 passes the
+rotary embeddings as ``position_embeddings``, which the reference ``Catcher``
+does not record.
+
+Both sides then see the same model, the same calibration windows (the lab's
+protocol) and the same evaluation windows; the table gives the two
+perplexities, their relative difference (target: within 2%) and the pruning
+seconds of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lab_utils import data, prune
+from lab_utils.evaluation import perplexity
+from lab_utils.models import load_model, transformer_blocks
+
+TOLERANCE = 0.02
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--wanda", default=os.environ.get("LAB_WANDA_REPO"),
+                    help="a checkout of github.com/locuslab/wanda (or set LAB_WANDA_REPO)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("LAB_THREADS", 2)))
+    return ap.parse_args(argv)
+
+
+def reference_modules(checkout: str):
+    lib = Path(checkout) / "lib"
+    if not (lib / "layerwrapper.py").is_file() or not (lib / "sparsegpt.py").is_file():
+        raise SystemExit(f"{checkout}: not a checkout of locuslab/wanda (no lib/layerwrapper.py)")
+    sys.path.insert(0, str(lib))
+    if not torch.cuda.is_available():
+        # fasterprune calls torch.cuda.synchronize() around its timing print; on a CPU it has nothing to wait for
+        torch.cuda.synchronize = lambda *a, **k: None
+    return importlib.import_module("layerwrapper"), importlib.import_module("sparsegpt")
+
+
+def block_inputs(model, blocks, calibration: torch.Tensor):
+    """The first block's input for every sample and the keyword arguments the
+    model passes to its blocks (masks, positions, rotary embeddings)."""
+    captured = {"inputs": [], "kwargs": None}
+
+    class Stop(Exception):
+        pass
+
+    def hook(_module, args, kwargs):
+        captured["inputs"].append(args[0] if args else kwargs["hidden_states"])
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for j in range(calibration.shape[0]):
+            try:
+                model(calibration[j:j + 1], use_cache=False)
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured["inputs"], captured["kwargs"]
+
+
+@torch.no_grad()
+def reference_prune(lm, method: str, sparsity: float, calibration: torch.Tensor, wrapper, sgpt) -> float:
+    """Prune ``lm.model`` in place with the reference per-layer code; seconds spent."""
+    t0 = time.perf_counter()
+    model = lm.model
+    blocks = transformer_blocks(model)["decoder"][1]
+    inps, kwargs = block_inputs(model, blocks, calibration)
+    for block in blocks:
+        subset = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        stats = {n: (wrapper.WrappedGPT(m) if method == "wanda" else sgpt.SparseGPT(m)) for n, m in subset.items()}
+        handles = [m.register_forward_hook(lambda _m, i, o, s=stats[n]: s.add_batch(i[0].data, o.data))
+                   for n, m in subset.items()]
+        for x in inps:
+            block(x, **kwargs)
+        for h in handles:
+            h.remove()
+        for n, m in subset.items():
+            if method == "wanda":
+                W = m.weight.data
+                score = W.abs() * torch.sqrt(stats[n].scaler_row.reshape(1, -1))
+                order = torch.sort(score, dim=-1, stable=True)[1]
+                mask = torch.zeros_like(W, dtype=torch.bool)
+                mask.scatter_(1, order[:, : int(W.shape[1] * sparsity)], True)
+                W[mask] = 0
+            else:
+                stats[n].fasterprune(sparsity, prune_n=0, prune_m=0, percdamp=0.01, blocksize=128)
+                stats[n].free()
+        outs = [block(x, **kwargs) for x in inps]
+        inps = [o[0] if isinstance(o, tuple) else o for o in outs]
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.wanda:
+        print("bench_reference: skipped, it needs a checkout of the reference code: --wanda PATH "
+              "(git clone https://github.com/locuslab/wanda) or LAB_WANDA_REPO")
+        return 0
+    torch.set_num_threads(args.threads)
+    wrapper, sgpt = reference_modules(args.wanda)
+    dense = load_model(args.model)
+    calibration = data.calibration_windows(dense.tokenizer, args.nsamples, args.seqlen, args.seed,
+                                           corpus=prune.default_calibration(dense))
+    print(f"bench_reference: {args.model}, {args.sparsity:.0%}, nsamples={args.nsamples}, seqlen={args.seqlen}, "
+          f"K={args.windows}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    for method in args.methods:
+        ref = copy.copy(dense)
+        ref.model = copy.deepcopy(dense.model)
+        ref_s = reference_prune(ref, method, args.sparsity, calibration, wrapper, sgpt)
+        ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows, progress=False)["perplexity"]
+        del ref
+        lab, report = prune.pruned_model(args.model, method, args.sparsity, nsamples=args.nsamples,
+                                         seqlen=args.seqlen, seed=args.seed, progress=False)
+        lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, cache_key=report.key,
+                                      progress=False)["perplexity"]
+        rows.append({"method": method, "reference_ppl": ref_ppl, "lab_ppl": lab_ppl,
+                     "relative_diff": lab_ppl / ref_ppl - 1,
+                     "within_2%": abs(lab_ppl / ref_ppl - 1) <= TOLERANCE,
+                     "reference_prune_s": ref_s, "lab_prune_s": report.seconds,
+                     "lab_cached": report.from_cache})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
+    print("\n" + table.to_string(index=False))
+    return 0 if table["within_2%"].all() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
