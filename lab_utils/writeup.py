@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import urllib.parse
 from pathlib import Path
@@ -111,7 +112,8 @@ def render_markdown(context: dict) -> str:
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["table"] = md_table
     env.filters["url"] = url
-    return env.get_template("LAB4.md.j2").render(**context)
+    text = env.get_template("LAB4.md.j2").render(**context)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"  # the template's conditionals leave blank runs
 
 
 def markdown_to_html(markdown: str, title: str) -> str:
