@@ -29,6 +29,13 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture(autouse=True)
+def _outputs_never_in_the_repo(tmp_path, monkeypatch):
+    # Every test writes its figures and tables under its own temporary folder,
+    # so running the tests never touches the repository's figs/ or results/.
+    monkeypatch.setenv("LAB_OUTPUT_DIR", str(tmp_path / "out"))
+
+
 @pytest.fixture()
 def tmp_output(tmp_path, monkeypatch) -> Path:
     """An empty output root (LAB_OUTPUT_DIR) so tests never touch figs/ or results/."""
