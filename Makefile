@@ -53,7 +53,7 @@ report: venv
 	$(PY) -m lab_utils.report --params $(PARAMS)
 
 test: test-venv browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
