@@ -7,8 +7,9 @@ where it stopped. Each expensive step of the notebooks therefore goes through
 lists, tuples and dicts) is stored as JSON under
 ``<cache>/steps/<step>-<key hash>.json`` with a checksum, written atomically.
 
-* The key is the step's parameters plus a hash of the ``lab_utils`` sources:
-  a change to the code that computed a result invalidates it.
+* The key is the step's parameters plus a hash of the ``lab_utils`` sources
+  that compute results: a change to that code invalidates them (a change to
+  the runner or the write-up does not).
 * Floats are stored with ``repr`` precision, so a stored table reads back
   bit for bit; the first run also returns the table as read back, so the
   first and the second run see exactly the same values.
@@ -33,10 +34,17 @@ from lab_utils import io
 PACKAGE = Path(__file__).parent
 
 
+# Modules that only present results (the runner, the write-up, parameter
+# checks, notebook display helpers): editing them must not throw away hours of
+# computed results, so they are left out of the code version.
+PRESENTATION = {"report.py", "writeup.py", "notebook.py", "params.py", "__main__.py", "memo.py"}
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of every ``lab_utils`` source file (the code that makes results)."""
-    parts = [(str(p.relative_to(PACKAGE)), io.sha256_file(p)) for p in sorted(PACKAGE.rglob("*.py"))]
+    """A hash of the ``lab_utils`` sources that compute results."""
+    parts = [(str(p.relative_to(PACKAGE)), io.sha256_file(p)) for p in sorted(PACKAGE.rglob("*.py"))
+             if str(p.relative_to(PACKAGE)) not in PRESENTATION]
     return io.key_hash(parts)
 
 

@@ -57,3 +57,10 @@ def test_timed_reports_the_time_of_the_computation_that_made_the_result(tmp_cach
     out2, row2 = memo.timed("t", {}, lambda: 0, "sum")
     assert out1 == out2 == sum(range(10_000))
     assert row1 == row2 and row1["demo"] == "sum" and row1["wall_s"] >= 0
+
+
+def test_code_version_follows_the_computing_code_only():
+    names = {str(p.relative_to(memo.PACKAGE)) for p in memo.PACKAGE.rglob("*.py")}
+    assert "writeup.py" in names and "sparsify.py" in names
+    assert "writeup.py" in memo.PRESENTATION and "sparsify.py" not in memo.PRESENTATION
+    assert len(memo.code_version()) == 16
