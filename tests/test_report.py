@@ -90,3 +90,24 @@ def test_executed_notebooks_have_no_error_outputs(smoke_report):
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
         assert not errors, f"{path.name}: {errors[0].get('ename')}"
+
+
+def test_widget_views_and_state_are_dropped_before_rendering():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", data={report.WIDGET_VIEW: {"model_id": "a"},
+                                                     "text/plain": "HBox(children=...)"}),
+        nbformat.v4.new_output("display_data", data={report.WIDGET_VIEW: {"model_id": "b"},
+                                                     "image/png": "iVBOR"}),
+        nbformat.v4.new_output("stream", text="kept\n"),
+    ]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
+    report.drop_widgets(nb)
+    assert "widgets" not in nb.metadata
+    # the bare widget view is gone; the one with an image keeps only the image; text stays
+    assert [sorted(o.get("data", {})) for o in cell.outputs] == [["image/png"], []]
+    assert cell.outputs[1].text == "kept\n"
