@@ -728,7 +728,7 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
                  scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
                  seqlen: int | None = None, seed: int = 0, owl: bool = False,
                  calibration: str | None = None, progress: bool = True, save: bool | None = None,
-                 **kw) -> tuple[LoadedModel, PruneReport]:
+                 rebuild: bool = False, **kw) -> tuple[LoadedModel, PruneReport]:
     """Load a model and prune it, or load the cached checkpoint of the same
     pruning. Sparsity 0 returns the dense model (with its measured sparsity).
 
@@ -737,6 +737,8 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     with a checksum manifest, so a cut-short write is never reused. ``save``:
     None (default) checkpoints the calibrated methods only, because random and
     magnitude pruning take less time than reading a checkpoint back.
+    ``rebuild=True`` prunes again and replaces the cached checkpoint (and the
+    seconds it records: a benchmark on a quiet machine measures afresh).
     """
     cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration)
     spec = resolve(model_name)
@@ -753,7 +755,7 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         return lm, report
     key = cache_key(spec.name if spec.source != "local" else os.path.abspath(spec.location), cfg)
     folder = checkpoint_dir(spec.slug, cfg, key)
-    if io.verify_dir(folder):
+    if not rebuild and io.verify_dir(folder):
         load_checkpoint(lm.model, folder)
         report = PruneReport.from_json((folder / REPORT_FILE).read_text())
         report.from_cache = True

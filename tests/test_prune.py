@@ -158,6 +158,11 @@ def test_pruned_model_caches_checkpoints(tiny_dirs, cache_with_data):
     weights.write_bytes(weights.read_bytes()[:-10])
     _, r4 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
     assert not r4.from_cache and io.verify_dir(r4.checkpoint)
+    # rebuild prunes again and replaces the entry, with the new run's seconds
+    _, r5 = prune.pruned_model(name, "wanda", 0.5, "2:4", rebuild=True, **CAL)
+    assert not r5.from_cache and r5.checkpoint == r4.checkpoint and io.verify_dir(r5.checkpoint)
+    _, r6 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert r6.from_cache and r6.seconds == r5.seconds != r4.seconds
 
 
 def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
