@@ -728,7 +728,8 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
                  scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
                  seqlen: int | None = None, seed: int = 0, owl: bool = False,
                  calibration: str | None = None, progress: bool = True, save: bool | None = None,
-                 rebuild: bool = False, **kw) -> tuple[LoadedModel, PruneReport]:
+                 rebuild: bool = False, separate_process: bool = False,
+                 **kw) -> tuple[LoadedModel, PruneReport]:
     """Load a model and prune it, or load the cached checkpoint of the same
     pruning. Sparsity 0 returns the dense model (with its measured sparsity).
 
@@ -739,6 +740,11 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     magnitude pruning take less time than reading a checkpoint back.
     ``rebuild=True`` prunes again and replaces the cached checkpoint (and the
     seconds it records: a benchmark on a quiet machine measures afresh).
+    ``separate_process=True`` builds a missing calibrated checkpoint in a child
+    Python process and then loads it: the calibration activations, Hessians
+    and allocator caches of pruning never enter this process (notebook 02 keeps
+    its memory near the model's size that way). The engine's own peak is in the
+    report either way (``peak_memory_bytes``).
     """
     cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration)
     spec = resolve(model_name)
@@ -760,6 +766,13 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         report = PruneReport.from_json((folder / REPORT_FILE).read_text())
         report.from_cache = True
         return lm, report
+    if separate_process and cfg.calibrated and (cfg.calibrated if save is None else save):
+        _build_in_child(model_name, cfg, kw)
+        if not io.verify_dir(folder):
+            raise SparsityError(f"the child process that pruned {model_name} left no valid checkpoint "
+                                f"in {folder}; run prune.pruned_model(...) in this process to see why")
+        load_checkpoint(lm.model, folder)
+        return lm, PruneReport.from_json((folder / REPORT_FILE).read_text())
     report = prune_model(lm, cfg.method, cfg.sparsity, cfg.pattern, cfg.scope, cfg.nsamples,
                          cfg.seqlen, cfg.seed or 0, cfg.owl, cfg.calibration, progress=progress, **kw)
     report.key = key
@@ -770,6 +783,29 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         save_checkpoint(lm.model, tmp)
         (tmp / REPORT_FILE).write_text(report.to_json())
     return lm, report
+
+
+def _build_in_child(model_name: str, cfg: PruneConfig, kw: dict) -> None:
+    """Run :func:`pruned_model` for ``cfg`` in a fresh Python process (same
+    environment, cache and thread count), which writes the checkpoint."""
+    import subprocess
+    import sys
+
+    payload = json.dumps({"model": model_name, "cfg": asdict(cfg), "kw": kw,
+                          "threads": torch.get_num_threads()})
+    proc = subprocess.run([sys.executable, "-m", "lab_utils.prune", payload], capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SparsityError(f"pruning {model_name} ({cfg.method}, {cfg.pattern}, {cfg.sparsity:g}) in a "
+                            f"separate process failed: {tail[0]}")
+
+
+def _child_main(payload: str) -> None:
+    args = json.loads(payload)
+    torch.set_num_threads(int(args["threads"]))
+    cfg = args["cfg"]
+    pruned_model(args["model"], cfg["method"], cfg["sparsity"], cfg["pattern"], cfg["scope"], cfg["nsamples"],
+                 cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"], progress=False, **args["kw"])
 
 
 def check_output_dir(out: str | Path) -> Path:
@@ -793,3 +829,9 @@ def save_pretrained(lm: LoadedModel, out: str | Path) -> Path:
         if lm.feature_extractor is not None:
             lm.feature_extractor.save_pretrained(tmp)
     return out
+
+
+if __name__ == "__main__":  # the child of pruned_model(separate_process=True)
+    import sys
+
+    _child_main(sys.argv[1])

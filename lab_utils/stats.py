@@ -847,8 +847,11 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
         if float(sparsity) > 0:
             if method is None:
                 raise StatsError(f"sparsity {sparsity}: name the method that pruned it, e.g. 'magnitude'")
+            # A missing Wanda/SparseGPT checkpoint is built in a child process:
+            # calibration activations are the engine's memory, not this step's
+            # (the engine's peak is reported next to this step's).
             lm, report = prune.pruned_model(name, method, sparsity, seed=seed, progress=progress,
-                                            **prune_kw)
+                                            separate_process=True, **prune_kw)
         else:
             from lab_utils.models import load_model
 
@@ -863,7 +866,9 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
         if report is not None:
             info.update(actual_sparsity=report.actual_sparsity,
                         actual_sparsity_total=report.actual_sparsity_total,
-                        from_cache=report.from_cache, prune_seconds=report.seconds)
+                        from_cache=report.from_cache, prune_seconds=report.seconds,
+                        prune_peak_bytes=report.peak_memory_bytes,
+                        prune_start_bytes=report.start_memory_bytes)
         del params
         ws = weight_stats(model, label=lm.label, bins=bins, seed=seed, progress=progress,
                           sample_size=sample_size, info=info, reuse=reuse)
@@ -1024,7 +1029,8 @@ def claim_presparsified(all_stats) -> str:
 
 def memory_table(all_stats) -> pd.DataFrame:
     """Resident memory around each model's load-measure-release step, against
-    the size of the model's own parameters (the target: increase < 2x)."""
+    the size of the model's own parameters (the target: increase < 2x), and
+    the pruning engine's peak for the calibrated checkpoints."""
     rows = []
     for ws in all_stats:
         i = ws.info
@@ -1035,5 +1041,9 @@ def memory_table(all_stats) -> pd.DataFrame:
                      "model MiB": size / 2 ** 20, "RSS before MiB": i["rss_before"] / 2 ** 20,
                      "RSS peak MiB": i["rss_peak"] / 2 ** 20,
                      "increase MiB": (i["rss_peak"] - i["rss_before"]) / 2 ** 20,
-                     "increase / model": (i["rss_peak"] - i["rss_before"]) / size if size else float("nan")})
+                     "increase / model": (i["rss_peak"] - i["rss_before"]) / size if size else float("nan"),
+                     # the engine's own peak while it pruned (in a child process for
+                     # Wanda/SparseGPT, or in an earlier run that cached them): nan if dense
+                     "pruning peak MiB": i["prune_peak_bytes"] / 2 ** 20 if i.get("prune_peak_bytes")
+                     else float("nan")})
     return pd.DataFrame(rows)

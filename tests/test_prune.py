@@ -192,3 +192,26 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
         prune.prune_model(lm, "wanda", 0.5, nsamples=2, progress=False)
     with pytest.raises(SparsityError, match="exceeds the context"):
         prune.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
+
+
+def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
+    name = str(tiny_dirs["llama"])
+    lm1, r1 = prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
+    assert not r1.from_cache and io.verify_dir(r1.checkpoint) and r1.peak_memory_bytes > 0
+    # the same pruning in this process, into another cache, gives the same weights
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    os.symlink(cache_with_data / "data", other / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(other))
+    lm2, r2 = prune.pruned_model(name, "sparsegpt", 0.5, **CAL)
+    assert r2.key == r1.key
+    for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
+        assert torch.equal(a.weight, b.weight)
+
+
+def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
+    with pytest.raises(SparsityError, match="wanda.*separate process failed: boom"):
+        prune.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)

@@ -158,7 +158,12 @@ def bench_params(benchmark: str, bp: BenchParams) -> dict:
             "sentiment-probe": ("probe_train_examples", "probe_test_examples", "probe_max_length", "seed"),
             "wer": ("wer_utterances", "wer_per_window"),
             "denoising": ("denoise_sentences", "denoise_mask_ratio", "denoise_poisson_lambda", "seed")}[benchmark]
-    return {k: getattr(bp, k) for k in keys}
+    out = {k: getattr(bp, k) for k in keys}
+    if benchmark == "wer":  # the decoding budget changes a looping model's WER
+        from lab_utils.evaluation import asr
+
+        out["max_new_tokens"] = asr.MAX_NEW_TOKENS
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoint keys
