@@ -767,7 +767,7 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         report.from_cache = True
         return lm, report
     if separate_process and cfg.calibrated and (cfg.calibrated if save is None else save):
-        _build_in_child(model_name, cfg, kw)
+        _build_in_child(model_name, cfg, kw, rebuild)
         if not io.verify_dir(folder):
             raise SparsityError(f"the child process that pruned {model_name} left no valid checkpoint "
                                 f"in {folder}; run prune.pruned_model(...) in this process to see why")
@@ -785,13 +785,13 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     return lm, report
 
 
-def _build_in_child(model_name: str, cfg: PruneConfig, kw: dict) -> None:
+def _build_in_child(model_name: str, cfg: PruneConfig, kw: dict, rebuild: bool = False) -> None:
     """Run :func:`pruned_model` for ``cfg`` in a fresh Python process (same
     environment, cache and thread count), which writes the checkpoint."""
     import subprocess
     import sys
 
-    payload = json.dumps({"model": model_name, "cfg": asdict(cfg), "kw": kw,
+    payload = json.dumps({"model": model_name, "cfg": asdict(cfg), "kw": kw, "rebuild": rebuild,
                           "threads": torch.get_num_threads()})
     proc = subprocess.run([sys.executable, "-m", "lab_utils.prune", payload], capture_output=True, text=True)
     if proc.returncode:
@@ -805,7 +805,8 @@ def _child_main(payload: str) -> None:
     torch.set_num_threads(int(args["threads"]))
     cfg = args["cfg"]
     pruned_model(args["model"], cfg["method"], cfg["sparsity"], cfg["pattern"], cfg["scope"], cfg["nsamples"],
-                 cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"], progress=False, **args["kw"])
+                 cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"], progress=False,
+                 rebuild=args["rebuild"], **args["kw"])
 
 
 def check_output_dir(out: str | Path) -> Path:

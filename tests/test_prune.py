@@ -198,6 +198,10 @@ def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data,
     name = str(tiny_dirs["llama"])
     lm1, r1 = prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
     assert not r1.from_cache and io.verify_dir(r1.checkpoint) and r1.peak_memory_bytes > 0
+    # cached now: loaded here, no child; rebuild=True reaches the child and prunes again
+    assert prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)[1].from_cache
+    r1b = prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True, rebuild=True)[1]
+    assert not r1b.from_cache and r1b.seconds != r1.seconds
     # the same pruning in this process, into another cache, gives the same weights
     other = tmp_path / "other-cache"
     other.mkdir()
