@@ -68,15 +68,14 @@ def block_linears(lm, seqlen: int = 16) -> list[dict]:
     with its shape and the id of the input it reads (q/k/v share one): found by
     running the model once on ``seqlen`` tokens with pre-hooks (the shapes do
     not depend on which tokens)."""
-    from lab_utils.models import find_layers, transformer_blocks
+    from lab_utils.models import find_layers, transformer_blocks, weight_out_in
 
     (_, blocks), *_ = transformer_blocks(lm.model).values()
     calls, keep = [], []
 
     def hook(name):
         def fn(module, args):
-            W = module.weight
-            out_f, in_f = (W.shape[1], W.shape[0]) if type(module).__name__ == "Conv1D" else W.shape
+            out_f, in_f = weight_out_in(module).shape  # GPT-2's Conv1D stores in x out
             keep.append(args[0])  # holding the input keeps its id unique
             calls.append({"name": name, "in": int(in_f), "out": int(out_f), "input": id(args[0])})
         return fn

@@ -867,8 +867,7 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
             info.update(actual_sparsity=report.actual_sparsity,
                         actual_sparsity_total=report.actual_sparsity_total,
                         from_cache=report.from_cache, prune_seconds=report.seconds,
-                        prune_peak_bytes=report.peak_memory_bytes,
-                        prune_start_bytes=report.start_memory_bytes)
+                        prune_peak_bytes=report.peak_memory_bytes)
         del params
         ws = weight_stats(model, label=lm.label, bins=bins, seed=seed, progress=progress,
                           sample_size=sample_size, info=info, reuse=reuse)
