@@ -102,12 +102,14 @@ def main(argv=None) -> int:
         layers, cross, fwd = speed_targets(args)
         print(f"\n== CSR over dense per layer shape ({args.tokens} x in inputs), medians of {args.repeats}")
         print(layers.pivot_table(index="shape", columns="sparsity", values="speedup").to_string())
+        print("\n   the same with both transposes (one CSR layer alone in a dense model)")
+        print(layers.pivot_table(index="shape", columns="sparsity", values="drop_in_speedup").to_string())
         print("\n== crossover sparsity (CSR faster above it)")
         print(cross[["shape", "crossover_sparsity"]].to_string(index=False))
         print(f"\n== whole forward, {args.speed_model}, speed-up over dense (target: >= {NEVER_SLOWER} "
               f"everywhere, >= {SPEEDUP_TARGET} at 0.9)")
-        cols = ["sparsity", "dense_s", "sparse_aware_speedup", "csr_layers", "layers", "sparse_aware_is_dense",
-                "all_csr_speedup", "flop_limit", "unprunable_share", "target"]
+        cols = ["sparsity", "dense_s", "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup",
+                "fell_back", "all_csr_speedup", "flop_limit", "unprunable_share", "target"]
         print(fwd[cols].to_string(index=False))
         for name, t in (("speed_layers", layers), ("speed_crossover", cross), ("speed_forward", fwd)):
             with io.atomic_path(out / f"{name}.csv") as tmp:

@@ -14,7 +14,12 @@ no blocking for the caches), so CSR only wins above some sparsity: the
 * :class:`CSRLinear` is a drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` that
   stores its weight as CSR; :func:`to_sparse_aware` swaps it in for the
   layers whose measured speed-up at their sparsity clears a margin, and keeps
-  the others dense, so the model is never slower than dense by design;
+  the others dense. Inside such a model the CSR layers work feature-major
+  (torch multiplies a sparse matrix on the left only, so ``x @ W.T`` is
+  computed as ``(W @ x.T).T``): siblings share one transpose of their input
+  and hand on transposed views where the next op reads them for free.
+  :func:`tune_sparse_aware` then times the plan end to end and falls back to
+  the dense model when it is not faster;
 * :func:`forward_speed` times whole forward passes, :func:`flop_limit` gives
   the speed-up that counting multiply-adds allows (the dense parts, such as
   the output head, bound it).
@@ -38,6 +43,10 @@ import torch
 from torch import nn
 
 from lab_utils.models import _conv1d_type, prunable_layers
+
+# Part of every cache key for timings: bump it when the CSR kernel, the
+# module or the tuning changes, since cached timings measured the old code.
+KERNEL_VERSION = 2
 
 
 # --------------------------------------------------------------------------- timing
@@ -92,27 +101,58 @@ def sparse_weight(shape: tuple[int, int], sparsity_ratio: float, seed: int = 0) 
 
 
 def to_csr(W: torch.Tensor) -> torch.Tensor:
+    """W as a CSR tensor with int32 row pointers and column indices when they
+    fit: torch hands int64 indices to MKL's sparse kernel only after
+    converting them, on every call (int32 measured 1.2-1.9x faster at 90%
+    sparsity on SmolLM2's shapes)."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and what we measure
         warnings.simplefilter("ignore", UserWarning)
-        return W.detach().to_sparse_csr()
+        W_csr = W.detach().to_sparse_csr()
+        if max(W_csr.shape) < 2**31 and W_csr.values().numel() < 2**31:
+            W_csr = torch.sparse_csr_tensor(W_csr.crow_indices().int(), W_csr.col_indices().int(),
+                                            W_csr.values(), W_csr.shape)
+        return W_csr
+
+
+def feature_major(x: torch.Tensor) -> torch.Tensor:
+    """The activations ``x`` (..., in) as one contiguous in x tokens matrix.
+    Free when ``x`` is already the transposed view of one (the output of a
+    feature-major :class:`CSRLinear`, or an elementwise op on it)."""
+    return x.reshape(-1, x.shape[-1]).t().contiguous()
+
+
+def csr_matmul(W_csr: torch.Tensor, xT: torch.Tensor) -> torch.Tensor:
+    """``W @ xT`` for a CSR ``W`` (out x in) and a dense, contiguous ``xT``
+    (in x tokens): torch multiplies a sparse matrix on the left only, so the
+    activations go in feature-major and come out feature-major (out x tokens).
+    The product is written straight into a fresh, unfilled tensor (``addmm``
+    with beta=0 into itself, which BLAS semantics never read): plain
+    ``torch.sparse.mm`` first fills its output with zeros and ``addmm`` without
+    ``out=`` copies its input there, passes that cost 20-30% at 90% sparsity."""
+    yT = xT.new_empty(W_csr.shape[0], xT.shape[1])
+    return torch.addmm(yT, W_csr, xT, beta=0, out=yT)
 
 
 def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in CSR: (W @ x.T).T, since torch multiplies a
-    sparse matrix on the left. Contiguous output, as the next layer may view() it."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.sparse.mm(W_csr, x2.t().contiguous()).t()
+    """``x @ W.T + bias`` with W in CSR, token-major in and out: a drop-in for
+    one linear layer, paying a transpose on the way in and one on the way out.
+    Contiguous output, as the next layer may view() it."""
+    yT = csr_matmul(W_csr, feature_major(x))
     if bias is not None:
-        y = y + bias
-    return y.contiguous().reshape(*x.shape[:-1], W_csr.shape[0])
+        yT += bias[:, None]
+    return yT.t().contiguous().reshape(*x.shape[:-1], W_csr.shape[0])
 
 
 def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], tokens: int = 512,
                 warmup: int = 2, repeats: int = 7, seed: int = 0, threads: int | None = None,
                 progress: bool = True) -> pd.DataFrame:
     """Median time of ``x @ W.T`` (x: tokens x in) dense and CSR, per shape
-    and sparsity; speedup = dense time / CSR time (> 1: CSR is faster). The
-    pair is timed interleaved, so the ratio is measured under the same load."""
+    and sparsity, timed in turns so the ratios are measured under the same
+    load. ``csr_ms`` is the CSR kernel on feature-major activations, as the
+    sparse-aware model runs it (:class:`CSRLinear` shares one transpose among
+    the layers that read the same input and hands its output on transposed);
+    ``speedup`` = dense / that. ``drop_in_ms`` / ``drop_in_speedup`` add both
+    transposes: one CSR layer alone in a dense model."""
     from tqdm.auto import tqdm
 
     shapes = sorted({tuple(int(v) for v in s) for s in shapes})
@@ -125,12 +165,15 @@ def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], 
         W_csr = to_csr(W)
         load = os.getloadavg()[0]
         x = torch.randn(tokens, shape[1], generator=g)
+        xT = feature_major(x)
         med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
-                                         "csr": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
+                                         "csr": lambda W_csr=W_csr, xT=xT: csr_matmul(W_csr, xT),
+                                         "drop_in": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
                                         warmup, repeats, threads))
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
                      "sparsity": sp, "tokens": tokens, "dense_ms": 1e3 * med["dense"],
                      "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"],
+                     "drop_in_ms": 1e3 * med["drop_in"], "drop_in_speedup": med["dense"] / med["drop_in"],
                      "threads": threads or torch.get_num_threads(), "load_avg": load})
     return pd.DataFrame(rows)
 
@@ -174,22 +217,68 @@ def crossover(speed: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- modules
-class CSRLinear(nn.Module):
-    """A linear layer whose weight (out x in) is a CSR tensor."""
+class TransposeCache:
+    """One slot holding the last activation a group of :class:`CSRLinear`
+    layers read, in feature-major form. Sibling layers that read the same
+    tensor (q, k and v; an MLP's gate and up) transpose it once: the slot is
+    hit when the input is the very same tensor object, unmodified since (its
+    version counter; tensors made under ``torch.inference_mode`` have none,
+    and there the transformer code's habit of never writing into an
+    activation that several projections read is relied upon)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._src, self._version, self._xT = None, None, None
+
+    def feature_major(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor
+            version = None
+        if x is self._src and version == self._version:
+            return self._xT
+        xT = feature_major(x)
+        self._src, self._version, self._xT = x, version, xT
+        return xT
+
+
+# Components whose output may stay feature-major (a transposed view): it goes
+# to an activation function, a product, a residual add or the next CSR layer,
+# which all read it without a copy. The rest copy back to token-major: q, k
+# and v above all, since CPU scaled-dot-product attention runs its fast path
+# only when the head dimension is contiguous (measured: the slow path cost
+# more than the copies save), and any component not recognised.
+FEATURE_MAJOR_OUT = ("mlp.gate", "mlp.up", "mlp.down", "attn.o", "xattn.o")
+
+
+class CSRLinear(nn.Module):
+    """A linear layer whose weight (out x in) is a CSR tensor.
+
+    Alone it is a drop-in for ``nn.Linear`` (token-major in and out). Inside a
+    sparse-aware model (:func:`to_sparse_aware`) it works feature-major: it
+    reads its input through a :class:`TransposeCache` shared with its
+    siblings, and with ``token_major_out=False`` returns ``(W @ x.T).T`` as a
+    transposed view instead of copying it back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 cache: TransposeCache | None = None, token_major_out: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight_csr", to_csr(weight), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.cache = cache
+        self.token_major_out = token_major_out
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> CSRLinear:
+    def from_module(cls, module: nn.Module, cache: TransposeCache | None = None,
+                    token_major_out: bool = True) -> CSRLinear:
         """From ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is in x out)."""
         W = module.weight.detach()
         if isinstance(module, _conv1d_type()):
             W = W.t()
-        return cls(W.contiguous(), module.bias)
+        return cls(W.contiguous(), module.bias, cache, token_major_out)
 
     @property
     def nnz(self) -> int:
@@ -199,10 +288,16 @@ class CSRLinear(nn.Module):
         return self.weight_csr.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return csr_linear(x, self.weight_csr, self.bias)
+        xT = self.cache.feature_major(x) if self.cache is not None else feature_major(x)
+        yT = csr_matmul(self.weight_csr, xT)
+        if self.bias is not None:
+            yT += self.bias[:, None]
+        y = yT.t().contiguous() if self.token_major_out else yT.t()
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"token_major_out={self.token_major_out}")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -231,11 +326,15 @@ def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float 
                     force: bool = False, inplace: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """A copy of ``model`` (or the model itself) with the layers that
     :func:`sparse_plan` picks replaced by :class:`CSRLinear`; returns
-    (model, plan). ``force=True`` converts every prunable layer."""
+    (model, plan). ``force=True`` converts every prunable layer. The CSR
+    layers share one :class:`TransposeCache` and hand on feature-major
+    outputs except where an attention kernel reads them."""
     plan = sparse_plan(model, speed, margin, force)
     target = model if inplace else copy.deepcopy(model)
-    for name in plan.loc[plan.use_csr, "name"]:
-        _set_module(target, name, CSRLinear.from_module(target.get_submodule(name)))
+    cache = TransposeCache()
+    for r in plan[plan.use_csr].itertuples():
+        _set_module(target, r.name, CSRLinear.from_module(
+            target.get_submodule(r.name), cache, token_major_out=r.component not in FEATURE_MAJOR_OUT))
     return target.eval(), plan
 
 
@@ -340,14 +439,40 @@ def forward_inputs(lm, tokens: int = 512) -> dict:
     return {"input_ids": ids} | ({"use_cache": False} if "Causal" in type(lm.model).__name__ else {})
 
 
+def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict, margin: float = 0.1,
+                      warmup: int = 1, repeats: int = 3, threads: int | None = None
+                      ) -> tuple[nn.Module, pd.DataFrame, float]:
+    """:func:`to_sparse_aware`, checked end to end on ``inputs``.
+
+    The per-layer table cannot see what happens between layers (the
+    transposes, a layout that a later op must copy, caches shared by
+    several layers), so the CSR plan is timed against the dense model on the
+    real input (interleaved, medians); if it is not faster, the sparse-aware
+    model *is* the dense model. Returns (model, plan, checked speed-up), with
+    ``plan.use_csr`` cleared after a fall-back and nan as the speed-up when no
+    layer was worth converting (nothing to check). Time the returned model
+    again to report it: a check that happened to run on a quiet moment would
+    bias the ratio it selected."""
+    aware, plan = to_sparse_aware(model, speed, margin)
+    if not plan.use_csr.any():
+        return model, plan, math.nan
+    check = forward_speed({"dense": model, "sparse-aware": aware}, inputs, warmup, repeats, threads)
+    checked = float(check.speedup.iloc[1])
+    if checked >= 1.0:
+        return aware, plan, checked
+    return model, plan.assign(use_csr=False), checked
+
+
 def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
                   tokens: int = 512, warmup: int = 1, repeats: int = 5, threads: int | None = None,
                   margin: float = 0.1, all_csr: bool = True, progress: bool = True, **prune_kw) -> pd.DataFrame:
     """Whole forward passes at each sparsity, timed interleaved: the pruned
     model as it is (dense kernels), the sparse-aware model (CSR where the
-    ``speed`` table says it pays) and, with ``all_csr``, every prunable layer
-    in CSR. Speed-ups are over dense; ``flop_limit`` is what counting
-    multiply-adds allows."""
+    ``speed`` table says it pays and :func:`tune_sparse_aware`'s end-to-end
+    check confirms it) and, with ``all_csr``, every prunable layer in CSR.
+    Speed-ups are over dense; ``flop_limit`` is what counting multiply-adds
+    allows; ``checked_speedup`` is the check's own measurement and
+    ``fell_back`` says the plan lost it."""
     from tqdm.auto import tqdm
 
     from lab_utils.storage import pruned
@@ -356,9 +481,9 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
         lm = pruned(model_name, method, sparsity, progress=progress, dense=dense, **prune_kw)
         inputs = forward_inputs(lm, tokens)
-        aware, plan = to_sparse_aware(lm.model, speed, margin)
-        # With no layer worth converting, the sparse-aware model *is* the dense
-        # model: timing it again would only measure the machine's noise.
+        aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, warmup, repeats, threads)
+        # With no layer in CSR, the sparse-aware model *is* the dense model:
+        # timing it again would only measure the machine's noise.
         variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
         if all_csr:
             variants["all-csr"] = to_sparse_aware(lm.model, None, force=True)[0]
@@ -373,6 +498,7 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
                "sparse_aware_speedup": t.loc["sparse-aware", "speedup"],
                "csr_layers": int(plan.use_csr.sum()), "layers": len(plan),
                "sparse_aware_is_dense": not plan.use_csr.any(),
+               "checked_speedup": checked, "fell_back": bool(checked < 1.0),
                "flop_limit": limit["limit"], "unprunable_share": limit["unprunable_share"],
                "threads": threads or torch.get_num_threads(), "repeats": repeats, "load_avg": load}
         if all_csr:
@@ -426,8 +552,13 @@ def speed_conclusions(layers: pd.DataFrame, forward: pd.DataFrame | None = None)
                 "single ratios can be off by tens of percent.)")
     if forward is not None and len(forward):
         for r in forward.itertuples():
-            how = ("no layer is worth converting, so it is the dense model" if r.sparse_aware_is_dense
-                   else f"{r.csr_layers} of {r.layers} layers in CSR")
+            if getattr(r, "fell_back", False):
+                how = (f"its CSR plan ran at {r.checked_speedup:.2f}x dense in a first timing, so it falls back "
+                       "to the dense model")
+            elif r.sparse_aware_is_dense:
+                how = "no layer is worth converting, so it is the dense model"
+            else:
+                how = f"{r.csr_layers} of {r.layers} layers in CSR"
             line = (f"Whole {r.label} forward on {r.tokens} tokens at {r.sparsity:.0%}: the sparse-aware model "
                     f"runs at {r.sparse_aware_speedup:.2f}x dense ({how})")
             if hasattr(r, "all_csr_speedup") and not pd.isna(r.all_csr_speedup):

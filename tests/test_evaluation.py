@@ -329,3 +329,19 @@ def test_smoke_run_writes_a_row_for_every_requested_setting(smoke_report):
         got = set(zip(g.method, g.pattern, g.requested_sparsity.round(6), strict=True))
         assert got == {(s.method, s.pattern, round(s.sparsity, 6)) for s in want}
         assert g.value.notna().all()
+
+
+def test_speed_sentence_follows_the_rows():
+    base = {"model": "m", "label": "Tiny", "dense_tokens_per_s": 1000.0, "threads": 2, "repeats": 3,
+            "load_avg": 1.0, "flop_limit": 2.0, "layers": 4}
+    rows = pd.DataFrame([
+        base | {"sparsity": 0.5, "csr_layers": 0, "fell_back": False, "checked_speedup": math.nan,
+                "sparse_aware_tokens_per_s": 1000.0, "sparse_aware_speedup": 1.0},
+        base | {"sparsity": 0.8, "csr_layers": 0, "fell_back": True, "checked_speedup": 0.93,
+                "sparse_aware_tokens_per_s": 1000.0, "sparse_aware_speedup": 1.0},
+        base | {"sparsity": 0.9, "csr_layers": 3, "fell_back": False, "checked_speedup": 1.2,
+                "sparse_aware_tokens_per_s": 1250.0, "sparse_aware_speedup": 1.25}])
+    text = summary.speed_sentence(rows)
+    assert "at 50% no layer's CSR form beats its dense matmul" in text
+    assert "at 80% the CSR plan ran at 0.93x dense end to end in a first timing, so the sparse-aware" in text
+    assert "1,250 vs 1,000 tokens/s (1.25x, 3 of 4 layers in CSR" in text

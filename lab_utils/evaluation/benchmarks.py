@@ -474,7 +474,8 @@ def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1,
     sparsities = sorted({float(s) for s in sparsities if s > 0})
     threads = torch.get_num_threads()
     path = _eval_path(model_name, "speed", {"sparsities": sparsities, "tokens": tokens, "warmup": warmup,
-                                            "repeats": repeats, "margin": margin, "threads": threads})
+                                            "repeats": repeats, "margin": margin, "threads": threads,
+                                            "kernel": speed.KERNEL_VERSION})
     hit = io.cached_json(path)
     if hit is not None:
         return pd.DataFrame(hit["rows"])[hit["columns"]]
@@ -485,7 +486,8 @@ def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1,
     fwd["dense_tokens_per_s"] = fwd.tokens / fwd.dense_s
     fwd["sparse_aware_tokens_per_s"] = fwd.tokens / fwd.sparse_aware_s
     cols = ["model", "label", "sparsity", "tokens", "dense_tokens_per_s", "sparse_aware_tokens_per_s",
-            "sparse_aware_speedup", "csr_layers", "layers", "flop_limit", "threads", "repeats", "load_avg"]
+            "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup", "fell_back", "flop_limit", "threads",
+            "repeats", "load_avg"]
     fwd = fwd[cols]
     io.store_json(path, {"columns": cols, "rows": fwd.to_dict(orient="records")})
     return fwd

@@ -245,7 +245,11 @@ def speed_sentence(speed: pd.DataFrame) -> str:
     for _model, g in speed.groupby("model", sort=False):
         bits = []
         for _, r in g.sort_values("sparsity").iterrows():
-            if r.csr_layers == 0:
+            if r.get("fell_back", False):
+                bits.append(f"at {r.sparsity:.0%} the CSR plan ran at {r.checked_speedup:.2f}x dense end to end "
+                            f"in a first timing, so the sparse-aware model falls back to the dense one "
+                            f"({r.dense_tokens_per_s:,.0f} tokens/s)")
+            elif r.csr_layers == 0:
                 bits.append(f"at {r.sparsity:.0%} no layer's CSR form beats its dense matmul, so the sparse-aware "
                             f"model is the dense one ({r.dense_tokens_per_s:,.0f} tokens/s)")
             else:
