@@ -67,8 +67,8 @@ def test_fully_converted_model_gives_the_same_outputs(kind):
     assert plan.use_csr.all() and len(plan) == n
     assert sum(isinstance(m, speed.CSRLinear) for m in sparse.modules()) == n
     assert not any(isinstance(m, speed.CSRLinear) for m in model.modules())  # a copy
-    # under no_grad (version counters) and inference_mode (none) alike
-    for mode in (torch.no_grad, torch.inference_mode):
+    # with autograd on, under no_grad (version counters) and under inference_mode (none) alike
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
         with mode():
             torch.testing.assert_close(outputs(sparse, inputs), outputs(model, inputs), rtol=1e-4, atol=1e-5)
     if kind == "whisper":
@@ -115,6 +115,17 @@ def test_transpose_cache_misses_a_changed_input():
     x.mul_(2)  # written in place: its version moves on
     torch.testing.assert_close(cache.feature_major(x), x.t())
     assert cache.feature_major(x.clone()) is not cache.feature_major(x)  # equal values, another tensor
+
+
+def test_csr_layers_pass_gradients_to_their_inputs():
+    lin = torch.nn.Linear(8, 4)
+    lin.weight.data = speed.sparse_weight((4, 8), 0.5)
+    csr = speed.CSRLinear.from_module(lin, speed.TransposeCache(), token_major_out=False)
+    x = torch.randn(3, 8, requires_grad=True)
+    csr(x).pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    lin(x_ref).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_csr_linear_feature_major_output_is_a_transposed_view():
