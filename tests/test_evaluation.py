@@ -345,3 +345,21 @@ def test_speed_sentence_follows_the_rows():
     assert "at 50% no layer's CSR form beats its dense matmul" in text
     assert "at 80% the CSR plan ran at 0.93x dense end to end in a first timing, so the sparse-aware" in text
     assert "1,250 vs 1,000 tokens/s (1.25x, 3 of 4 layers in CSR" in text
+
+
+def test_speed_table_is_measured_once_then_read_back(tiny_dirs, eval_cache, monkeypatch):
+    from lab_utils import speed
+
+    name = str(tiny_dirs["llama"])
+    first = benchmarks.speed_table(name, [0, 0.9], tokens=8, warmup=0, repeats=1, progress=False)
+    assert list(first.sparsity) == [0.9]  # 0 is the dense model itself: nothing to time
+    assert (first.sparse_aware_speedup > 0).all() and (first.layers == 14).all()
+    assert first.fell_back.dtype == bool
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached rerun must not time anything")
+
+    monkeypatch.setattr(speed, "forward_sweep", no_timing)
+    monkeypatch.setattr(speed, "layer_speed", no_timing)
+    again = benchmarks.speed_table(name, [0.9, 0], tokens=8, warmup=0, repeats=1, progress=False)
+    pd.testing.assert_frame_equal(again, first)

@@ -459,38 +459,37 @@ def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1,
                 margin: float = 0.1, progress: bool = True) -> pd.DataFrame:
     """Whole-forward throughput, dense vs sparse-aware, at each sparsity
     (:func:`lab_utils.speed.forward_sweep`: each prunable layer runs as CSR
-    where the measured per-shape crossover says it pays, dense elsewhere;
-    medians after warm-up, timed in turns). The weights come from magnitude
-    pruning: a CSR matmul's time depends on how many weights are kept, not on
-    which, so one method stands for all.
+    where the measured per-shape crossover says it pays, dense elsewhere, and
+    the plan is kept only if it is faster end to end; medians after warm-up,
+    timed in turns). The weights come from magnitude pruning: a CSR matmul's
+    time depends on how many weights are kept, not on which, so one method
+    stands for all.
 
-    Timings are cached like every evaluation (a rerun shows the first run's
-    measurement); delete ``cache_dir()/eval/speed-*`` to time again.
+    The table is cached by :func:`lab_utils.memo.cached` like every computed
+    step (a rerun shows the first run's measurement); delete
+    ``cache_dir()/steps/04-speed-*`` to time again.
     """
     import torch
 
-    from lab_utils import speed
+    from lab_utils import memo, speed
 
     sparsities = sorted({float(s) for s in sparsities if s > 0})
-    threads = torch.get_num_threads()
-    path = _eval_path(model_name, "speed", {"sparsities": sparsities, "tokens": tokens, "warmup": warmup,
-                                            "repeats": repeats, "margin": margin, "threads": threads,
-                                            "kernel": speed.KERNEL_VERSION})
-    hit = io.cached_json(path)
-    if hit is not None:
-        return pd.DataFrame(hit["rows"])[hit["columns"]]
-    layers = speed.layer_speed(speed.model_shapes(model_name), sparsities, tokens=tokens, warmup=warmup,
-                               repeats=repeats, progress=progress)
-    fwd = speed.forward_sweep(model_name, "magnitude", sparsities, layers, tokens=tokens, warmup=warmup,
-                              repeats=repeats, margin=margin, all_csr=False, progress=progress)
-    fwd["dense_tokens_per_s"] = fwd.tokens / fwd.dense_s
-    fwd["sparse_aware_tokens_per_s"] = fwd.tokens / fwd.sparse_aware_s
-    cols = ["model", "label", "sparsity", "tokens", "dense_tokens_per_s", "sparse_aware_tokens_per_s",
-            "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup", "fell_back", "flop_limit", "threads",
-            "repeats", "load_avg"]
-    fwd = fwd[cols]
-    io.store_json(path, {"columns": cols, "rows": fwd.to_dict(orient="records")})
-    return fwd
+    key = {"model": model_name, "sparsities": sparsities, "tokens": tokens, "warmup": warmup,
+           "repeats": repeats, "margin": margin, "threads": torch.get_num_threads(),
+           "kernel": speed.KERNEL_VERSION}
+
+    def measure() -> pd.DataFrame:
+        layers = speed.layer_speed(speed.model_shapes(model_name), sparsities, tokens=tokens, warmup=warmup,
+                                   repeats=repeats, progress=progress)
+        fwd = speed.forward_sweep(model_name, "magnitude", sparsities, layers, tokens=tokens, warmup=warmup,
+                                  repeats=repeats, margin=margin, all_csr=False, progress=progress)
+        fwd["dense_tokens_per_s"] = fwd.tokens / fwd.dense_s
+        fwd["sparse_aware_tokens_per_s"] = fwd.tokens / fwd.sparse_aware_s
+        return fwd[["model", "label", "sparsity", "tokens", "dense_tokens_per_s", "sparse_aware_tokens_per_s",
+                    "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup", "fell_back",
+                    "flop_limit", "threads", "repeats", "load_avg"]].reset_index(drop=True)
+
+    return memo.cached("04-speed", key, measure)
 
 
 def check_size_formats(formats) -> tuple[str, ...]:
