@@ -135,14 +135,19 @@ def csr_matmul(W_csr: torch.Tensor, xT: torch.Tensor) -> torch.Tensor:
     return torch.addmm(yT, W_csr, xT, beta=0, out=yT)
 
 
-def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in CSR, token-major in and out: a drop-in for
-    one linear layer, paying a transpose on the way in and one on the way out.
-    Contiguous output, as the next layer may view() it."""
-    yT = csr_matmul(W_csr, feature_major(x))
+def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None = None,
+               xT: torch.Tensor | None = None, token_major_out: bool = True) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in CSR. By default a drop-in for one linear
+    layer, token-major in and out, paying a transpose on the way in and one on
+    the way out (a contiguous output, as the next layer may view() it). Pass
+    ``xT`` (``x`` already feature-major) to skip the first, and
+    ``token_major_out=False`` to return the transposed view instead of the
+    second."""
+    yT = csr_matmul(W_csr, feature_major(x) if xT is None else xT)
     if bias is not None:
         yT += bias[:, None]
-    return yT.t().contiguous().reshape(*x.shape[:-1], W_csr.shape[0])
+    y = yT.t().contiguous() if token_major_out else yT.t()
+    return y.reshape(*x.shape[:-1], W_csr.shape[0])
 
 
 def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], tokens: int = 512,
@@ -290,12 +295,8 @@ class CSRLinear(nn.Module):
         return self.weight_csr.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xT = self.cache.feature_major(x) if self.cache is not None else feature_major(x)
-        yT = csr_matmul(self.weight_csr, xT)
-        if self.bias is not None:
-            yT += self.bias[:, None]
-        y = yT.t().contiguous() if self.token_major_out else yT.t()
-        return y.reshape(*x.shape[:-1], self.out_features)
+        xT = self.cache.feature_major(x) if self.cache is not None else None
+        return csr_linear(x, self.weight_csr, self.bias, xT, self.token_major_out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
