@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lab_utils.models import _conv1d_type, prunable_layers
+from lab_utils.models import _conv1d_type, prunable_layers, weight_out_in
 
 # Part of every cache key for timings: bump it when the CSR kernel, the
 # module or the tuning changes, since cached timings measured the old code.
@@ -282,10 +282,7 @@ class CSRLinear(nn.Module):
     def from_module(cls, module: nn.Module, cache: TransposeCache | None = None,
                     token_major_out: bool = True) -> CSRLinear:
         """From ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is in x out)."""
-        W = module.weight.detach()
-        if isinstance(module, _conv1d_type()):
-            W = W.t()
-        return cls(W.contiguous(), module.bias, cache, token_major_out)
+        return cls(weight_out_in(module).contiguous(), module.bias, cache, token_major_out)
 
     @property
     def nnz(self) -> int:
@@ -369,8 +366,8 @@ def linear_macs(model: nn.Module, inputs: dict) -> pd.DataFrame:
             if isinstance(module, CSRLinear):
                 out_f, in_f, nnz = module.out_features, module.in_features, module.nnz
             else:
-                W = module.weight
-                out_f, in_f = (W.shape[1], W.shape[0]) if isinstance(module, conv1d) else W.shape
+                W = weight_out_in(module)
+                out_f, in_f = W.shape
                 nnz = int((W != 0).sum()) if name in prunable else out_f * in_f
             rows.append({"name": name, "prunable": name in prunable, "rows": rows_in,
                          "dense_macs": rows_in * out_f * in_f, "macs": rows_in * nnz})
