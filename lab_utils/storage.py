@@ -831,45 +831,72 @@ CONFIG_ARGS = ("scope", "nsamples", "seqlen", "seed", "owl", "calibration")  # o
 def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
                formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
                zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
-               **prune_kw) -> pd.DataFrame:
+               workers: int | None = None, **prune_kw) -> pd.DataFrame:
     """Sizes for every model x method x sparsity: the pruned model comes from
     :func:`pruned`, each format is written and measured by :func:`model_sizes`.
     Results are cached (checksummed JSON) per setting, so a re-run reads them
-    instead of rewriting the files."""
+    instead of rewriting the files. The missing ones are measured two at a time
+    in worker processes on one thread each (:mod:`lab_utils.workers`: writing
+    a file is mostly one-core numpy and zstd work), so ``save_s`` is each
+    write's own time with the other measurement running beside it."""
     import dataclasses
 
-    from tqdm.auto import tqdm
-
     from lab_utils import prune
+    from lab_utils import workers as side_by_side
 
     formats = check_formats(formats, pattern)
-    jobs = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
-    frames, dense = [], {}
-    for model_name, method, sparsity in tqdm(jobs, desc="sizes", disable=not progress):
+    settings = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
+    paths, missing = [], []
+    for model_name, method, sparsity in settings:
         # The pruning as the engine sees it (arguments that do not apply to a method drop out).
         cfg_kw = {k: prune_kw[k] for k in CONFIG_ARGS if k in prune_kw}
         other_kw = sorted((k, v) for k, v in prune_kw.items() if k not in CONFIG_ARGS)
         cfg = dataclasses.asdict(prune.make_config(method, sparsity, pattern, **cfg_kw))
         key = io.key_hash("sizes", FILE_VERSION, SIZES_VERSION, prune.ENGINE_VERSION, model_name, cfg,
                           formats, zstd_level, other_kw)
-        cache = io.cache_dir() / "sizes" / f"{key}.json"
-        cached = io.cached_json(cache)
+        path = io.cache_dir() / "sizes" / f"{key}.json"
+        paths.append(path)
+        if io.cached_json(path) is None:
+            missing.append({"model_name": model_name, "method": method, "sparsity": sparsity, "pattern": pattern,
+                            "formats": list(formats), "zstd_level": zstd_level, "keep_files": keep_files,
+                            "prune_kw": prune_kw, "path": str(path)})
+    try:
+        side_by_side.run_side_by_side(
+            "lab_utils.storage:size_job", missing, workers=side_by_side.WORKERS if workers is None else workers,
+            progress=progress, desc="sizes",
+            describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['method']}, {j['sparsity']:g})")
+    except side_by_side.WorkerError as e:
+        raise StorageError(str(e)) from e
+    finally:
+        _DENSE.clear()
+    frames = []
+    for path in paths:
+        cached = io.cached_json(path)
         if cached is None:
-            lm = pruned(model_name, method, sparsity, pattern, progress=progress, dense=dense, **prune_kw)
-            table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
-                                folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
-                                keep_files=keep_files, progress=progress)
-            table.insert(0, "label", lm.label)
-            table.insert(0, "model", model_name)
-            table.insert(2, "method", method)
-            table.insert(3, "sparsity", sparsity)
-            table.insert(4, "pattern", pattern)
-            table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
-            cached = {"columns": list(table.columns), "rows": table.to_dict(orient="records")}
-            io.store_json(cache, cached)  # (sorts the keys: the column order is kept aside)
-            del lm
+            raise StorageError(f"{path} was not written by the size measurement; run size_sweep again")
         frames.append(pd.DataFrame(cached["rows"])[cached["columns"]])
     return pd.concat(frames, ignore_index=True)
+
+
+_DENSE: dict = {}  # the dense model of the last size_job (a worker measures one model's rows in turn)
+
+
+def size_job(model_name: str, method: str, sparsity: float, pattern: str, formats: list[str], zstd_level: int,
+             keep_files: bool, prune_kw: dict, path: str) -> None:
+    """Measure one row group of :func:`size_sweep` and store it at ``path``."""
+    lm = pruned(model_name, method, sparsity, pattern, progress=False, dense=_DENSE, **prune_kw)
+    key = Path(path).stem
+    table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
+                        folder=(io.cache_dir() / "sizes" / "files" / key) if keep_files else None,
+                        keep_files=keep_files, progress=False)
+    table.insert(0, "label", lm.label)
+    table.insert(0, "model", model_name)
+    table.insert(2, "method", method)
+    table.insert(3, "sparsity", sparsity)
+    table.insert(4, "pattern", pattern)
+    table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
+    # store_json sorts the keys: the column order is kept aside
+    io.store_json(Path(path), {"columns": list(table.columns), "rows": table.to_dict(orient="records")})
 
 
 def best_formats(sizes: pd.DataFrame, lossless: bool = True) -> pd.DataFrame:

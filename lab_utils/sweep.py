@@ -47,6 +47,7 @@ def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstr
            "pattern": pattern if sparsity > 0 else "-", "owl": owl, "requested": sparsity,
            "actual": report.actual_sparsity, "actual_total": report.actual_sparsity_total,
            "nm_ok": report.nm_verified, "seconds": report.seconds, "cpu_seconds": report.cpu_seconds,
+           "threads": report.threads,
            "peak_memory_gib": report.peak_memory_bytes / 2**30, "perplexity": ppl,
            "cached": report.from_cache}
     return row, report
@@ -62,6 +63,9 @@ def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
     jobs = [(m, None, "-", 0.0) for m in models]
     jobs += [(m, meth, pat, s) for m in models for pat, s in _configs(patterns, sparsities)
              for meth in methods]
+    # the calibrated checkpoints first, two at a time (prune.build_checkpoints says why)
+    prune.build_checkpoints([(m, prune.make_config(meth, s, pat, nsamples=nsamples, seqlen=seqlen, seed=seed))
+                             for m, meth, pat, s in jobs if meth in sparsify.CALIBRATED], progress=progress)
     rows = []
     for model_name, method, pattern, s in tqdm(jobs, desc="sweep", disable=not progress):
         row, _ = run_one(model_name, method or "magnitude", s, pattern if s else "unstructured",
@@ -207,8 +211,15 @@ def conclusions(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None) -> st
                             if any(v < top for v in reach.values()) else "") + ".")
     if len(pruned):
         secs = pruned.groupby("method").seconds.median().sort_values()
+        threads = {m: sorted({int(t) for t in g if t == t and t > 0})
+                   for m, g in pruned.groupby("method").threads} if "threads" in pruned else {}
+
+        def on(m):  # the thread count, where the method's pruning ran on one
+            t = threads.get(m, [])
+            return f" on {t[0]} thread{'s' if t[0] > 1 else ''}" if len(t) == 1 else ""
+
         parts.append("Median pruning time per configuration: "
-                     + ", ".join(f"{m} {s:.1f} s" for m, s in secs.items()) + ".")
+                     + ", ".join(f"{m} {s:.1f} s{on(m)}" for m, s in secs.items()) + ".")
     if owl_summary is not None and len(owl_summary) == 2 and owl_summary.perplexity.notna().all():
         uni = owl_summary.set_index("allocation").loc["uniform"]
         owl = owl_summary.set_index("allocation").loc["OWL"]

@@ -329,7 +329,8 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
 
     monkeypatch.setattr(st, "pruned", fake_pruned)
     args = (["tiny"], ["magnitude"], [0.5, 0.8])
-    first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
+    # workers=1: measured in this process, where the fake pruning is seen
+    first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False, workers=1)
     assert calls == [("tiny", "magnitude", 0.5, "unstructured"), ("tiny", "magnitude", 0.8, "unstructured")]
     assert len(first) == 4 and set(first.label) == {"Tiny"}
     assert first.actual_sparsity.round(1).tolist() == [0.5, 0.5, 0.8, 0.8]
@@ -338,6 +339,17 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
     with pytest.raises(st.StorageError, match="with a pattern such as"):
         st.size_sweep(*args, formats=["nm"], progress=False)
+
+
+def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, tmp_path, monkeypatch):
+    args = ([str(tiny_dirs["llama"]), str(tiny_dirs["bert"])], ["magnitude"], [0.0, 0.5, 0.9])
+    tables = []
+    for n_workers in (1, 2):
+        monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / f"cache-{n_workers}"))
+        tables.append(st.size_sweep(*args, formats=["dense", "csr", "bitmask+zstd"], progress=False,
+                                    workers=n_workers))
+    assert len(tables[0]) == 2 * 3 * 3
+    pd.testing.assert_frame_equal(tables[0].drop(columns="save_s"), tables[1].drop(columns="save_s"))
 
 
 def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, monkeypatch):

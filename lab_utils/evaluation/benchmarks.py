@@ -26,7 +26,6 @@ model*, so a fully cached run never loads or prunes anything.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -133,12 +132,7 @@ def settings(methods, patterns, sparsities) -> list[Setting]:
 
 
 def _config(spec: ModelSpec):
-    from transformers import AutoConfig
-
-    from lab_utils.models import embedded_model_dir
-
-    location = embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
-    return AutoConfig.from_pretrained(location, local_files_only=spec.source != "hub")
+    return prune.hf_config(spec)
 
 
 def benchmarks_for(spec: ModelSpec, config=None) -> list[str]:
@@ -175,19 +169,8 @@ def checkpoint_key(spec: ModelSpec, setting: Setting, nsamples: int, seqlen: int
         return prune.cache_key(spec.name, prune.make_config("magnitude", 0.0))
     cfg = prune.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed)
     if cfg.calibrated:
-        config = config or _config(spec)
-        if config.model_type == "whisper":
-            cal_seqlen = None
-        elif cfg.seqlen:
-            cal_seqlen = cfg.seqlen
-        else:
-            ctx = next((v for a in ("n_positions", "max_position_embeddings", "max_target_positions")
-                        if isinstance(v := getattr(config, a, None), int) and v > 0), prune.DEFAULT_SEQLEN)
-            cal_seqlen = ctx if spec.source == "hub" else min(prune.DEFAULT_SEQLEN, ctx)
-        calibration = "c4" if spec.source == "hub" else "movie-reviews"
-        cfg = prune.PruneConfig(**{**asdict(cfg), "seqlen": cal_seqlen, "calibration": calibration})
-    name = spec.name if spec.source != "local" else os.path.abspath(spec.location)
-    return prune.cache_key(name, cfg)
+        cfg = prune.resolve_config(spec, cfg, config or _config(spec))
+    return prune.checkpoint_key(spec, cfg)
 
 
 def _eval_path(key: str, what: str, params: dict, suffix: str = ".json"):
@@ -270,14 +253,18 @@ def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=Non
 
 # --------------------------------------------------------------------------- one benchmark
 def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None = None,
-                  progress: bool = True) -> dict:
-    """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}}."""
+                  progress: bool = True, key: str | None = None) -> dict:
+    """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}}.
+    ``key`` (the checkpoint's) lets the perplexity come from the cache that the
+    pruning sweep of notebook 03 fills with the same protocol."""
     from lab_utils.evaluation import asr, denoising, perplexity, sentiment
 
     t0 = time.perf_counter()
     if benchmark == "perplexity":
-        r = perplexity.evaluate(lm, bp.ppl_seqlen, bp.ppl_windows, progress=progress)
+        r = perplexity.evaluate(lm, bp.ppl_seqlen, bp.ppl_windows, cache_key=key, progress=progress)
         metrics = {"perplexity": r["perplexity"]}
+        # the seconds of the evaluation itself, also when it was read from the cache
+        return {"metrics": metrics, "details": r, "seconds": r["seconds"]}
     elif benchmark == "zero-shot-sentiment":
         _, test = sentiment_splits(lm.spec, bp.seed)
         test = subset(test, bp.sentiment_examples, bp.seed)
@@ -356,66 +343,119 @@ def _storage_version() -> str:
 
 
 def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfig,
-                   progress: bool = True) -> tuple[list[dict], list[dict]]:
+                   progress: bool = True, workers: int | None = None) -> tuple[list[dict], list[dict]]:
     """All benchmarks of one model on every setting: (metric rows, size rows).
 
     Loads (and prunes) a checkpoint only when one of its results is missing
-    from the cache.
+    from the cache. The dense setting (the first) is evaluated here first: its
+    file size is every other setting's baseline and the encoder probe's head
+    is trained on it. The settings with something missing are then evaluated
+    two at a time in worker processes on one thread each
+    (:mod:`lab_utils.workers`: much of an evaluation - Whisper's token-by-token
+    decoding, writing the files - runs on one core), so each result's
+    ``seconds`` is its own wall time with the other evaluation running beside it.
     """
-    from tqdm.auto import tqdm
+    from lab_utils import workers as side_by_side
 
     spec = resolve(model_name)
     config = _config(spec)
-    benches = benchmarks_for(spec, config)
-    bp = cfg.bench
-    dense_key = checkpoint_key(spec, setting_list[0], cfg.nsamples, cfg.seqlen, cfg.seed, config)
-    ctx: ProbeContext | None = None
+    if not setting_list or not setting_list[0].is_dense:
+        raise ValueError("the settings start with the dense baseline (see settings())")
+    _evaluate_setting(model_name, spec, setting_list[0], cfg, config, None, progress)
+    dense_bytes = _cached_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
+    todo = [s for s in setting_list[1:] if _cached_entries(spec, s, cfg, config) is None]
+    job_cfg = {**asdict(cfg), "size_formats": list(cfg.size_formats or [])}
+    try:
+        side_by_side.run_side_by_side(
+            "lab_utils.evaluation.benchmarks:evaluate_job",
+            [{"model_name": model_name, "setting": asdict(s), "cfg": job_cfg, "dense_file_bytes": dense_bytes}
+             for s in todo],
+            workers=side_by_side.WORKERS if workers is None else workers, progress=progress,
+            desc=f"{spec.label} settings",
+            describe=lambda j: f"evaluating {spec.label} ({j['setting']['method']}, {j['setting']['pattern']}, "
+                               f"{j['setting']['sparsity']:g})")
+    except side_by_side.WorkerError as e:
+        raise RuntimeError(str(e)) from e
     rows, sizes = [], []
-    for setting in tqdm(setting_list, desc=f"{spec.label} settings", disable=not progress):
+    for setting in setting_list:
+        entries = _cached_entries(spec, setting, cfg, config)
+        if entries is None:
+            raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
+        info, size, results = entries
         key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
-        paths = {b: _eval_path(key, b, bench_params(b, bp)) for b in benches}
-        results = {b: io.cached_json(p) for b, p in paths.items()}
-        info_path = _eval_path(key, "checkpoint", {})
-        info = io.cached_json(info_path)
-        size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
-                                             "storage": _storage_version()})
-        size = io.cached_json(size_path) if cfg.size_formats else {}
-        lm = None
-        if info is None or size is None or any(r is None for r in results.values()):
-            method = "magnitude" if setting.is_dense else setting.method
-            lm, report = prune.pruned_model(model_name, method, setting.sparsity, setting.pattern,
-                                            nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
-                                            progress=progress)
-            if report.key != key:  # the engine changed its key: do not file results under a wrong one
-                raise RuntimeError(f"checkpoint key {report.key} of the pruning engine differs from "
-                                   f"{key} computed here; update benchmarks.checkpoint_key")
-            info = _checkpoint_info(report)
-            io.store_json(info_path, info)
-            if size is None:
-                dense_bytes = None if setting.is_dense else sizes[0]["dense_file_bytes"]
-                size = _size_entry(lm, setting.pattern, cfg.size_formats, dense_bytes)
-                io.store_json(size_path, size)
-        if "sentiment-probe" in benches and ctx is None:
-            ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
-        for b in benches:
-            if results[b] is None:
-                results[b] = run_benchmark(b, lm, bp, ctx, progress)
-                io.store_json(paths[b], results[b])
         base = {"model": spec.name, "label": spec.label, "family": spec.family,
                 "method": setting.method, "pattern": setting.pattern,
                 "requested_sparsity": setting.sparsity, "actual_sparsity": info["actual_sparsity"]}
-        for b in benches:
+        for b, result in results.items():
             # in METRICS order: a cached entry comes back with its keys sorted
-            for metric in sorted(results[b]["metrics"], key=list(METRICS).index):
-                value = results[b]["metrics"][metric]
-                rows.append({**base, "benchmark": b, "metric": metric, "value": value,
-                             "seconds": results[b]["seconds"], "prune_seconds": info["prune_seconds"],
+            for metric in sorted(result["metrics"], key=list(METRICS).index):
+                rows.append({**base, "benchmark": b, "metric": metric, "value": result["metrics"][metric],
+                             "seconds": result["seconds"], "prune_seconds": info["prune_seconds"],
                              "key": key})
         if cfg.size_formats:
             sizes.append({**base, "format": size["format"], "file_bytes": size["file_bytes"],
                           "dense_file_bytes": size["dense_file_bytes"]})
-        del lm
     return rows, sizes
+
+
+def _paths(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+    """(checkpoint key, info path, size path or None, {benchmark: path}) of one setting."""
+    key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
+    bp = cfg.bench
+    paths = {b: _eval_path(key, b, bench_params(b, bp)) for b in benchmarks_for(spec, config)}
+    size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
+                                         "storage": _storage_version()}) if cfg.size_formats else None
+    return key, _eval_path(key, "checkpoint", {}), size_path, paths
+
+
+def _cached_entries(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config):
+    """(info, size, {benchmark: result}) of one setting from the cache, or None
+    when any of them is missing (size is {} when no sizes are measured)."""
+    _, info_path, size_path, paths = _paths(spec, setting, cfg, config)
+    info = io.cached_json(info_path)
+    size = io.cached_json(size_path) if size_path else {}
+    results = {b: io.cached_json(p) for b, p in paths.items()}
+    if info is None or size is None or any(r is None for r in results.values()):
+        return None
+    return info, size, results
+
+
+def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: SweepConfig, config,
+                      dense_file_bytes: int | None, progress: bool) -> None:
+    """Compute whatever the cache lacks for one setting, and store it."""
+    key, info_path, size_path, paths = _paths(spec, setting, cfg, config)
+    info = io.cached_json(info_path)
+    size = io.cached_json(size_path) if size_path else {}
+    results = {b: io.cached_json(p) for b, p in paths.items()}
+    if info is not None and size is not None and all(r is not None for r in results.values()):
+        return
+    bp = cfg.bench
+    method = "magnitude" if setting.is_dense else setting.method
+    lm, report = prune.pruned_model(model_name, method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
+                                    seqlen=cfg.seqlen, seed=cfg.seed, progress=progress)
+    if report.key != key:  # the engine changed its key: do not file results under a wrong one
+        raise RuntimeError(f"checkpoint key {report.key} of the pruning engine differs from "
+                           f"{key} computed here; update benchmarks.checkpoint_key")
+    io.store_json(info_path, _checkpoint_info(report))
+    if size is None:
+        io.store_json(size_path, _size_entry(lm, setting.pattern, cfg.size_formats,
+                                             None if setting.is_dense else dense_file_bytes))
+    ctx = None
+    if "sentiment-probe" in paths:
+        dense_key = checkpoint_key(spec, Setting(DENSE, sparsify.UNSTRUCTURED, 0.0), cfg.nsamples, cfg.seqlen,
+                                   cfg.seed, config)
+        ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
+    for b, p in paths.items():
+        if results[b] is None:
+            io.store_json(p, run_benchmark(b, lm, bp, ctx, progress, key=key))
+
+
+def evaluate_job(model_name: str, setting: dict, cfg: dict, dense_file_bytes: int | None) -> None:
+    """One setting of :func:`evaluate_model`, in a worker: the results go to the cache."""
+    spec = resolve(model_name)
+    sweep = SweepConfig(**{**cfg, "bench": BenchParams(**cfg["bench"]),
+                           "size_formats": tuple(cfg["size_formats"]) or None})
+    _evaluate_setting(model_name, spec, Setting(**setting), sweep, _config(spec), dense_file_bytes, progress=False)
 
 
 COLUMNS = ["model", "label", "family", "method", "pattern", "requested_sparsity", "actual_sparsity",
@@ -435,14 +475,14 @@ def add_dense(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def benchmark_table(models, methods, patterns, sparsities, cfg: SweepConfig | None = None,
-                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    progress: bool = True, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy benchmark table of every model (dense rows first per model)
     and, when ``cfg.size_formats`` is set, the file size of every checkpoint."""
     cfg = cfg or SweepConfig()
     setting_list = settings(methods, patterns, sparsities)
     rows, sizes = [], []
     for model_name in models:
-        r, s = evaluate_model(model_name, setting_list, cfg, progress)
+        r, s = evaluate_model(model_name, setting_list, cfg, progress, workers)
         rows += r
         sizes += s
     df = add_dense(pd.DataFrame(rows))[COLUMNS]

@@ -1,0 +1,26 @@
+"""Jobs side by side in worker processes (lab_utils.workers)."""
+
+import pytest
+
+from lab_utils import workers
+
+RATIO = "lab_utils.sparsify:check_sparsity_ratio"
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_results_come_back_in_the_order_of_the_jobs(n_workers):
+    jobs = [{"sparsity_ratio": s} for s in (0.5, 0.25, 0.0, 0.75, 0.125)]
+    assert workers.run_side_by_side(RATIO, jobs, workers=n_workers, progress=False) == [0.5, 0.25, 0.0, 0.75, 0.125]
+    assert workers.run_side_by_side(RATIO, [], workers=n_workers, progress=False) == []
+
+
+def test_a_failed_job_is_one_error_naming_it():
+    jobs = [{"sparsity_ratio": 0.5}, {"sparsity_ratio": 1.2}, {"sparsity_ratio": 0.25}]
+    with pytest.raises(workers.WorkerError, match=r"ratio 1.2 in a worker process failed: SparsityError: .*1\.2"):
+        workers.run_side_by_side(RATIO, jobs, workers=2, progress=False,
+                                 describe=lambda j: f"ratio {j['sparsity_ratio']}")
+
+
+def test_only_functions_of_the_package_run():
+    with pytest.raises(workers.WorkerError, match="lab_utils only"):
+        workers.run_side_by_side("os:system", [{"command": "true"}] * 2, workers=2, progress=False)
