@@ -31,7 +31,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -845,63 +844,6 @@ def _child_main(payload: str) -> None:
     pruned_model(args["model"], cfg["method"], cfg["sparsity"], cfg["pattern"], cfg["scope"], cfg["nsamples"],
                  cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"], progress=False,
                  rebuild=args["rebuild"], **args["kw"])
-
-
-# --------------------------------------------------------------------------- many checkpoints at once
-def missing_checkpoints(jobs: Sequence[tuple[str, PruneConfig]]) -> list[tuple[str, PruneConfig]]:
-    """The calibrated ``(model name, config)`` jobs with no valid checkpoint in
-    the cache, in order and without repeats (read from the model configs: no
-    weights are loaded)."""
-    out, seen, configs = [], set(), {}
-    for name, cfg in jobs:
-        if not cfg.calibrated or cfg.sparsity == 0:
-            continue  # magnitude and random are redone in memory, never saved by default
-        spec = resolve(name)
-        if spec.name not in configs:
-            configs[spec.name] = hf_config(spec)
-        full = resolve_config(spec, cfg, configs[spec.name])
-        key = checkpoint_key(spec, full)
-        if key in seen or io.verify_dir(checkpoint_dir(spec.slug, full, key)):
-            continue
-        seen.add(key)
-        out.append((name, cfg))
-    return out
-
-
-def build_checkpoints(jobs: Sequence[tuple[str, PruneConfig]], workers: int | None = None,
-                      progress: bool = True) -> int:
-    """Prune every calibrated checkpoint among ``jobs`` that the cache lacks,
-    two at a time in worker processes on one thread each
-    (:func:`lab_utils.workers.run_side_by_side`); the notebook then loads them
-    with :func:`pruned_model`. Returns how many were built.
-
-    Measured on SmolLM2-135M (2 cores): two SparseGPT builds side by side took
-    59 s against 92 s one after the other on two threads, two Wanda builds 40 s
-    against 45 s. Each checkpoint's report records the threads it ran on
-    (``threads``); its ``seconds`` are its own wall time with the other build
-    running beside it. A failed build raises one :class:`SparsityError`
-    naming the pruning.
-    """
-    from lab_utils import workers as side_by_side
-
-    todo = missing_checkpoints(jobs)
-    try:
-        side_by_side.run_side_by_side(
-            "lab_utils.prune:build_job", [{"name": n, "cfg": asdict(c)} for n, c in todo],
-            workers=side_by_side.WORKERS if workers is None else workers, progress=progress, desc="checkpoints",
-            describe=lambda j: (f"pruning {j['name']} ({j['cfg']['method']}, {j['cfg']['pattern']}, "
-                                f"{j['cfg']['sparsity']:g})"))
-    except side_by_side.WorkerError as e:
-        raise SparsityError(str(e)) from e
-    return len(todo)
-
-
-def build_job(name: str, cfg: dict) -> str:
-    """Build (or find) one checkpoint of :func:`build_checkpoints`; its key."""
-    _, report = pruned_model(name, cfg["method"], cfg["sparsity"], cfg["pattern"], cfg["scope"],
-                             cfg["nsamples"], cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"],
-                             progress=False, save=True)
-    return report.key
 
 
 def check_output_dir(out: str | Path) -> Path:

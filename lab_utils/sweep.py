@@ -55,27 +55,38 @@ def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstr
 
 def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
                    seqlen: int | None = 256, seed: int = 0, eval_windows: int = 8,
-                   eval_seqlen: int | None = 256, progress: bool = True) -> pd.DataFrame:
+                   eval_seqlen: int | None = 256, progress: bool = True,
+                   workers: int | None = None) -> pd.DataFrame:
     """One row per (model, method, pattern, sparsity), plus one dense row per
-    model; requested vs actual sparsity, seconds, peak memory, perplexity."""
-    from tqdm.auto import tqdm
+    model; requested vs actual sparsity, seconds, peak memory, perplexity.
+
+    The configurations run two at a time in worker processes on one thread
+    each (:mod:`lab_utils.workers`; ``workers=1``: here, in turn): part of
+    pruning runs on one core whatever the thread count, so two side by side
+    finish sooner. Each row's ``seconds`` is then its own wall time with the
+    other configuration running beside it, and ``threads`` says so.
+    """
+    from lab_utils import workers as side_by_side
 
     jobs = [(m, None, "-", 0.0) for m in models]
     jobs += [(m, meth, pat, s) for m in models for pat, s in _configs(patterns, sparsities)
              for meth in methods]
-    # the calibrated checkpoints first, two at a time (prune.build_checkpoints says why)
-    prune.build_checkpoints([(m, prune.make_config(meth, s, pat, nsamples=nsamples, seqlen=seqlen, seed=seed))
-                             for m, meth, pat, s in jobs if meth in sparsify.CALIBRATED], progress=progress)
-    rows = []
-    for model_name, method, pattern, s in tqdm(jobs, desc="sweep", disable=not progress):
-        row, _ = run_one(model_name, method or "magnitude", s, pattern if s else "unstructured",
-                         nsamples=nsamples, seqlen=seqlen, seed=seed, eval_windows=eval_windows,
-                         eval_seqlen=eval_seqlen, progress=False)
-        rows.append(row)
+    rows = side_by_side.run_side_by_side(
+        "lab_utils.sweep:sweep_job",
+        [{"model_name": m, "method": meth or "magnitude", "sparsity": s, "pattern": pat if s else "unstructured",
+          "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
+          "eval_seqlen": eval_seqlen} for m, meth, pat, s in jobs],
+        workers=side_by_side.WORKERS if workers is None else workers, progress=progress, desc="sweep",
+        describe=lambda j: f"pruning {j['model_name']} ({j['method']}, {j['pattern']}, {j['sparsity']:g})")
     df = pd.DataFrame(rows)
     dense = df[df.method == "dense"].set_index("model").perplexity
     df["ppl_vs_dense"] = df.perplexity / df.model.map(dense)
     return df
+
+
+def sweep_job(model_name: str, method: str, sparsity: float, pattern: str, **kw) -> dict:
+    """One row of :func:`sparsity_sweep` (what a worker runs)."""
+    return run_one(model_name, method, sparsity, pattern, progress=False, **kw)[0]
 
 
 def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: int = 16,

@@ -12,7 +12,6 @@ from lab_utils.models import load_model, prunable_layers
 from lab_utils.sparsify import SparsityError
 
 CAL = dict(nsamples=4, seqlen=32, progress=False)
-CAL_ARGS = dict(nsamples=4, seqlen=32)
 
 
 def layer_sparsity(model):
@@ -113,6 +112,24 @@ def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder
     xattn = table[table.component.str.startswith("xattn.")]
     assert set(xattn.component) == {"xattn.q", "xattn.k", "xattn.v", "xattn.o"}
     assert (table.sparsity > 0.45).all() and (xattn.sparsity > 0.45).all()
+
+
+def test_whisper_calibrates_on_windows_of_packed_sentences(tiny_dirs):
+    from lab_utils import data
+
+    lm = load_model(str(tiny_dirs["whisper"]))
+    batches = prune.calibration_batches(lm, nsamples=6, seqlen=None, seed=0)
+    windows = [b["inputs"]["input_features"] for b in batches]
+    assert sum(w.shape[0] for w in windows) == 2  # 6 sentences, 4 to a window
+    sentences = data.calibration_sentences(6, 0)
+    first = batches[0]["inputs"]["decoder_input_ids"][0]
+    mask = batches[0]["masks"]["decoder"][0]
+    cfg = lm.model.config
+    expect = list(lm.tokenizer(" ".join(sentences[:prune.SPEECH_PER_WINDOW])).input_ids)
+    if expect[0] != cfg.decoder_start_token_id:
+        expect = [cfg.decoder_start_token_id] + expect
+    # the first window's decoder is teacher-forced with its four sentences' text
+    assert first[mask].tolist() == expect[:cfg.max_target_positions]
 
 
 # --------------------------------------------------------------------------- errors
@@ -220,37 +237,3 @@ def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
     with pytest.raises(SparsityError, match="wanda.*separate process failed: boom"):
         prune.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)
-
-
-# --------------------------------------------------------------------------- many checkpoints at once
-def test_build_checkpoints_builds_the_missing_ones_side_by_side(tiny_dirs, cache_with_data, tmp_path,
-                                                                 monkeypatch):
-    llama, gpt2 = str(tiny_dirs["llama"]), str(tiny_dirs["gpt2"])
-    jobs = [(llama, prune.make_config("wanda", 0.5, **CAL_ARGS)),
-            (gpt2, prune.make_config("sparsegpt", 0.5, "2:4", **CAL_ARGS)),
-            (llama, prune.make_config("wanda", 0.5, **CAL_ARGS)),  # a repeat is built once
-            (llama, prune.make_config("magnitude", 0.5))]  # not calibrated: never saved
-    assert [(n, c.method) for n, c in prune.missing_checkpoints(jobs)] == [(llama, "wanda"), (gpt2, "sparsegpt")]
-    assert prune.build_checkpoints(jobs, workers=2, progress=False) == 2
-    assert prune.missing_checkpoints(jobs) == [] and prune.build_checkpoints(jobs, progress=False) == 0
-    lm1, r1 = prune.pruned_model(gpt2, "sparsegpt", 0.5, "2:4", **CAL)
-    assert r1.from_cache and r1.threads == 1 and r1.nm_verified  # built in a one-thread worker
-    # the same pruning in this process, into another cache, gives the same weights
-    other = tmp_path / "other-cache"
-    other.mkdir()
-    os.symlink(cache_with_data / "data", other / "data")
-    monkeypatch.setenv("LAB_CACHE_DIR", str(other))
-    lm2, r2 = prune.pruned_model(gpt2, "sparsegpt", 0.5, "2:4", **CAL)
-    assert not r2.from_cache and r2.key == r1.key and r2.threads == torch.get_num_threads()
-    for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
-        torch.testing.assert_close(a.weight, b.weight)
-
-
-def test_build_checkpoints_failure_names_the_pruning(tiny_dirs, cache_with_data):
-    llama = str(tiny_dirs["llama"])
-    # the tiny llama has 128 positions: a 4096-token window fails inside the worker
-    jobs = [(llama, prune.make_config(m, 0.5, nsamples=2, seqlen=4096)) for m in ("wanda", "sparsegpt")]
-    with pytest.raises(SparsityError, match=r"pruning .*llama \((wanda|sparsegpt), unstructured, 0.5\) in a worker "
-                                            r"process failed: SparsityError: seqlen 4096 exceeds the context"):
-        prune.build_checkpoints(jobs, workers=2, progress=False)
-    assert not list((cache_with_data / "pruned").glob("*/MANIFEST.json"))  # nothing half-built is kept

@@ -2,6 +2,7 @@
 
 
 import pandas as pd
+import pytest
 
 from lab_utils import sweep
 
@@ -29,6 +30,29 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
     text = sweep.conclusions(df)
     assert "N:M" in text and "dense perplexity" in text
+
+
+def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
+    import os
+
+    from lab_utils import workers
+
+    models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
+    args = (models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
+    side = sweep.sparsity_sweep(*args, **SMALL, workers=2)
+    assert (side[side.method != "dense"].threads == 1).all()  # each built in a one-thread worker
+    other = tmp_path / "other-cache"  # the same sweep in this process, into an empty cache
+    other.mkdir()
+    os.symlink(cache_with_data / "data", other / "data")
+    monkeypatch.setenv("LAB_CACHE_DIR", str(other))
+    here = sweep.sparsity_sweep(*args, **SMALL, workers=1)
+    timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
+    pd.testing.assert_frame_equal(side.drop(columns=timing), here.drop(columns=timing), rtol=1e-4)
+    # a failed configuration is one error naming it
+    with pytest.raises(workers.WorkerError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) in a "
+                                                  r"worker process failed: SparsityError: seqlen 4096 exceeds"):
+        sweep.sparsity_sweep(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5],
+                             **{**SMALL, "seqlen": 4096}, workers=2)
 
 
 def test_owl_comparison_and_heatmap(tiny_dirs, cache_with_data, tmp_output):
