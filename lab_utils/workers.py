@@ -67,10 +67,13 @@ def run_side_by_side(func: str, jobs: Sequence[dict], workers: int = WORKERS, th
     failures: list[str] = []
     bar = tqdm(total=len(jobs), desc=f"{desc} ({workers} side by side)", disable=not progress)
 
+    procs: list[subprocess.Popen] = []
+
     def lane():
         with tempfile.TemporaryFile("w+") as log:
             proc = subprocess.Popen([sys.executable, "-m", "lab_utils.workers", str(threads)],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            procs.append(proc)
             try:
                 while not failures:
                     try:
@@ -98,9 +101,16 @@ def run_side_by_side(func: str, jobs: Sequence[dict], workers: int = WORKERS, th
     lanes = [threading.Thread(target=lane, daemon=True) for _ in range(min(workers, len(jobs)))]
     for t in lanes:
         t.start()
-    for t in lanes:
-        t.join()
-    bar.close()
+    try:
+        for t in lanes:
+            t.join()
+    except BaseException:  # interrupted (a notebook's stop button): no lane takes another job
+        failures.append("interrupted")
+        for proc in procs:
+            proc.kill()
+        raise
+    finally:
+        bar.close()
     if failures:
         raise WorkerError(failures[0])
     return results

@@ -24,3 +24,26 @@ def test_a_failed_job_is_one_error_naming_it():
 def test_only_functions_of_the_package_run():
     with pytest.raises(workers.WorkerError, match="lab_utils only"):
         workers.run_side_by_side("os:system", [{"command": "true"}] * 2, workers=2, progress=False)
+
+
+def test_an_interrupt_stops_the_workers(monkeypatch):
+    import subprocess
+    import threading
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def interrupted_join(self, timeout=None):  # the notebook's stop button while waiting
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(threading.Thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        workers.run_side_by_side(RATIO, [{"sparsity_ratio": 0.5}] * 50, workers=2, progress=False)
+    monkeypatch.undo()
+    for proc in started:
+        assert proc.wait(timeout=30) is not None  # killed, not left working through the queue
