@@ -362,8 +362,8 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
     if not setting_list or not setting_list[0].is_dense:
         raise ValueError("the settings start with the dense baseline (see settings())")
     _evaluate_setting(model_name, spec, setting_list[0], cfg, config, None, progress)
-    dense_bytes = _cached_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
-    todo = [s for s in setting_list[1:] if _cached_entries(spec, s, cfg, config) is None]
+    dense_bytes = _read_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
+    todo = [s for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
     job_cfg = {**asdict(cfg), "size_formats": list(cfg.size_formats or [])}
     try:
         side_by_side.run_side_by_side(
@@ -378,8 +378,8 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
         raise RuntimeError(str(e)) from e
     rows, sizes = [], []
     for setting in setting_list:
-        entries = _cached_entries(spec, setting, cfg, config)
-        if entries is None:
+        entries = _read_entries(spec, setting, cfg, config)
+        if not _complete(entries):
             raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
         info, size, results = entries
         key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
@@ -408,27 +408,27 @@ def _paths(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple
     return key, _eval_path(key, "checkpoint", {}), size_path, paths
 
 
-def _cached_entries(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config):
-    """(info, size, {benchmark: result}) of one setting from the cache, or None
-    when any of them is missing (size is {} when no sizes are measured)."""
+def _read_entries(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+    """(info, size, {benchmark: result}) of one setting as the cache has them,
+    None for each one missing (size is {} when no sizes are measured)."""
     _, info_path, size_path, paths = _paths(spec, setting, cfg, config)
-    info = io.cached_json(info_path)
     size = io.cached_json(size_path) if size_path else {}
-    results = {b: io.cached_json(p) for b, p in paths.items()}
-    if info is None or size is None or any(r is None for r in results.values()):
-        return None
-    return info, size, results
+    return io.cached_json(info_path), size, {b: io.cached_json(p) for b, p in paths.items()}
+
+
+def _complete(entries: tuple) -> bool:
+    info, size, results = entries
+    return info is not None and size is not None and all(r is not None for r in results.values())
 
 
 def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: SweepConfig, config,
                       dense_file_bytes: int | None, progress: bool) -> None:
     """Compute whatever the cache lacks for one setting, and store it."""
     key, info_path, size_path, paths = _paths(spec, setting, cfg, config)
-    info = io.cached_json(info_path)
-    size = io.cached_json(size_path) if size_path else {}
-    results = {b: io.cached_json(p) for b, p in paths.items()}
-    if info is not None and size is not None and all(r is not None for r in results.values()):
+    entries = _read_entries(spec, setting, cfg, config)
+    if _complete(entries):
         return
+    _, size, results = entries
     bp = cfg.bench
     method = "magnitude" if setting.is_dense else setting.method
     lm, report = prune.pruned_model(model_name, method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
