@@ -27,6 +27,7 @@ def test_only_functions_of_the_package_run():
 
 
 def test_an_interrupt_stops_the_workers(monkeypatch):
+    import signal
     import subprocess
     import threading
 
@@ -37,7 +38,12 @@ def test_an_interrupt_stops_the_workers(monkeypatch):
         started.append(real_popen(*a, **k))
         return started[-1]
 
-    def interrupted_join(self, timeout=None):  # the notebook's stop button while waiting
+    def interrupted_join(self, timeout=None):  # the notebook's stop button, once both workers run
+        import time
+
+        deadline = time.time() + 60
+        while len(started) < 2 and time.time() < deadline:
+            time.sleep(0.05)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(subprocess, "Popen", popen)
@@ -45,5 +51,6 @@ def test_an_interrupt_stops_the_workers(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         workers.run_side_by_side(RATIO, [{"sparsity_ratio": 0.5}] * 50, workers=2, progress=False)
     monkeypatch.undo()
+    assert len(started) == 2
     for proc in started:
-        assert proc.wait(timeout=30) is not None  # killed, not left working through the queue
+        assert proc.wait(timeout=30) == -signal.SIGKILL  # killed, not left working through the queue
