@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lab_utils import io
+from lab_utils.core import files
 
 COLD_TARGET_S = 12 * 60
 CACHED_TARGET_S = 60
@@ -55,7 +55,7 @@ def run_once(params: str, cache: Path, out: Path, threads: int) -> dict:
     env = dict(os.environ, LAB_CACHE_DIR=str(cache), LAB_OUTPUT_DIR=str(out), LAB_THREADS=str(threads))
     cpu0, t0, load0 = _children_cpu(), time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-m", "lab_utils.report", "--params", params, "--only", "04",
-                           "--no-progress", "--timeout", "7200"], cwd=io.REPO_ROOT, env=env,
+                           "--no-progress", "--timeout", "7200"], cwd=files.REPO_ROOT, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench04-"))
     cache, out = tmp / "cache", tmp / "out"
     cache.mkdir()
-    real = io.cache_dir()
+    real = files.cache_dir()
     for sub in ("data", "models"):  # converted models and the corpus belong to the setup
         (real / sub).mkdir(parents=True, exist_ok=True)
         (cache / sub).symlink_to(real / sub, target_is_directory=True)

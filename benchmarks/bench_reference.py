@@ -38,9 +38,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab_utils import data, prune
-from lab_utils.evaluation import perplexity
-from lab_utils.models import load_model, transformer_blocks
+from lab_utils.core import data
+from lab_utils.core.evaluation import perplexity
+from lab_utils.core.models import load_model, transformer_blocks
+from lab_utils.engine import checkpoints, config
 
 TOLERANCE = 0.02
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     wrapper, sgpt = reference_modules(args.wanda)
     dense = load_model(args.model)
     calibration = data.calibration_windows(dense.tokenizer, args.nsamples, args.seqlen, args.seed,
-                                           corpus=prune.default_calibration(dense))
+                                           corpus=config.default_calibration(dense))
     print(f"bench_reference: {args.model}, {args.sparsity:.0%}, nsamples={args.nsamples}, seqlen={args.seqlen}, "
           f"K={args.windows}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         ref_s = reference_prune(ref, method, args.sparsity, calibration, wrapper, sgpt)
         ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows, progress=False)["perplexity"]
         del ref
-        lab, report = prune.pruned_model(args.model, method, args.sparsity, nsamples=args.nsamples,
+        lab, report = checkpoints.pruned_model(args.model, method, args.sparsity, nsamples=args.nsamples,
                                          seqlen=args.seqlen, seed=args.seed, progress=False)
         lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, cache_key=report.key,
                                       progress=False)["perplexity"]

@@ -32,8 +32,10 @@ import time
 import pandas as pd
 import torch
 
-from lab_utils import io, prune, speed
-from lab_utils.evaluation import perplexity
+from lab_utils.core import files, measure
+from lab_utils.core.evaluation import perplexity
+from lab_utils.engine import checkpoints
+from lab_utils.engine import config as engine_config
 
 WANDA_SECONDS = 60
 SPARSEGPT_SECONDS = 120
@@ -68,7 +70,7 @@ def block_linears(lm, seqlen: int = 16) -> list[dict]:
     with its shape and the id of the input it reads (q/k/v share one): found by
     running the model once on ``seqlen`` tokens with pre-hooks (the shapes do
     not depend on which tokens)."""
-    from lab_utils.models import find_layers, transformer_blocks, weight_out_in
+    from lab_utils.core.models import find_layers, transformer_blocks, weight_out_in
 
     (_, blocks), *_ = transformer_blocks(lm.model).values()
     calls, keep = [], []
@@ -110,7 +112,7 @@ def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats:
     best = 0.0
     for out_f, in_f in sorted(set(shapes)):
         x, W = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
-        med = speed.median_seconds(speed.time_calls({"mm": lambda x=x, W=W: torch.nn.functional.linear(x, W)},
+        med = measure.median_seconds(measure.time_calls({"mm": lambda x=x, W=W: torch.nn.functional.linear(x, W)},
                                                     warmup=1, repeats=repeats, threads=threads))["mm"]
         best = max(best, 2 * tokens * in_f * out_f / med)
     return best
@@ -118,11 +120,11 @@ def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats:
 
 def compute_floor(lm, nsamples: int, seqlen: int, threads: int) -> dict:
     """Seconds below which neither calibrated method can prune ``lm`` here."""
-    from lab_utils.models import transformer_blocks
+    from lab_utils.core.models import transformer_blocks
 
     linears = block_linears(lm)
     n_blocks = sum(len(blocks) for _, blocks in transformer_blocks(lm.model).values())
-    chunk = max(1, prune.BATCH_TOKENS // seqlen) * seqlen
+    chunk = max(1, engine_config.BATCH_TOKENS // seqlen) * seqlen
     rate = gemm_rate([(c["out"], c["in"]) for c in linears], min(chunk, nsamples * seqlen), threads)
     flops = calibration_flops(linears, n_blocks, nsamples * seqlen)
     return {"gflops_per_s": rate / 1e9, **{f"{m}_tflop": f / 1e12 for m, f in flops.items()},
@@ -131,7 +133,7 @@ def compute_floor(lm, nsamples: int, seqlen: int, threads: int) -> dict:
 
 def run_one(args, method: str, sparsity: float, pattern: str) -> dict:
     kw = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=False)
-    lm, report = prune.pruned_model(args.model, method, sparsity, pattern, rebuild=args.fresh, **kw)
+    lm, report = checkpoints.pruned_model(args.model, method, sparsity, pattern, rebuild=args.fresh, **kw)
     ev = perplexity.evaluate(lm, args.seqlen, args.windows, cache_key=report.key, progress=False)
     return {"method": method, "pattern": pattern, "sparsity": sparsity,
             "actual_sparsity": report.actual_sparsity, "actual_total": report.actual_sparsity_total,
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
           f"K={args.windows}, {args.threads} threads; load average at start {load[0]:.1f} on "
           f"{os.cpu_count()} cores (a busy machine inflates wall-clock seconds; CPU seconds less)",
           flush=True)
-    dense_lm, dense = prune.pruned_model(args.model, "magnitude", 0.0)
+    dense_lm, dense = checkpoints.pruned_model(args.model, "magnitude", 0.0)
     dense_ev = perplexity.evaluate(dense_lm, args.seqlen, args.windows, cache_key=dense.key,
                                    progress=False)
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "actual_sparsity": dense.actual_sparsity,
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
                   f"prune {fifty.loc[m, 'prune_s']:.1f} s wall, {fifty.loc[m, 'prune_cpu_s']:.1f} CPU s "
                   f"(target < {TIME_TARGETS[m]} s wall; compute floor {floor[m]:.0f} s: the target is "
                   f"{'above' if TIME_TARGETS[m] > floor[m] else 'below'} it)")
-    out = io.results_dir() / "bench" / "sparsify.csv"
-    with io.atomic_path(out) as tmp:
+    out = files.results_dir() / "bench" / "sparsify.csv"
+    with files.atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     load = os.getloadavg()
     print(f"\nwritten {out}; load average at end {load[0]:.1f}; {time.perf_counter() - t0:.0f} s")

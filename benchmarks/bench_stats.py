@@ -26,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab_utils import io, stats
+from lab_utils.core import files
+from lab_utils.core import measure as core_measure
+from lab_utils.experiments import weight_stats, weights
 
 NOTEBOOK_SECONDS = 180
 MEMORY_RATIO = 2.0
@@ -45,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure(name: str, sparsity: float, method: str | None, dense=None) -> dict:
     t0 = time.perf_counter()
-    ws = stats.model_stats(name, sparsity, method, progress=False, cache=False,
+    ws = weights.model_stats(name, sparsity, method, progress=False, cache=False,
                            bins=dense.bins if dense else None, reuse=dense)
     total = time.perf_counter() - t0
     i = ws.info
@@ -56,22 +58,22 @@ def measure(name: str, sparsity: float, method: str | None, dense=None) -> dict:
             "seconds (load+stats)": total}
 
 
-def stats_seconds(ws: stats.WeightStats, model) -> float:
+def stats_seconds(ws: weight_stats.WeightStats, model) -> float:
     t0 = time.perf_counter()
-    stats.weight_stats(model, label=ws.label, bins=ws.bins, progress=False)
+    weight_stats.weight_stats(model, label=ws.label, bins=ws.bins, progress=False)
     return time.perf_counter() - t0
 
 
 def run_notebook(threads: int) -> dict:
     import papermill
 
-    src = io.REPO_ROOT / "notebooks" / "02_visualization.ipynb"
+    src = files.REPO_ROOT / "notebooks" / "02_visualization.ipynb"
     with tempfile.TemporaryDirectory() as tmp:
         env_before = {k: os.environ.get(k) for k in ("LAB_OUTPUT_DIR", "LAB_THREADS", "LAB_NOTEBOOK")}
         os.environ.update(LAB_OUTPUT_DIR=tmp, LAB_THREADS=str(threads), LAB_NOTEBOOK="bench")
         try:
             t0 = time.perf_counter()
-            papermill.execute_notebook(str(src), str(Path(tmp) / "out.ipynb"), cwd=str(io.REPO_ROOT),
+            papermill.execute_notebook(str(src), str(Path(tmp) / "out.ipynb"), cwd=str(files.REPO_ROOT),
                                        progress_bar=False)
             seconds = time.perf_counter() - t0
             memory = pd.read_csv(Path(tmp) / "results" / "weight_stats_memory.csv")
@@ -91,12 +93,12 @@ def main(argv=None) -> int:
     print(f"threads {args.threads}, load average at start {os.getloadavg()[0]:.1f}")
     # one throw-away load per family first: the first load of a family also imports its
     # model code (~200 MB, once per process), which is not the model's memory
-    from lab_utils.models import load_model
+    from lab_utils.core.models import load_model
 
     for name in args.models:
         del_me = load_model(name)
         del del_me
-    stats._release_freed_memory()
+    core_measure._release_freed_memory()
     rows = []
     for name in args.models:
         dense = measure(name, 0.0, None)

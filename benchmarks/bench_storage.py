@@ -27,8 +27,9 @@ import time
 import pandas as pd
 import torch
 
-from lab_utils import io, speed, storage
-from lab_utils.models import load_model
+from lab_utils.core import files
+from lab_utils.core.models import load_model
+from lab_utils.experiments import file_sizes, speed
 
 LOSSLESS = ["dense", "csr", "bitmask", "dense+zstd", "csr+zstd", "bitmask+zstd"]
 FLOOR_TARGET = 1.05
@@ -54,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def size_targets(args) -> pd.DataFrame:
-    sizes = storage.size_sweep(args.models, [args.method], args.sparsities, formats=LOSSLESS, progress=False)
-    best = storage.best_formats(sizes)
-    plain = storage.best_formats(sizes[~sizes.zstd])
+    sizes = file_sizes.size_sweep(args.models, [args.method], args.sparsities, formats=LOSSLESS, progress=False)
+    best = file_sizes.best_formats(sizes)
+    plain = file_sizes.best_formats(sizes[~sizes.zstd])
     table = pd.DataFrame({
         "model": best.label, "sparsity": best.sparsity, "best_format": best.format,
         "bits_per_weight": best.bits_per_weight, "floor_bits": best.floor_bits_per_weight,
@@ -89,13 +90,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"bench_storage: {args.threads} threads, {args.tokens} tokens, load average at start "
           f"{load[0]:.1f} on {os.cpu_count()} cores (a busy machine inflates and scatters timings)")
-    out = io.results_dir() / "bench"
+    out = files.results_dir() / "bench"
     ok = True
     if not args.skip_sizes:
         sizes = size_targets(args)
         print(f"\n== best lossless format / floor ((1-s)*32 + H(s) bits per weight), target <= {FLOOR_TARGET}")
         print(sizes.to_string(index=False))
-        with io.atomic_path(out / "storage_floor.csv") as tmp:
+        with files.atomic_path(out / "storage_floor.csv") as tmp:
             sizes.to_csv(tmp, index=False)
         ok &= bool(sizes["target<=1.05"].all())
     if not args.skip_speed:
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
                 "fell_back", "all_csr_speedup", "flop_limit", "unprunable_share", "target"]
         print(fwd[cols].to_string(index=False))
         for name, t in (("speed_layers", layers), ("speed_crossover", cross), ("speed_forward", fwd)):
-            with io.atomic_path(out / f"{name}.csv") as tmp:
+            with files.atomic_path(out / f"{name}.csv") as tmp:
                 t.to_csv(tmp, index=False)
         ok &= bool(fwd.target.all())
     load = os.getloadavg()

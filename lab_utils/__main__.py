@@ -56,23 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(a) -> dict:
-    from lab_utils import prune
+    from lab_utils.engine import checkpoints
 
     if a.out:
-        prune.check_output_dir(a.out)  # before minutes of pruning, not after
-    lm, report = prune.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
+        checkpoints.check_output_dir(a.out)  # before minutes of pruning, not after
+    lm, report = checkpoints.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
                                     a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
                                     save=True)
     out = report.summary()
     out["output"] = report.checkpoint
     if a.out:
-        out["output"] = str(prune.save_pretrained(lm, a.out).resolve())
+        out["output"] = str(checkpoints.save_pretrained(lm, a.out).resolve())
     return out
 
 
 def cmd_perplexity(a) -> dict:
-    from lab_utils.evaluation import perplexity
-    from lab_utils.models import load_model
+    from lab_utils.core.evaluation import perplexity
+    from lab_utils.core.models import load_model
 
     if a.windows is not None and a.windows <= 0:
         raise ValueError(f"--windows must be positive, got {a.windows}")
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from lab_utils.data import DataError
-    from lab_utils.models import ModelError
-    from lab_utils.sparsify import SparsityError
+    from lab_utils.core.data import DataError
+    from lab_utils.core.models import ModelError
+    from lab_utils.core.sparsify import SparsityError
 
     torch.set_num_threads(max(1, int(os.environ.get("LAB_THREADS", os.cpu_count() or 1))))
     try:

@@ -46,9 +46,9 @@ def tmp_output(tmp_path, monkeypatch) -> Path:
 @pytest.fixture()
 def cache_with_data(tmp_path, monkeypatch) -> Path:
     """An empty cache for checkpoints, sharing the real cache's corpora (no download)."""
-    from lab_utils import io
+    from lab_utils.core import files
 
-    real = io.cache_dir()
+    real = files.cache_dir()
     cache = tmp_path / "cache"
     cache.mkdir()
     (real / "data").mkdir(parents=True, exist_ok=True)

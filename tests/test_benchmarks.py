@@ -1,7 +1,7 @@
 """The arithmetic behind benchmarks/: the compute floor of calibrated pruning."""
 
 from benchmarks import bench_sparsify
-from lab_utils.models import load_model
+from lab_utils.core.models import load_model
 
 
 def test_block_linears_follow_the_call_order_and_shared_inputs(tiny_dirs):

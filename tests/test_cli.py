@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lab_utils import io
 from lab_utils.__main__ import main
+from lab_utils.core import files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def test_prune_then_perplexity_end_to_end(tiny_dirs, tmp_path, cache_with_data, 
     assert result["actual_sparsity"] == pytest.approx(0.5) and result["nm_verified"] is True
     assert result["seconds"] > 0 and result["peak_memory_bytes"] > 0
     assert result["output"] == str(out.resolve()) and (out / "config.json").is_file()
-    assert io.verify_dir(out)
+    assert files.verify_dir(out)
 
     # the real entry point, in a fresh interpreter, reading the folder written above
     proc = run_cli("perplexity", "--model", str(out), "--seqlen", "16", "--windows", "3")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
-from lab_utils.concepts import distill, measure, moe, quantize, sparsification, structured
-from lab_utils.models import count_parameters, prunable_layers, weight_out_in
+from lab_utils.core.models import count_parameters, prunable_layers, weight_out_in
+from lab_utils.experiments.concepts import costs, distill, moe, quantize, sparsification, structured
 
 IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -151,7 +151,7 @@ def test_quantized_model_runs_with_bounded_errors_and_fewer_bytes(kind, scheme):
     model = build_tiny(kind)
     qmodel, table = quantize.quantize_weights(model, scheme, group_size=32)
     assert (table.max_err_over_bound <= 1 + 1e-4).all()
-    assert measure.model_bytes(qmodel) < measure.model_bytes(model)
+    assert costs.model_bytes(qmodel) < costs.model_bytes(model)
     ref, out = _logits(model), _logits(qmodel)
     rel = (out - ref).norm() / ref.norm()
     assert rel < (0.05 if scheme == "int8" else 0.3)
@@ -167,7 +167,7 @@ def test_dynamic_int8_runs_with_weights_within_the_bound(kind, tmp_path, tmp_cac
     assert (out - ref).norm() / ref.norm() < 0.05
     tensors = quantize.quantized_tensors(qmodel)
     assert any(t.dtype == torch.int8 for t in tensors.values())
-    assert measure.save_tensors(tensors, tmp_path / "q.safetensors") < measure.dense_file_bytes(model)
+    assert costs.save_tensors(tensors, tmp_path / "q.safetensors") < costs.dense_file_bytes(model)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -175,26 +175,26 @@ def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_cache):
     model = build_tiny("llama")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     buffers = sum(b.nbytes for b in model.buffers())  # rotary frequencies
-    assert measure.model_bytes(model) == 4 * count_parameters(model) + buffers
-    counts = measure.count_zeros(model)
+    assert costs.model_bytes(model) == 4 * count_parameters(model) + buffers
+    counts = costs.count_zeros(model)
     assert counts["prunable_zeros"] == 0
     pl = structured.mlps(model)[0].output
     with torch.no_grad():
         pl.weight[:, :8] = 0
-    counts = measure.count_zeros(model)
+    counts = costs.count_zeros(model)
     assert counts["prunable_zeros"] == 8 * pl.weight.shape[0]
-    size = measure.dense_file_bytes(model)  # tied head stored once, the zeros stored like any value
+    size = costs.dense_file_bytes(model)  # tied head stored once, the zeros stored like any value
     assert 4 * count_parameters(model) < size < 4 * count_parameters(model) + 20_000
-    assert size == measure.dense_file_bytes(build_tiny("llama"))
+    assert size == costs.dense_file_bytes(build_tiny("llama"))
 
 
 def test_sparsification_keeps_parameters_and_dense_file_size_and_adds_zeros(tiny_dirs, tmp_cache):
-    from lab_utils.models import load_model
+    from lab_utils.core.models import load_model
 
     lm = load_model(str(tiny_dirs["llama"]))
     sparse, report = sparsification.sparsified(lm, 0.5, progress=False)
     assert report.actual_sparsity == pytest.approx(0.5, abs=0.01)
-    assert measure.count_zeros(lm.model)["prunable_zeros"] == 0  # the dense model is untouched
+    assert costs.count_zeros(lm.model)["prunable_zeros"] == 0  # the dense model is untouched
     windows = torch.randint(7, 60, (2, 16), generator=torch.Generator().manual_seed(0))
     table = sparsification.compare(lm.model, sparse.model, windows, windows[:1], reps=1,
                                    progress=False).set_index("model")
@@ -235,7 +235,7 @@ def test_truncated_student_keeps_the_first_blocks_and_runs():
 def test_head_from_probe_predicts_what_the_probe_predicts_and_distilled_student_learns():
     from tiny_models import tiny_tokenizer
 
-    from lab_utils.evaluation import sentiment
+    from lab_utils.core.evaluation import sentiment
 
     g = torch.Generator().manual_seed(0)
     feats = torch.cat([torch.randn(40, 32, generator=g) + 0.3, torch.randn(40, 32, generator=g) - 0.3])
@@ -350,7 +350,7 @@ def test_levels_per_block_detects_a_4bit_grid():
 def test_prose_flips_with_the_data():
     import pandas as pd
 
-    from lab_utils.concepts import prose
+    from lab_utils.presentation import concepts_view
 
     def table(distilled, labels_only):
         rows = [("teacher", 6, 0.8), ("student, probe only", 2, 0.6),
@@ -359,10 +359,10 @@ def test_prose_flips_with_the_data():
                               "agreement_with_teacher": 0.9, "forward_s": 1.0 / n, "embedding_parameters": 50,
                               "forward_cpu_s": 1.0 / n} for m, n, a in rows])
 
-    assert "distilled student beats" in prose.distillation(table(0.80, 0.70), 1000, 2.0, 1.0, 10, 0)
-    assert "label-only student beats" in prose.distillation(table(0.70, 0.80), 1000, 2.0, 1.0, 10, 0)
-    assert "within two standard errors" in prose.distillation(table(0.75, 0.751), 1000, 2.0, 1.0, 10, 0)
+    assert "distilled student beats" in concepts_view.distillation(table(0.80, 0.70), 1000, 2.0, 1.0, 10, 0)
+    assert "label-only student beats" in concepts_view.distillation(table(0.70, 0.80), 1000, 2.0, 1.0, 10, 0)
+    assert "within two standard errors" in concepts_view.distillation(table(0.75, 0.751), 1000, 2.0, 1.0, 10, 0)
     fast = pd.Series({"forward_s": 1.0, "forward_cpu_s": 1.0})
     slow = pd.Series({"forward_s": 2.0, "forward_cpu_s": 2.0})
-    assert prose._faster(fast, slow).startswith("2.00x faster")
-    assert prose._faster(slow, fast).startswith("2.00x slower")
+    assert concepts_view._faster(fast, slow).startswith("2.00x faster")
+    assert concepts_view._faster(slow, fast).startswith("2.00x slower")

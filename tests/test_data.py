@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from tiny_models import tiny_tokenizer
 
-from lab_utils import data, io
+from lab_utils.core import data, files
 
 
 def test_corpora_shapes():
@@ -49,7 +49,7 @@ def test_bad_window_arguments():
 
 
 def test_hub_corpora_fail_clearly_without_hub():
-    from lab_utils import models
+    from lab_utils.core import models
 
     models.hub_reachable.cache_clear()
     with pytest.raises(data.DataError, match="hub"):
@@ -60,14 +60,14 @@ def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
     data.clear_corpus_cache()
     try:
         folder = data.corpus_dir()
-        archive = io.cache_dir() / "data" / data.VADER_SDIST
-        assert io.sha256_file(archive) == data.VADER_SHA256
+        archive = files.cache_dir() / "data" / data.VADER_SDIST
+        assert files.sha256_file(archive) == data.VADER_SHA256
         # truncate the archive and edit an extracted file
         archive.write_bytes(archive.read_bytes()[:1000])
         (folder / data.NYT_FILE).write_text("1_1\t0.0\ttampered\n")
-        assert not io.verify_dir(folder)
+        assert not files.verify_dir(folder)
         folder2 = data.corpus_dir()
-        assert io.sha256_file(archive) == data.VADER_SHA256
+        assert files.sha256_file(archive) == data.VADER_SHA256
         data.clear_corpus_cache()
         assert len(data.nyt_sentences()) == 5190
         assert folder2 == folder

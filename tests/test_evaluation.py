@@ -11,8 +11,11 @@ import pytest
 import torch
 import yaml
 
-from lab_utils import io, models, prune
-from lab_utils.evaluation import asr, benchmarks, denoising, sentiment, summary
+from lab_utils.core import files, models
+from lab_utils.core.evaluation import asr, denoising, sentiment
+from lab_utils.engine import checkpoints, prune
+from lab_utils.experiments import benchmarks
+from lab_utils.presentation import benchmarks_view
 
 
 @pytest.fixture()
@@ -21,7 +24,7 @@ def eval_cache(tmp_path, monkeypatch) -> Path:
     downloaded corpus, the converted models and the synthesized speech."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    real = io.cache_dir()
+    real = files.cache_dir()
     for sub in ("data", "models", "speech"):
         (real / sub).mkdir(parents=True, exist_ok=True)
         (cache / sub).symlink_to(real / sub, target_is_directory=True)
@@ -134,7 +137,7 @@ def test_whisper_wer_path_on_the_tiny_model(tiny_dirs):
 
 @pytest.mark.slow
 def test_real_whisper_transcribes_a_synthesized_sentence():
-    from lab_utils import data
+    from lab_utils.core import data
 
     lm = models.load_model("whisper-tiny-en")
     assert asr.decoder_prompt(lm.tokenizer, lm.model.config) == [50257, 50362]
@@ -193,7 +196,7 @@ def test_checkpoint_key_matches_the_pruning_engine(tiny_dirs, eval_cache, kind, 
     for setting in (benchmarks.Setting("dense", "unstructured", 0.0),
                     benchmarks.Setting(method, "unstructured", 0.5)):
         m = "magnitude" if setting.is_dense else setting.method
-        _, report = prune.pruned_model(name, m, setting.sparsity, nsamples=2, seqlen=seqlen, seed=0,
+        _, report = checkpoints.pruned_model(name, m, setting.sparsity, nsamples=2, seqlen=seqlen, seed=0,
                                        progress=False)
         assert benchmarks.checkpoint_key(spec, setting, 2, seqlen, 0) == report.key
 
@@ -228,7 +231,7 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
     def no_loading(*a, **k):
         raise AssertionError("a cached rerun must not load or prune a model")
 
-    monkeypatch.setattr(prune, "pruned_model", no_loading)
+    monkeypatch.setattr(checkpoints, "pruned_model", no_loading)
     df2, sizes2 = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
                                              cfg, progress=False)
     pd.testing.assert_frame_equal(df, df2)
@@ -250,7 +253,7 @@ def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, 
 def test_hub_encoders_use_glue_sst2_train_and_validation(monkeypatch):
     import datasets
 
-    from lab_utils import data
+    from lab_utils.core import data
 
     fake = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": [f"{k} {i}" for i in range(4)],
                                                                 "label": [0, 1, 0, 1]})
@@ -288,31 +291,31 @@ def test_reach_and_paragraph_follow_the_numbers():
     base = {("dense", "unstructured", 0.0): 10.0, ("magnitude", "unstructured", 0.3): 10.5,
             ("magnitude", "unstructured", 0.5): 14.0, ("wanda", "unstructured", 0.3): 10.2,
             ("wanda", "unstructured", 0.5): 10.9, ("magnitude", "2:4", 0.5): 30.0, ("wanda", "2:4", 0.5): 20.0}
-    reach = summary.reach_table(_table(base)).set_index("method")
+    reach = benchmarks_view.reach_table(_table(base)).set_index("method")
     assert reach.loc["magnitude", "max_sparsity_within"] == 0.3  # 14.0 is 40% above dense
     assert reach.loc["wanda", "max_sparsity_within"] == 0.5  # 10.9 is within 10%
-    text = summary.family_paragraph(_table(base), "decoder-only")
+    text = benchmarks_view.family_paragraph(_table(base), "decoder-only")
     assert "magnitude up to 30%" in text and "wanda up to 50%" in text
     assert "at 50% unstructured, wanda" in text and "at 2:4, wanda" in text
     flipped = dict(base)
     flipped[("magnitude", "2:4", 0.5)] = 15.0
     flipped[("wanda", "unstructured", 0.3)] = 12.0
-    text = summary.family_paragraph(_table(flipped), "decoder-only")
+    text = benchmarks_view.family_paragraph(_table(flipped), "decoder-only")
     assert "at 2:4, magnitude" in text and "wanda up to 0%" not in text and "wanda up to 50%" in text
     flipped[("wanda", "unstructured", 0.5)] = 11.5
-    assert "wanda at none of them" in summary.family_paragraph(_table(flipped), "decoder-only")
+    assert "wanda at none of them" in benchmarks_view.family_paragraph(_table(flipped), "decoder-only")
 
 
 def test_figures_are_written_deterministically(tmp_output):
     base = {("dense", "unstructured", 0.0): 10.0, ("magnitude", "unstructured", 0.5): 14.0,
             ("wanda", "unstructured", 0.5): 11.0, ("wanda", "2:4", 0.5): 20.0}
     df = _table(base)
-    a = summary.metric_figure(df, "m").read_bytes()
-    b = summary.metric_figure(df, "m").read_bytes()
+    a = benchmarks_view.metric_figure(df, "m").read_bytes()
+    b = benchmarks_view.metric_figure(df, "m").read_bytes()
     assert a == b and a[:4] == b"\x89PNG"
     sizes = df[df.metric == "perplexity"][["model", "method", "pattern", "requested_sparsity"]].assign(
         format="bitmask+zstd", file_bytes=[100, 60, 61, 59], dense_file_bytes=120)
-    assert summary.size_figure(df, sizes, "m").is_file()
+    assert benchmarks_view.size_figure(df, sizes, "m").is_file()
 
 
 # --------------------------------------------------------------------------- notebook 04 (smoke run)
@@ -341,14 +344,14 @@ def test_speed_sentence_follows_the_rows():
                 "sparse_aware_tokens_per_s": 1000.0, "sparse_aware_speedup": 1.0},
         base | {"sparsity": 0.9, "csr_layers": 3, "fell_back": False, "checked_speedup": 1.2,
                 "sparse_aware_tokens_per_s": 1250.0, "sparse_aware_speedup": 1.25}])
-    text = summary.speed_sentence(rows)
+    text = benchmarks_view.speed_sentence(rows)
     assert "at 50% no layer's CSR form beats its dense matmul" in text
     assert "at 80% the CSR plan ran at 0.93x dense end to end in a first timing, so the sparse-aware" in text
     assert "1,250 vs 1,000 tokens/s (1.25x, 3 of 4 layers in CSR" in text
 
 
 def test_speed_table_is_measured_once_then_read_back(tiny_dirs, eval_cache, monkeypatch):
-    from lab_utils import speed
+    from lab_utils.experiments import speed
 
     name = str(tiny_dirs["llama"])
     first = benchmarks.speed_table(name, [0, 0.9], tokens=8, warmup=0, repeats=1, progress=False)

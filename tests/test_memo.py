@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lab_utils import memo
+from lab_utils.core import memo
 
 
 def _table():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lab_utils.metrics import METRICS, load_metric, metric_path
+from lab_utils.core.metrics import METRICS, load_metric, metric_path
 
 
 def test_every_metric_module_loads_by_path_offline():

@@ -3,7 +3,7 @@ import torch
 from tiny_models import build_tiny
 from torch import nn
 
-from lab_utils import models
+from lab_utils.core import models
 
 
 def test_every_preset_resolves_or_names_the_hub():

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from lab_utils import report
+from lab_utils.report import runner
 
-NOTEBOOKS = report.notebook_paths()
+NOTEBOOKS = runner.notebook_paths()
 
 
 def test_the_four_notebooks_exist_in_order():
@@ -68,5 +68,5 @@ def test_markdown_has_no_tex_math(path):
 def test_the_code_passes_ruff():
     # The lint rules are in pyproject.toml; make test installs ruff.
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lab_utils", "tests", "benchmarks", "tools"],
-                          capture_output=True, text=True, cwd=report.NOTEBOOKS_DIR.parent)
+                          capture_output=True, text=True, cwd=runner.NOTEBOOKS_DIR.parent)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lab_utils import data
-from lab_utils.evaluation import perplexity as P
-from lab_utils.models import load_model
+from lab_utils.core import data
+from lab_utils.core.evaluation import perplexity as P
+from lab_utils.core.models import load_model
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

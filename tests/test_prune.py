@@ -6,10 +6,11 @@ import os
 import pytest
 import torch
 
-from lab_utils import io, prune
-from lab_utils import sparsify as sp
-from lab_utils.models import load_model, prunable_layers
-from lab_utils.sparsify import SparsityError
+from lab_utils.core import files, measure
+from lab_utils.core import sparsify as sp
+from lab_utils.core.models import load_model, prunable_layers
+from lab_utils.core.sparsify import SparsityError
+from lab_utils.engine import calibration, checkpoints, config, prune
 
 CAL = dict(nsamples=4, seqlen=32, progress=False)
 
@@ -56,14 +57,14 @@ def test_global_magnitude_reaches_the_global_target(tiny_dirs):
 
 def test_batched_statistics_equal_one_sample_at_a_time(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    batches = prune.calibration_batches(lm, 6, 16, batch_tokens=16 * 6)
-    single = prune.calibration_batches(lm, 6, 16, batch_tokens=16)
+    batches = calibration.calibration_batches(lm, 6, 16, batch_tokens=16 * 6)
+    single = calibration.calibration_batches(lm, 6, 16, batch_tokens=16)
     assert len(batches) == 1 and len(single) == 6
     block = lm.model.model.layers[0]
     layers = prune.find_layers(block)
     for kind in ("norm", "hessian"):
-        a = prune.collect_statistics(block, layers, prune.capture_inputs(lm.model, block, batches, "decoder"), kind)
-        b = prune.collect_statistics(block, layers, prune.capture_inputs(lm.model, block, single, "decoder"), kind)
+        a = calibration.collect_statistics(block, layers, calibration.capture_inputs(lm.model, block, batches, "decoder"), kind)
+        b = calibration.collect_statistics(block, layers, calibration.capture_inputs(lm.model, block, single, "decoder"), kind)
         for name in layers:
             assert a[name]["count"] == b[name]["count"] == 96
             assert torch.allclose(a[name]["sum"], b[name]["sum"], rtol=1e-4, atol=1e-5), name
@@ -96,7 +97,7 @@ def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder
         tiny_dirs, monkeypatch, kind, method):
     lm = load_model(str(tiny_dirs[kind]))
     seen = {}
-    capture = prune.capture_inputs
+    capture = calibration.capture_inputs
 
     def spy(model, block, batches, side):
         # when the decoder's inputs are captured, the encoder must already be pruned
@@ -115,17 +116,17 @@ def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder
 
 
 def test_whisper_calibrates_on_windows_of_packed_sentences(tiny_dirs):
-    from lab_utils import data
+    from lab_utils.core import data
 
     lm = load_model(str(tiny_dirs["whisper"]))
-    batches = prune.calibration_batches(lm, nsamples=6, seqlen=None, seed=0)
+    batches = calibration.calibration_batches(lm, nsamples=6, seqlen=None, seed=0)
     windows = [b["inputs"]["input_features"] for b in batches]
     assert sum(w.shape[0] for w in windows) == 2  # 6 sentences, 4 to a window
     sentences = data.calibration_sentences(6, 0)
     first = batches[0]["inputs"]["decoder_input_ids"][0]
     mask = batches[0]["masks"]["decoder"][0]
     cfg = lm.model.config
-    expect = list(lm.tokenizer(" ".join(sentences[:prune.SPEECH_PER_WINDOW])).input_ids)
+    expect = list(lm.tokenizer(" ".join(sentences[:config.SPEECH_PER_WINDOW])).input_ids)
     if expect[0] != cfg.decoder_start_token_id:
         expect = [cfg.decoder_start_token_id] + expect
     # the first window's decoder is teacher-forced with its four sentences' text
@@ -162,70 +163,70 @@ def test_magnitude_needs_no_calibration(tiny_dirs):
 # --------------------------------------------------------------------------- the cache
 def test_pruned_model_caches_checkpoints(tiny_dirs, cache_with_data):
     name = str(tiny_dirs["llama"])
-    lm1, r1 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
-    assert not r1.from_cache and io.verify_dir(r1.checkpoint)
-    lm2, r2 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    lm1, r1 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert not r1.from_cache and files.verify_dir(r1.checkpoint)
+    lm2, r2 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
     assert r2.from_cache and r2.key == r1.key and r2.checkpoint == r1.checkpoint
     for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
         assert torch.equal(a.weight, b.weight)
     # every argument is in the key
-    _, r3 = prune.pruned_model(name, "wanda", 0.5, "2:4", nsamples=4, seqlen=32, seed=1, progress=False)
+    _, r3 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", nsamples=4, seqlen=32, seed=1, progress=False)
     assert r3.key != r1.key and not r3.from_cache
     # a damaged checkpoint is not reused
-    weights = cache_with_data / "pruned" / os.path.basename(r1.checkpoint) / prune.WEIGHTS_FILE
+    weights = cache_with_data / "pruned" / os.path.basename(r1.checkpoint) / checkpoints.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-10])
-    _, r4 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
-    assert not r4.from_cache and io.verify_dir(r4.checkpoint)
+    _, r4 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    assert not r4.from_cache and files.verify_dir(r4.checkpoint)
     # rebuild prunes again and replaces the entry, with the new run's seconds
-    _, r5 = prune.pruned_model(name, "wanda", 0.5, "2:4", rebuild=True, **CAL)
-    assert not r5.from_cache and r5.checkpoint == r4.checkpoint and io.verify_dir(r5.checkpoint)
-    _, r6 = prune.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    _, r5 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", rebuild=True, **CAL)
+    assert not r5.from_cache and r5.checkpoint == r4.checkpoint and files.verify_dir(r5.checkpoint)
+    _, r6 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
     assert r6.from_cache and r6.seconds == r5.seconds != r4.seconds
 
 
 def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
-    lm, report = prune.pruned_model(str(tiny_dirs["gpt2"]), "sparsegpt", 0.0, progress=False)
+    lm, report = checkpoints.pruned_model(str(tiny_dirs["gpt2"]), "sparsegpt", 0.0, progress=False)
     assert report.actual_sparsity == 0.0 and report.checkpoint is None
     assert not (cache_with_data / "pruned").exists()
 
 
 def test_peak_memory_sees_an_allocation():
-    with prune.PeakMemory() as mem:
+    with measure.PeakMemory() as mem:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block += 1
     assert mem.peak - mem.start >= 48 * 2**20
 
 
 def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
-    from lab_utils.data import DataError
-    from lab_utils.evaluation import perplexity
+    from lab_utils.core.data import DataError
+    from lab_utils.core.evaluation import perplexity
 
     lm = load_model(str(tiny_dirs["gpt2"]))
-    assert prune.default_calibration(lm) == "movie-reviews" and perplexity.default_corpus(lm.spec) == "nyt"
-    assert prune.default_seqlen(lm) == 128  # 512, capped by the tiny model's context
+    assert config.default_calibration(lm) == "movie-reviews" and perplexity.default_corpus(lm.spec) == "nyt"
+    assert config.default_seqlen(lm) == 128  # 512, capped by the tiny model's context
     lm.spec.source = "hub"  # the same model as if it came from the hub (gpt2-medium's path)
-    assert prune.default_seqlen(lm) == lm.model.config.n_positions
-    assert prune.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
+    assert config.default_seqlen(lm) == lm.model.config.n_positions
+    assert config.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
     with pytest.raises(DataError, match="hub"):  # offline here: a clear error, not a hang
         prune.prune_model(lm, "wanda", 0.5, nsamples=2, progress=False)
     with pytest.raises(SparsityError, match="exceeds the context"):
-        prune.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
+        calibration.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
 
 
 def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     name = str(tiny_dirs["llama"])
-    lm1, r1 = prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
-    assert not r1.from_cache and io.verify_dir(r1.checkpoint) and r1.peak_memory_bytes > 0
+    lm1, r1 = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
+    assert not r1.from_cache and files.verify_dir(r1.checkpoint) and r1.peak_memory_bytes > 0
     # cached now: loaded here, no child; rebuild=True reaches the child and prunes again
-    assert prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)[1].from_cache
-    r1b = prune.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True, rebuild=True)[1]
+    assert checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)[1].from_cache
+    r1b = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True, rebuild=True)[1]
     assert not r1b.from_cache and r1b.seconds != r1.seconds
     # the same pruning in this process, into another cache, gives the same weights
     other = tmp_path / "other-cache"
     other.mkdir()
     os.symlink(cache_with_data / "data", other / "data")
     monkeypatch.setenv("LAB_CACHE_DIR", str(other))
-    lm2, r2 = prune.pruned_model(name, "sparsegpt", 0.5, **CAL)
+    lm2, r2 = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL)
     assert r2.key == r1.key
     for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
         assert torch.equal(a.weight, b.weight)
@@ -236,4 +237,4 @@ def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, 
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
     with pytest.raises(SparsityError, match="wanda.*separate process failed: boom"):
-        prune.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)
+        checkpoints.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)

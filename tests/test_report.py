@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import run_report
 
-from lab_utils import params, report
+from lab_utils.report import params, runner
 
 
 def _write(tmp_path, text):
@@ -16,12 +16,12 @@ def _write(tmp_path, text):
 
 
 def test_every_params_file_is_valid_offline_or_names_the_hub():
-    paths = report.notebook_paths()
+    paths = runner.notebook_paths()
     for name in ("default", "smoke"):
-        report.prepare(f"params/{name}.yaml", paths)
+        runner.prepare(f"params/{name}.yaml", paths)
     with pytest.raises(params.ParamError, match="hub"):
-        report.prepare("params/full.yaml", paths)
-    report.prepare("params/full.yaml", paths, check_hub=False)
+        runner.prepare("params/full.yaml", paths)
+    runner.prepare("params/full.yaml", paths, check_hub=False)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -36,7 +36,7 @@ def test_every_params_file_is_valid_offline_or_names_the_hub():
 ])
 def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     with pytest.raises(params.ParamError, match=needle):
-        report.prepare(_write(tmp_path, text), report.notebook_paths())
+        runner.prepare(_write(tmp_path, text), runner.notebook_paths())
 
 
 @pytest.mark.parametrize("name,value,needle", [
@@ -68,7 +68,7 @@ def test_smoke_report_runs_every_notebook_and_renders(smoke_report):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "build" / "run.json").read_text())
     names = [r["name"] for r in run["runs"]]
-    assert names == [p.stem for p in report.notebook_paths()]
+    assert names == [p.stem for p in runner.notebook_paths()]
     assert all(r["status"] == "ok" for r in run["runs"])
     for r in run["runs"]:
         html = (out / "report" / f"{r['name']}.html").read_text()
@@ -99,14 +99,14 @@ def test_widget_views_and_state_are_dropped_before_rendering():
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
     cell = nbformat.v4.new_code_cell("x")
     cell.outputs = [
-        nbformat.v4.new_output("display_data", data={report.WIDGET_VIEW: {"model_id": "a"},
+        nbformat.v4.new_output("display_data", data={runner.WIDGET_VIEW: {"model_id": "a"},
                                                      "text/plain": "HBox(children=...)"}),
-        nbformat.v4.new_output("display_data", data={report.WIDGET_VIEW: {"model_id": "b"},
+        nbformat.v4.new_output("display_data", data={runner.WIDGET_VIEW: {"model_id": "b"},
                                                      "image/png": "iVBOR"}),
         nbformat.v4.new_output("stream", text="kept\n"),
     ]
     nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
-    report.drop_widgets(nb)
+    runner.drop_widgets(nb)
     assert "widgets" not in nb.metadata
     # the bare widget view is gone; the one with an image keeps only the image; text stays
     assert [sorted(o.get("data", {})) for o in cell.outputs] == [["image/png"], []]

@@ -38,7 +38,7 @@ def test_two_runs_give_byte_identical_tables_and_figures(smoke_report, tmp_path)
 def _files_are_whole(root: Path) -> None:
     """Every file a reader can see is complete: CSVs parse to the end, PNGs
     end with their IEND chunk, checksummed cache entries match their sums."""
-    from lab_utils import io
+    from lab_utils.core import files
 
     for p in root.rglob("*"):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
@@ -51,9 +51,9 @@ def _files_are_whole(root: Path) -> None:
             assert p.read_bytes().endswith(PNG_END), f"truncated PNG {p}"
         elif p.name.endswith(".sha256"):
             target = p.with_name(p.name[: -len(".sha256")])
-            assert io.sha256_file(target) == p.read_text().strip(), f"checksum mismatch {target}"
+            assert files.sha256_file(target) == p.read_text().strip(), f"checksum mismatch {target}"
         elif p.name == "MANIFEST.json":
-            assert io.verify_dir(p.parent), f"damaged checkpoint {p.parent}"
+            assert files.verify_dir(p.parent), f"damaged checkpoint {p.parent}"
 
 
 def _finished(pruned: Path) -> list[Path]:
@@ -64,11 +64,11 @@ def _finished(pruned: Path) -> list[Path]:
 
 
 def test_killed_run_leaves_whole_files_and_resumes_without_redoing_work(tmp_path):
-    from lab_utils import io
+    from lab_utils.core import files
 
     # A private cache (sharing the converted models and corpora, so nothing is
     # converted or fetched again) and a small notebook-03 run on the encoder.
-    real = io.cache_dir()
+    real = files.cache_dir()
     cache = tmp_path / "cache"
     cache.mkdir()
     for sub in ("models", "data"):

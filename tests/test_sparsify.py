@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lab_utils import sparsify as sp
-from lab_utils.sparsify import SparsityError
+from lab_utils.core import sparsify as sp
+from lab_utils.core.sparsify import SparsityError
 
 torch.manual_seed(0)  # the tensors below are random but fixed
 

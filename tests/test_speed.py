@@ -5,8 +5,10 @@ import pytest
 import torch
 from tiny_models import build_tiny
 
-from lab_utils import speed
-from lab_utils.models import prunable_layers
+from lab_utils.core import measure
+from lab_utils.core.models import prunable_layers
+from lab_utils.experiments import speed
+from lab_utils.presentation import speed_view
 
 
 def prune(model, sparsity_ratio, seed=0):
@@ -212,13 +214,13 @@ def test_plan_picks_csr_only_where_the_table_says_it_pays():
 
 def test_time_calls_interleaves_and_reports_every_repeat():
     calls = []
-    times = speed.time_calls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+    times = measure.time_calls({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                              warmup=1, repeats=4)
     assert len(times) == 8 and set(times.name) == {"a", "b"}
     assert calls[:2] == ["a", "b"]  # warm-up
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotating order
     assert (times.seconds >= 0).all()
-    assert list(speed.median_seconds(times).index) == ["a", "b"]
+    assert list(measure.median_seconds(times).index) == ["a", "b"]
 
 
 def test_layer_speed_table_shape():
@@ -236,15 +238,15 @@ def test_model_shapes_from_the_config_alone(tiny_dirs):
 def test_speed_conclusions_follow_the_numbers():
     t = synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.9, 2.0), ((4, 8), 0.5, 0.5), ((4, 8), 0.9, 0.8)])
     t["threads"], t["load_avg"] = 2, 1.0
-    text = speed.speed_conclusions(t)
+    text = speed_view.speed_conclusions(t)
     assert "for 8x8" in text and "never does for 4x8" in text and "2.00x for 8x8" in text
     t.loc[t["shape"] == "8x8", "speedup"] = 0.5
-    assert "CSR never beats the dense matmul" in speed.speed_conclusions(t)
+    assert "CSR never beats the dense matmul" in speed_view.speed_conclusions(t)
     fwd = pd.DataFrame([{"label": "Tiny", "tokens": 8, "sparsity": 0.9, "sparse_aware_speedup": 1.3,
                          "sparse_aware_is_dense": False, "csr_layers": 3, "layers": 4, "all_csr_speedup": 0.8,
                          "checked_speedup": 1.25, "fell_back": False, "flop_limit": 2.5, "unprunable_share": 0.2}])
-    text = speed.speed_conclusions(t, fwd)
+    text = speed_view.speed_conclusions(t, fwd)
     assert "1.30x dense (3 of 4 layers in CSR)" in text and "allows 2.50x" in text
     fwd = fwd.assign(sparse_aware_speedup=1.0, sparse_aware_is_dense=True, csr_layers=0, checked_speedup=0.9,
                      fell_back=True)
-    assert "ran at 0.90x dense in a first timing, so it falls back" in speed.speed_conclusions(t, fwd)
+    assert "ran at 0.90x dense in a first timing, so it falls back" in speed_view.speed_conclusions(t, fwd)

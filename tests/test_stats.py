@@ -8,7 +8,8 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
-from lab_utils import stats
+from lab_utils.experiments import weight_stats, weights
+from lab_utils.presentation import weights_view
 
 
 class Block(nn.Module):
@@ -60,7 +61,7 @@ EQUAL = [0.05] * 8
 @pytest.fixture(scope="module")
 def growing():
     model = Synthetic(GROWING, zeros=37)
-    return model, stats.weight_stats(model, label="growing", chunk=4096, sample_size=20000,
+    return model, weight_stats.weight_stats(model, label="growing", chunk=4096, sample_size=20000,
                                      progress=False)
 
 
@@ -77,10 +78,10 @@ def test_param_table_classifies_every_tensor(growing):
 def test_counts_and_fractions_equal_brute_force(growing):
     model, ws = growing
     x = brute(model).double().numpy()
-    s = stats.summarize(ws)
+    s = weights.summarize(ws)
     assert s["params"] == x.size
     assert s["exact_zeros"] == int((x == 0).sum()) >= 37
-    for t in stats.SMALL:
+    for t in weight_stats.SMALL:
         assert s[f"frac_abs_lt_{t:g}"] == np.count_nonzero(np.abs(x.astype(np.float32)) < t) / x.size
     assert s["mean"] == pytest.approx(x.mean(), rel=1e-6, abs=1e-12)
     assert s["std"] == pytest.approx(x.std(), rel=1e-6)
@@ -92,7 +93,7 @@ def test_counts_and_fractions_equal_brute_force(growing):
 def test_moments_of_a_long_chunk_keep_their_digits():
     g = torch.Generator().manual_seed(1)
     x = 1.0 + 0.02 * torch.randn(1 << 21, generator=g) ** 3  # off-centre, heavy-tailed
-    m = stats.Moments.of(x)
+    m = weight_stats.Moments.of(x)
     xd = x.double().numpy()
     assert m.mean == pytest.approx(xd.mean(), rel=1e-7)
     assert m.std == pytest.approx(xd.std(), rel=1e-5)
@@ -102,14 +103,14 @@ def test_moments_of_a_long_chunk_keep_their_digits():
 def test_streaming_histogram_equals_one_histc_over_everything(growing):
     model, ws = growing
     x = brute(model)
-    core, below, above = stats.core_histogram(ws)
+    core, below, above = weights.core_histogram(ws)
     expected = torch.histc(x, ws.bins.core_bins, -ws.bins.core, ws.bins.core).long().numpy()
     assert np.array_equal(core, expected)
     assert below == int((x < -ws.bins.core).sum()) and above == int((x > ws.bins.core).sum())
     assert core.sum() + below + above == x.numel()
     assert above + below > 0  # the core quantile really cuts the tails
     # the coarse full-range histogram accounts for every value, tails exactly
-    outer = stats.outer_histogram(ws)
+    outer = weights.outer_histogram(ws)
     assert outer.sum() == x.numel()
     np_outer, _ = np.histogram(x.numpy(), ws.bins.outer_edges)
     # a value inside the core goes to the outer bin of its fine bin's centre:
@@ -124,7 +125,7 @@ def test_group_moments_merge_like_concatenation(growing):
     mask = ws.mask(block=[2, 5])
     x = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
                    if n.startswith(("layers.2.", "layers.5."))]).double().numpy()
-    m = stats.group_moments(ws, mask)
+    m = weights.group_moments(ws, mask)
     assert m.n == x.size
     assert m.std == pytest.approx(x.std(), rel=1e-6)
     assert m.kurtosis == pytest.approx(sps.kurtosis(x), rel=1e-5)
@@ -133,7 +134,7 @@ def test_group_moments_merge_like_concatenation(growing):
 def test_sample_quantiles_are_close_to_exact(growing):
     model, ws = growing
     a = np.abs(brute(model).numpy())
-    s = stats.summarize(ws)
+    s = weights.summarize(ws)
     for key, q in (("abs_median", 0.5), ("abs_q90", 0.9)):
         # the sample's quantile has the rank of q +- a few sqrt(q(1-q)/n)
         rank = (a < s[key]).mean()
@@ -143,45 +144,45 @@ def test_sample_quantiles_are_close_to_exact(growing):
 
 def test_ks_of_identical_and_disjoint_histograms():
     a = (np.array([0, 5, 5, 0]), 0, 0)
-    assert stats.ks_binned(a, a) == 0
-    assert stats.ks_binned((np.array([10, 0, 0, 0]), 0, 0), (np.array([0, 0, 0, 10]), 0, 0)) == 1
-    with pytest.raises(stats.StatsError):
-        stats.binned_cdf(np.zeros(3, int), 0, 0)
+    assert weights.ks_binned(a, a) == 0
+    assert weights.ks_binned((np.array([10, 0, 0, 0]), 0, 0), (np.array([0, 0, 0, 10]), 0, 0)) == 1
+    with pytest.raises(weight_stats.StatsError):
+        weights.binned_cdf(np.zeros(3, int), 0, 0)
 
 
 def test_distance_rises_with_depth_when_std_grows(growing):
     _, ws = growing
-    dist = stats.depth_distances(ws)
+    dist = weights.depth_distances(ws)
     assert list(dist["block"]) == list(range(8))
-    corr = stats.depth_correlation(dist).iloc[0]
+    corr = weights.depth_correlation(dist).iloc[0]
     assert corr["rho"] > 0.8 and corr["p"] < 0.05 and corr["significant"]
     assert dist["ks"].iloc[-1] > dist["ks"].iloc[0]
-    text = stats.describe_correlation(corr["rho"], corr["p"], corr["n"])
+    text = weights_view.describe_correlation(corr["rho"], corr["p"], corr["n"])
     assert text.startswith("distance to the overall distribution rises with depth")
 
 
 def test_no_significant_trend_when_std_is_equal():
     model = Synthetic(EQUAL, seed=3)
-    ws = stats.weight_stats(model, label="equal", chunk=4096, sample_size=5000, progress=False)
-    corr = stats.depth_correlation(stats.depth_distances(ws)).iloc[0]
+    ws = weight_stats.weight_stats(model, label="equal", chunk=4096, sample_size=5000, progress=False)
+    corr = weights.depth_correlation(weights.depth_distances(ws)).iloc[0]
     assert corr["p"] > 0.05 and not corr["significant"]
-    assert "no significant trend" in stats.describe_correlation(corr["rho"], corr["p"], corr["n"])
+    assert "no significant trend" in weights_view.describe_correlation(corr["rho"], corr["p"], corr["n"])
 
 
 def test_spearman_p_is_exact_for_few_blocks():
-    rho, p = stats.spearman([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4])
+    rho, p = weights.spearman([0, 1, 2, 3], [0.1, 0.2, 0.3, 0.4])
     assert rho == pytest.approx(1.0) and p == pytest.approx(2 / 24)  # not significant with 4 blocks
-    rho, p = stats.spearman(range(8), [1, 2, 3, 4, 5, 6, 8, 7])
+    rho, p = weights.spearman(range(8), [1, 2, 3, 4, 5, 6, 8, 7])
     assert p < 0.01
     big = np.arange(30)
-    rho, p = stats.spearman(big, big[::-1])
+    rho, p = weights.spearman(big, big[::-1])
     assert rho == pytest.approx(-1.0) and p < 1e-6
 
 
 def test_falling_trend_is_worded_as_falling():
-    assert "falls with depth" in stats.describe_correlation(-0.9, 0.001, 10)
-    assert "too few blocks" in stats.describe_correlation(float("nan"), float("nan"), 2)
-    few = stats.describe_correlation(1.0, 2 / 24, 4)
+    assert "falls with depth" in weights_view.describe_correlation(-0.9, 0.001, 10)
+    assert "too few blocks" in weights_view.describe_correlation(float("nan"), float("nan"), 2)
+    few = weights_view.describe_correlation(1.0, 2 / 24, 4)
     assert "rises with depth in rank order, but with only 4 blocks this is not significant" in few
     assert "exact p = 0.083" in few
 
@@ -193,30 +194,30 @@ def test_reuse_copies_unchanged_tensors_and_remeasures_pruned_ones(growing):
         for block in pruned.layers:
             W = block.up_proj.weight
             W[W.abs() < W.abs().median()] = 0  # magnitude pruning of one prunable layer per block
-    fresh = stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, sample_size=20000,
+    fresh = weight_stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, sample_size=20000,
                                progress=False)
-    reused = stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, sample_size=20000,
+    reused = weight_stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, sample_size=20000,
                                 progress=False, reuse=dense)
     assert np.array_equal(fresh.core_counts, reused.core_counts)
     assert fresh.info["reused_tensors"] == 0
     assert reused.info["reused_tensors"] == int((~reused.tensors["prunable"]).sum()) > 0
-    assert stats.summarize(fresh) == pytest.approx(stats.summarize(reused), rel=1e-9, nan_ok=True)
+    assert weights.summarize(fresh) == pytest.approx(weights.summarize(reused), rel=1e-9, nan_ok=True)
     x = brute(pruned)
-    assert stats.summarize(reused)["exact_zeros"] == int((x == 0).sum())
+    assert weights.summarize(reused)["exact_zeros"] == int((x == 0).sum())
     # removal only: no survivor moved to another bin
-    assert stats.survivors_moved(reused, dense) == 0
+    assert weights.survivors_moved(reused, dense) == 0
     with torch.no_grad():
         for block in pruned.layers:
             W = block.down_proj.weight
             W[W != 0] *= 1.01  # what SparseGPT does to survivors (in miniature)
-    moved = stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, progress=False,
+    moved = weight_stats.weight_stats(pruned, label="p", bins=dense.bins, chunk=4096, progress=False,
                                reuse=dense)
-    assert stats.survivors_moved(moved, dense) > 0.05
+    assert weights.survivors_moved(moved, dense) > 0.05
 
 
 def test_magnitude_cut_is_the_sampled_quantile_of_prunable_weights(growing):
     model, ws = growing
-    cut = stats.magnitude_cut(ws, 0.5)
+    cut = weights.magnitude_cut(ws, 0.5)
     w = torch.cat([m.weight.detach().reshape(-1).abs() for b in model.layers
                    for m in (b.q_proj, b.up_proj, b.down_proj)])
     assert abs((w < cut).float().mean().item() - 0.5) < 0.02
@@ -224,50 +225,50 @@ def test_magnitude_cut_is_the_sampled_quantile_of_prunable_weights(growing):
 
 def test_levels_per_block_tells_4bit_from_float():
     model = Synthetic(EQUAL[:2])
-    assert stats.levels_per_block(model) > 16
+    assert weights.levels_per_block(model) > 16
     with torch.no_grad():  # 16 levels per group of 32 weights of a row, like GGUF Q4_1
         for b in model.layers:
             g = b.down_proj.weight[:, :32]  # (the only layer with rows of >= 32 weights)
             lo, hi = g.min(1, keepdim=True).values, g.max(1, keepdim=True).values
             g.copy_(lo + torch.round((g - lo) / (hi - lo) * 15) * (hi - lo) / 15)
-    assert stats.levels_per_block(model) <= 16
+    assert weights.levels_per_block(model) <= 16
 
 
 def test_bad_input_is_one_clear_error():
-    with pytest.raises(stats.StatsError, match="chunk"):
-        stats.weight_stats(Synthetic(EQUAL[:2]), chunk=0, progress=False)
-    with pytest.raises(stats.StatsError, match="core"):
-        stats.BinSpec(core=2.0, outer=1.0)
-    with pytest.raises(stats.StatsError, match="level"):
-        stats.depth_distances(stats.weight_stats(Synthetic(EQUAL[:2]), progress=False,
+    with pytest.raises(weight_stats.StatsError, match="chunk"):
+        weight_stats.weight_stats(Synthetic(EQUAL[:2]), chunk=0, progress=False)
+    with pytest.raises(weight_stats.StatsError, match="core"):
+        weight_stats.BinSpec(core=2.0, outer=1.0)
+    with pytest.raises(weight_stats.StatsError, match="level"):
+        weights.depth_distances(weight_stats.weight_stats(Synthetic(EQUAL[:2]), progress=False,
                                                  sample_size=100), level="row")
 
 
 def test_tiny_whisper_has_both_stacks_and_every_component():
     from tiny_models import build_tiny
 
-    ws = stats.weight_stats(build_tiny("whisper"), label="tiny", progress=False, sample_size=2000)
+    ws = weight_stats.weight_stats(build_tiny("whisper"), label="tiny", progress=False, sample_size=2000)
     groups = set(ws.tensors["group"])
     assert {"attn.q", "xattn.q", "mlp.up", "embedding", "norm", "bias", "conv"} <= groups
-    dist = stats.depth_distances(ws)
+    dist = weights.depth_distances(ws)
     assert set(dist["side"]) == {"encoder", "decoder"}
-    row = stats.model_summary(ws, dist)
+    row = weights.model_summary(ws, dist)
     assert row["encoder_blocks"] == 2 and row["decoder_blocks"] == 2
 
 
 def test_model_stats_are_cached_exactly_and_rebuilt_when_damaged(tiny_dirs, tmp_cache, monkeypatch):
     name = str(tiny_dirs["llama"])
-    first = stats.model_stats(name, progress=False)
+    first = weights.model_stats(name, progress=False)
     calls = []
-    real = stats.measure_model
-    monkeypatch.setattr(stats, "measure_model", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = stats.model_stats(name, progress=False)
+    real = weights.measure_model
+    monkeypatch.setattr(weights, "measure_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = weights.model_stats(name, progress=False)
     assert calls == []  # read back, not measured
     assert again.label == first.label and again.bins == first.bins and again.info == first.info
-    for k in stats._ARRAYS:
+    for k in weight_stats._ARRAYS:
         assert np.array_equal(getattr(again, k), getattr(first, k)) and getattr(again, k).dtype == getattr(first, k).dtype
     assert again.tensors.equals(first.tensors)
     [entry] = list((tmp_cache / "steps").glob("weight-stats-*.npz"))
     entry.write_bytes(entry.read_bytes()[:-10])  # truncated: fails its checksum
-    stats.model_stats(name, progress=False)
+    weights.model_stats(name, progress=False)
     assert calls == [1]

@@ -5,8 +5,10 @@ import pytest
 import torch
 from tiny_models import KINDS, build_tiny
 
-from lab_utils import storage as st
-from lab_utils.models import prunable_layers
+from lab_utils.core import formats, sparse_file
+from lab_utils.core.models import prunable_layers
+from lab_utils.experiments import file_sizes as st
+from lab_utils.presentation import file_sizes_view
 
 
 def prune_2_4(model):
@@ -65,10 +67,10 @@ def test_exact_round_trip_every_format(kind, tiny_pruned, tmp_path):
         "the test model should contain -0.0 entries"
     prunable = {f"{pl.name}.weight": pl for pl in prunable_layers(model)}
     ref = outputs(model, kind)
-    for fmt in st.all_formats("2:4"):
-        f = st.parse_format(fmt)
-        path = st.save_sparse(model, tmp_path / f"{kind}.lab", fmt, pattern="2:4")
-        back = st.load_sparse(path)  # rebuilt from the header, no template
+    for fmt in formats.all_formats("2:4"):
+        f = formats.parse_format(fmt)
+        path = sparse_file.save_sparse(model, tmp_path / f"{kind}.lab", fmt, pattern="2:4")
+        back = sparse_file.load_sparse(path)  # rebuilt from the header, no template
         assert type(back) is type(model)
         loaded = back.state_dict()
         assert set(loaded) == set(state)
@@ -77,7 +79,7 @@ def test_exact_round_trip_every_format(kind, tiny_pruned, tmp_path):
             assert got.dtype == t.dtype and got.shape == t.shape, (fmt, name)
             if name in prunable and not f.lossless:
                 pl = prunable[name]
-                want = st.quantized_weight(pl.weight, f.precision)
+                want = sparse_file.quantized_weight(pl.weight, f.precision)
                 W = next(p for p in prunable_layers(back) if p.name == pl.name).weight
                 assert torch.equal(canonical_bits(W), canonical_bits(want)), (fmt, name)
                 assert not torch.equal(W, pl.weight), (fmt, name)  # lossy by design
@@ -91,7 +93,7 @@ def test_dense_file_is_a_plain_safetensors_checkpoint(tiny_pruned, tmp_path):
     from safetensors.torch import load_file
 
     model = tiny_pruned["gpt2"]
-    path = st.save_sparse(model, tmp_path / "dense.safetensors", "dense")
+    path = sparse_file.save_sparse(model, tmp_path / "dense.safetensors", "dense")
     raw = load_file(str(path))
     for name, t in model.state_dict().items():
         if name in raw:  # tied copies are stored once
@@ -100,15 +102,15 @@ def test_dense_file_is_a_plain_safetensors_checkpoint(tiny_pruned, tmp_path):
 
 def test_load_into_a_template_and_reject_another_architecture(tiny_pruned, tmp_path):
     model = tiny_pruned["llama"]
-    path = st.save_sparse(model, tmp_path / "m.lab", "csr+zstd")
+    path = sparse_file.save_sparse(model, tmp_path / "m.lab", "csr+zstd")
     template = build_tiny("llama", seed=1)
     assert not torch.equal(template.lm_head.weight, model.lm_head.weight)
-    back = st.load_sparse(path, model=template)
+    back = sparse_file.load_sparse(path, model=template)
     assert back is template
     assert torch.equal(template.lm_head.weight, model.lm_head.weight)
     assert template.lm_head.weight.data_ptr() == template.model.embed_tokens.weight.data_ptr()
-    with pytest.raises(st.StorageError, match="holds a LlamaForCausalLM"):
-        st.load_sparse(path, model=build_tiny("gpt2"))
+    with pytest.raises(formats.StorageError, match="holds a LlamaForCausalLM"):
+        sparse_file.load_sparse(path, model=build_tiny("gpt2"))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -121,14 +123,14 @@ def test_measured_sizes_equal_the_arithmetic(kind, fmt, tmp_path):
         prune_2_4(model)
     else:
         prune_random(model, 0.7)
-    path = st.save_sparse(model, tmp_path / "m.lab", fmt, pattern=pattern)
-    table = st.file_table(path)
-    info = st.read_header(path)
+    path = sparse_file.save_sparse(model, tmp_path / "m.lab", fmt, pattern=pattern)
+    table = sparse_file.file_table(path)
+    info = sparse_file.read_header(path)
     expected_total = info.header_bytes
     for pl in prunable_layers(model):
         name = f"{pl.name}.weight"
         nnz = int((pl.weight != 0).sum())
-        parts = st.format_bytes(fmt, pl.shape, nnz, value_bits=32, pattern=pattern)
+        parts = formats.format_bytes(fmt, pl.shape, nnz, value_bits=32, pattern=pattern)
         measured = table[table.name == name].set_index("component")["bytes"].to_dict()
         assert measured == parts, (name, measured, parts)
         expected_total += sum(parts.values())
@@ -144,68 +146,68 @@ def test_measured_sizes_equal_the_arithmetic(kind, fmt, tmp_path):
 
 
 def test_smallest_index_dtype_that_fits(tmp_path):
-    assert st.index_dtype(255).itemsize == 1 and st.index_dtype(256).itemsize == 2
-    assert st.index_dtype(65535).itemsize == 2 and st.index_dtype(65536).itemsize == 4
+    assert formats.index_dtype(255).itemsize == 1 and formats.index_dtype(256).itemsize == 2
+    assert formats.index_dtype(65535).itemsize == 2 and formats.index_dtype(65536).itemsize == 4
     W = torch.zeros(3, 300)
     W[0, 299] = 1.0
     W[2, 5] = -2.0
-    parts = st.encode_weight(W, "csr")
+    parts = sparse_file.encode_weight(W, "csr")
     assert parts["col_indices"].dtype == torch.uint16  # 300 inputs: 299 does not fit a byte
     assert parts["crow_indices"].dtype == torch.uint8  # 2 nonzeros
     assert parts["crow_indices"].tolist() == [0, 1, 1, 2]
-    assert torch.equal(st.decode_weight(parts, "csr", (3, 300), torch.float32), W)
+    assert torch.equal(sparse_file.decode_weight(parts, "csr", (3, 300), torch.float32), W)
 
 
 def test_nm_positions_pack_into_log2_m_bits():
     W = torch.zeros(2, 8)
     W[0, [1, 3, 4, 7]] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # 2:4 per group of 4
     W[1, [0, 6]] = torch.tensor([5.0, 6.0])  # a group with a single nonzero is fine
-    parts = st.encode_weight(W, "nm", pattern="2:4")
+    parts = sparse_file.encode_weight(W, "nm", pattern="2:4")
     assert parts["values"].numel() == 8 and parts["positions"].numel() == 2  # 8 x 2 bits
-    assert torch.equal(st.decode_weight(parts, "nm", (2, 8), torch.float32, "2:4"), W)
+    assert torch.equal(sparse_file.decode_weight(parts, "nm", (2, 8), torch.float32, "2:4"), W)
     for bits, count in [(1, 13), (3, 11), (5, 9)]:
         v = torch.randint(0, 2**bits, (count,)).numpy()
-        assert (st.unpack_bits(st.pack_bits(v, bits), bits, count) == v).all()
-    with pytest.raises(st.StorageError, match="not 2:4 sparse"):
-        st.encode_weight(torch.ones(2, 8), "nm", pattern="2:4")
+        assert (sparse_file.unpack_bits(sparse_file.pack_bits(v, bits), bits, count) == v).all()
+    with pytest.raises(formats.StorageError, match="not 2:4 sparse"):
+        sparse_file.encode_weight(torch.ones(2, 8), "nm", pattern="2:4")
 
 
 def test_entropy_floor_known_cases():
-    assert st.binary_entropy(0.5) == 1.0
-    assert st.binary_entropy(0.0) == 0.0 and st.binary_entropy(1.0) == 0.0
-    assert st.binary_entropy(0.1) == pytest.approx(0.4689955935892812)
-    assert st.entropy_floor_bits(0.5, 32) == 17.0  # (1-s)*b + H(s) at s = 0.5
-    assert st.entropy_floor_bits(1.0, 32) == 32.0 and st.entropy_floor_bits(0.0, 32) == 0.0
-    assert st.nm_floor_bits(2, 4, value_bits=0) == pytest.approx(math.log2(6) / 4)
-    assert st.nm_floor_bits(2, 4, 16) == pytest.approx(8 + math.log2(6) / 4)
+    assert formats.binary_entropy(0.5) == 1.0
+    assert formats.binary_entropy(0.0) == 0.0 and formats.binary_entropy(1.0) == 0.0
+    assert formats.binary_entropy(0.1) == pytest.approx(0.4689955935892812)
+    assert formats.entropy_floor_bits(0.5, 32) == 17.0  # (1-s)*b + H(s) at s = 0.5
+    assert formats.entropy_floor_bits(1.0, 32) == 32.0 and formats.entropy_floor_bits(0.0, 32) == 0.0
+    assert formats.nm_floor_bits(2, 4, value_bits=0) == pytest.approx(math.log2(6) / 4)
+    assert formats.nm_floor_bits(2, 4, 16) == pytest.approx(8 + math.log2(6) / 4)
     # 2:4 fixes where the zeros may go: less mask information than unstructured 50%.
-    assert st.nm_floor_bits(2, 4, 32) < st.entropy_floor_bits(0.5, 32)
-    assert st.floor_bytes([((4, 8), 16)], 32) == pytest.approx(32 * 17 / 8)
+    assert formats.nm_floor_bits(2, 4, 32) < formats.entropy_floor_bits(0.5, 32)
+    assert formats.floor_bytes([((4, 8), 16)], 32) == pytest.approx(32 * 17 / 8)
 
 
 def test_value_entropy_counts_sign_and_exponent_only():
-    assert st.value_entropy_bits(torch.tensor([1.0, 1.5, 1.25, 1.75])) == 23  # one sign, one exponent
-    assert st.value_entropy_bits(torch.tensor([1.0, -1.0, 1.5, -1.5])) == 24  # two signs, equally often
-    assert st.value_entropy_bits(torch.tensor([1.0, -1.0, 2.0, -2.0])) == 25  # + two exponents
-    assert st.value_entropy_bits(torch.tensor([1.0, 2.0], dtype=torch.float16)) == 11
+    assert formats.value_entropy_bits(torch.tensor([1.0, 1.5, 1.25, 1.75])) == 23  # one sign, one exponent
+    assert formats.value_entropy_bits(torch.tensor([1.0, -1.0, 1.5, -1.5])) == 24  # two signs, equally often
+    assert formats.value_entropy_bits(torch.tensor([1.0, -1.0, 2.0, -2.0])) == 25  # + two exponents
+    assert formats.value_entropy_bits(torch.tensor([1.0, 2.0], dtype=torch.float16)) == 11
     model = prune_random(build_tiny("llama"), 0.5)
-    floor32 = st.floor_bytes(st.prunable_summary(model), 32)
-    assert 0.5 * floor32 < st.value_entropy_floor_bytes(model) < floor32  # few exponents in use
+    floor32 = formats.floor_bytes(sparse_file.prunable_summary(model), 32)
+    assert 0.5 * floor32 < formats.value_entropy_floor_bytes(model) < floor32  # few exponents in use
 
 
 def test_break_even_sparsity():
     shapes = [(1024, 1024)]
     # csr: 4-byte values + 2-byte column indices beat 4 bytes per weight once
     # density < 4/6, i.e. sparsity > 1/3 (a little more for the row pointers).
-    s = st.break_even_sparsity("csr", shapes)
+    s = formats.break_even_sparsity("csr", shapes)
     assert 1 / 3 < s < 1 / 3 + 0.01
     # bitmask: 1 bit per weight plus the values beats 32 bits once s > 1/32.
-    assert st.break_even_sparsity("bitmask", shapes) == pytest.approx(1 / 32, abs=1e-3)
-    assert st.break_even_sparsity("bitmask-int8", shapes) == pytest.approx(1 / 8, abs=1e-3)
-    assert st.break_even_sparsity("dense-fp16", shapes, against="dense") == 0.0
-    assert st.break_even_sparsity("nm", shapes, pattern="2:4") == 0.5
-    with pytest.raises(st.StorageError, match="measured, not predicted"):
-        st.break_even_sparsity("csr+zstd", shapes)
+    assert formats.break_even_sparsity("bitmask", shapes) == pytest.approx(1 / 32, abs=1e-3)
+    assert formats.break_even_sparsity("bitmask-int8", shapes) == pytest.approx(1 / 8, abs=1e-3)
+    assert formats.break_even_sparsity("dense-fp16", shapes, against="dense") == 0.0
+    assert formats.break_even_sparsity("nm", shapes, pattern="2:4") == 0.5
+    with pytest.raises(formats.StorageError, match="measured, not predicted"):
+        formats.break_even_sparsity("csr+zstd", shapes)
 
 
 def _corrupt(path, how):
@@ -230,39 +232,39 @@ def _corrupt(path, how):
 @pytest.mark.parametrize("how", ["truncate-end", "truncate-header", "truncate-tiny", "flip-data",
                                  "flip-header", "trailing"])
 def test_damaged_file_fails_with_one_clear_error(fmt, how, tiny_pruned, tmp_path):
-    path = st.save_sparse(tiny_pruned["llama"], tmp_path / "m.lab", fmt)
-    st.load_sparse(path)  # intact: loads
+    path = sparse_file.save_sparse(tiny_pruned["llama"], tmp_path / "m.lab", fmt)
+    sparse_file.load_sparse(path)  # intact: loads
     _corrupt(path, how)
-    with pytest.raises(st.StorageError, match="truncated or corrupted|corrupted|not a lab sparse file"):
-        st.load_sparse(path)
+    with pytest.raises(formats.StorageError, match="truncated or corrupted|corrupted|not a lab sparse file"):
+        sparse_file.load_sparse(path)
 
 
 def test_bad_requests_fail_clearly_and_leave_no_file(tiny_pruned, tmp_path):
     model = prune_random(build_tiny("llama"), 0.5)
     path = tmp_path / "m.lab"
-    with pytest.raises(st.StorageError, match="not 2:4 sparse"):
-        st.save_sparse(model, path, "nm", pattern="2:4")
-    with pytest.raises(st.StorageError, match="needs an N:M pattern"):
-        st.save_sparse(model, path, "nm")
-    with pytest.raises(st.StorageError, match="unknown format"):
-        st.save_sparse(model, path, "coo")
+    with pytest.raises(formats.StorageError, match="not 2:4 sparse"):
+        sparse_file.save_sparse(model, path, "nm", pattern="2:4")
+    with pytest.raises(formats.StorageError, match="needs an N:M pattern"):
+        sparse_file.save_sparse(model, path, "nm")
+    with pytest.raises(formats.StorageError, match="unknown format"):
+        sparse_file.save_sparse(model, path, "coo")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
-    with pytest.raises(st.StorageError, match="does not exist"):
-        st.load_sparse(path)
+    with pytest.raises(formats.StorageError, match="does not exist"):
+        sparse_file.load_sparse(path)
     big = build_tiny("llama")
     big.model.layers[0].mlp.up_proj.weight.data[0, 0] = 1e6
-    with pytest.raises(st.StorageError, match="fp16's range"):
-        st.save_sparse(big, path, "csr-fp16")
+    with pytest.raises(formats.StorageError, match="fp16's range"):
+        sparse_file.save_sparse(big, path, "csr-fp16")
 
 
 def test_formats_and_quantization():
-    assert st.parse_format("bitmask-int8+zstd") == st.Format("bitmask", "int8", True)
-    assert st.parse_format("dense").name == "dense"
-    assert "nm" not in st.all_formats() and "nm-int8+zstd" in st.all_formats("2:4")
+    assert formats.parse_format("bitmask-int8+zstd") == formats.Format("bitmask", "int8", True)
+    assert formats.parse_format("dense").name == "dense"
+    assert "nm" not in formats.all_formats() and "nm-int8+zstd" in formats.all_formats("2:4")
     W = torch.tensor([[0.0, 1.0, -0.5], [0.0, 0.0, 0.0]])
-    q, scale = st.quantize_int8(W)
+    q, scale = sparse_file.quantize_int8(W)
     assert q.tolist() == [[0, 127, -64], [0, 0, 0]] and scale[1] == 0
-    assert torch.equal(st.quantized_weight(W, "int8")[1], torch.zeros(3))
+    assert torch.equal(sparse_file.quantized_weight(W, "int8")[1], torch.zeros(3))
 
 
 SMALL_FORMATS = ["dense", "csr", "bitmask", "bitmask+zstd", "dense-int8"]
@@ -289,7 +291,7 @@ def test_model_sizes_are_measured_per_format(tmp_path):
     density = t.loc["bitmask", "nnz"] / t.loc["bitmask", "prunable_numel"]
     assert t.loc["bitmask", "bits_per_weight"] == pytest.approx(density * 32 + 1, rel=1e-3)
     assert t.loc["bitmask", "floor_ratio"] == pytest.approx(
-        (density * 32 + 1) / st.entropy_floor_bits(density, 32), rel=1e-3)
+        (density * 32 + 1) / formats.entropy_floor_bits(density, 32), rel=1e-3)
     assert t.loc["dense-int8", "value_bits"] == 8
     assert t.loc["bitmask", "value_entropy_floor_bytes"] < t.loc["bitmask", "floor_bytes"]
     assert math.isnan(t.loc["dense-int8", "value_entropy_floor_ratio"])
@@ -313,12 +315,12 @@ def test_best_format_and_break_even_tables(tmp_path):
     assert be.loc["bitmask", "predicted_vs_same_precision"] == pytest.approx(1 / 32, abs=0.01)
     assert math.isnan(be.loc["bitmask+zstd", "predicted_vs_same_precision"])  # measured only
     assert be.loc["dense-int8", "predicted_vs_dense_fp32"] == 0.0
-    fig = st.size_figure(sizes, "LLAMA", "random")
+    fig = file_sizes_view.size_figure(sizes, "LLAMA", "random")
     assert len(fig.axes) == 2
 
 
 def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
-    from lab_utils.models import LoadedModel, ModelSpec
+    from lab_utils.core.models import LoadedModel, ModelSpec
 
     calls = []
 
@@ -337,7 +339,7 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
     again = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
     assert len(calls) == 2  # read from the cache, nothing re-pruned or rewritten
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
-    with pytest.raises(st.StorageError, match="with a pattern such as"):
+    with pytest.raises(formats.StorageError, match="with a pattern such as"):
         st.size_sweep(*args, formats=["nm"], progress=False)
 
 
@@ -353,7 +355,7 @@ def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, t
 
 
 def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, monkeypatch):
-    from lab_utils import prune
+    from lab_utils.engine import checkpoints
 
     lm = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.6, progress=False)
     ws = [pl.weight for pl in prunable_layers(lm.model)]
@@ -366,13 +368,13 @@ def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, mon
     assert a.model is not b.model and a.model is not held
     assert not any(bool((pl.weight == 0).any()) for pl in prunable_layers(held))  # the copy was pruned
     seen = []
-    monkeypatch.setattr(prune, "pruned_model", lambda *a, **k: (seen.append(a), (lm, None))[1])
+    monkeypatch.setattr(checkpoints, "pruned_model", lambda *a, **k: (seen.append(a), (lm, None))[1])
     assert st.pruned("m", "wanda", 0.5, progress=False) is lm and seen == [("m", "wanda", 0.5, "unstructured")]
 
 
 def test_size_conclusions_follow_the_numbers(tmp_path):
     sizes = pd.concat([sized("llama", s, tmp_path) for s in (0.0, 0.5, 0.9)], ignore_index=True)
-    text = st.size_conclusions(sizes)
+    text = file_sizes_view.size_conclusions(sizes)
     best90 = st.best_formats(sizes).set_index("sparsity").loc[0.9, "format"]
     assert text.startswith("**LLAMA** (random): the smallest lossless file is")
     assert f"**{best90}** " in text and "dense fp32 file still takes" in text
@@ -380,7 +382,7 @@ def test_size_conclusions_follow_the_numbers(tmp_path):
     # make bitmask+zstd absurdly big: it can no longer be the winner anywhere
     worse = sizes.copy()
     worse.loc[worse.format == "bitmask+zstd", "prunable_bytes"] *= 100
-    assert "**bitmask+zstd**" not in st.size_conclusions(worse)
+    assert "**bitmask+zstd**" not in file_sizes_view.size_conclusions(worse)
 
 
 def test_bits_table_has_a_column_per_format_and_the_floors(tmp_path):
@@ -392,7 +394,7 @@ def test_bits_table_has_a_column_per_format_and_the_floors(tmp_path):
 
 
 def test_round_trip_report_on_a_loaded_model(tiny_dirs, tmp_path):
-    from lab_utils.models import load_model
+    from lab_utils.core.models import load_model
 
     lm = load_model(str(tiny_dirs["llama"]))
     prune_random(lm.model, 0.6)
@@ -410,6 +412,6 @@ def test_round_trip_conclusion_reports_failures():
                         "max_abs_output_diff": 0.5},
                        {"format": "csr-int8", "weights_as_expected": True, "outputs_identical": False,
                         "max_abs_output_diff": 0.25}])
-    text = st.round_trip_conclusion(rt, "M", 0.5)
+    text = file_sizes_view.round_trip_conclusion(rt, "M", 0.5)
     assert "1 of 2 lossless formats" in text and "bitmask did not" in text
     assert "lossy ones (csr-int8) gave back exactly the rounded weights" in text and "0.25" in text

@@ -4,7 +4,8 @@
 import pandas as pd
 import pytest
 
-from lab_utils import sweep
+from lab_utils.experiments import sweep
+from lab_utils.presentation import sweep_view
 
 SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
 
@@ -21,21 +22,21 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     assert llama.perplexity.notna().all() and bert.perplexity.isna().all()
     assert (llama[llama.method == "dense"].ppl_vs_dense == 1).all()
 
-    path = sweep.plot_perplexity(df, llama.model.iloc[0])
+    path = sweep_view.plot_perplexity(df, llama.model.iloc[0])
     first = path.read_bytes()
     assert path.name == f"perplexity_vs_sparsity_{llama.model.iloc[0]}.png" and first[:4] == b"\x89PNG"
-    assert sweep.plot_perplexity(df, llama.model.iloc[0]).read_bytes() == first  # deterministic
+    assert sweep_view.plot_perplexity(df, llama.model.iloc[0]).read_bytes() == first  # deterministic
 
     again = sweep.sparsity_sweep(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6], **SMALL)
     assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
-    text = sweep.conclusions(df)
+    text = sweep_view.conclusions(df)
     assert "N:M" in text and "dense perplexity" in text
 
 
 def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     import os
 
-    from lab_utils import workers
+    from lab_utils.experiments import jobs
 
     models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
     args = (models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
@@ -49,7 +50,7 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
     timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
     pd.testing.assert_frame_equal(side.drop(columns=timing), here.drop(columns=timing), rtol=1e-4)
     # a failed configuration is one error naming it
-    with pytest.raises(workers.WorkerError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) in a "
+    with pytest.raises(jobs.WorkerError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) in a "
                                                   r"worker process failed: SparsityError: seqlen 4096 exceeds"):
         sweep.sparsity_sweep(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5],
                              **{**SMALL, "seqlen": 4096}, workers=2)
@@ -62,7 +63,7 @@ def test_owl_comparison_and_heatmap(tiny_dirs, cache_with_data, tmp_output):
     uni = layers[layers.allocation == "uniform"].groupby("block").sparsity.mean()
     owl = layers[layers.allocation == "OWL"].groupby("block").sparsity.mean()
     assert uni.max() - uni.min() < 0.02 < owl.max() - owl.min()
-    path = sweep.plot_owl_heatmap(layers, summary.model.iloc[0], "wanda", 0.6)
+    path = sweep_view.plot_owl_heatmap(layers, summary.model.iloc[0], "wanda", 0.6)
     assert path.is_file() and path.name.endswith("_wanda_60%.png")
 
 
@@ -76,14 +77,14 @@ def fake_sweep(wanda_ppl):
 
 
 def test_conclusions_follow_the_numbers():
-    good = sweep.conclusions(fake_sweep(12.0))
-    bad = sweep.conclusions(fake_sweep(80.0))
+    good = sweep_view.conclusions(fake_sweep(12.0))
+    bad = sweep_view.conclusions(fake_sweep(80.0))
     assert "wanda kept the lowest perplexity (12.0" in good
     assert "magnitude kept the lowest perplexity (50.0" in bad
     assert "within 1.5x of the dense perplexity, wanda reached 50%" in good
     assert "1.5x of the dense" not in bad
     owl = pd.DataFrame([dict(allocation="uniform", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=30.0),
                         dict(allocation="OWL", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=25.0)])
-    assert "lowered the perplexity of M from 30.0 to 25.0" in sweep.conclusions(fake_sweep(12.0), owl)
+    assert "lowered the perplexity of M from 30.0 to 25.0" in sweep_view.conclusions(fake_sweep(12.0), owl)
     owl.loc[1, "perplexity"] = 35.0
-    assert "raised" in sweep.conclusions(fake_sweep(12.0), owl)
+    assert "raised" in sweep_view.conclusions(fake_sweep(12.0), owl)

@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from lab_utils import ct2_whisper, models, speech
+from lab_utils.core import ct2_whisper, models, speech
 
 
 def _write_ct2(path, variables, aliases=()):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from lab_utils import workers
+from lab_utils.experiments import jobs as workers
 
-RATIO = "lab_utils.sparsify:check_sparsity_ratio"
+RATIO = "lab_utils.core.sparsify:check_sparsity_ratio"
 
 
 @pytest.mark.parametrize("n_workers", [1, 2])

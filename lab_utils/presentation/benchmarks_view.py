@@ -1,0 +1,263 @@
+"""Tables, figures and generated prose from the tidy benchmark table.
+
+Everything here reads the table that :func:`lab_utils.evaluation.benchmarks.benchmark_table`
+returns and nothing else, so each sentence of the notebook's conclusions
+follows the numbers: if a method stops staying within tolerance, the
+paragraph says so on the next run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from lab_utils.core import files
+from lab_utils.experiments.benchmarks import DENSE, METRICS
+
+# The metric each benchmark is summarized by (the others stay in the table).
+HEADLINE = ("perplexity", "zero-shot accuracy", "probe accuracy", "embedding fidelity", "WER",
+            "denoising perplexity")
+PERCENT_METRICS = ("zero-shot accuracy", "zero-shot F1", "probe accuracy", "probe F1", "WER")
+
+
+def fmt_value(metric: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if metric in PERCENT_METRICS:
+        return f"{100 * value:.1f}%"
+    if metric == "embedding fidelity":
+        return f"{value:.3f}"
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def within(df: pd.DataFrame) -> pd.Series:
+    """True where a row stays within its metric's tolerance of dense (5%,
+    perplexities 10%), in the metric's good direction or better."""
+    tol = df.metric.map(lambda m: METRICS[m].tolerance)
+    higher = df.metric.map(lambda m: METRICS[m].higher_is_better)
+    rc = df.relative_change
+    return np.where(higher, rc >= -tol, rc <= tol) & rc.notna()
+
+
+def reach_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per model, metric and method: the highest tested unstructured sparsity
+    that stays within tolerance (0 when none does), and the lowest that does not."""
+    t = df[(df.method != DENSE) & (df.pattern == "unstructured")].copy()
+    t["ok"] = within(t)
+    rows = []
+    for (model, metric, method), g in t.groupby(["model", "metric", "method"], sort=False):
+        ok = g[g.ok].requested_sparsity
+        bad = g[~g.ok].requested_sparsity
+        rows.append({"model": model, "label": g.label.iloc[0], "family": g.family.iloc[0],
+                     "metric": metric, "method": method,
+                     "tolerance": METRICS[metric].tolerance,
+                     "max_sparsity_within": float(ok.max()) if len(ok) else 0.0,
+                     "first_sparsity_outside": float(bad.min()) if len(bad) else math.nan,
+                     "tested": sorted(g.requested_sparsity.tolist())})
+    return pd.DataFrame(rows)
+
+
+def best_method(df: pd.DataFrame, model: str, metric: str, pattern: str, sparsity: float | None = None):
+    """The row of the best method for a model and metric at a pattern (and
+    sparsity, for unstructured), or None when nothing was measured there."""
+    t = df[(df.model == model) & (df.metric == metric) & (df.pattern == pattern) & (df.method != DENSE)]
+    if sparsity is not None:
+        t = t[np.isclose(t.requested_sparsity, sparsity)]
+    t = t.dropna(subset=["value"])
+    if t.empty:
+        return None
+    i = t.value.idxmax() if METRICS[metric].higher_is_better else t.value.idxmin()
+    return t.loc[i]
+
+
+def _change(row) -> str:
+    rc = row.relative_change
+    return "n/a" if rc is None or math.isnan(rc) else f"{100 * rc:+.1f}%"
+
+
+def _join(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def family_paragraph(df: pd.DataFrame, family: str) -> str:
+    """Generated Markdown for one family: per model and headline metric, the
+    dense value, how far each method goes within tolerance, and the best
+    method at 50% unstructured and at 2:4."""
+    t = df[df.family == family]
+    if t.empty:
+        return f"No {family} model was benchmarked."
+    reach = reach_table(t)
+    parts = []
+    for model, g in t.groupby("model", sort=False):
+        label = g.label.iloc[0]
+        sentences = []
+        for metric in [m for m in HEADLINE if m in set(g.metric)]:
+            m = METRICS[metric]
+            dense = g[(g.method == DENSE) & (g.metric == metric)].value.iloc[0]
+            s = f"Dense {metric} is {fmt_value(metric, dense)}."
+            r = reach[(reach.model == model) & (reach.metric == metric)]
+            if len(r):
+                tested = ", ".join(f"{x:.0%}" for x in r.tested.iloc[0])
+                bits = []
+                for _, row in r.iterrows():
+                    bits.append(f"{row.method} up to {row.max_sparsity_within:.0%}" if row.max_sparsity_within > 0
+                                else f"{row.method} at none of them")
+                s += (f" Staying within {m.tolerance:.0%} of dense (tested unstructured sparsities: "
+                      f"{tested}), {_join(bits)}.")
+            best = []
+            for pattern, sp, name in (("unstructured", 0.5, "50% unstructured"), ("2:4", None, "2:4")):
+                row = best_method(g, model, metric, pattern, sp)
+                if row is not None:
+                    best.append(f"at {name}, {row.method} ({fmt_value(metric, row.value)}, "
+                                f"{_change(row)} vs dense)")
+            if best:
+                s += " Best method " + "; ".join(best) + "."
+            sentences.append(s)
+        parts.append(f"**{label}.** " + " ".join(sentences))
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------- figures
+def _save(fig, name: str):
+    return files.save_figure(fig, files.figs_dir() / name)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def metric_figure(df: pd.DataFrame, model: str):
+    """Every metric of one model vs requested sparsity: a line per method
+    (unstructured), N:M results as separate markers, dense as a dashed line.
+    Returns the saved path (``figs/benchmarks_<label>.png``)."""
+    import matplotlib.pyplot as plt
+
+    g = df[df.model == model]
+    metrics = list(dict.fromkeys(g.metric))
+    label = g.label.iloc[0]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    methods = [m for m in dict.fromkeys(g.method) if m != DENSE]
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    markers = ["s", "^", "D", "v", "P"]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        t = g[g.metric == metric]
+        dense = t[t.method == DENSE].value.iloc[0]
+        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({fmt_value(metric, dense)})")
+        for method in methods:
+            u = t[(t.method == method) & (t.pattern == "unstructured")].sort_values("requested_sparsity")
+            if len(u):
+                xs = [0.0] + u.requested_sparsity.tolist()
+                ys = [dense] + u.value.tolist()
+                ax.plot(xs, ys, marker="o", color=colors[method], label=method)
+            for j, pat in enumerate(sorted(p for p in t.pattern.unique() if p != "unstructured")):
+                nm = t[(t.method == method) & (t.pattern == pat)]
+                if len(nm):
+                    ax.scatter(nm.requested_sparsity, nm.value, marker=markers[j % len(markers)], s=60,
+                               color=colors[method], edgecolor="k", zorder=3, label=f"{method} {pat}")
+        if metric in ("perplexity", "denoising perplexity", "infill perplexity"):
+            ax.set_yscale("log")
+        ax.set(xlabel="requested sparsity", ylabel=metric, title=metric)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{label}: benchmarks vs sparsity")
+    fig.tight_layout()
+    return _save(fig, f"benchmarks_{_slug(label)}.png")
+
+
+def headline_metric(df: pd.DataFrame, model: str) -> str:
+    g = df[df.model == model]
+    return next(m for m in HEADLINE if m in set(g.metric))
+
+
+def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
+    """Headline quality vs the checkpoint's file size (the smallest lossless
+    format measured on disk), a marker per setting, dense highlighted."""
+    import matplotlib.pyplot as plt
+
+    metric = headline_metric(df, model)
+    t = df[(df.model == model) & (df.metric == metric)].merge(
+        sizes[sizes.model == model][["method", "pattern", "requested_sparsity", "format", "file_bytes",
+                                     "dense_file_bytes"]],
+        on=["method", "pattern", "requested_sparsity"])
+    label = t.label.iloc[0]
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    methods = [m for m in dict.fromkeys(t.method) if m != DENSE]
+    for i, method in enumerate(methods):
+        u = t[t.method == method]
+        for pat, marker in (("unstructured", "o"),):
+            v = u[u.pattern == pat]
+            ax.scatter(v.file_bytes / 2**20, v.value, color=f"C{i}", marker=marker, label=method)
+        v = u[u.pattern != "unstructured"]
+        if len(v):
+            ax.scatter(v.file_bytes / 2**20, v.value, color=f"C{i}", marker="^", edgecolor="k",
+                       label=f"{method} N:M")
+    d = t[t.method == DENSE]
+    ax.scatter(d.file_bytes / 2**20, d.value, color="k", marker="*", s=150, label="dense", zorder=3)
+    plain = d.dense_file_bytes.dropna()
+    if len(plain):
+        ax.axvline(plain.iloc[0] / 2**20, color="k", ls=":", lw=1, label="plain dense safetensors")
+    ax.set(xlabel="file size (MiB, smallest lossless format)", ylabel=metric,
+           title=f"{label}: {metric} vs file size")
+    if "perplexity" in metric:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, f"benchmarks_size_{_slug(label)}.png")
+
+
+def wide_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
+    """One model's results as a setting x metric table (for display)."""
+    g = df[df.model == model]
+    return g.pivot_table(index=["method", "pattern", "requested_sparsity", "actual_sparsity"],
+                         columns="metric", values="value", sort=False)
+
+
+def size_sentence(sizes: pd.DataFrame) -> str:
+    """Per model: the dense fp32 file, and the smallest file at the highest
+    tested sparsity (its format and share of the dense file)."""
+    from lab_utils.presentation.text import human_bytes
+
+    if sizes is None or sizes.empty:
+        return "No file size was measured (size_formats is empty)."
+    parts = []
+    for _model, g in sizes.groupby("model", sort=False):
+        dense = g[g.method == DENSE].iloc[0]
+        top = g[g.requested_sparsity == g.requested_sparsity.max()]
+        best = top.loc[top.file_bytes.idxmin()]
+        parts.append(f"{g.label.iloc[0]}: the dense checkpoint is {human_bytes(dense.dense_file_bytes)} as plain "
+                     f"safetensors ({human_bytes(dense.file_bytes)} in its smallest lossless format, {dense.format}); "
+                     f"at {best.requested_sparsity:.0%} ({best.method}, {best.pattern}) the smallest is "
+                     f"{best.format} at {human_bytes(best.file_bytes)}, "
+                     f"{best.file_bytes / dense.dense_file_bytes:.0%} of the dense file")
+    return "; ".join(parts) + "."
+
+
+def speed_sentence(speed: pd.DataFrame) -> str:
+    """Per model and sparsity: tokens/s dense vs sparse-aware, and how many
+    layers the sparse-aware model runs as CSR."""
+    if speed is None or speed.empty:
+        return "No speed was measured."
+    parts = []
+    for _model, g in speed.groupby("model", sort=False):
+        bits = []
+        for _, r in g.sort_values("sparsity").iterrows():
+            if r.get("fell_back", False):
+                bits.append(f"at {r.sparsity:.0%} the CSR plan ran at {r.checked_speedup:.2f}x dense end to end "
+                            f"in a first timing, so the sparse-aware model falls back to the dense one "
+                            f"({r.dense_tokens_per_s:,.0f} tokens/s)")
+            elif r.csr_layers == 0:
+                bits.append(f"at {r.sparsity:.0%} no layer's CSR form beats its dense matmul, so the sparse-aware "
+                            f"model is the dense one ({r.dense_tokens_per_s:,.0f} tokens/s)")
+            else:
+                bits.append(f"at {r.sparsity:.0%}, {r.sparse_aware_tokens_per_s:,.0f} vs {r.dense_tokens_per_s:,.0f} "
+                            f"tokens/s ({r.sparse_aware_speedup:.2f}x, {r.csr_layers} of {r.layers} layers in CSR; "
+                            f"counting multiply-adds allows {r.flop_limit:.2f}x)")
+        parts.append(f"**{g.label.iloc[0]}**: " + "; ".join(bits) + ".")
+    threads = int(speed.threads.iloc[0])
+    load = speed.load_avg.mean()
+    return " ".join(parts) + (f" (Timed with {threads} threads, medians of {int(speed.repeats.iloc[0])} "
+                              f"repetitions after a warm-up; mean load average {load:.1f} while timing.)")

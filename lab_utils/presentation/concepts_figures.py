@@ -1,0 +1,155 @@
+"""The five concepts side by side, and the two figures of notebook 01.
+
+Every cell of the side-by-side table is written from the demo tables: a
+ratio to the dense model, the measured quality, or "unchanged" when the
+measured numbers are equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from lab_utils.core import files
+
+MB = 1e6
+
+
+def _ratio(new: float, old: float, unit: str = "MB", scale: float = MB) -> str:
+    if new == old:
+        return f"unchanged ({old / scale:.1f} {unit})"
+    return f"{old / scale:.1f} -> {new / scale:.1f} {unit} (x{new / old:.2f})"
+
+
+def _speed(new, old) -> str:
+    """Forward speed-up of row ``new`` over row ``old`` (CPU time; wall time in brackets)."""
+    return (f"x{old.forward_cpu_s / new.forward_cpu_s:.2f} (CPU time; wall time "
+            f"x{old.forward_s / new.forward_s:.2f})")
+
+
+def _ppl(new: float, old: float) -> str:
+    return f"perplexity {old:.1f} -> {new:.1f} ({new / old - 1:+.0%})"
+
+
+def pick_moe_row(moe_table: pd.DataFrame, router: str = "linear") -> pd.Series:
+    """The MoE setting the summary shows: half of the neurons active (or the
+    closest fraction below 1) with the given router."""
+    t = moe_table[(moe_table.router == router) & (moe_table.active_fraction < 1)]
+    if t.empty:
+        t = moe_table[moe_table.router == router]
+    return t.iloc[(t.active_fraction - 0.5).abs().argmin()]
+
+
+def side_by_side(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
+                 distill: pd.DataFrame, moe: pd.DataFrame) -> pd.DataFrame:
+    """One row per technique (quantization: one per scheme): what changes in the
+    file, in memory, in speed and in quality, as measured in this run."""
+    rows = []
+    d, s = sparse.iloc[0], sparse.iloc[1]
+    rows.append({"technique": "Sparsification", "setting": f"{s.prunable_zero_fraction:.0%} of prunable weights zeroed",
+                 "file": _ratio(s.dense_file_bytes, d.dense_file_bytes)
+                 + f"; bitmask format {s.filter(like='bitmask').iloc[0] / MB:.1f} MB",
+                 "memory": _ratio(s.memory_bytes, d.memory_bytes),
+                 "speed": _speed(s, d), "quality": _ppl(s.perplexity, d.perplexity)})
+    base = structured.iloc[0]
+    r = structured.iloc[-1]
+    rows.append({"technique": "Pruning (structured)",
+                 "setting": f"{r.neurons_removed:.0%} of MLP neurons removed",
+                 "file": _ratio(r.file_bytes, base.file_bytes),
+                 "memory": _ratio(r.memory_bytes, base.memory_bytes),
+                 "speed": _speed(r, base),
+                 "quality": _ppl(r.perplexity, base.perplexity)})
+    q0 = quant.iloc[0]
+    for _, q in quant.iloc[1:].iterrows():
+        rows.append({"technique": "Quantization", "setting": f"{q.scheme} ({q.bits_per_weight:.2f} bits/weight)",
+                     "file": _ratio(q.file_bytes, q0.file_bytes),
+                     "memory": _ratio(q.memory_bytes, q0.memory_bytes),
+                     "speed": _speed(q, q0),
+                     "quality": _ppl(q.perplexity, q0.perplexity)})
+    t = distill.set_index("model")
+    teacher, student = t.loc["teacher"], t.loc["student, distilled"]
+    rows.append({"technique": "Distillation",
+                 "setting": f"{int(student.layers)}-layer student of a {int(teacher.layers)}-layer teacher",
+                 "file": _ratio(student.bytes_fp32, teacher.bytes_fp32) + " (fp32 weights)",
+                 "memory": _ratio(student.bytes_fp32, teacher.bytes_fp32),
+                 "speed": _speed(student, teacher),
+                 "quality": f"accuracy {teacher.accuracy:.1%} -> {student.accuracy:.1%} "
+                            f"(labels only: {t.loc['student, labels only'].accuracy:.1%})"})
+    m = pick_moe_row(moe)
+    dense_ppl = m.dense_perplexity if "dense_perplexity" in m else math.nan
+    rows.append({"technique": "MoEfication", "setting": f"{int(m.top_k)} of {int(m.experts)} experts "
+                 f"({m.active_fraction:.1%} of MLP neurons), {m.router} router",
+                 "file": "unchanged (+ a router of d_model x experts per layer)",
+                 "memory": "unchanged (all experts stay loaded)",
+                 "speed": f"MLP multiply-adds x{m.mlp_macs_fraction:.2f} with an expert kernel "
+                          f"(simulated here by masking: not timed)",
+                 "quality": _ppl(m.perplexity, dense_ppl)
+                 + f"; {m.captured:.1%} of the MLP output captured"})
+    return pd.DataFrame(rows)
+
+
+def _save(fig, name: str):
+    return files.save_figure(fig, files.figs_dir() / name, close=False)
+
+
+def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
+                           label: str):
+    """Perplexity vs file size: every model variant of the first three demos."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    d = sparse.iloc[0]
+    ax.scatter([d.dense_file_bytes / MB], [d.perplexity], marker="*", s=160, color="k",
+               label="dense", zorder=3)
+    s = sparse.iloc[1]
+    ax.scatter([s.dense_file_bytes / MB], [s.perplexity], marker="s", label="sparsified (dense file)")
+    r = structured.iloc[1:]
+    ax.plot(r.file_bytes / MB, r.perplexity, "o-", label="structured pruning (MLP neurons)")
+    for _, row in r.iterrows():
+        ax.annotate(f"{row.neurons_removed:.0%}", (row.file_bytes / MB, row.perplexity),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    q = quant.iloc[1:]
+    ax.scatter(q.file_bytes / MB, q.perplexity, marker="^", label="quantization")
+    for _, row in q.iterrows():
+        ax.annotate(row.scheme, (row.file_bytes / MB, row.perplexity), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{label}: quality vs file size")
+    ax.legend(fontsize=8)
+    path = _save(fig, f"concepts_quality_vs_file_{label}.png")
+    plt.close(fig)
+    return path
+
+
+def moe_figure(table: pd.DataFrame, label: str):
+    """Perplexity and captured MLP output vs the fraction of MLP neurons active."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for router, t in table.groupby("router", sort=True):
+        a.plot(t.active_fraction, t.perplexity, "o-", label=f"{router} router")
+        b.plot(t.active_fraction, t.captured, "o-", label=f"{router} router")
+    if "dense_perplexity" in table:
+        a.axhline(table.dense_perplexity.iloc[0], color="k", ls="--", lw=1, label="dense")
+    a.set_yscale("log")
+    for ax in (a, b):
+        ax.set_xlabel("fraction of MLP neurons active per token")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+    a.set_ylabel("perplexity (log scale)")
+    b.set_ylabel("fraction of the MLP output captured")
+    fig.suptitle(f"{label}: MoEfication")
+    path = _save(fig, f"concepts_moe_{label}.png")
+    plt.close(fig)
+    return path
+
+
+def save_tables(tables: dict[str, pd.DataFrame]) -> list:
+    """Write each table as ``results/concepts/<name>.csv`` (atomically)."""
+    paths = []
+    for name, t in tables.items():
+        paths.append(files.write_csv(t, files.results_dir() / "concepts" / f"{name}.csv"))
+    return paths
