@@ -14,11 +14,12 @@ TEST_HASH := $(shell cat $(REQS) $(TEST_REQS) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.stamp-run-$(REQ_HASH)
 TEST_STAMP := $(VENV)/.stamp-test-$(TEST_HASH)
 
-.PHONY: report test lab bench venv test-venv browser clean distclean lock help
+.PHONY: report test test-fast lab bench venv test-venv browser clean distclean lock help
 
 help:
 	@echo "make report   run the four notebooks on $(PARAMS), write report/index.html"
 	@echo "make test     unit tests, notebook smoke runs, browser check, hygiene"
+	@echo "make test-fast  unit tests only, for the edit loop (no smoke report, browser or real models)"
 	@echo "make lab      open JupyterLab on notebooks/"
 	@echo "make bench    run benchmarks/ (timings and quality targets, prints tables)"
 	@echo "make clean    remove build outputs (keeps .venv and the model cache)"
@@ -54,6 +55,11 @@ report: venv
 
 test: test-venv browser
 	$(PY) -m pytest -q --durations=15 tests
+
+# The edit loop: the slow tests (a real model, the smoke report) and the
+# browser are left out; make test runs everything.
+test-fast: test-venv
+	$(PY) -m pytest -q --durations=5 -m "not slow and not browser" tests
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1,4 +1,4 @@
-"""Issue 3's fidelity target: the lab's Wanda and SparseGPT against the authors' code.
+"""Fidelity: the lab's Wanda and SparseGPT against the authors' code.
 
 The reference implementations cannot be a dependency of the lab (they are not
 packages, and their drivers are written for CUDA and for the Llama layer
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows, progress=False)["perplexity"]
         del ref
         lab, report = checkpoints.pruned_model(args.model, method, args.sparsity, nsamples=args.nsamples,
-                                         seqlen=args.seqlen, seed=args.seed, progress=False)
+                                               seqlen=args.seqlen, seed=args.seed, progress=False)
         lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, cache_key=report.key,
                                       progress=False)["perplexity"]
         rows.append({"method": method, "reference_ppl": ref_ppl, "lab_ppl": lab_ppl,

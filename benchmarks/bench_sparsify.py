@@ -1,4 +1,4 @@
-"""Targets of issue 3: quality and pruning cost of every method, in one table.
+"""Quality and pruning cost of every method, in one table, against the targets.
 
 On smollm2-135m under the lab's perplexity protocol (calibration: nsamples
 movie-review windows of seqlen tokens; evaluation: the first K windows of the
@@ -34,6 +34,7 @@ import torch
 
 from lab_utils.core import files, measure
 from lab_utils.core.evaluation import perplexity
+from lab_utils.core.models import find_layers, transformer_blocks, weight_out_in
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
 
@@ -70,8 +71,6 @@ def block_linears(lm, seqlen: int = 16) -> list[dict]:
     with its shape and the id of the input it reads (q/k/v share one): found by
     running the model once on ``seqlen`` tokens with pre-hooks (the shapes do
     not depend on which tokens)."""
-    from lab_utils.core.models import find_layers, transformer_blocks, weight_out_in
-
     (_, blocks), *_ = transformer_blocks(lm.model).values()
     calls, keep = [], []
 
@@ -120,8 +119,6 @@ def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats:
 
 def compute_floor(lm, nsamples: int, seqlen: int, threads: int) -> dict:
     """Seconds below which neither calibrated method can prune ``lm`` here."""
-    from lab_utils.core.models import transformer_blocks
-
     linears = block_linears(lm)
     n_blocks = sum(len(blocks) for _, blocks in transformer_blocks(lm.model).values())
     chunk = max(1, engine_config.BATCH_TOKENS // seqlen) * seqlen
@@ -189,7 +186,7 @@ def main(argv=None) -> int:
     if {"magnitude", "wanda", "sparsegpt"} <= set(fifty.index):
         mag = fifty.loc["magnitude", "perplexity"]
         print("\n== at 50% unstructured: magnitude perplexity over each method's "
-              "(issue: 'several times below magnitude')")
+              "(target: 'several times below magnitude')")
         for m in ("wanda", "sparsegpt"):
             print(f"  magnitude / {m} = {mag / fifty.loc[m, 'perplexity']:.2f}; "
                   f"prune {fifty.loc[m, 'prune_s']:.1f} s wall, {fifty.loc[m, 'prune_cpu_s']:.1f} CPU s "

@@ -1,4 +1,4 @@
-"""Targets of issue 4: notebook 02's memory and time.
+"""Notebook 02's memory and time, measured in one run.
 
 1. Per model (and per pruned model): resident memory of the process while the
    model is loaded, measured and let go, against the size of the model's own

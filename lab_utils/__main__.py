@@ -8,6 +8,9 @@
 ``--out``, also writes a complete model folder that ``perplexity --model DIR``
 (or ``load_model(DIR)``) reads. A bad argument prints one line to stderr and
 exits with status 2.
+
+The commands import torch and the engine only once the arguments parse: a
+typo is answered at once, not after seconds of imports.
 """
 
 from __future__ import annotations
@@ -56,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prune(a) -> dict:
-    from lab_utils.engine import checkpoints
+    from lab_utils.engine import checkpoints  # deferred: see the module docstring
 
     if a.out:
         checkpoints.check_output_dir(a.out)  # before minutes of pruning, not after
     lm, report = checkpoints.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
-                                    a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
-                                    save=True)
+                                          a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
+                                          save=True)
     out = report.summary()
     out["output"] = report.checkpoint
     if a.out:
@@ -71,7 +74,7 @@ def cmd_prune(a) -> dict:
 
 
 def cmd_perplexity(a) -> dict:
-    from lab_utils.core.evaluation import perplexity
+    from lab_utils.core.evaluation import perplexity  # deferred: see the module docstring
     from lab_utils.core.models import load_model
 
     if a.windows is not None and a.windows <= 0:
@@ -84,7 +87,7 @@ def cmd_perplexity(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
+    import torch  # deferred: see the module docstring
 
     from lab_utils.core.data import DataError
     from lab_utils.core.models import ModelError

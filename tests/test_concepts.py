@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
-from lab_utils.core.models import count_parameters, prunable_layers, weight_out_in
+from lab_utils.core.models import count_parameters, load_model, prunable_layers, weight_out_in
+from lab_utils.engine import checkpoints
+from lab_utils.experiments import weights
 from lab_utils.experiments.concepts import costs, distill, moe, quantize, sparsification, structured
 
 IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -189,10 +191,8 @@ def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_cache):
 
 
 def test_sparsification_keeps_parameters_and_dense_file_size_and_adds_zeros(tiny_dirs, tmp_cache):
-    from lab_utils.core.models import load_model
-
     lm = load_model(str(tiny_dirs["llama"]))
-    sparse, report = sparsification.sparsified(lm, 0.5, progress=False)
+    sparse, report = checkpoints.pruned_model(lm, "magnitude", 0.5, progress=False)
     assert report.actual_sparsity == pytest.approx(0.5, abs=0.01)
     assert costs.count_zeros(lm.model)["prunable_zeros"] == 0  # the dense model is untouched
     windows = torch.randint(7, 60, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -337,13 +337,14 @@ def test_levels_per_block_detects_a_4bit_grid():
     with torch.no_grad():
         for pl in structured.mlps(model):
             weight_out_in(pl.output).normal_()
-    assert quantize.levels_per_block(model, 32)["fraction_on_4bit_grid"] < 1
+    assert weights.levels_per_block(model, 32)["fraction_on_4bit_grid"] < 1
     for pl in prunable_layers(model):
         W_l = pl.weight
         with torch.no_grad():
             W_l.copy_(W.repeat(W_l.shape[0] // 8 + 1, W_l.shape[1] // 64 + 1)[: W_l.shape[0], : W_l.shape[1]])
-    levels = quantize.levels_per_block(model, 32)
+    levels = weights.levels_per_block(model, 32)
     assert levels["fraction_on_4bit_grid"] == 1 and levels["max_levels"] <= 16
+    assert quantize.levels_per_block is weights.levels_per_block  # notebook 01 reaches it there
 
 
 # --------------------------------------------------------------------------- generated prose

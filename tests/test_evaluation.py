@@ -13,7 +13,7 @@ import yaml
 
 from lab_utils.core import files, models
 from lab_utils.core.evaluation import asr, denoising, sentiment
-from lab_utils.engine import checkpoints, prune
+from lab_utils.engine import checkpoints
 from lab_utils.experiments import benchmarks
 from lab_utils.presentation import benchmarks_view
 
@@ -205,6 +205,7 @@ SMALL = benchmarks.BenchParams(ppl_windows=2, ppl_seqlen=16, sentiment_examples=
                                probe_test_examples=12, wer_utterances=2, denoise_sentences=4)
 
 
+@pytest.mark.slow  # worker processes evaluate every setting (make test-fast leaves it out)
 def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny_dirs, eval_cache,
                                                                              monkeypatch):
     names = [str(tiny_dirs[k]) for k in ("llama", "bert", "bart")]
@@ -238,6 +239,7 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
     pd.testing.assert_frame_equal(sizes, sizes2)
 
 
+@pytest.mark.slow  # worker processes evaluate every setting (make test-fast leaves it out)
 def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, monkeypatch):
     calls = []
     real = sentiment.train_probe
@@ -319,6 +321,7 @@ def test_figures_are_written_deterministically(tmp_output):
 
 
 # --------------------------------------------------------------------------- notebook 04 (smoke run)
+@pytest.mark.slow  # the smoke report
 def test_smoke_run_writes_a_row_for_every_requested_setting(smoke_report):
     out, proc = smoke_report
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -59,8 +59,48 @@ def test_timed_reports_the_time_of_the_computation_that_made_the_result(tmp_cach
     assert row1 == row2 and row1["demo"] == "sum" and row1["wall_s"] >= 0
 
 
-def test_code_version_follows_the_computing_code_only():
-    names = {str(p.relative_to(memo.PACKAGE)) for p in memo.PACKAGE.rglob("*.py")}
-    assert "writeup.py" in names and "sparsify.py" in names
-    assert "writeup.py" in memo.PRESENTATION and "sparsify.py" not in memo.PRESENTATION
+def test_code_version_hashes_the_computing_floors_only():
+    floors = {p.relative_to(memo.PACKAGE).parts[0] for p in memo.PACKAGE.rglob("*.py")}
+    assert set(memo.COMPUTING) < floors and {"presentation", "report"} <= floors - set(memo.COMPUTING)
     assert len(memo.code_version()) == 16
+
+
+def _edited_copy(tmp_path, rel: str, old: str, new: str):
+    import shutil
+
+    copy = tmp_path / "lab_utils"
+    shutil.copytree(memo.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    path = copy / rel
+    text = path.read_text()
+    assert old in text, f"{rel} no longer contains {old!r}: pick another line to edit"
+    path.write_text(text.replace(old, new, 1))
+    return copy
+
+
+def test_rewording_a_generated_sentence_keeps_every_cached_step(tmp_path):
+    # Prose lives on the presentation floor, outside the code version: a
+    # reworded sentence must not throw away computed results.
+    original = memo.code_version(memo.PACKAGE)
+    copy = _edited_copy(tmp_path, "presentation/sweep_view.py", "def conclusions(",
+                        "def conclusions_reworded(")
+    assert memo.code_version(copy) == original
+    copy2 = _edited_copy(tmp_path / "b", "report/writeup.py", "def ", "def _renamed_")
+    assert memo.code_version(copy2) == original
+
+
+def test_changing_a_computing_function_invalidates_cached_steps(tmp_path):
+    original = memo.code_version(memo.PACKAGE)
+    for i, rel in enumerate(("experiments/sweep.py", "engine/prune.py", "core/sparsify.py")):
+        copy = _edited_copy(tmp_path / str(i), rel, "def ", "def _changed_")
+        assert memo.code_version(copy) != original, rel
+
+
+def test_a_step_key_follows_the_code_version(tmp_cache, monkeypatch):
+    calls = []
+    key = {"a": 1}
+    memo.cached("s", key, lambda: calls.append(1) or 1)
+    memo.cached("s", key, lambda: calls.append(1) or 1)
+    assert calls == [1]
+    monkeypatch.setattr(memo, "code_version", lambda package=memo.PACKAGE: "another version")
+    memo.cached("s", key, lambda: calls.append(1) or 1)
+    assert calls == [1, 1]

@@ -1,13 +1,15 @@
 """Hygiene of the sources: notebooks (the smoke run lives in test_report.py) and lint."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
 
 import pytest
+from papermill import inspect_notebook
 
-from lab_utils.report import runner
+from lab_utils.report import params, runner
 
 NOTEBOOKS = runner.notebook_paths()
 
@@ -45,13 +47,42 @@ def test_one_documented_parameters_cell_after_the_title(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_are_validated_in_the_next_cell(path):
-    from papermill import inspect_notebook
-
+    # One call that reads the names from the parameters cell: none typed again.
     nb = json.loads(path.read_text())
     nxt = "".join(nb["cells"][2]["source"])
-    assert "params.validate" in nxt
-    for name in inspect_notebook(str(path)):
-        assert name in nxt, f"{path.stem}: parameter {name} is not validated"
+    assert f'params.validate_notebook(globals(), "{path.stem}")' in nxt
+    assert "params.validate(" not in nxt
+
+
+# A value of the wrong type for a parameter whose default has this type.
+WRONG = {list: 7, int: "7", float: "0.5", str: 7, bool: "yes"}
+
+
+def _defaults(path) -> dict:
+    return {name: ast.literal_eval(info["default"]) for name, info in inspect_notebook(str(path)).items()}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_bad_value_of_each_declared_parameter_is_refused(path):
+    defaults = _defaults(path)
+    assert params.validate_notebook(defaults, path.stem, check_hub=False) == defaults
+    for name, value in defaults.items():
+        with pytest.raises(params.ParamError, match=rf"^{name}: "):
+            params.validate_notebook({**defaults, name: WRONG[type(value)]}, path.stem, check_hub=False)
+    # and by the rule its name implies, where it has one
+    for name, bad in {"models": ["./no/such/folder"], "methods": ["obs"], "sparsities": [1.5], "seed": -1}.items():
+        if name in defaults:
+            with pytest.raises(params.ParamError, match=rf"^{name}: "):
+                params.validate_notebook({**defaults, name: bad}, path.stem, check_hub=False)
+
+
+def test_a_parameter_missing_from_the_kernel_is_named():
+    path = NOTEBOOKS[1]
+    defaults = _defaults(path)
+    missing = next(iter(defaults))
+    del defaults[missing]
+    with pytest.raises(params.ParamError, match=f"'{missing}' of notebook {path.stem} is not defined"):
+        params.validate_notebook(defaults, path.stem)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -57,3 +57,16 @@ def test_perplexity_refuses_a_non_decoder(tiny_dirs):
     lm = load_model(str(tiny_dirs["bert"]))
     with pytest.raises(ValueError, match="decoder-only"):
         P.evaluate(lm, seqlen=16, n_windows=2, progress=False)
+
+
+def test_token_windows_are_tokenized_once_and_equal_the_protocol(tiny_dirs, cache_with_data, monkeypatch):
+    lm = load_model(str(tiny_dirs["llama"]))
+    ev = data.token_windows(lm.tokenizer, "eval", 3, 32)
+    cal = data.token_windows(lm.tokenizer, "calibration", 4, 16, seed=1)
+    assert torch.equal(ev, data.eval_windows(lm.tokenizer, 32, 3, "nyt"))
+    assert torch.equal(cal, data.calibration_windows(lm.tokenizer, 4, 16, 1, "movie-reviews"))
+    monkeypatch.setattr(data, "_token_ids", lambda *a: pytest.fail("tokenized again"))
+    assert data.token_windows(lm.tokenizer, "eval", 3, 32, seed=7) is ev  # the seed is not an eval key
+    assert data.token_windows(lm.tokenizer, "calibration", 4, 16, seed=1) is cal
+    r = P.evaluate(lm, seqlen=32, n_windows=3, progress=False)  # evaluation reads the same windows
+    assert r["perplexity"] == pytest.approx(P.perplexity(lm.model, ev, progress=False))

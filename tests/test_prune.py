@@ -1,18 +1,26 @@
 """The pruning driver on tiny models of every family (random weights: plumbing,
 exact counts and the order of calibration, not quality)."""
 
+import json
 import os
+import types
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from lab_utils.core import files, measure
 from lab_utils.core import sparsify as sp
-from lab_utils.core.models import load_model, prunable_layers
+from lab_utils.core.models import ModelSpec, load_model, prunable_layers
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine import calibration, checkpoints, config, prune
 
 CAL = dict(nsamples=4, seqlen=32, progress=False)
+
+
+def prune_as(lm, *args, progress=False, **settings):
+    """The engine on ``lm`` with the settings of ``make_config``."""
+    return prune.prune_model(lm, config.make_config(*args, **settings), progress=progress)
 
 
 def layer_sparsity(model):
@@ -23,7 +31,7 @@ def layer_sparsity(model):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_wanda_prunes_every_decoder_layer_exactly_per_row(tiny_dirs, kind):
     lm = load_model(str(tiny_dirs[kind]))
-    report = prune.prune_model(lm, "wanda", 0.5, **CAL)
+    report = prune_as(lm, "wanda", 0.5, **CAL)
     layers = prunable_layers(lm.model)
     assert len(report.layers) == len(layers) > 0
     for pl in layers:  # GPT-2's Conv1D too: out x in view, rows of `in` weights
@@ -38,7 +46,7 @@ def test_wanda_prunes_every_decoder_layer_exactly_per_row(tiny_dirs, kind):
 def test_sparsegpt_nm_on_llama_is_verified(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
     before = {pl.name: pl.weight.clone() for pl in prunable_layers(lm.model)}
-    report = prune.prune_model(lm, "sparsegpt", 0.5, "4:8", **CAL)
+    report = prune_as(lm, "sparsegpt", 0.5, "4:8", **CAL)
     assert report.nm_verified is True and report.nm_violations == 0
     assert report.actual_sparsity == pytest.approx(0.5)
     # SparseGPT updates the kept weights, it does not only mask them
@@ -49,7 +57,7 @@ def test_sparsegpt_nm_on_llama_is_verified(tiny_dirs):
 
 def test_global_magnitude_reaches_the_global_target(tiny_dirs):
     lm = load_model(str(tiny_dirs["gpt2"]))
-    report = prune.prune_model(lm, "magnitude", 0.6, scope="global", progress=False)
+    report = prune_as(lm, "magnitude", 0.6, scope="global", progress=False)
     total = sum(r["numel"] for r in report.layers)
     assert sum(r["zeros"] for r in report.layers) == int(total * 0.6)
     assert len({round(r["sparsity"], 3) for r in report.layers}) > 1  # not uniform per layer
@@ -72,7 +80,7 @@ def test_batched_statistics_equal_one_sample_at_a_time(tiny_dirs):
 
 def test_owl_allocates_non_uniform_block_sparsity_with_the_same_mean(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    report = prune.prune_model(lm, "wanda", 0.5, owl=True, **CAL)
+    report = prune_as(lm, "wanda", 0.5, owl=True, **CAL)
     targets = report.block_sparsity["decoder"]
     assert len(targets) == 2 and targets[0] != targets[1]
     assert sum(targets) / 2 == pytest.approx(0.5)
@@ -84,7 +92,7 @@ def test_owl_allocates_non_uniform_block_sparsity_with_the_same_mean(tiny_dirs):
 # --------------------------------------------------------------------------- encoder-only
 def test_encoder_only_prunes_all_layers(tiny_dirs):
     lm = load_model(str(tiny_dirs["bert"]))
-    report = prune.prune_model(lm, "sparsegpt", 0.5, **CAL)
+    report = prune_as(lm, "sparsegpt", 0.5, **CAL)
     sides = {r["side"] for r in report.layers}
     assert sides == {"encoder"}
     assert all(abs(r["sparsity"] - 0.5) < 0.02 for r in report.layers)
@@ -106,7 +114,7 @@ def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder
         return capture(model, block, batches, side)
 
     monkeypatch.setattr(prune, "capture_inputs", spy)
-    report = prune.prune_model(lm, method, 0.5, nsamples=3, seqlen=32, progress=False)
+    report = prune_as(lm, method, 0.5, nsamples=3, seqlen=32, progress=False)
     assert seen["encoder"] == 0.0 and seen["decoder"] >= 0.49
     table = report.layer_table()
     assert set(table.side) == {"encoder", "decoder"}
@@ -149,14 +157,14 @@ def test_whisper_calibrates_on_windows_of_packed_sentences(tiny_dirs):
 def test_bad_input_is_one_clear_error(tiny_dirs, kwargs, match):
     lm = load_model(str(tiny_dirs["llama"]))
     with pytest.raises(SparsityError, match=match) as exc:
-        prune.prune_model(lm, progress=False, **kwargs)
+        prune_as(lm, **kwargs)
     assert "\n" not in str(exc.value)
     assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(lm.model))  # untouched
 
 
 def test_magnitude_needs_no_calibration(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    report = prune.prune_model(lm, "magnitude", 0.5, nsamples=0, progress=False)
+    report = prune_as(lm, "magnitude", 0.5, nsamples=0, progress=False)
     assert report.actual_sparsity == pytest.approx(0.5) and report.nsamples is None
 
 
@@ -208,7 +216,7 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
     assert config.default_seqlen(lm) == lm.model.config.n_positions
     assert config.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
     with pytest.raises(DataError, match="hub"):  # offline here: a clear error, not a hang
-        prune.prune_model(lm, "wanda", 0.5, nsamples=2, progress=False)
+        prune_as(lm, "wanda", 0.5, nsamples=2, progress=False)
     with pytest.raises(SparsityError, match="exceeds the context"):
         calibration.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
 
@@ -238,3 +246,81 @@ def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
     with pytest.raises(SparsityError, match="wanda.*separate process failed: boom"):
         checkpoints.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)
+
+
+# --------------------------------------------------------------------------- the config and its key
+# Keys computed by the code before PruneConfig carried the OWL and batch settings (commit 021d917):
+# a checkpoint cached then must be found under the same name now.
+EMBEDDED = ModelSpec("smollm2-135m", "decoder-only", "SmolLM2", "embedded", "perplexity", "smollm2-135m")
+HUB = ModelSpec("gpt2-medium", "decoder-only", "GPT-2", "hub", "perplexity", "gpt2-medium")
+LOCAL = ModelSpec("/tmp/some/model", "decoder-only", "m", "local", "perplexity", "/tmp/some/model")
+LLAMA = types.SimpleNamespace(model_type="llama", max_position_embeddings=2048)
+WHISPER = types.SimpleNamespace(model_type="whisper", max_target_positions=448)
+
+
+@pytest.mark.parametrize("spec,hf,settings,key", [
+    (EMBEDDED, LLAMA, dict(method="wanda", sparsity_ratio=0.5, pattern="2:4"), "b515bc5e130b1850"),
+    (HUB, LLAMA, dict(method="wanda", sparsity_ratio=0.5, pattern="2:4"), "8da14284156e996f"),
+    (LOCAL, WHISPER, dict(method="sparsegpt", sparsity_ratio=0.6, nsamples=8, seqlen=128, seed=1),
+     "0a1a0dd6193dbbd7"),
+    (HUB, LLAMA, dict(method="magnitude", sparsity_ratio=0.5), "ed25f570a95d76f7"),
+    (LOCAL, LLAMA, dict(method="random", sparsity_ratio=0.3, scope="global", seed=3), "62b33f2b1feada5b"),
+    (EMBEDDED, LLAMA, dict(method="wanda", sparsity_ratio=0.7, owl=True, nsamples=16, calibration="c4"),
+     "215e2fd69457345c"),
+    (HUB, WHISPER, dict(method="magnitude", sparsity_ratio=0.5, owl=True), "90cfb0d1784b417e"),
+    # the dense model: keyed by the name as written, also for a local folder
+    (HUB, LLAMA, dict(method="sparsegpt", sparsity_ratio=0.0), "afddff0ea6c6d57f"),
+    (LOCAL, LLAMA, dict(method="sparsegpt", sparsity_ratio=0.0), "212e30a3ca59051a"),
+])
+def test_checkpoint_keys_are_the_keys_of_existing_caches(spec, hf, settings, key):
+    assert config.checkpoint_key(spec, config.make_config(**settings), hf) == key
+    assert config.ENGINE_VERSION == 2
+
+
+def test_non_default_owl_and_batch_settings_split_the_cache():
+    base = config.make_config("wanda", 0.5, owl=True, seqlen=64)
+    key = config.checkpoint_key(EMBEDDED, base, LLAMA)
+    same = config.make_config("wanda", 0.5, owl=True, seqlen=64, owl_lambda=config.OWL_LAMBDA,
+                              owl_m=config.OWL_M, batch_tokens=config.BATCH_TOKENS)
+    assert config.checkpoint_key(EMBEDDED, same, LLAMA) == key
+    others = [config.make_config("wanda", 0.5, owl=True, seqlen=64, **kw)
+              for kw in (dict(owl_lambda=0.1), dict(owl_m=7), dict(batch_tokens=4096))]
+    assert len({key, *(config.checkpoint_key(EMBEDDED, c, LLAMA) for c in others)}) == 4
+    # settings a method ignores are dropped, so they cannot split the cache
+    mag = config.make_config("magnitude", 0.5, owl_lambda=0.3, batch_tokens=64)
+    assert mag.owl_lambda is None and mag.owl_m is None and mag.batch_tokens is None
+    with pytest.raises(SparsityError, match="owl_m"):
+        config.make_config("wanda", 0.5, owl=True, owl_m=0)
+    with pytest.raises(SparsityError, match="batch_tokens"):
+        config.make_config("wanda", 0.5, batch_tokens=0)
+
+
+def test_the_config_survives_the_trip_to_the_child_process():
+    cfg = config.resolve_config(EMBEDDED, config.make_config("wanda", 0.6, owl=True, owl_m=6.5), LLAMA)
+    back = config.PruneConfig(**json.loads(json.dumps(asdict(cfg))))
+    assert back == cfg and config.checkpoint_key(EMBEDDED, back, LLAMA) == config.checkpoint_key(EMBEDDED, cfg, LLAMA)
+
+
+def test_owl_settings_reach_the_engine(tiny_dirs):
+    a = prune_as(load_model(str(tiny_dirs["llama"])), "wanda", 0.5, owl=True, nsamples=4, seqlen=32)
+    b = prune_as(load_model(str(tiny_dirs["llama"])), "wanda", 0.5, owl=True, nsamples=4, seqlen=32,
+                 owl_lambda=0.2)
+    spread = [max(r.block_sparsity["decoder"]) - min(r.block_sparsity["decoder"]) for r in (a, b)]
+    assert spread[1] > spread[0] > 0  # a larger lambda spreads the blocks' sparsities further
+
+
+def test_pruned_model_from_a_loaded_model_prunes_a_copy(tiny_dirs, cache_with_data):
+    name = str(tiny_dirs["llama"])
+    dense = load_model(name)
+    assert checkpoints.pruned_model(dense, "magnitude", 0.0, progress=False)[0] is dense
+    lm, report = checkpoints.pruned_model(dense, "magnitude", 0.6, progress=False)
+    assert lm.model is not dense.model and report.actual_sparsity == pytest.approx(0.6, abs=0.01)
+    assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(dense.model))  # untouched
+    assert not (cache_with_data / "pruned").exists()  # magnitude: no checkpoint left behind
+    # a calibrated pruning by name and from the loaded model: one checkpoint, the same weights
+    by_name, r1 = checkpoints.pruned_model(name, "wanda", 0.5, **CAL)
+    from_dense, r2 = checkpoints.pruned_model(dense, "wanda", 0.5, **CAL)
+    assert r2.from_cache and r2.key == r1.key
+    for a, b in zip(prunable_layers(by_name.model), prunable_layers(from_dense.model), strict=True):
+        assert torch.equal(a.weight, b.weight)
+    assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(dense.model))

@@ -33,6 +33,8 @@ def test_every_params_file_is_valid_offline_or_names_the_hub():
     ("models: [smollm2-135m\n", "not valid YAML"),
     ("- just\n- a list\n", "mapping"),
     ("seed: zero\n", "seed"),
+    ("models: []\n", r"^models: \[\] names no model"),
+    ("notebooks:\n  04_benchmarks:\n    speed_models: []\n", r"^speed_models: \[\] names no model"),
 ])
 def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     with pytest.raises(params.ParamError, match=needle):
@@ -47,6 +49,7 @@ def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     ("speed_tokens", -3, "positive"),
     ("probe_examples", 1.5, "positive"),
     ("scope", "blockwise", "not a scope"),
+    ("models", [], r"\[\] names no model"),
 ])
 def test_value_rules_by_parameter_name(name, value, needle):
     with pytest.raises(params.ParamError, match=needle):
@@ -63,6 +66,7 @@ def test_runner_exits_2_on_unknown_parameter_without_running(tmp_path):
     assert not (tmp_path / "out" / "build").exists()
 
 
+@pytest.mark.slow  # the smoke report: every notebook (make test-fast leaves it out)
 def test_smoke_report_runs_every_notebook_and_renders(smoke_report):
     out, proc = smoke_report
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,6 +85,7 @@ def test_smoke_report_runs_every_notebook_and_renders(smoke_report):
     assert yaml.safe_load(open("params/smoke.yaml"))["models"][0] in index
 
 
+@pytest.mark.slow
 def test_executed_notebooks_have_no_error_outputs(smoke_report):
     import nbformat
 

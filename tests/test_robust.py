@@ -14,7 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, run_report
+
+# Both run the smoke report (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 PNG_END = b"IEND\xaeB`\x82"
 

@@ -219,8 +219,21 @@ def test_time_calls_interleaves_and_reports_every_repeat():
     assert len(times) == 8 and set(times.name) == {"a", "b"}
     assert calls[:2] == ["a", "b"]  # warm-up
     assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotating order
-    assert (times.seconds >= 0).all()
+    assert (times.seconds >= 0).all() and (times.cpu_seconds >= 0).all()
     assert list(measure.median_seconds(times).index) == ["a", "b"]
+    assert list(measure.median_seconds(times, "cpu_seconds").index) == ["a", "b"]
+
+
+def test_num_threads_pins_and_restores():
+    before = torch.get_num_threads()
+    with measure.num_threads(1):
+        assert torch.get_num_threads() == 1
+        with measure.num_threads(None):  # None: leave as is
+            assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), measure.num_threads(1):
+        raise RuntimeError
+    assert torch.get_num_threads() == before
 
 
 def test_layer_speed_table_shape():

@@ -225,13 +225,30 @@ def test_magnitude_cut_is_the_sampled_quantile_of_prunable_weights(growing):
 
 def test_levels_per_block_tells_4bit_from_float():
     model = Synthetic(EQUAL[:2])
-    assert weights.levels_per_block(model) > 16
+    assert weights.levels_per_block(model, rows=8)["max_levels"] > 16
     with torch.no_grad():  # 16 levels per group of 32 weights of a row, like GGUF Q4_1
         for b in model.layers:
             g = b.down_proj.weight[:, :32]  # (the only layer with rows of >= 32 weights)
             lo, hi = g.min(1, keepdim=True).values, g.max(1, keepdim=True).values
             g.copy_(lo + torch.round((g - lo) / (hi - lo) * 15) * (hi - lo) / 15)
-    assert weights.levels_per_block(model) <= 16
+    assert weights.levels_per_block(model, rows=8)["max_levels"] <= 16
+    levels = weights.levels_per_block(model)  # every row
+    assert levels["max_levels"] <= 16 and levels["fraction_on_4bit_grid"] == 1
+
+
+def test_peak_memory_nested_probes_both_see_the_inner_peak():
+    from lab_utils.core.measure import PeakMemory
+
+    with PeakMemory() as outer:
+        block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched, freed before the inner probe
+        block += 1
+        del block
+        with PeakMemory() as inner:  # resets the kernel's mark: the outer one must keep its own
+            small = torch.ones(48 * 2**20 // 4)  # mmap-sized: fresh pages, not reused heap
+            small += 1
+        del small
+    assert 40 * 2**20 <= inner.peak - inner.start < 100 * 2**20
+    assert outer.peak - outer.start >= 100 * 2**20 and outer.end > 0
 
 
 def test_bad_input_is_one_clear_error():

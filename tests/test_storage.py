@@ -324,12 +324,16 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
 
     calls = []
 
-    def fake_pruned(name, method, sparsity, pattern="unstructured", progress=True, **kw):
-        calls.append((name, method, sparsity, pattern))
+    def fake_dense(name):
         spec = ModelSpec(name, "decoder-only", "Tiny", "local", "perplexity", name)
-        return LoadedModel(prune_random(build_tiny("llama"), sparsity), None, spec)
+        return LoadedModel(build_tiny("llama"), None, spec)
 
-    monkeypatch.setattr(st, "pruned", fake_pruned)
+    def fake_pruned(lm, cfg, progress=True, **kw):
+        calls.append((lm.spec.name, cfg.method, cfg.sparsity, cfg.pattern))
+        return LoadedModel(prune_random(build_tiny("llama"), cfg.sparsity), None, lm.spec), None
+
+    monkeypatch.setattr(st, "load_model", fake_dense)
+    monkeypatch.setattr(st.checkpoints, "pruned_from_config", fake_pruned)
     args = (["tiny"], ["magnitude"], [0.5, 0.8])
     # workers=1: measured in this process, where the fake pruning is seen
     first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False, workers=1)
@@ -354,22 +358,14 @@ def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, t
     pd.testing.assert_frame_equal(tables[0].drop(columns="save_s"), tables[1].drop(columns="save_s"))
 
 
-def test_pruned_uses_the_engine_in_memory_or_its_cache(tiny_dirs, tmp_cache, monkeypatch):
-    from lab_utils.engine import checkpoints
+def test_sizes_keys_are_the_keys_of_existing_caches():
+    """Computed by the code before PruneConfig carried the OWL and batch settings (commit 021d917)."""
+    from lab_utils.engine.config import make_config
 
-    lm = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.6, progress=False)
-    ws = [pl.weight for pl in prunable_layers(lm.model)]
-    assert sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws) == pytest.approx(0.6, abs=0.01)
-    assert not (tmp_cache / "pruned").exists()  # magnitude: no checkpoint left behind
-    dense = {}
-    a = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.5, progress=False, dense=dense)
-    b = st.pruned(str(tiny_dirs["llama"]), "magnitude", 0.8, progress=False, dense=dense)
-    held = next(iter(dense.values())).model
-    assert a.model is not b.model and a.model is not held
-    assert not any(bool((pl.weight == 0).any()) for pl in prunable_layers(held))  # the copy was pruned
-    seen = []
-    monkeypatch.setattr(checkpoints, "pruned_model", lambda *a, **k: (seen.append(a), (lm, None))[1])
-    assert st.pruned("m", "wanda", 0.5, progress=False) is lm and seen == [("m", "wanda", 0.5, "unstructured")]
+    wanda = make_config("wanda", 0.5, "unstructured", nsamples=8, seqlen=64, seed=0)
+    magnitude = make_config("magnitude", 0.7, "unstructured", nsamples=8)
+    assert st.sizes_key("smollm2-135m", wanda, ["dense", "bitmask"], 3) == "0d56ad9082ff2dbc"
+    assert st.sizes_key("smollm2-135m", magnitude, ["dense", "bitmask"], 3) == "dfd4fa62676d7e6c"
 
 
 def test_size_conclusions_follow_the_numbers(tmp_path):

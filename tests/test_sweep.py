@@ -88,3 +88,15 @@ def test_conclusions_follow_the_numbers():
     assert "lowered the perplexity of M from 30.0 to 25.0" in sweep_view.conclusions(fake_sweep(12.0), owl)
     owl.loc[1, "perplexity"] = 35.0
     assert "raised" in sweep_view.conclusions(fake_sweep(12.0), owl)
+
+
+def test_settings_put_the_dense_baseline_first_and_expand_patterns():
+    got = sweep.settings(["magnitude", "wanda"], ["unstructured", "2:4", "2:4"], [0.6, 0.3, 0.6, 0.0])
+    assert got == [("dense", "unstructured", 0.0),
+                   ("magnitude", "unstructured", 0.3), ("wanda", "unstructured", 0.3),
+                   ("magnitude", "unstructured", 0.6), ("wanda", "unstructured", 0.6),
+                   ("magnitude", "2:4", 0.5), ("wanda", "2:4", 0.5)]
+    with pytest.raises(ValueError, match="unknown method"):
+        sweep.settings(["nope"], ["unstructured"], [0.5])
+    with pytest.raises(ValueError, match="outside"):
+        sweep.settings(["magnitude"], ["unstructured"], [1.5])

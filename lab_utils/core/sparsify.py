@@ -1,7 +1,7 @@
 """Sparsity masks: small pure functions on one weight (out x in) and its statistics.
 
 Nothing here touches a model: the driver that collects statistics and applies
-masks block by block lives in ``lab_utils.prune``.
+masks block by block lives in :mod:`lab_utils.engine.prune`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lab_utils.core.measure import single_thread
+from lab_utils.core.measure import num_threads
 
 METHODS = ("random", "magnitude", "wanda", "sparsegpt")
 
@@ -139,7 +139,7 @@ def select_mask(W_metric: torch.Tensor, sparsity_ratio: float, prune_n: int = 0,
         return layer_mask(W_metric, sparsity_ratio)
     if scope == "global":
         raise SparsityError("scope 'global' ranks weights across all layers: use global_masks() "
-                            "or prune_model(..., scope='global')")
+                            "or pruned_model(..., scope='global')")
     raise SparsityError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
 
 
@@ -266,7 +266,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity_ratio: float, pru
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise SparsityError(f"sparsegpt: Hessian {tuple(H.shape)} does not match {cols} inputs")
-    with single_thread():
+    with num_threads(1):  # rank-1 updates 576 wide: a second core's fan-out costs more than it saves
         Wt = W.detach().t().to(torch.float32, copy=True).contiguous()  # in x out
         H = H.detach().to(torch.float32, copy=True).contiguous()
         dead = torch.diag(H) == 0  # inputs that were always zero: prune them for free

@@ -1,4 +1,5 @@
-"""Calibration data and the layer-sequential plumbing: inputs captured per block, statistics, propagation."""
+"""Calibration for the engine: the calibration batches (text windows, or packed speech for Whisper) and the
+layer-sequential plumbing (inputs captured per block, input statistics per layer, propagation)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lab_utils.core import data, models
+from lab_utils.core.evaluation import asr
 from lab_utils.core.models import (
     ENCODER_DECODER,
     LoadedModel,
@@ -17,10 +20,7 @@ from lab_utils.engine.config import (
     BATCH_TOKENS,
     SPEECH_PER_WINDOW,
     default_calibration,
-    model_context,
 )
-
-_WINDOWS: dict = {}  # tokenized calibration windows, by (tokenizer, nsamples, seqlen, seed, corpus)
 
 
 # --------------------------------------------------------------------------- calibration inputs
@@ -59,7 +59,7 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
     model = lm.model
     if getattr(model.config, "model_type", "") == "whisper":
         return _speech_batches(lm, nsamples, seed, batch_tokens, progress)
-    ctx = model_context(model)
+    ctx = models.context_length(model.config)
     if seqlen > ctx:
         raise SparsityError(f"seqlen {seqlen} exceeds the context of {lm.spec.name} ({ctx} tokens)")
     windows = _windows(lm.tokenizer, nsamples, seqlen, seed, corpus or default_calibration(lm))
@@ -75,18 +75,8 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
 
 
 def _windows(tokenizer, nsamples: int, seqlen: int, seed: int, corpus: str) -> torch.Tensor:
-    """Calibration windows, remembered per tokenizer (its class, folder and
-    size): tokenizing the whole calibration text takes seconds, and a sweep
-    asks for the same windows again and again."""
-    from lab_utils.core import data
-
-    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-           nsamples, seqlen, seed, corpus)
-    if key not in _WINDOWS:
-        if len(_WINDOWS) >= 16:
-            _WINDOWS.pop(next(iter(_WINDOWS)))
-        _WINDOWS[key] = data.calibration_windows(tokenizer, nsamples, seqlen, seed, corpus)
-    return _WINDOWS[key]
+    """Calibration windows, remembered per tokenizer (:func:`lab_utils.core.data.token_windows`)."""
+    return data.token_windows(tokenizer, "calibration", nsamples, seqlen, seed, corpus)
 
 
 def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:
@@ -100,9 +90,6 @@ def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:
 
 def _speech_batches(lm: LoadedModel, nsamples: int, seed: int, batch_tokens: int,
                     progress: bool) -> list[dict]:
-    from lab_utils.core import data
-    from lab_utils.core.evaluation import asr
-
     cfg = lm.model.config
     sentences = data.calibration_sentences(nsamples, seed)
     # Whisper's encoder always reads 30 s: one short sentence per window would

@@ -1,12 +1,28 @@
-"""Pruned checkpoints: the cache of pruned models, built once and checked before reuse."""
+"""Pruned checkpoints: the one way to get a pruned model.
+
+:func:`pruned_model` takes a model (a name, or a dense model already loaded)
+and the pruning settings, and returns the pruned model with its
+:class:`~lab_utils.engine.prune.PruneReport`: read from the checkpoint cache
+when the same pruning was done before, else pruned by the engine (in this
+process or in a child process) and, for the calibrated methods, saved. A
+checkpoint stores the prunable weights as a packed bit mask plus the kept
+values, is written atomically with a checksum manifest, and is named by
+:func:`~lab_utils.engine.config.checkpoint_key`. :func:`save_pretrained` writes
+a complete model folder that loads like any other.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
-from dataclasses import asdict
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab_utils.core import files
@@ -18,9 +34,11 @@ from lab_utils.core.models import (
 )
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.config import (
+    BATCH_TOKENS,
     DEFAULT_NSAMPLES,
+    OWL_LAMBDA,
+    OWL_M,
     PruneConfig,
-    cache_key,
     checkpoint_key,
     make_config,
     resolve_config,
@@ -43,9 +61,6 @@ REPORT_FILE = "report.json"
 def save_checkpoint(model: nn.Module, folder: Path) -> None:
     """The prunable layers' weights in a compact exact form: a packed bit mask
     of the nonzeros and their values (everything else is the base model)."""
-    import numpy as np
-    from safetensors.torch import save_file
-
     tensors = {}
     for pl in prunable_layers(model):
         W = pl.weight.detach().contiguous()
@@ -57,9 +72,6 @@ def save_checkpoint(model: nn.Module, folder: Path) -> None:
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, folder: Path) -> None:
-    import numpy as np
-    from safetensors.torch import load_file
-
     tensors = load_file(str(folder / WEIGHTS_FILE))
     for pl in prunable_layers(model):
         W = pl.weight
@@ -70,14 +82,32 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
         pl.set_weight(flat.view(W.shape))
 
 
-def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
+def pruned_model(model: str | LoadedModel, method: str, sparsity, pattern="unstructured",
                  scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
                  seqlen: int | None = None, seed: int = 0, owl: bool = False,
-                 calibration: str | None = None, progress: bool = True, save: bool | None = None,
-                 rebuild: bool = False, separate_process: bool = False,
-                 **kw) -> tuple[LoadedModel, PruneReport]:
+                 calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
+                 owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
+                 save: bool | None = None, rebuild: bool = False,
+                 separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
+    """A pruned model and its report: the settings (checked by
+    :func:`~lab_utils.engine.config.make_config`, which documents them) go
+    to :func:`pruned_from_config`."""
+    cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration,
+                      owl_lambda=owl_lambda, owl_m=owl_m, batch_tokens=batch_tokens)
+    return pruned_from_config(model, cfg, progress=progress, save=save, rebuild=rebuild,
+                              separate_process=separate_process)
+
+
+def pruned_from_config(model: str | LoadedModel, cfg: PruneConfig, *, progress: bool = True,
+                       save: bool | None = None, rebuild: bool = False,
+                       separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
     """Load a model and prune it, or load the cached checkpoint of the same
     pruning. Sparsity 0 returns the dense model (with its measured sparsity).
+
+    ``model``: a name (preset, hub id or folder), loaded here, or the dense
+    model of such a name already loaded (:func:`~lab_utils.core.models.load_model`),
+    which is left untouched: a copy of it is pruned (no reloading between
+    settings), and at sparsity 0 it is returned itself.
 
     The checkpoint lives under ``cache_dir()/pruned/`` keyed by the model and
     every pruning argument (plus the engine version); it is written atomically
@@ -92,16 +122,19 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     its memory near the model's size that way). The engine's own peak is in the
     report either way (``peak_memory_bytes``).
     """
-    cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration)
-    spec = resolve(model_name)
-    lm = load_model(spec)
+    if isinstance(model, LoadedModel):
+        spec = model.spec
+        lm = model if cfg.sparsity == 0 else dataclasses.replace(model, model=copy.deepcopy(model.model))
+    else:
+        spec = resolve(model)
+        lm = load_model(spec)
     cfg = resolve_config(spec, cfg, lm.model.config)
+    key = checkpoint_key(spec, cfg, lm.model.config)
     if cfg.sparsity == 0:
-        report = PruneReport(spec.name, spec.family, **asdict(cfg))
+        report = PruneReport.of(spec.name, spec.family, cfg)
         fill_report(report, lm.model)
-        report.key = cache_key(spec.name, cfg)
+        report.key = key
         return lm, report
-    key = checkpoint_key(spec, cfg)
     folder = checkpoint_dir(spec.slug, cfg, key)
     if not rebuild and files.verify_dir(folder):
         load_checkpoint(lm.model, folder)
@@ -109,14 +142,13 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
         report.from_cache = True
         return lm, report
     if separate_process and cfg.calibrated and (cfg.calibrated if save is None else save):
-        _build_in_child(model_name, cfg, kw, rebuild)
+        _build_in_child(spec.name, cfg, rebuild)
         if not files.verify_dir(folder):
-            raise SparsityError(f"the child process that pruned {model_name} left no valid checkpoint "
-                                f"in {folder}; run prune.pruned_model(...) in this process to see why")
+            raise SparsityError(f"the child process that pruned {spec.name} left no valid checkpoint "
+                                f"in {folder}; run checkpoints.pruned_model(...) in this process to see why")
         load_checkpoint(lm.model, folder)
         return lm, PruneReport.from_json((folder / REPORT_FILE).read_text())
-    report = prune_model(lm, cfg.method, cfg.sparsity, cfg.pattern, cfg.scope, cfg.nsamples,
-                         cfg.seqlen, cfg.seed or 0, cfg.owl, cfg.calibration, progress=progress, **kw)
+    report = prune_model(lm, cfg, progress=progress)
     report.key = key
     if not (cfg.calibrated if save is None else save):
         return lm, report
@@ -127,13 +159,10 @@ def pruned_model(model_name: str, method: str, sparsity, pattern="unstructured",
     return lm, report
 
 
-def _build_in_child(model_name: str, cfg: PruneConfig, kw: dict, rebuild: bool = False) -> None:
-    """Run :func:`pruned_model` for ``cfg`` in a fresh Python process (same
-    environment, cache and thread count), which writes the checkpoint."""
-    import subprocess
-    import sys
-
-    payload = json.dumps({"model": model_name, "cfg": asdict(cfg), "kw": kw, "rebuild": rebuild,
+def _build_in_child(model_name: str, cfg: PruneConfig, rebuild: bool = False) -> None:
+    """Run :func:`pruned_from_config` for ``cfg`` in a fresh Python process
+    (same environment, cache and thread count), which writes the checkpoint."""
+    payload = json.dumps({"model": model_name, "cfg": dataclasses.asdict(cfg), "rebuild": rebuild,
                           "threads": torch.get_num_threads()})
     proc = subprocess.run([sys.executable, "-m", "lab_utils.engine.checkpoints", payload], capture_output=True, text=True)
     if proc.returncode:
@@ -145,10 +174,8 @@ def _build_in_child(model_name: str, cfg: PruneConfig, kw: dict, rebuild: bool =
 def _child_main(payload: str) -> None:
     args = json.loads(payload)
     torch.set_num_threads(int(args["threads"]))
-    cfg = args["cfg"]
-    pruned_model(args["model"], cfg["method"], cfg["sparsity"], cfg["pattern"], cfg["scope"], cfg["nsamples"],
-                 cfg["seqlen"], cfg["seed"] or 0, cfg["owl"], cfg["calibration"], progress=False,
-                 rebuild=args["rebuild"], **args["kw"])
+    pruned_from_config(args["model"], PruneConfig(**args["cfg"]), progress=False, save=True,
+                       rebuild=args["rebuild"])
 
 
 def check_output_dir(out: str | Path) -> Path:
@@ -175,6 +202,4 @@ def save_pretrained(lm: LoadedModel, out: str | Path) -> Path:
 
 
 if __name__ == "__main__":  # the child of pruned_model(separate_process=True)
-    import sys
-
     _child_main(sys.argv[1])

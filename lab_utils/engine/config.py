@@ -1,16 +1,25 @@
-"""The pruning configuration: one validated object for the engine, the cache and the child process."""
+"""The pruning configuration and its cache key.
+
+:class:`PruneConfig` holds every setting that changes the pruned weights
+(method, ``sparsity_ratio``, the N:M pattern, scope, calibration ``nsamples``
+and ``seqlen``, seed, OWL and its lambda and M, the calibration corpus and
+batch size). :func:`make_config` checks and normalizes it once; the engine,
+the checkpoint cache and the child process that builds a checkpoint all take
+that one object. :func:`resolve_config` fills in the defaults that depend on
+the model (calibration length and corpus), and :func:`checkpoint_key` is the
+one place that turns a model and a configuration into a cache key.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
 
-from torch import nn
-
-from lab_utils.core import files, sparsify
+from lab_utils.core import files, models, sparsify
 from lab_utils.core.models import (
     LoadedModel,
     ModelSpec,
+    embedded_model_dir,
 )
 from lab_utils.core.sparsify import SparsityError
 
@@ -20,7 +29,6 @@ ENGINE_VERSION = 2  # part of every cache key: bump when pruning results change 
 DEFAULT_NSAMPLES = 64
 
 
-DEFAULT_SEQLEN = 512  # embedded models; hub presets use the model's context
 
 
 BATCH_TOKENS = 8192  # calibration tokens pushed through a block at once
@@ -51,6 +59,12 @@ class PruneConfig:
     seed: int | None
     owl: bool
     calibration: str | None
+    # OWL's lambda and M (None without OWL) and the calibration tokens pushed through a block at
+    # once (None for the uncalibrated methods): in the cache key only when they differ from the
+    # defaults, so the keys of the default settings stay what they always were
+    owl_lambda: float | None = None
+    owl_m: float | None = None
+    batch_tokens: int | None = None
 
     @property
     def prune_n(self) -> int:
@@ -70,8 +84,19 @@ NATURAL_SCOPE = {"random": "layer", "magnitude": "layer", "wanda": "row", "spars
 
 def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str | None = None,
                 nsamples: int | None = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
-                owl: bool = False, calibration: str | None = None) -> PruneConfig:
-    """Check every argument; raise one :class:`SparsityError` naming the fix."""
+                owl: bool = False, calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
+                owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS) -> PruneConfig:
+    """Check every argument; raise one :class:`SparsityError` naming the fix.
+
+    ``method``: random | magnitude | wanda | sparsegpt; ``pattern``:
+    "unstructured" or "N:M"; ``scope``: row | layer | global for magnitude
+    and random (default layer), row | layer for wanda (default row); ``owl``:
+    non-uniform sparsity per block from the activation outliers (unstructured
+    only), with OWL's ``owl_lambda`` and ``owl_m``. Calibrated methods use
+    ``nsamples`` windows of ``seqlen`` tokens (default: the model's context for
+    hub presets, 512 otherwise) from ``calibration`` (default: C4 for hub
+    presets, movie reviews otherwise), ``batch_tokens`` at a time.
+    """
     sparsify.check_method(method)
     s = sparsify.check_sparsity_ratio(sparsity_ratio)
     prune_n, prune_m = sparsify.parse_pattern(pattern)
@@ -112,35 +137,28 @@ def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str 
         raise SparsityError(f"seed must be a non-negative integer, got {seed!r}")
     if method == "magnitude" and not owl:
         seed = None
-    return PruneConfig(method, s, pattern, scope, nsamples, seqlen, seed, owl, calibration)
+    if calibrated and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int)
+                       or batch_tokens <= 0):
+        raise SparsityError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
+    if owl and not (_number(owl_lambda) and owl_lambda >= 0 and _number(owl_m) and owl_m > 0):
+        raise SparsityError(f"OWL needs owl_lambda >= 0 and owl_m > 0, got {owl_lambda!r} and {owl_m!r}")
+    return PruneConfig(method, s, pattern, scope, nsamples, seqlen, seed, owl, calibration,
+                       owl_lambda=float(owl_lambda) if owl else None, owl_m=float(owl_m) if owl else None,
+                       batch_tokens=batch_tokens if calibrated else None)
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def default_seqlen(lm: LoadedModel) -> int:
     """Calibration length: the model's context for hub presets (as in the
-    papers), else 512 tokens capped by the context."""
-    return _default_seqlen(lm.spec, lm.model.config)
-
-
-def _default_seqlen(spec: ModelSpec, config) -> int:
-    ctx = config_context(config)
-    return ctx if spec.source == "hub" else min(DEFAULT_SEQLEN, ctx)
-
-
-def model_context(model: nn.Module) -> int:
-    return config_context(model.config)
-
-
-def config_context(config) -> int:
-    """Token positions of a model, read from its (Hugging Face) config."""
-    for attr in ("n_positions", "max_position_embeddings", "max_target_positions"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return DEFAULT_SEQLEN
+    papers), else :data:`~lab_utils.core.models.DEFAULT_SEQLEN` capped by it."""
+    return models.default_seqlen(lm.spec, lm.model.config)
 
 
 def default_calibration(lm: LoadedModel) -> str:
-    """C4 for the seed's hub models (as in the papers), movie reviews otherwise."""
+    """C4 for hub models (as in the papers), movie reviews otherwise."""
     return _default_calibration(lm.spec)
 
 
@@ -150,9 +168,7 @@ def _default_calibration(spec: ModelSpec) -> str:
 
 def hf_config(spec: ModelSpec):
     """A model's Hugging Face config, read without loading its weights."""
-    from transformers import AutoConfig
-
-    from lab_utils.core.models import embedded_model_dir
+    from transformers import AutoConfig  # deferred: importing transformers takes seconds
 
     location = embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
     return AutoConfig.from_pretrained(location, local_files_only=spec.source != "hub")
@@ -165,18 +181,43 @@ def resolve_config(spec: ModelSpec, cfg: PruneConfig, config) -> PruneConfig:
     if not cfg.calibrated:
         return cfg
     seqlen = None if getattr(config, "model_type", "") == "whisper" else (
-        cfg.seqlen or _default_seqlen(spec, config))
+        cfg.seqlen or models.default_seqlen(spec, config))
     return PruneConfig(**{**asdict(cfg), "seqlen": seqlen,
                           "calibration": cfg.calibration or _default_calibration(spec)})
 
 
 # --------------------------------------------------------------------------- the cache
-def cache_key(model_name: str, cfg: PruneConfig) -> str:
+KEY_FIELDS = ("method", "sparsity", "pattern", "scope", "nsamples", "seqlen", "seed", "owl", "calibration")
+
+_DEFAULTS = {"owl_lambda": OWL_LAMBDA, "owl_m": OWL_M, "batch_tokens": BATCH_TOKENS}
+
+
+def key_settings(cfg: PruneConfig) -> dict:
+    """The settings a cache key is made of: the nine that every key has always
+    held, plus OWL's lambda and M and the calibration batch where they differ
+    from the defaults (so existing keys stay valid)."""
+    out = {k: getattr(cfg, k) for k in KEY_FIELDS}
+    out.update({k: getattr(cfg, k) for k, default in _DEFAULTS.items()
+                if getattr(cfg, k) is not None and getattr(cfg, k) != default})
+    return out
+
+
+def checkpoint_key(spec: ModelSpec, cfg: PruneConfig, config=None) -> str:
+    """The cache key of the pruning ``cfg`` of a model: the name of its
+    checkpoint and the key its evaluations are cached under.
+
+    ``cfg`` is resolved first (:func:`resolve_config`, from ``config``, the
+    model's Hugging Face config, read from its files when not given). A local
+    folder is keyed by its absolute path, except the dense model (sparsity 0),
+    which has always been keyed by the name as written."""
+    if cfg.calibrated:
+        cfg = resolve_config(spec, cfg, hf_config(spec) if config is None else config)
+    local = spec.source == "local" and cfg.sparsity > 0
+    return _key(os.path.abspath(spec.location) if local else spec.name, cfg)
+
+
+def _key(model_name: str, cfg: PruneConfig) -> str:
+    extra = {k: v for k, v in key_settings(cfg).items() if k not in KEY_FIELDS}
     return files.key_hash("pruned", ENGINE_VERSION, model_name, cfg.method, cfg.pattern, cfg.sparsity,
-                       cfg.scope, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.owl, cfg.calibration)
-
-
-def checkpoint_key(spec: ModelSpec, cfg: PruneConfig) -> str:
-    """The cache key of ``cfg`` (resolved by :func:`resolve_config`) on a model;
-    a local folder is keyed by its absolute path."""
-    return cache_key(spec.name if spec.source != "local" else os.path.abspath(spec.location), cfg)
+                          cfg.scope, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.owl, cfg.calibration,
+                          *([extra] if extra else []))

@@ -1,6 +1,7 @@
-"""The pruning driver: layer-sequential calibration for all three families.
+"""The pruning engine: a :class:`~lab_utils.engine.config.PruneConfig` in, a pruned model and a
+:class:`PruneReport` out, with layer-sequential calibration for all three families.
 
-The mask math lives in :mod:`lab_utils.sparsify`; this module feeds it. For a
+The mask math lives in :mod:`lab_utils.core.sparsify`; this module feeds it. For a
 calibrated method (Wanda, SparseGPT) the calibration samples go through the
 model one transformer block at a time, as in the reference code of both
 papers, but batched:
@@ -19,8 +20,8 @@ captured by running the model with the already pruned encoder, so its
 cross-attention layers are calibrated on what the pruned encoder produces.
 Memory stays at the model plus one block's activations for the calibration set.
 
-:func:`prune_model` prunes a loaded model in place; :func:`pruned_model`
-adds a checkpoint cache keyed by every argument.
+:func:`prune_model` prunes a loaded model in place;
+:func:`lab_utils.engine.checkpoints.pruned_model` adds the checkpoint cache.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lab_utils.core import sparsify
 from lab_utils.core.measure import PeakMemory
@@ -49,12 +51,8 @@ from lab_utils.engine.calibration import (
     propagate,
 )
 from lab_utils.engine.config import (
-    BATCH_TOKENS,
-    DEFAULT_NSAMPLES,
-    OWL_LAMBDA,
-    OWL_M,
+    KEY_FIELDS,
     PruneConfig,
-    make_config,
     resolve_config,
 )
 
@@ -118,7 +116,7 @@ class PruneReport:
     from_cache: bool = False
 
     def layer_table(self):
-        import pandas as pd
+        import pandas as pd  # deferred: the engine needs pandas for this table only
 
         return pd.DataFrame(self.layers)
 
@@ -135,6 +133,11 @@ class PruneReport:
     @classmethod
     def from_json(cls, text: str) -> PruneReport:
         return cls(**json.loads(text))
+
+    @classmethod
+    def of(cls, model: str, family: str, cfg: PruneConfig, **measured) -> PruneReport:
+        """A report of ``cfg``: its keyed settings, as every report has held them."""
+        return cls(model, family, **{k: getattr(cfg, k) for k in KEY_FIELDS}, **measured)
 
 
 def sparsity_table(model: nn.Module) -> list[dict]:
@@ -184,32 +187,21 @@ def _block_layers(block: nn.Module) -> dict[str, nn.Module]:
     return find_layers(block)
 
 
-def prune_model(lm: LoadedModel, method: str, sparsity_ratio, pattern="unstructured",
-                scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
-                seqlen: int | None = None, seed: int = 0, owl: bool = False,
-                calibration: str | None = None, owl_lambda: float = OWL_LAMBDA,
-                owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS,
-                progress: bool = True) -> PruneReport:
-    """Prune ``lm.model`` in place and return what was done.
-
-    ``method``: random | magnitude | wanda | sparsegpt; ``pattern``:
-    "unstructured" or "N:M"; ``scope``: row | layer | global for magnitude
-    and random (default layer), row | layer for wanda (default row); ``owl``:
-    non-uniform sparsity per block from the activation outliers (unstructured
-    only). Calibrated methods use ``nsamples`` windows of ``seqlen`` tokens
-    (default: the model's context for hub presets, 512 otherwise) from
-    ``calibration`` (default: C4 for hub presets, movie reviews otherwise).
-    """
-    cfg = make_config(method, sparsity_ratio, pattern, scope, nsamples, seqlen, seed, owl, calibration)
+def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True) -> PruneReport:
+    """Prune ``lm.model`` in place as ``cfg`` (from
+    :func:`~lab_utils.engine.config.make_config`) says and return what was done:
+    the measured sparsity per layer and overall, the N:M check, the time and
+    the peak memory. Calibration defaults that depend on the model are filled
+    in first (:func:`~lab_utils.engine.config.resolve_config`)."""
     cfg = resolve_config(lm.spec, cfg, lm.model.config)
-    report = PruneReport(lm.spec.name, lm.family, **asdict(cfg), threads=torch.get_num_threads())
+    report = PruneReport.of(lm.spec.name, lm.family, cfg, threads=torch.get_num_threads())
     model = lm.model
     model.eval()
     targets: dict[str, float] = {}
     with PeakMemory() as mem, torch.no_grad():
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.sparsity > 0:
-            _prune(lm, cfg, targets, report, owl_lambda, owl_m, batch_tokens, progress)
+            targets, report.block_sparsity = _prune(lm, cfg, progress=progress)
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - c0
     report.peak_memory_bytes, report.start_memory_bytes = mem.peak, mem.start
@@ -217,9 +209,9 @@ def prune_model(lm: LoadedModel, method: str, sparsity_ratio, pattern="unstructu
     return report
 
 
-def _prune(lm, cfg, targets, report, owl_lambda, owl_m, batch_tokens, progress):
-    from tqdm.auto import tqdm
-
+def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool) -> tuple[dict[str, float], dict]:
+    """Prune every block; return the target sparsity of each layer (by name)
+    and OWL's sparsity per block and side (empty without OWL)."""
     model = lm.model
     sides = _sides_in_order(model)
     if not sides:
@@ -227,16 +219,17 @@ def _prune(lm, cfg, targets, report, owl_lambda, owl_m, batch_tokens, progress):
     block_sparsity = {side: [cfg.sparsity] * len(blocks) for side, _, blocks in sides}
 
     if not cfg.calibrated:
-        _prune_uncalibrated(model, cfg, targets, progress)
-        return
+        return _prune_uncalibrated(model, cfg, progress=progress), {}
 
     batches = calibration_batches(lm, cfg.nsamples, cfg.seqlen, cfg.seed or 0, cfg.calibration,
-                                  batch_tokens, progress)
+                                  cfg.batch_tokens, progress)
+    owl_sparsity: dict = {}
     if cfg.owl:
-        block_sparsity = _owl_allocation(model, sides, batches, cfg.sparsity, owl_lambda, owl_m,
-                                         progress)
-        report.block_sparsity = block_sparsity
+        block_sparsity = owl_sparsity = _owl_allocation(
+            model, sides, batches, sparsity_ratio=cfg.sparsity, lam=cfg.owl_lambda, hyper_m=cfg.owl_m,
+            progress=progress)
 
+    targets: dict[str, float] = {}
     index = 0
     for side, prefix, blocks in sides:
         chunks = capture_inputs(model, blocks[0], batches, side)
@@ -256,11 +249,13 @@ def _prune(lm, cfg, targets, report, owl_lambda, owl_m, batch_tokens, progress):
             if i + 1 < len(blocks):  # the last block's outputs feed nothing we calibrate
                 propagate(block, chunks)
         del chunks
+    return targets, owl_sparsity
 
 
-def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, targets: dict, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
+def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, *, progress: bool) -> dict[str, float]:
+    """Random or magnitude pruning, layer by layer or over all layers at once
+    (scope 'global'); returns the target sparsity of each layer."""
+    targets: dict[str, float] = {}
     layers = prunable_layers(model)
     if cfg.scope == "global" and not cfg.prune_n:
         if cfg.method == "random":
@@ -273,18 +268,18 @@ def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, targets: dict, progr
         for pl, W_mask in zip(layers, masks, strict=True):
             pl.weight.masked_fill_(W_mask, 0)
             targets[pl.name] = cfg.sparsity
-        return
+        return targets
     for index, pl in enumerate(tqdm(layers, desc=cfg.method, disable=not progress, leave=False)):
         prune_layer(pl.module, cfg, cfg.sparsity, None, index)
         targets[pl.name] = cfg.sparsity
+    return targets
 
 
-def _owl_allocation(model, sides, batches, sparsity_ratio, lam, hyper_m, progress) -> dict:
+def _owl_allocation(model: nn.Module, sides: list[tuple[str, str, nn.ModuleList]], batches: list[dict], *,
+                    sparsity_ratio: float, lam: float, hyper_m: float, progress: bool) -> dict[str, list[float]]:
     """OWL: outlier ratio of every block of the dense model (Wanda scores above
     ``hyper_m`` times their block mean), turned into per-block sparsities whose
     mean is the requested one (per side for an encoder-decoder model)."""
-    from tqdm.auto import tqdm
-
     ratios: dict[str, list[float]] = {}
     for side, _prefix, blocks in sides:
         chunks = capture_inputs(model, blocks[0], batches, side)

@@ -5,37 +5,46 @@ family, method, pattern, requested and actual sparsity, metric, value, the
 dense model's value, the relative change and the seconds the evaluation took.
 The dense baseline is the first setting of every model.
 
-Benchmarks per family (each in its own module next to this one):
+Benchmarks per family (each in its own module of :mod:`lab_utils.core.evaluation`):
 
 =================  ==========================================================
 decoder-only       ``perplexity`` (the pruning engine's protocol) and
-                   ``zero-shot-sentiment`` (:mod:`.sentiment`)
+                   ``zero-shot-sentiment`` (:mod:`~lab_utils.core.evaluation.sentiment`)
 encoder-only       ``sentiment-probe``: a head trained once on the dense
                    encoder, accuracy/F1 of every encoder, embedding fidelity
-encoder-decoder    ``wer`` for a speech model (:mod:`.asr`), ``denoising``
-                   (text infilling, :mod:`.denoising`) for a text model
+encoder-decoder    ``wer`` for a speech model (:mod:`~lab_utils.core.evaluation.asr`),
+                   ``denoising`` (text infilling,
+                   :mod:`~lab_utils.core.evaluation.denoising`) for a text model
 =================  ==========================================================
 
 Caching: every evaluation is stored as checksummed JSON under
 ``cache_dir()/eval/`` keyed by (checkpoint key, benchmark, the benchmark's
 parameters, :data:`EVAL_VERSION`). The checkpoint key is the pruning engine's
-(:func:`lab_utils.prune.pruned_model`), computed here *without loading the
-model*, so a fully cached run never loads or prunes anything.
+(:func:`lab_utils.engine.checkpoints.pruned_model`), computed here *without
+loading the model*, so a fully cached run never loads or prunes anything.
+Notebook 04's parameters become a :class:`SweepConfig` by :func:`sweep_config`;
+its speed table is :func:`speed_comparison`, a cached step keyed here.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pandas as pd
+import torch
 
-from lab_utils.core import files, sparsify
+from lab_utils.core import data, files, memo, sparsify
+from lab_utils.core import formats as core_formats
+from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment
 from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
+from lab_utils.experiments import file_sizes, speed, sweep
+from lab_utils.experiments import jobs as side_by_side
 
 EVAL_VERSION = 1  # part of every cache key: bump when a benchmark's numbers change
 DENSE = "dense"
@@ -86,8 +95,6 @@ class BenchParams:
 
     def __post_init__(self):
         """One clear error for a size that cannot work (0 windows, a mask ratio of 1 ...)."""
-        from dataclasses import fields
-
         for f in fields(self):
             value = getattr(self, f.name)
             is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -116,21 +123,9 @@ class Setting:
 
 def settings(methods, patterns, sparsities) -> list[Setting]:
     """The dense baseline first, then every method x pattern x sparsity:
-    each requested sparsity for ``unstructured``, N/M for an N:M pattern."""
-    for m in methods:
-        sparsify.check_method(m)
-    configs = []
-    for p in patterns:
-        n, m = sparsify.parse_pattern(p)
-        if n:
-            configs.append((sparsify.pattern_name(n, m), n / m))
-        else:
-            configs += [(sparsify.UNSTRUCTURED, sparsify.check_sparsity_ratio(s))
-                        for s in sorted(set(sparsities)) if s > 0]
-    out = [Setting(DENSE, sparsify.UNSTRUCTURED, 0.0)]
-    for pattern, s in configs:
-        out += [Setting(method, pattern, float(s)) for method in methods]
-    return list(dict.fromkeys(out))
+    each requested sparsity for ``unstructured``, N/M for an N:M pattern
+    (:func:`lab_utils.experiments.sweep.settings`)."""
+    return [Setting(*t) for t in sweep.settings(methods, patterns, sparsities)]
 
 
 def _config(spec: ModelSpec):
@@ -156,8 +151,6 @@ def bench_params(benchmark: str, bp: BenchParams) -> dict:
             "denoising": ("denoise_sentences", "denoise_mask_ratio", "denoise_poisson_lambda", "seed")}[benchmark]
     out = {k: getattr(bp, k) for k in keys}
     if benchmark == "wer":  # the decoding budget changes a looping model's WER
-        from lab_utils.core.evaluation import asr
-
         out["max_new_tokens"] = asr.MAX_NEW_TOKENS
     return out
 
@@ -165,14 +158,11 @@ def bench_params(benchmark: str, bp: BenchParams) -> dict:
 # --------------------------------------------------------------------------- checkpoint keys
 def checkpoint_key(spec: ModelSpec, setting: Setting, nsamples: int, seqlen: int | None, seed: int,
                    config=None) -> str:
-    """The key :func:`lab_utils.prune.pruned_model` gives this checkpoint,
+    """The key :func:`lab_utils.engine.checkpoints.pruned_model` gives this checkpoint,
     computed from the config alone (a test checks that they agree)."""
-    if setting.is_dense:
-        return engine_config.cache_key(spec.name, engine_config.make_config("magnitude", 0.0))
-    cfg = engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed)
-    if cfg.calibrated:
-        cfg = engine_config.resolve_config(spec, cfg, config or _config(spec))
-    return engine_config.checkpoint_key(spec, cfg)
+    cfg = (engine_config.make_config("magnitude", 0.0) if setting.is_dense else
+           engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed))
+    return engine_config.checkpoint_key(spec, cfg, config)
 
 
 def _eval_path(key: str, what: str, params: dict, suffix: str = ".json"):
@@ -183,9 +173,7 @@ def _eval_path(key: str, what: str, params: dict, suffix: str = ".json"):
 # --------------------------------------------------------------------------- benchmark data
 def sentiment_splits(spec: ModelSpec, seed: int = 0):
     """(train, test) with text/label: the movie reviews for embedded and local
-    models, GLUE SST-2 (train, validation) for the seed's hub models."""
-    from lab_utils.core import data
-
+    models, GLUE SST-2 (train, validation) for the hub models."""
     if spec.source == "hub":
         ds = data.sst2()
         return ds["train"], ds["validation"]
@@ -203,16 +191,12 @@ def subset(ds, n: int, seed: int = 0):
 
 
 def _load_array(path) -> np.ndarray | None:
-    import io as _io
-
     raw = files.read_checked(path)
-    return None if raw is None else np.load(_io.BytesIO(raw))
+    return None if raw is None else np.load(io.BytesIO(raw))
 
 
 def _store_array(path, arr: np.ndarray) -> None:
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.save(buf, arr)
     files.write_checked(path, buf.getvalue())
 
@@ -232,8 +216,6 @@ def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=Non
                   progress: bool = True) -> ProbeContext:
     """The dense head and test embeddings, from the cache or computed once
     (loading the dense model if ``dense_lm`` is not given)."""
-    from lab_utils.core.evaluation import sentiment
-
     params = bench_params("sentiment-probe", bp)
     head_path = _eval_path(dense_key, "probe-head", params)
     feat_path = _eval_path(dense_key, "probe-dense-test", params, ".npy")
@@ -259,8 +241,6 @@ def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None 
     """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}}.
     ``key`` (the checkpoint's) lets the perplexity come from the cache that the
     pruning sweep of notebook 03 fills with the same protocol."""
-    from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment
-
     t0 = time.perf_counter()
     if benchmark == "perplexity":
         r = perplexity.evaluate(lm, bp.ppl_seqlen, bp.ppl_windows, cache_key=key, progress=progress)
@@ -305,7 +285,7 @@ class SweepConfig:
     seqlen: int | None = 256
     seed: int = 0
     bench: BenchParams = field(default_factory=BenchParams)
-    size_formats: tuple[str, ...] | None = None  # measure file sizes (lab_utils.storage) when set
+    size_formats: tuple[str, ...] | None = None  # measure file sizes (experiments.file_sizes) when set
 
 
 def _checkpoint_info(report) -> dict:
@@ -315,15 +295,12 @@ def _checkpoint_info(report) -> dict:
 
 def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) -> dict:
     """The smallest lossless file among ``formats``, each written and measured
-    on disk by :func:`lab_utils.storage.model_sizes`.
+    on disk by :func:`lab_utils.experiments.file_sizes.model_sizes`.
 
     A pruned model saved densely keeps its zeros, so its plain ``dense`` file
     is exactly as large as the dense model's: pass that size as
     ``dense_file_bytes`` and the (slow) write is skipped.
     """
-    from lab_utils.core import formats as core_formats
-    from lab_utils.experiments import file_sizes
-
     nm = sparsify.parse_pattern(pattern)[0]
     fmts = [f for f in formats if core_formats.parse_format(f).lossless
             and (core_formats.parse_format(f).layout != "nm" or nm)
@@ -340,8 +317,6 @@ def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) 
 
 
 def _storage_version() -> str:
-    from lab_utils.core import formats as core_formats
-
     return f"{core_formats.FILE_VERSION}"
 
 
@@ -354,12 +329,10 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
     file size is every other setting's baseline and the encoder probe's head
     is trained on it. The settings with something missing are then evaluated
     two at a time in worker processes on one thread each
-    (:mod:`lab_utils.workers`: much of an evaluation - Whisper's token-by-token
+    (:mod:`lab_utils.experiments.jobs`: much of an evaluation - Whisper's token-by-token
     decoding, writing the files - runs on one core), so each result's
     ``seconds`` is its own wall time with the other evaluation running beside it.
     """
-    from lab_utils.experiments import jobs as side_by_side
-
     spec = resolve(model_name)
     config = _config(spec)
     if not setting_list or not setting_list[0].is_dense:
@@ -501,22 +474,17 @@ def write_csv(df: pd.DataFrame, name: str = "benchmarks.csv"):
 def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1, repeats: int = 3,
                 margin: float = 0.1, progress: bool = True) -> pd.DataFrame:
     """Whole-forward throughput, dense vs sparse-aware, at each sparsity
-    (:func:`lab_utils.speed.forward_sweep`: each prunable layer runs as CSR
+    (:func:`lab_utils.experiments.speed.forward_sweep`: each prunable layer runs as CSR
     where the measured per-shape crossover says it pays, dense elsewhere, and
     the plan is kept only if it is faster end to end; medians after warm-up,
     timed in turns). The weights come from magnitude pruning: a CSR matmul's
     time depends on how many weights are kept, not on which, so one method
     stands for all.
 
-    The table is cached by :func:`lab_utils.memo.cached` like every computed
+    The table is cached by :func:`lab_utils.core.memo.cached` like every computed
     step (a rerun shows the first run's measurement); delete
     ``cache_dir()/steps/04-speed-*`` to time again.
     """
-    import torch
-
-    from lab_utils.core import memo
-    from lab_utils.experiments import speed
-
     sparsities = sorted({float(s) for s in sparsities if s > 0})
     key = {"model": model_name, "sparsities": sparsities, "tokens": tokens, "warmup": warmup,
            "repeats": repeats, "margin": margin, "threads": torch.get_num_threads(),
@@ -537,10 +505,8 @@ def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1,
 
 
 def check_size_formats(formats) -> tuple[str, ...]:
-    """The lossless storage formats to measure (``lab_utils.storage`` names),
+    """The lossless storage formats to measure (:mod:`lab_utils.core.formats` names),
     with one clear error for a bad or lossy one."""
-    from lab_utils.core import formats as core_formats
-
     out = []
     for f in formats or ():
         fmt = core_formats.parse_format(f)  # raises StorageError naming the allowed layouts
@@ -550,3 +516,23 @@ def check_size_formats(formats) -> tuple[str, ...]:
         out.append(fmt.name)
     # the plain dense file is the baseline every size is compared with
     return tuple(dict.fromkeys(["dense", *out])) if out else ()
+
+
+# --------------------------------------------------------------------------- notebook 04
+def sweep_config(params: dict) -> SweepConfig:
+    """The :class:`SweepConfig` of notebook 04's parameters (a dict by name, as
+    :func:`lab_utils.report.params.validate_notebook` returns them): every
+    :class:`BenchParams` field the notebook declares, the calibration and the
+    lossless ``size_formats`` (checked by :func:`check_size_formats`)."""
+    bench = BenchParams(**{f.name: params[f.name] for f in fields(BenchParams) if f.name in params})
+    return SweepConfig(nsamples=params["nsamples"], seqlen=params["seqlen"], seed=params["seed"], bench=bench,
+                       size_formats=check_size_formats(params["size_formats"]))
+
+
+def speed_comparison(models, methods, patterns, sparsities, tokens: int = 256, repeats: int = 3,
+                     progress: bool = True) -> pd.DataFrame:
+    """:func:`speed_table` of each of ``models`` at every sparsity the settings
+    of ``methods`` x ``patterns`` x ``sparsities`` reach (dense excluded)."""
+    speed_sparsities = sorted({s.sparsity for s in settings(methods, patterns, sparsities)} - {0.0})
+    return pd.concat([speed_table(m, speed_sparsities, tokens, repeats=repeats, progress=progress)
+                      for m in models], ignore_index=True)

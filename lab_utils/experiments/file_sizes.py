@@ -1,9 +1,16 @@
-"""Sparse checkpoints as real single files, and the arithmetic of their sizes.
+"""The file-size experiment: a pruned model written in every sparse format, each file measured on disk.
 
 "My pruned model file is not smaller": a pruned model saved as usual still
-stores every zero. This module writes the same model in formats that skip the
-zeros, as real files whose sizes are measured on disk, and computes what each
-format should cost and the information-theoretic floor it is compared with.
+stores every zero. This module takes a pruned model
+(:func:`lab_utils.engine.checkpoints.pruned_model`), writes it in formats that
+skip the zeros (:mod:`lab_utils.core.sparse_file` writes and reads them,
+:mod:`lab_utils.core.formats` predicts their bytes and the
+information-theoretic floor they are compared with), measures every file on
+disk (:func:`model_sizes`), caches the table of each setting
+(:func:`size_sweep`, which owns that cache key), condenses it
+(:func:`best_formats`, :func:`break_even_table`, :func:`bits_table`) and checks
+that a file gives the model back (:func:`round_trip`). Figures and sentences
+about these tables live in :mod:`lab_utils.presentation.file_sizes_view`.
 
 A format name is ``layout[-precision][+zstd]``:
 
@@ -19,7 +26,7 @@ A format name is ``layout[-precision][+zstd]``:
   the bytes of each part of the file stay measurable.
 
 The precision and the layout apply to the prunable weights
-(:func:`lab_utils.models.prunable_layers`, seen as out x in whether the module
+(:func:`lab_utils.core.models.prunable_layers`, seen as out x in whether the module
 is ``nn.Linear`` or GPT-2's ``Conv1D``). Every other tensor (embeddings, norms,
 biases, the head) is stored the same way in every format, densely and
 losslessly, in the same file: differences between formats are differences in
@@ -43,8 +50,12 @@ exactly :func:`quantized_weight` of the saved weight.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,8 +63,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from lab_utils.core import files
+from lab_utils.core import files, memo
+from lab_utils.core.data import forward_inputs
 from lab_utils.core.formats import (
     FILE_VERSION,
     SIZE_FORMATS,
@@ -65,7 +78,7 @@ from lab_utils.core.formats import (
     parse_format,
     value_entropy_floor_bytes,
 )
-from lab_utils.core.models import prunable_layers
+from lab_utils.core.models import LoadedModel, count_parameters, load_model, prunable_layers
 from lab_utils.core.sparse_file import (
     _dtype,
     file_table,
@@ -74,6 +87,9 @@ from lab_utils.core.sparse_file import (
     read_header,
     save_sparse,
 )
+from lab_utils.engine import checkpoints
+from lab_utils.engine.config import ENGINE_VERSION, PruneConfig, key_settings, make_config
+from lab_utils.experiments import jobs
 
 SIZES_VERSION = 3  # part of the size cache key: bump when the size table changes
 
@@ -108,13 +124,6 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     """Write ``model`` once per format, measure each file on disk
     (:func:`size_row`), then delete it unless ``keep_files``. One row per format,
     with the parameter counts (total, nonzero) and the seconds the write took."""
-    import tempfile
-    import time
-
-    from tqdm.auto import tqdm
-
-    from lab_utils.core.models import count_parameters
-
     formats = check_formats(formats, pattern)
     total = count_parameters(model)
     nonzero = sum(int(np.count_nonzero(p.detach().numpy())) for p in model.parameters())
@@ -146,42 +155,8 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
                 path.unlink()
     finally:
         if own and not keep_files:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
     return pd.DataFrame(rows)
-
-
-def pruned(model_name: str, method: str, sparsity: float, pattern: str = "unstructured",
-           progress: bool = True, dense: dict | None = None, **prune_kw):
-    """A pruned model to measure (a LoadedModel). Calibrated methods (Wanda,
-    SparseGPT) come from :func:`lab_utils.prune.pruned_model` and its
-    checkpoint cache (minutes to compute, shared with the pruning sweep);
-    magnitude and random pruning take seconds, so they are redone in memory
-    by :func:`lab_utils.prune.prune_model` instead of leaving a full checkpoint
-    per sparsity in the cache. ``dense`` (a dict) keeps the loaded dense
-    model between calls: each call prunes a copy instead of reloading it."""
-    import copy
-    import dataclasses
-
-    from lab_utils.core.models import load_model
-    from lab_utils.core.sparsify import CALIBRATED
-    from lab_utils.engine import checkpoints, prune
-
-    if method in CALIBRATED:
-        return checkpoints.pruned_model(model_name, method, sparsity, pattern, progress=progress, **prune_kw)[0]
-    if dense is None:
-        lm = load_model(model_name)
-    else:
-        if model_name not in dense:
-            dense.clear()  # one dense model held at a time
-            dense[model_name] = load_model(model_name)
-        lm = dataclasses.replace(dense[model_name], model=copy.deepcopy(dense[model_name].model))
-    prune.prune_model(lm, method, sparsity, pattern, progress=progress, **prune_kw)
-    return lm
-
-
-CONFIG_ARGS = ("scope", "nsamples", "seqlen", "seed", "owl", "calibration")  # of prune.make_config
 
 
 def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
@@ -189,39 +164,32 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
                zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
                workers: int | None = None, **prune_kw) -> pd.DataFrame:
     """Sizes for every model x method x sparsity: the pruned model comes from
-    :func:`pruned`, each format is written and measured by :func:`model_sizes`.
+    :func:`lab_utils.engine.checkpoints.pruned_model` (``prune_kw``: the other
+    settings of :func:`~lab_utils.engine.config.make_config`), each format is
+    written and measured by :func:`model_sizes`.
     Results are cached (checksummed JSON) per setting, so a re-run reads them
     instead of rewriting the files. The missing ones are measured two at a time
-    in worker processes on one thread each (:mod:`lab_utils.workers`: writing
+    in worker processes on one thread each (:mod:`lab_utils.experiments.jobs`: writing
     a file is mostly one-core numpy and zstd work), so ``save_s`` is each
     write's own time with the other measurement running beside it."""
-    import dataclasses
-
-    from lab_utils.engine import config
-    from lab_utils.experiments import jobs as side_by_side
-
     formats = check_formats(formats, pattern)
     settings = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
     paths, missing = [], []
     for model_name, method, sparsity in settings:
         # The pruning as the engine sees it (arguments that do not apply to a method drop out).
-        cfg_kw = {k: prune_kw[k] for k in CONFIG_ARGS if k in prune_kw}
-        other_kw = sorted((k, v) for k, v in prune_kw.items() if k not in CONFIG_ARGS)
-        cfg = dataclasses.asdict(config.make_config(method, sparsity, pattern, **cfg_kw))
-        key = files.key_hash("sizes", FILE_VERSION, SIZES_VERSION, config.ENGINE_VERSION, model_name, cfg,
-                          formats, zstd_level, other_kw)
-        path = files.cache_dir() / "sizes" / f"{key}.json"
+        cfg = make_config(method, sparsity, pattern, **prune_kw)
+        path = files.cache_dir() / "sizes" / f"{sizes_key(model_name, cfg, formats, zstd_level)}.json"
         paths.append(path)
         if files.cached_json(path) is None:
-            missing.append({"model_name": model_name, "method": method, "sparsity": sparsity, "pattern": pattern,
+            missing.append({"model_name": model_name, "sparsity": sparsity, "pattern": pattern,
                             "formats": list(formats), "zstd_level": zstd_level, "keep_files": keep_files,
-                            "prune_kw": prune_kw, "path": str(path)})
+                            "cfg": dataclasses.asdict(cfg), "path": str(path)})
     try:
-        side_by_side.run_side_by_side(
-            "lab_utils.experiments.file_sizes:size_job", missing, workers=side_by_side.WORKERS if workers is None else workers,
+        jobs.run_side_by_side(
+            "lab_utils.experiments.file_sizes:size_job", missing, workers=jobs.WORKERS if workers is None else workers,
             progress=progress, desc="sizes",
-            describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['method']}, {j['sparsity']:g})")
-    except side_by_side.WorkerError as e:
+            describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['cfg']['method']}, {j['sparsity']:g})")
+    except jobs.WorkerError as e:
         raise StorageError(str(e)) from e
     finally:
         _DENSE.clear()
@@ -234,13 +202,32 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
     return pd.concat(frames, ignore_index=True)
 
 
+def sizes_key(model_name: str, cfg: PruneConfig, formats: list[str], zstd_level: int) -> str:
+    """The cache key of one setting's size table."""
+    # the trailing [] once held pruning arguments outside the config; kept so cached sizes stay valid
+    return files.key_hash("sizes", FILE_VERSION, SIZES_VERSION, ENGINE_VERSION, model_name, key_settings(cfg),
+                          formats, zstd_level, [])
+
+
 _DENSE: dict = {}  # the dense model of the last size_job (a worker measures one model's rows in turn)
 
 
-def size_job(model_name: str, method: str, sparsity: float, pattern: str, formats: list[str], zstd_level: int,
-             keep_files: bool, prune_kw: dict, path: str) -> None:
-    """Measure one row group of :func:`size_sweep` and store it at ``path``."""
-    lm = pruned(model_name, method, sparsity, pattern, progress=False, dense=_DENSE, **prune_kw)
+def _dense(model_name: str) -> LoadedModel:
+    """The dense model, loaded once per worker (one held at a time): each
+    setting prunes a copy of it (or reads its checkpoint into one)."""
+    if model_name not in _DENSE:
+        _DENSE.clear()
+        _DENSE[model_name] = load_model(model_name)
+    return _DENSE[model_name]
+
+
+def size_job(model_name: str, sparsity: float, pattern: str, formats: list[str], zstd_level: int,
+             keep_files: bool, cfg: dict, path: str) -> None:
+    """Measure one row group of :func:`size_sweep` (``cfg``: the pruning, as a
+    dict) and store it at ``path``."""
+    cfg = PruneConfig(**cfg)
+    method = cfg.method
+    lm, _ = checkpoints.pruned_from_config(_dense(model_name), cfg, progress=False)
     key = Path(path).stem
     table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
                         folder=(files.cache_dir() / "sizes" / "files" / key) if keep_files else None,
@@ -307,10 +294,6 @@ def round_trip(lm, formats: Iterable[str], folder: str | os.PathLike | None = No
     compare: weights (bit for bit for lossless formats, with zeros read as
     +0.0; equal to :func:`quantized_weight` for fp16/int8) and the outputs on
     ``tokens`` tokens of real text."""
-    import tempfile
-
-    from lab_utils.experiments.speed import forward_inputs
-
     inputs = forward_inputs(lm, tokens)
 
     def outputs(model):
@@ -343,3 +326,17 @@ def round_trip(lm, formats: Iterable[str], folder: str | os.PathLike | None = No
 def write_csv(table: pd.DataFrame, name: str) -> Path:
     """A table under results/ (atomically), for the write-up."""
     return files.write_csv(table, files.results_dir() / name)
+
+
+def cached_round_trip(sizes: pd.DataFrame, method: str, sparsities, formats, progress: bool = True):
+    """:func:`round_trip` of the smallest model of a :func:`size_sweep` table
+    (the check is the same for every model) at 50% sparsity (else the highest
+    measured), in its compressed formats and CSR; a cached step. Returns
+    (table, model label, sparsity)."""
+    sparsity = 0.5 if 0.5 in sparsities else max(sparsities)
+    smallest = sizes.loc[sizes.params.idxmin()]
+    fmts = [f for f in formats if f.endswith("+zstd") or f == "csr"]
+    key = {"model": smallest.model, "method": method, "sparsity": sparsity, "formats": fmts}
+    table = memo.cached("03-round-trip", key, lambda: round_trip(
+        checkpoints.pruned_model(smallest.model, method, sparsity, progress=progress)[0], fmts))
+    return table, smallest.label, sparsity

@@ -8,7 +8,7 @@ same two one after the other on two threads. :func:`run_side_by_side` does
 that for jobs that write their result into the cache (a checkpoint, a size
 row): the caller then reads the cache as if it had computed them itself.
 
-A worker is ``python -m lab_utils.workers THREADS``: it reads one job per
+A worker is ``python -m lab_utils.experiments.jobs THREADS``: it reads one job per
 line on stdin (``{"func": "lab_utils.module:function", "kwargs": {...}}``) and
 answers one line on stdout (``{"result": ...}`` or ``{"error": ...}``). Plain
 processes rather than :mod:`multiprocessing`, whose "spawn" start re-runs the

@@ -4,11 +4,9 @@ A pruned layer that keeps its zeros runs exactly as fast as the dense one: the
 matmul multiplies the zeros too. A CSR layer skips them, but each kept weight
 costs far more than in a dense matmul (an index to read, scattered access,
 no blocking for the caches), so CSR only wins above some sparsity: the
-*crossover*. This module measures it per layer shape and uses it:
+*crossover*. This module measures it per layer shape and uses it, timing every
+variant with :func:`lab_utils.core.measure.time_calls` (interleaved, medians):
 
-* :func:`time_calls` times functions interleaved (each repetition calls every
-  function once, in a rotating order) after a warm-up, so a machine that gets
-  busier half way through slows every variant alike; report medians;
 * :func:`layer_speed` times ``x @ W.T`` dense and CSR for each out x in shape
   and sparsity, on a batch of ``tokens`` rows;
 * :class:`CSRLinear` is a drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` that
@@ -25,6 +23,7 @@ no blocking for the caches), so CSR only wins above some sparsity: the
   the output head, bound it).
 
 Timings taken on a shared machine are noisy: compare ratios measured in one run.
+Figures and sentences about these tables live in :mod:`lab_utils.presentation.speed_view`.
 """
 
 from __future__ import annotations
@@ -40,8 +39,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lab_utils.core.data import forward_inputs
 from lab_utils.core.measure import median_seconds, time_calls
-from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
+from lab_utils.core.models import (
+    _auto_class,
+    _conv1d_type,
+    embedded_model_dir,
+    load_model,
+    prunable_layers,
+    resolve,
+    set_module,
+    weight_out_in,
+)
+from lab_utils.engine import checkpoints
 
 # Part of every cache key for timings: bump it when the CSR kernel, the
 # module or the tuning changes, since cached timings measured the old code.
@@ -65,8 +75,7 @@ def sparse_weight(shape: tuple[int, int], sparsity_ratio: float, seed: int = 0) 
 def to_csr(W: torch.Tensor) -> torch.Tensor:
     """W as a CSR tensor with int32 row pointers and column indices when they
     fit: torch hands int64 indices to MKL's sparse kernel only after
-    converting them, on every call (int32 measured 1.2-1.9x faster at 90%
-    sparsity on SmolLM2's shapes)."""
+    converting them, on every call."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and what we measure
         warnings.simplefilter("ignore", UserWarning)
         W_csr = W.detach().to_sparse_csr()
@@ -90,7 +99,7 @@ def csr_matmul(W_csr: torch.Tensor, xT: torch.Tensor) -> torch.Tensor:
     The product is written straight into a fresh, unfilled tensor (``addmm``
     with beta=0 into itself, which BLAS semantics never read): plain
     ``torch.sparse.mm`` first fills its output with zeros and ``addmm`` without
-    ``out=`` copies its input there, passes that cost 20-30% at 90% sparsity."""
+    ``out=`` copies its input there, two passes over the output saved."""
     if xT.requires_grad and torch.is_grad_enabled():
         return torch.sparse.mm(W_csr, xT)  # out= has no backward; gradients flow to the activations
     yT = xT.new_empty(W_csr.shape[0], xT.shape[1])
@@ -262,11 +271,6 @@ class CSRLinear(nn.Module):
                 f"token_major_out={self.token_major_out}")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def sparse_plan(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
                 force: bool = False) -> pd.DataFrame:
     """Per prunable layer: its shape, sparsity, the predicted CSR speed-up and
@@ -295,7 +299,7 @@ def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float 
     target = model if inplace else copy.deepcopy(model)
     cache = TransposeCache()
     for r in plan[plan.use_csr].itertuples():
-        _set_module(target, r.name, CSRLinear.from_module(
+        set_module(target, r.name, CSRLinear.from_module(
             target.get_submodule(r.name), cache, token_major_out=r.component not in FEATURE_MAJOR_OUT))
     return target.eval(), plan
 
@@ -371,34 +375,12 @@ def model_shapes(model_name: str) -> list[tuple[int, int]]:
     (the model is built on the meta device: no weights are loaded)."""
     from transformers import AutoConfig
 
-    from lab_utils.core import models
-
-    spec = models.resolve(model_name)
-    location = models.embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
+    spec = resolve(model_name)
+    location = embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
     config = AutoConfig.from_pretrained(location)
     with torch.device("meta"):
-        model = models._auto_class(spec.family, config).from_config(config)
+        model = _auto_class(spec.family, config).from_config(config)
     return prunable_shapes(model)
-
-
-def forward_inputs(lm, tokens: int = 512) -> dict:
-    """One batch of real text for a whole-model forward: ``tokens`` tokens of
-    the NYT editorials (decoder and encoder models; capped at the encoder's
-    positions), or 30 s of log-mel frames plus ``tokens`` decoder tokens for
-    Whisper (a zero input: its timing does not depend on the values)."""
-    from lab_utils.core import data
-
-    config = lm.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)
-    n = min(tokens, limit) if limit else tokens
-    ids = data.eval_windows(lm.tokenizer, seqlen=n, n_windows=1)
-    if config.model_type == "whisper":
-        n = min(tokens, config.max_target_positions)
-        frames = 2 * config.max_source_positions
-        return {"input_features": torch.zeros(1, config.num_mel_bins, frames), "decoder_input_ids": ids[:, :n]}
-    if getattr(config, "is_encoder_decoder", False):
-        return {"input_ids": ids, "decoder_input_ids": ids}
-    return {"input_ids": ids} | ({"use_cache": False} if "Causal" in type(lm.model).__name__ else {})
 
 
 def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict, margin: float = 0.1,
@@ -437,11 +419,9 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     ``fell_back`` says the plan lost it."""
     from tqdm.auto import tqdm
 
-    from lab_utils.experiments.file_sizes import pruned
-
-    rows, dense = [], {}
+    rows, dense = [], load_model(model_name)  # each sparsity prunes a copy (or reads its checkpoint into one)
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
-        lm = pruned(model_name, method, sparsity, progress=progress, dense=dense, **prune_kw)
+        lm, _ = checkpoints.pruned_model(dense, method, sparsity, progress=progress, **prune_kw)
         inputs = forward_inputs(lm, tokens)
         aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, warmup, repeats, threads)
         # With no layer in CSR, the sparse-aware model *is* the dense model:
@@ -468,3 +448,38 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
         rows.append(row)
         del lm, aware, variants
     return pd.DataFrame(rows)
+
+
+def _layer_speed_key(models, sparsities, tokens: int, repeats: int) -> tuple[list, dict]:
+    """The distinct prunable shapes of ``models`` and the cache key of their
+    timing: the thread count is part of it (timings on 1 and 2 threads differ)."""
+    shapes = sorted({shape for name in models for shape in model_shapes(name)})
+    return shapes, {"shapes": shapes, "sparsities": sparsities, "tokens": tokens, "repeats": repeats,
+                    "threads": torch.get_num_threads(), "kernel": KERNEL_VERSION}
+
+
+def cached_layer_speed(models, sparsities, *, tokens: int, repeats: int, progress: bool = True) -> pd.DataFrame:
+    """:func:`layer_speed` of every prunable shape of ``models``, as a cached
+    step (:func:`lab_utils.core.memo.cached`: a rerun shows the first run's times)."""
+    from lab_utils.core import memo
+
+    shapes, key = _layer_speed_key(models, sparsities, tokens, repeats)
+    return memo.cached("03-layer-speed", key, lambda: layer_speed(shapes, sparsities, tokens=tokens,
+                                                                  repeats=repeats, progress=progress))
+
+
+def cached_forward_speed(models, method: str, sparsities, *, layer_sparsities, tokens: int, layer_repeats: int,
+                         repeats: int, progress: bool = True) -> pd.DataFrame:
+    """:func:`forward_sweep` of the first decoder-only model of ``models`` (the
+    first model without one), planned on :func:`cached_layer_speed`'s table
+    of the same ``layer_sparsities``, ``tokens`` and ``layer_repeats``; cached."""
+    from lab_utils.core import memo
+    from lab_utils.core.models import DECODER_ONLY, resolve
+
+    model = next((m for m in models if resolve(m).family == DECODER_ONLY), models[0])
+    _, layer_key = _layer_speed_key(models, layer_sparsities, tokens, layer_repeats)
+    key = {"model": model, "method": method, "sparsities": sparsities, "repeats": repeats, "layer_speed": layer_key}
+    return memo.cached("03-forward-speed", key, lambda: forward_sweep(
+        model, method, sparsities,
+        cached_layer_speed(models, layer_sparsities, tokens=tokens, repeats=layer_repeats, progress=progress),
+        tokens=tokens, repeats=repeats, progress=progress))

@@ -2,10 +2,11 @@
 pattern and sparsity; measure what was asked against what came out, the time it
 took and, for decoder-only models, the perplexity it cost.
 
-Everything is cached (pruned checkpoints by :func:`lab_utils.prune.pruned_model`,
-perplexities by :func:`lab_utils.evaluation.perplexity.evaluate`), so a rerun of
-the report takes seconds. Functions return tables; figures are written to
-``figs/`` with deterministic names and bytes.
+Everything is cached (pruned checkpoints by :func:`lab_utils.engine.checkpoints.pruned_model`,
+perplexities by :func:`lab_utils.core.evaluation.perplexity.evaluate`), so a rerun of
+the report takes seconds. :func:`settings` expands methods x patterns x
+sparsities into the settings an experiment runs (the benchmarks too).
+Functions return tables; figures are drawn by :mod:`lab_utils.presentation.sweep_view`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,33 @@ import math
 import pandas as pd
 
 from lab_utils.core import sparsify
+from lab_utils.core.evaluation import perplexity
 from lab_utils.core.models import DECODER_ONLY
 from lab_utils.engine import checkpoints, prune
+from lab_utils.experiments import jobs as side_by_side
+
+DENSE = "dense"  # the method of the baseline setting
 
 
-def _configs(patterns, sparsities) -> list[tuple[str, float]]:
-    """(pattern, requested sparsity): every sparsity for unstructured, N/M for N:M."""
-    out = []
+def settings(methods, patterns, sparsities) -> list[tuple[str, str, float]]:
+    """(method, pattern, requested sparsity) to run: the dense baseline
+    ``("dense", "unstructured", 0.0)`` first, then for each pattern (each
+    requested sparsity above 0 for ``unstructured``, N/M for an N:M pattern)
+    every method; a repeated setting once. An unknown method, pattern or a
+    sparsity outside [0, 1) is refused in one line."""
+    for m in methods:
+        sparsify.check_method(m)
+    configs = []
     for p in patterns:
         n, m = sparsify.parse_pattern(p)
         if n:
-            out.append((sparsify.pattern_name(n, m), n / m))
+            configs.append((sparsify.pattern_name(n, m), n / m))
         else:
-            out += [(sparsify.UNSTRUCTURED, float(s)) for s in sorted(set(sparsities)) if s > 0]
-    return out
+            configs += [(sparsify.UNSTRUCTURED, sparsify.check_sparsity_ratio(s))
+                        for s in sorted(set(sparsities)) if s > 0]
+    out = [(DENSE, sparsify.UNSTRUCTURED, 0.0)]
+    out += [(method, pattern, float(s)) for pattern, s in configs for method in methods]
+    return list(dict.fromkeys(out))
 
 
 def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstructured", *,
@@ -36,8 +50,6 @@ def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstr
             eval_windows: int = 8, eval_seqlen: int | None = None,
             progress: bool = True) -> tuple[dict, prune.PruneReport]:
     """Prune (or load from the cache) and measure one configuration."""
-    from lab_utils.core.evaluation import perplexity
-
     lm, report = checkpoints.pruned_model(model_name, method, sparsity, pattern, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed, owl=owl, progress=progress)
     ppl = math.nan
@@ -62,16 +74,14 @@ def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
     model; requested vs actual sparsity, seconds, peak memory, perplexity.
 
     The configurations run two at a time in worker processes on one thread
-    each (:mod:`lab_utils.workers`; ``workers=1``: here, in turn): part of
+    each (:mod:`lab_utils.experiments.jobs`; ``workers=1``: here, in turn): part of
     pruning runs on one core whatever the thread count, so two side by side
     finish sooner. Each row's ``seconds`` is then its own wall time with the
     other configuration running beside it, and ``threads`` says so.
     """
-    from lab_utils.experiments import jobs as side_by_side
-
+    grid = settings(methods, patterns, sparsities)  # the dense baseline first
     jobs = [(m, None, "-", 0.0) for m in models]
-    jobs += [(m, meth, pat, s) for m in models for pat, s in _configs(patterns, sparsities)
-             for meth in methods]
+    jobs += [(m, meth, pat, s) for m in models for meth, pat, s in grid[1:]]
     rows = side_by_side.run_side_by_side(
         "lab_utils.experiments.sweep:sweep_job",
         [{"model_name": m, "method": meth or "magnitude", "sparsity": s, "pattern": pat if s else "unstructured",
@@ -110,3 +120,33 @@ def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: i
         t = report.layer_table()[["name", "side", "block", "component", "numel", "sparsity"]]
         tables.append(t.assign(allocation=row["allocation"]))
     return pd.concat(tables, ignore_index=True), pd.DataFrame(rows)
+
+
+def cached_sweep(models, methods, patterns, sparsities, *, nsamples: int, seqlen: int | None, seed: int,
+                 eval_windows: int, eval_seqlen: int | None, progress: bool = True) -> pd.DataFrame:
+    """:func:`sparsity_sweep` as a cached step (:func:`lab_utils.core.memo.cached`),
+    keyed by every argument that changes the table."""
+    from lab_utils.core import memo
+
+    key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
+           "eval_seqlen": eval_seqlen, "methods": methods, "patterns": patterns, "sparsities": sparsities}
+    return memo.cached("03-sweep", key, lambda: sparsity_sweep(
+        models, methods, patterns, sparsities, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        eval_windows=eval_windows, eval_seqlen=eval_seqlen, progress=progress))
+
+
+def cached_owl(models, method: str, sparsity: float, *, nsamples: int, seqlen: int | None, seed: int,
+               eval_windows: int, eval_seqlen: int | None, progress: bool = True):
+    """:func:`owl_comparison` as a cached step on the first decoder-only model
+    of ``models``: (layers, summary), or (None, None) without one."""
+    from lab_utils.core import memo
+    from lab_utils.core.models import resolve
+
+    model = next((m for m in models if resolve(m).family == DECODER_ONLY), None)
+    if model is None:
+        return None, None
+    key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
+           "eval_seqlen": eval_seqlen, "model": model, "method": method, "sparsity": sparsity}
+    return memo.cached("03-owl", key, lambda: owl_comparison(
+        model, method, sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_windows=eval_windows,
+        eval_seqlen=eval_seqlen, progress=progress))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
+import io as _io
+import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from lab_utils.core import memo
+from lab_utils.core.measure import num_threads
 from lab_utils.core.models import component_of, prunable_layers, transformer_blocks
 
 CHUNK = 1 << 20  # values per chunk: each worker's temporaries stay near 4 MB each
@@ -166,7 +171,7 @@ def param_table(model: nn.Module) -> pd.DataFrame:
     ``pooler``, ``head``, ``other``), kind (``weight``/``bias``/...), group (the component
     for weights, ``bias`` for the biases of linear and conv layers, ``norm``
     for every norm parameter), numel, prunable (the weights that
-    :func:`lab_utils.models.prunable_layers` would prune), ndim.
+    :func:`lab_utils.core.models.prunable_layers` would prune), ndim.
     """
     sides = transformer_blocks(model)
     prefixes = sorted(((prefix, side) for side, (prefix, _) in sides.items()),
@@ -364,19 +369,6 @@ def _reusable(reuse: WeightStats, row, fingerprint) -> int | None:
     return int(hit[0]) if same else None
 
 
-@contextlib.contextmanager
-def _one_thread_per_op():
-    """Run torch ops on one thread each while the pass runs several at once:
-    histc is serial anyway, and every sum then rounds the same way in every
-    pass (so the fingerprints that ``reuse`` compares are reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _Accumulator:
     """Per-tensor sums of chunk results, filled in chunk order."""
 
@@ -433,10 +425,6 @@ def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None
     Memory beyond the model: a few temporaries of one chunk per worker plus
     the per-tensor histograms.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
         raise StatsError(f"chunk must be a positive integer, got {chunk!r}")
     table = param_table(model)
@@ -449,7 +437,10 @@ def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None
                     default_bins(model, sample_size=sample_size, seed=seed))
     acc = _Accumulator(len(params), bins)
     workers = max(1, workers or torch.get_num_threads())
-    with _one_thread_per_op():
+    # One thread per op while the pass runs several at once: histc is serial
+    # anyway, and every sum then rounds the same way in every pass (so the
+    # fingerprints that ``reuse`` compares are reproducible).
+    with num_threads(1):
         todo = []
         for i, p in enumerate(params):
             j = None
@@ -505,11 +496,6 @@ _ARRAYS = ("core_counts", "core_below", "core_above", "outer_counts", "outer_cli
 def stats_bytes(ws: WeightStats) -> bytes:
     """A WeightStats as one .npz (arrays, and its tables and info as JSON bytes):
     loaded back with ``allow_pickle=False``, so reading a cache runs no code."""
-    import io as _io
-    import json
-
-    from lab_utils.core import memo
-
     meta = {"label": ws.label, "bins": [ws.bins.core, ws.bins.outer, ws.bins.core_bins, ws.bins.outer_bins],
             "tensors": memo.encode(ws.tensors), "seed": ws.seed, "info": memo.encode(ws.info)}
     buf = _io.BytesIO()
@@ -519,11 +505,6 @@ def stats_bytes(ws: WeightStats) -> bytes:
 
 
 def stats_from_bytes(data: bytes) -> WeightStats:
-    import io as _io
-    import json
-
-    from lab_utils.core import memo
-
     with np.load(_io.BytesIO(data), allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes())
         arrays = {k: z[k] for k in _ARRAYS}

@@ -1,10 +1,10 @@
-"""Weight statistics that stream over a model's parameters, one chunk at a time.
+"""Weight statistics of whole models: is most of a model close to zero, and do
+higher layers deviate from the overall distribution?
 
-The seed draws a histogram of *all* parameters and concludes that most are
-close to zero and that higher layers deviate from the overall distribution.
-Measuring that on GPT-2 medium (355M floats) or anything bigger must not put
-every weight into one array, so every number here is accumulated tensor by
-tensor, in flat chunks of at most :data:`CHUNK` values:
+The streaming pass itself lives in :mod:`lab_utils.experiments.weight_stats`:
+a model with hundreds of millions of floats must not go into one array, so
+every number is accumulated tensor by tensor, in flat chunks of at most
+:data:`~lab_utils.experiments.weight_stats.CHUNK` values:
 
 * counts (exact zeros, ``|w| < 1e-3, 1e-2, 5e-2``) by comparison;
 * mean, std, skewness and kurtosis from central moments per chunk, merged
@@ -29,12 +29,15 @@ and below it by at most the mass of one fine bin; it is bounded in [0, 1],
 needs no choice of scale, and values beyond the core range cannot dominate it
 (Wasserstein-1 would be driven by a few layer-norm weights near 10).
 
-Everything returns dataclasses or pandas tables; figures live in
-:mod:`lab_utils.viz`.
+This module loads (or prunes) each model, measures it with that pass, caches
+the result, and derives the tables: per-block distances, depth correlation,
+storage precision, memory. Everything returns dataclasses or pandas tables;
+figures and sentences live in :mod:`lab_utils.presentation.weights_view`.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -43,8 +46,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lab_utils.core.measure import RssPeak, _release_freed_memory
-from lab_utils.core.models import prunable_layers
+from lab_utils.core import files, memo
+from lab_utils.core.measure import PeakMemory, _release_freed_memory
+from lab_utils.core.models import load_model, prunable_layers
+from lab_utils.engine import checkpoints
 from lab_utils.experiments.weight_stats import (
     GROUP_ORDER,
     SAMPLE_SIZE,
@@ -221,23 +226,35 @@ def depth_correlation(distances: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- storage precision
+FOUR_BIT_LEVELS = 16  # distinct values a 4-bit code can take
+
+
 @torch.no_grad()
-def levels_per_block(model: nn.Module, block: int = 32, rows: int = 8, seed: int = 0) -> int:
-    """Most distinct values found in any group of ``block`` consecutive weights
-    of a few sampled rows of every prunable layer. GGUF Q4_1 stores 32 weights
-    on 16 levels, so a 4-bit model gives <= 16; fp16/fp32 weights give ~32."""
+def levels_per_block(model: nn.Module, block: int = 32, rows: int | None = None, seed: int = 0) -> dict:
+    """How many distinct values each block of ``block`` consecutive weights of
+    a row holds, over the complete blocks of every prunable layer (``rows``:
+    only that many rows per layer, drawn with ``seed``). A model stored in a
+    4-bit block format (GGUF's Q4_1 stores 32 weights on 16 levels) has at most
+    16 in every block; fp16/fp32 weights have about ``block``.
+
+    Returns ``group_size`` (= block), ``max_levels`` (the most in any block)
+    and ``fraction_on_4bit_grid`` (blocks with at most 16; nan if none)."""
     g = torch.Generator().manual_seed(seed)
-    most = 0
+    worst = on_grid = blocks = 0
     for pl in prunable_layers(model):
         W = pl.weight
         cols = (W.shape[1] // block) * block
         if cols == 0:
             continue
-        pick = torch.randperm(W.shape[0], generator=g)[:rows]
-        groups = W[pick, :cols].reshape(-1, block).sort(dim=1).values
-        distinct = 1 + torch.count_nonzero(groups[:, 1:] != groups[:, :-1], dim=1)
-        most = max(most, int(distinct.max()))
-    return most
+        if rows is not None:
+            W = W[torch.randperm(W.shape[0], generator=g)[:rows]]
+        groups = W[:, :cols].reshape(-1, block).sort(dim=1).values
+        levels = 1 + torch.count_nonzero(groups[:, 1:] != groups[:, :-1], dim=1)
+        worst = max(worst, int(levels.max()))
+        on_grid += int((levels <= FOUR_BIT_LEVELS).sum())
+        blocks += levels.numel()
+    return {"group_size": block, "max_levels": worst,
+            "fraction_on_4bit_grid": on_grid / blocks if blocks else float("nan")}
 
 
 def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
@@ -248,8 +265,6 @@ def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
     pruned version) are computed once per parameters and code version, and
     read back in a fraction of a second (checksummed; a damaged entry is
     recomputed)."""
-    from lab_utils.core import files, memo
-
     key = {"name": name, "sparsity": float(sparsity), "method": method, "seed": seed,
            "sample_size": sample_size, "prune": prune_kw,
            "bins": None if bins is None else [bins.core, bins.outer, bins.core_bins, bins.outer_bins]}
@@ -271,7 +286,7 @@ def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
 def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *,
                   bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
                   progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
-    """Load (or prune, through :func:`lab_utils.prune.pruned_model`) one model,
+    """Load (or prune, through :func:`lab_utils.engine.checkpoints.pruned_model`) one model,
     stream its statistics, and let the model go: only the statistics stay.
 
     ``info`` records the family, source, preset note, in-memory size of the
@@ -280,11 +295,7 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
     a pruned model the engine's report (actual sparsity, cache hit). For a
     pruned model pass the dense statistics as ``reuse`` (and their bins).
     """
-    import gc
-
-    from lab_utils.engine import checkpoints
-
-    with RssPeak() as mem:
+    with PeakMemory() as mem:
         if float(sparsity) > 0:
             if method is None:
                 raise StatsError(f"sparsity {sparsity}: name the method that pruned it, e.g. 'magnitude'")
@@ -294,15 +305,13 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
             lm, report = checkpoints.pruned_model(name, method, sparsity, seed=seed, progress=progress,
                                             separate_process=True, **prune_kw)
         else:
-            from lab_utils.core.models import load_model
-
             lm, report = load_model(name), None
         model = lm.model
         params = _parameters(model)
         info = {"name": name, "family": lm.spec.family, "source": lm.spec.source,
                 "note": lm.spec.preset.note if lm.spec.preset else "",
                 "model_bytes": sum(p.numel() * p.element_size() for p in params),
-                "levels_per_block": levels_per_block(model, seed=seed),
+                "levels_per_block": levels_per_block(model, rows=8, seed=seed)["max_levels"],
                 "sparsity": float(sparsity), "method": method if float(sparsity) > 0 else None}
         if report is not None:
             info.update(actual_sparsity=report.actual_sparsity,
@@ -368,8 +377,6 @@ def models_table(all_stats) -> pd.DataFrame:
 
 def save_csv(table: pd.DataFrame, name: str) -> Path:
     """Write a table to ``results/<name>`` atomically (the write-up reads it from there)."""
-    from lab_utils.core import files
-
     return files.write_csv(table, files.results_dir() / name)
 
 

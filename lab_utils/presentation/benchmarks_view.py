@@ -1,9 +1,11 @@
-"""Tables, figures and generated prose from the tidy benchmark table.
+"""Tables, figures and generated prose of notebook 04 (the presentation floor).
 
-Everything here reads the table that :func:`lab_utils.evaluation.benchmarks.benchmark_table`
-returns and nothing else, so each sentence of the notebook's conclusions
-follows the numbers: if a method stops staying within tolerance, the
-paragraph says so on the next run.
+Everything here reads the tables that :mod:`lab_utils.experiments.benchmarks`
+returns (:func:`~lab_utils.experiments.benchmarks.benchmark_table`,
+:func:`~lab_utils.experiments.benchmarks.speed_comparison`) or the benchmark
+data and parameters, and nothing else, so each sentence of the notebook's
+conclusions follows the numbers: if a method stops staying within tolerance,
+the paragraph says so on the next run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from lab_utils.core import files
-from lab_utils.experiments.benchmarks import DENSE, METRICS
+from lab_utils.core.evaluation import sentiment
+from lab_utils.experiments.benchmarks import DENSE, METRICS, BenchParams
+from lab_utils.presentation.text import human_bytes, pct
 
 # The metric each benchmark is summarized by (the others stay in the table).
 HEADLINE = ("perplexity", "zero-shot accuracy", "probe accuracy", "embedding fidelity", "WER",
@@ -219,8 +223,6 @@ def wide_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
 def size_sentence(sizes: pd.DataFrame) -> str:
     """Per model: the dense fp32 file, and the smallest file at the highest
     tested sparsity (its format and share of the dense file)."""
-    from lab_utils.presentation.text import human_bytes
-
     if sizes is None or sizes.empty:
         return "No file size was measured (size_formats is empty)."
     parts = []
@@ -261,3 +263,31 @@ def speed_sentence(speed: pd.DataFrame) -> str:
     load = speed.load_avg.mean()
     return " ".join(parts) + (f" (Timed with {threads} threads, medians of {int(speed.repeats.iloc[0])} "
                               f"repetitions after a warm-up; mean load average {load:.1f} while timing.)")
+
+
+def data_sentence(nyt: pd.DataFrame, reviews) -> str:
+    """The size of the benchmark data: NYT articles and words, review splits."""
+    test = reviews["test"]
+    return (f"The NYT text has **{len(nyt)}** articles and **{sum(len(t.split()) for t in nyt['text']):,}** words; "
+            f"the movie reviews split into **{len(reviews['train'])}** training and **{len(test)}** test "
+            f"sentences, {pct(sum(test['label']) / len(test))} of the test sentences positive.")
+
+
+def protocol_sentence(bench: BenchParams) -> str:
+    """The zero-shot prompt and the number of examples of every benchmark."""
+    return (f"Zero-shot prompt: `{sentiment.PROMPT!r}`, answers {' vs '.join(repr(a) for a in sentiment.ANSWERS)}; "
+            f"{bench.sentiment_examples} test reviews, {bench.probe_train_examples} training and "
+            f"{bench.probe_test_examples} test sentences for the probe, {bench.wer_utterances} utterances for "
+            f"Whisper ({bench.wer_per_window} per 30 s clip), {bench.ppl_windows} windows of {bench.ppl_seqlen} "
+            f"tokens for perplexity.")
+
+
+def table_sentence(results: pd.DataFrame, csv_name: str) -> str:
+    """How many rows the benchmark table has, where it is written, and the
+    evaluations' total time when they were first run."""
+    n_settings = len(results[["method", "pattern", "requested_sparsity"]].drop_duplicates())
+    return (f"{len(results)} rows ({results.model.nunique()} models x {n_settings} settings x their metrics) "
+            f"are written to `results/{csv_name}`; the evaluations took "
+            f"{results.drop_duplicates(['key', 'benchmark']).seconds.sum():.0f} s in all when they were first run "
+            f"(each one's own wall time: after each model's dense baseline, the settings are evaluated two at a "
+            f"time in worker processes on one thread each).")

@@ -66,7 +66,7 @@ def sparsification(t: pd.DataFrame, method: str) -> str:
         f"costs 4 bytes like any other fp32 value. The forward pass, still dense matrix products, "
         f"is {_faster(s, d)}. "
         f"Only a format that skips the zeros shrinks the file: in the `{fmt_name}` format of "
-        f"`lab_utils.storage` (one bit per weight plus the kept values) the sparsified model takes "
+        f"`lab_utils.experiments.file_sizes` (one bit per weight plus the kept values) the sparsified model takes "
         f"{s[fmt] / MB:.1f} MB, {_x(s[fmt], s.dense_file_bytes)} the dense file (notebook 03 "
         f"compares the formats). The price in quality: perplexity {_ppl_change(s.perplexity, d.perplexity)}.")
 

@@ -1,8 +1,8 @@
-"""Figures of weight distributions, drawn from :class:`lab_utils.stats.WeightStats`.
+"""Figures of weight distributions, drawn from :class:`lab_utils.experiments.weight_stats.WeightStats`.
 
 Nothing here touches a model: every figure is drawn from the streamed
 histograms, so drawing GPT-2 medium costs what drawing MiniLM costs. Figures
-are written into ``figs/`` through :func:`lab_utils.io.atomic_path` with
+are written into ``figs/`` through :func:`lab_utils.core.files.atomic_path` with
 ``metadata={"Software": None}``, so the same statistics give the same bytes."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def sparsity_percent(sparsity: float) -> str:
 
 def figure_name(label: str, sparsity: float = 0.0, method: str | None = None,
                 kind: str = "all_params") -> str:
-    """The file name of a figure, following the seed's
+    """The file name of a figure, following the original lab's
     ``vis_all_params_GPT2-medium_sparsity_0%.png``.
 
     Rule: ``vis_{kind}_{Label}_sparsity_{S}%[_{method}].png`` where S is the
@@ -111,7 +111,7 @@ def _stored_note(ws: weight_stats.WeightStats) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- the seed's figure
+# --------------------------------------------------------------------------- the original lab's figure
 def all_params_figure(ws: weight_stats.WeightStats, *, dense: weight_stats.WeightStats | None = None,
                       cut: float | None = None, sparsity: float | None = None,
                       method: str | None = None):
@@ -298,7 +298,7 @@ def components_figure(ws: weight_stats.WeightStats):
 def depth_figure(per_model: dict, tensor_level: dict | None = None):
     """KS distance of each block to its model's whole distribution against the
     block index, one panel per model, one line per stack (encoder/decoder).
-    ``per_model``: label -> :func:`lab_utils.stats.depth_distances` table;
+    ``per_model``: label -> :func:`lab_utils.experiments.weights.depth_distances` table;
     ``tensor_level``: label -> the tensor-level table (drawn as faint dots)."""
     n = len(per_model)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), squeeze=False)
@@ -436,8 +436,8 @@ def describe_correlation(rho: float, p: float, n: int, alpha: float = ALPHA) -> 
             f"({num}; not significant at α = {alpha:g})")
 
 
-# --------------------------------------------------------------------------- the seed's claims
-NEAR = 0.05  # "close to 0": |w| < 0.05, the scale of the seed's GPT-2 histogram
+# --------------------------------------------------------------------------- the original lab's claims
+NEAR = 0.05  # "close to 0": |w| < 0.05, the scale of the original lab's GPT-2 histogram
 
 
 SIMILAR_KS = 0.1  # a block "looks like" the whole model when its KS distance is below this
@@ -448,7 +448,7 @@ def _pct(x: float, digits: int = 1) -> str:
 
 
 def claim_near_zero(all_stats) -> str:
-    """The seed's "most parameters are close to 0", measured per model."""
+    """The original lab's "most parameters are close to 0", measured per model."""
     parts, holds = [], []
     for ws in all_stats:
         s = summarize(ws)
@@ -473,7 +473,7 @@ def claim_near_zero(all_stats) -> str:
 
 
 def claim_layers(all_stats, distances: dict) -> str:
-    """The seed's "each layer looks like the whole, higher layers deviate"."""
+    """The original lab's "each layer looks like the whole, higher layers deviate"."""
     parts = []
     for ws in all_stats:
         dist = distances[ws.label]
@@ -497,7 +497,7 @@ PRESPARSIFIED = 0.01  # exact zeros in >= 1% of the prunable weights: sparsified
 
 
 def claim_presparsified(all_stats) -> str:
-    """The seed's "billion-parameter models come partly sparsified": what our
+    """The original lab's "billion-parameter models come partly sparsified": what our
     models can and cannot say about it. Exact zeros are counted in the
     prunable weight matrices (what a developer's pruning would zero) and
     everywhere else (zero-initialized biases, padding rows) separately."""
@@ -530,3 +530,28 @@ def claim_presparsified(all_stats) -> str:
              "so this measures the claim directly for it.")
     return (f"**Claim 3, large models come pre-sparsified.** Exact zeros before any pruning: "
             f"{'; '.join(parts)}. So {verdict}. {scale}")
+
+
+def resources_paragraph(memory) -> str:
+    """Notebook 02's resources paragraph from its :func:`memory_table` and this
+    process (the notebook's kernel): its run time, CPU time and load so far."""
+    import os
+    import time
+
+    import psutil
+
+    from lab_utils.presentation.text import human_bytes
+
+    kernel = psutil.Process()
+    elapsed, cpu = time.time() - kernel.create_time(), sum(kernel.cpu_times()[:2])
+    later = memory.iloc[1:] if len(memory) > 1 else memory
+    calibrated = memory[memory.method.isin(["wanda", "sparsegpt"]) & memory["pruning peak MiB"].notna()]
+    engine_peak = (f" The pruning engine peaked at {human_bytes(calibrated['pruning peak MiB'].max() * 2**20)} "
+                   f"while it built these checkpoints (in its own process, or in the run that cached them)."
+                   if len(calibrated) else "")
+    return (f"This notebook ran for {elapsed:.0f} s until here ({cpu:.0f} s of CPU time in its kernel; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores). While a model was loaded and measured, resident "
+            f"memory rose by at most {later['increase / model'].max():.2f}x the model's size "
+            f"({'below' if later['increase / model'].max() < 2 else 'above'} the 2x target); the first load, which "
+            f"also imports the model code, rose by {memory['increase / model'].iloc[0]:.2f}x. The process peaked at "
+            f"{human_bytes(memory['RSS peak MiB'].max() * 2**20)}." + engine_peak)

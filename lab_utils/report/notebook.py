@@ -1,18 +1,25 @@
-"""Small helpers that keep notebook cells to one-liners.
+"""Small helpers that keep notebook cells to one-liners (the report floor).
 
 * :func:`setup` fixes seeds and threads, styles the figures and silences
   progress bars when the report runner executes the notebook.
 * :func:`md` displays generated prose: a sentence that states a result is
-  built from the computed values, never typed in.
+  built from the computed values, never typed in; with a key it is also
+  recorded (:func:`record`) for the write-up.
+* :func:`show_figure` displays a figure file that a presentation module saved.
+
+Parameters are checked by :func:`lab_utils.report.params.validate_notebook`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import numpy as np
 import torch
+
+from lab_utils.core import files
 
 
 def setup(seed: int = 0, threads: int | None = None) -> None:
@@ -46,7 +53,7 @@ def md(text: str, key: str | None = None):
     """Display generated markdown (call with an f-string of computed values).
 
     With a ``key`` the text is also recorded as a finding, so the lab
-    write-up (``lab_utils.writeup``) quotes the very sentence the notebook
+    write-up (:mod:`lab_utils.report.writeup`) quotes the very sentence the notebook
     showed instead of computing it a second time.
     """
     from IPython.display import Markdown, display
@@ -59,18 +66,12 @@ def md(text: str, key: str | None = None):
 def findings_path(notebook: str | None = None):
     """``results/findings/<notebook>.json``; the report runner names the
     notebook through ``LAB_NOTEBOOK`` (and clears the file before each run)."""
-    from lab_utils.core import files
-
     name = notebook or os.environ.get("LAB_NOTEBOOK", "interactive")
     return files.results_dir() / "findings" / f"{name}.json"
 
 
 def record(key: str, value) -> None:
     """Record a finding (a sentence, a figure file name, a number) for the write-up."""
-    import json
-
-    from lab_utils.core import files
-
     path = findings_path()
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = value

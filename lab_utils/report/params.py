@@ -13,6 +13,11 @@ Papermill only *warns* about a parameter that a notebook does not declare, so
 a typo would silently run the defaults. Here it is an error, as is any value
 outside what the lab accepts; both are caught before any work starts, with one
 line naming the parameter, the value and what is allowed.
+
+A notebook checks the values of its own parameters cell in one call,
+``params.validate_notebook(globals(), "02_visualization")``: the names come
+from the notebook's ``parameters`` cell (papermill's ``inspect_notebook``), so
+a parameter added there is checked without being named a second time.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from papermill import inspect_notebook
 
-from lab_utils.core import sparsify
+from lab_utils.core import files, sparsify
+from lab_utils.core.models import ModelError, resolve
+
+NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
 
 
 class ParamError(ValueError):
@@ -120,8 +129,6 @@ def _check_method(name: str, value) -> None:
 
 
 def _check_model(name: str, value, check_hub: bool) -> None:
-    from lab_utils.core.models import ModelError, resolve
-
     try:
         resolve(value, check_hub=check_hub)
     except ModelError as e:
@@ -163,6 +170,8 @@ def validate_value(name: str, value, check_hub: bool = True) -> None:
     """Check one parameter by the rule its name implies; unknown names pass."""
     kind = _kind(name)
     if kind == "models":
+        if not _as_list(name, value):
+            raise ParamError(f"{name}: [] names no model; give at least one (a preset, hub id or folder)")
         for v in _as_list(name, value):
             _check_model(name, v, check_hub)
     elif kind == "model":
@@ -215,8 +224,38 @@ def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:
         want = names.get((info.get("inferred_type_name") or "").split("[")[0])
         if want is None:
             continue
-        if want is int and isinstance(value, bool):
-            raise ParamError(f"{key}: {value!r} must be an integer (notebook {notebook})")
+        if want is not bool and isinstance(value, bool):
+            raise ParamError(f"{key}: {value!r} must be of type {info['inferred_type_name']} "
+                             f"(notebook {notebook})")
         if not isinstance(value, want):
             raise ParamError(f"{key}: {value!r} must be of type {info['inferred_type_name']} "
                              f"(notebook {notebook}, default {info.get('default')})")
+
+
+# --------------------------------------------------------------------------- in a notebook
+def declared(notebook: str) -> dict[str, dict]:
+    """The parameters a notebook's ``parameters`` cell declares (name -> papermill's
+    ``inspect_notebook`` entry: type, default, help), read from ``notebooks/``."""
+    path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    if not path.is_file():
+        raise ParamError(f"notebook {notebook!r} does not exist in {NOTEBOOKS_DIR}")
+    return inspect_notebook(str(path))
+
+
+def validate_notebook(namespace: dict, notebook: str, check_hub: bool = True) -> dict:
+    """Check every parameter the notebook declares, as its kernel holds it.
+
+    Called in the cell after the parameters with ``globals()``: each declared
+    name is checked for the type of its default and for the rule its name
+    implies (:func:`validate_value`), so a value typed in JupyterLab fails as
+    clearly as one from a parameter file. Returns the checked values by name.
+    """
+    decl = declared(notebook)
+    missing = [name for name in decl if name not in namespace]
+    if missing:
+        raise ParamError(f"parameter {missing[0]!r} of notebook {notebook} is not defined; "
+                         f"run its parameters cell first")
+    values = {name: namespace[name] for name in decl}
+    check_types(values, decl, notebook)
+    validate(values, check_hub)
+    return values

@@ -211,7 +211,7 @@ def _title(stem: str) -> str:
 def build_writeup(runs: list[NotebookRun], params: dict) -> Path | None:
     """The regenerated lab write-up (report/LAB4.md + LAB4.html), when available."""
     try:
-        from lab_utils.report import writeup
+        from lab_utils.report.runner import writeup
     except ImportError:
         return None
     return writeup.build(report_dir(), runs=runs, params=params)

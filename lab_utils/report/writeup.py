@@ -1,6 +1,6 @@
 """The lab write-up, regenerated: ``report/LAB4.md`` and ``report/LAB4.html``.
 
-It follows the seed's section order (Concepts, Model Selection, Model
+It follows the original lab's section order (Concepts, Model Selection, Model
 Visualization, Model Sparsification & Sizes, Results on Benchmarks) and ends
 with "What we found". Nothing in it is typed in: the Jinja2 template
 (``templates/LAB4.md.j2``) arranges
@@ -9,7 +9,7 @@ with "What we found". Nothing in it is typed in: the Jinja2 template
   (``results/findings/<notebook>.json``, see ``notebook.md(text, key=...)``),
 * tables read from ``results/*.csv``,
 * figures from ``figs/``, copied next to the report so it can be served or
-  zipped as one folder; every link is URL-encoded (the seed's figure names
+  zipped as one folder; every link is URL-encoded (the original lab's figure names
   contain ``%``).
 """
 
@@ -161,7 +161,7 @@ SEED_MODELS = {"decoder-only": "GPT2-medium", "encoder-decoder": "BART-large", "
 
 def model_selection(model_names, weight_stats=None):
     """One row per model of the run: family, where the weights come from, the
-    seed's model of the same family, parameters counted by notebook 02 (from
+    original lab's model of the same family, parameters counted by notebook 02 (from
     ``weight_stats.csv``) and the benchmark it is scored on."""
     import pandas as pd
 

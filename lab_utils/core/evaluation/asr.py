@@ -1,8 +1,8 @@
 """Word error rate of Whisper on synthesized NYT prose.
 
 * Text: the first ``n_utterances`` NYT editorial sentences of 6-24 words in
-  reading order (:func:`lab_utils.data.speech_sentences`), spoken by
-  espeak-ng (:func:`lab_utils.data.speech`, 16 kHz, cached). The NYT text is
+  reading order (:func:`lab_utils.core.data.speech_sentences`), spoken by
+  espeak-ng (:func:`lab_utils.core.data.speech`, 16 kHz, cached). The NYT text is
   the lab's evaluation text; the calibration speech of the pruning engine is
   drawn from the movie reviews, so the two never overlap.
 * Decoding: greedy (``num_beams=1``, no sampling) through ``generate``, with
@@ -14,7 +14,7 @@
   removed, numbers and contractions standardized); its British-to-American
   spelling table lives on the hub, so it is used with an empty table (NYT
   prose is American already). Then jiwer's corpus WER
-  (:mod:`lab_utils.metrics` ``wer``): errors over all reference words.
+  (:mod:`lab_utils.core.metrics` ``wer``): errors over all reference words.
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ over the tokens that were masked out only (``infill_perplexity``: the part
 that cannot be copied from the input), both through the lab's ``perplexity``
 metric.
 
-Text: WikiText-2 raw test sentences for the seed's hub model (as the issue
-asks), NYT editorial sentences for a local model; sentences of 8-48 words,
+Text: WikiText-2 raw test sentences for a hub model such as BART-large, NYT editorial sentences for a local model; sentences of 8-48 words,
 headings (`` = Title = ``) skipped, in reading order.
 """
 

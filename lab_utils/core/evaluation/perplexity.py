@@ -2,14 +2,15 @@
 
 * The evaluation text is tokenized once, without special tokens, and cut into
   non-overlapping windows of ``seqlen`` tokens from the start; the first K are
-  kept (:func:`lab_utils.data.eval_windows`).
+  kept (:func:`lab_utils.core.data.eval_windows`, remembered per tokenizer by
+  :func:`lab_utils.core.data.token_windows`).
 * Each window's loss is the mean next-token cross-entropy that
   ``model(input_ids=w, labels=w)`` reports.
 * Perplexity = exp(mean over windows of the window losses).
 
 Windows are pushed through the model in batches (same numbers, fewer calls).
-Embedded models read the NYT editorials; the seed's hub models read
-WikiText-2 (raw, test split) with ``seqlen`` = the model's context.
+Embedded models read the NYT editorials; hub presets read WikiText-2 (raw,
+test split) with ``seqlen`` = the model's context.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from lab_utils.core import files
+from lab_utils.core import data, files
+from lab_utils.core.models import DECODER_ONLY
+from lab_utils.core.models import default_seqlen as _default_seqlen
 
 BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) logits
 
@@ -29,8 +33,6 @@ BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) log
 def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
                   device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
     """Loss of every window (K,), each the mean over its seqlen-1 predicted tokens."""
-    from tqdm.auto import tqdm
-
     model.eval()
     K, seqlen = windows.shape
     bs = max(1, batch_tokens // seqlen)
@@ -53,31 +55,13 @@ def perplexity(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
 
 
 def default_corpus(spec) -> str:
-    """WikiText-2 for the seed's hub models (as in the papers), NYT editorials otherwise."""
+    """WikiText-2 for hub presets (as in the papers), NYT editorials otherwise."""
     return "wikitext2" if spec.source == "hub" else "nyt"
 
 
 def default_seqlen(lm) -> int:
-    from lab_utils.engine.config import default_seqlen as calibration_seqlen
-
-    return calibration_seqlen(lm)
-
-
-_WINDOWS: dict = {}
-
-
-def _eval_windows(tokenizer, seqlen, n_windows, corpus) -> torch.Tensor:
-    """Evaluation windows, remembered per tokenizer (class, folder, size): the
-    whole text is tokenized once per process, not once per pruned model."""
-    from lab_utils.core import data
-
-    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-           seqlen, n_windows, corpus)
-    if key not in _WINDOWS:
-        if len(_WINDOWS) >= 16:
-            _WINDOWS.pop(next(iter(_WINDOWS)))
-        _WINDOWS[key] = data.eval_windows(tokenizer, seqlen, n_windows, corpus)
-    return _WINDOWS[key]
+    """The calibration length: the model's context for hub presets, else 512 capped by it."""
+    return _default_seqlen(lm.spec, lm.model.config)
 
 
 def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: str | None = None,
@@ -85,8 +69,6 @@ def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: 
     """Perplexity of a loaded decoder-only model as a dict (perplexity, seqlen,
     windows, corpus, seconds). With a ``cache_key`` (e.g. a PruneReport's
     key) the result is cached on disk and reused."""
-    from lab_utils.core.models import DECODER_ONLY
-
     if lm.family != DECODER_ONLY:
         raise ValueError(f"perplexity is defined here for decoder-only models; {lm.spec.name} is "
                          f"{lm.family} (its benchmark is {lm.spec.benchmark!r})")
@@ -98,7 +80,7 @@ def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: 
         hit = files.cached_json(path)
         if hit is not None:
             return hit
-    windows = _eval_windows(lm.tokenizer, seqlen, n_windows, corpus)
+    windows = data.token_windows(lm.tokenizer, "eval", n_windows, seqlen, corpus=corpus)
     t0 = time.perf_counter()
     ppl = perplexity(lm.model, windows, progress=progress)
     result = {"model": lm.spec.name, "perplexity": ppl, "seqlen": seqlen,

@@ -15,7 +15,7 @@ Embedding fidelity, the mean cosine similarity between a sparse and the dense
 sentence embedding of the same sentence, needs no labels at all.
 
 The functions take a model and data and return numbers; caching and the choice
-of data split live in :mod:`lab_utils.evaluation.benchmarks`.
+of data split live in :mod:`lab_utils.experiments.benchmarks`.
 """
 
 from __future__ import annotations

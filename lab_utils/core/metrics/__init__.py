@@ -9,7 +9,7 @@ local module, so the lab carries its own (each ``<name>/<name>.py`` holds one
 * ``wer``: jiwer's word alignment (corpus-level word error rate);
 * ``perplexity``: exp of the mean per-token loss, from losses a model produced.
 
-    >>> from lab_utils.metrics import load_metric
+    >>> from lab_utils.core.metrics import load_metric
     >>> load_metric("f1").compute(predictions=[1, 0], references=[1, 1])["f1"]
     0.6666666666666666
 """

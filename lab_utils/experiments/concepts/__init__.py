@@ -1,7 +1,7 @@
 """The five concepts of the lab, each as small functions that notebook 01 calls.
 
 * sparsification: zeros in tensors that keep their shape (the engine lives in
-  :mod:`lab_utils.prune`; :mod:`.measure` counts zeros, bytes and seconds);
+  :mod:`lab_utils.engine.prune`; :mod:`.measure` counts zeros, bytes and seconds);
 * :mod:`.structured`: pruning that removes whole MLP neurons, so tensors shrink;
 * :mod:`.quantize`: fewer bits per weight (int8 per channel, torch dynamic int8,
   4-bit round-to-nearest in groups);
@@ -13,7 +13,7 @@
 def check_parameters(structured_sparsities, quant_group_sizes, distill_temperature, distill_alpha,
                      moe_experts, moe_active_fractions, timing_reps) -> None:
     """Check notebook 01's own parameters (those whose rule their name does not
-    imply), before any work; one :class:`lab_utils.params.ParamError` naming the fix."""
+    imply), before any work; one :class:`lab_utils.report.params.ParamError` naming the fix."""
     from lab_utils.report.params import ParamError
 
     def positive_int(name, v):

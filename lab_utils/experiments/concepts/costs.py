@@ -1,22 +1,27 @@
 """What every concept demo measures: zeros, bytes in memory and on disk, seconds.
 
 Sizes are counted from the tensors a model really holds (quantized weights
-included) and from files really written; times are medians after a warm-up,
-so that one slow repetition on a shared machine does not decide a ratio.
-Perplexity is :func:`lab_utils.evaluation.perplexity.perplexity`; dense
+included) and from files really written; times are medians of
+:func:`lab_utils.core.measure.time_calls` (interleaved, after a warm-up), so
+that one slow repetition on a shared machine does not decide a ratio.
+Perplexity is :func:`lab_utils.core.evaluation.perplexity.perplexity`; dense
 checkpoints are what ``save_pretrained`` writes, sparse-format files come from
-:mod:`lab_utils.storage`.
+:mod:`lab_utils.core.sparse_file`.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
-from lab_utils.core import files
-from lab_utils.core.measure import time_each
+from lab_utils.core import files, sparse_file
+from lab_utils.core.evaluation.perplexity import perplexity as lab_perplexity
+from lab_utils.core.measure import median_seconds, time_calls
 from lab_utils.core.models import prunable_layers
 
 
@@ -70,21 +75,28 @@ def count_zeros(model: nn.Module) -> dict[str, int]:
             "prunable_zeros": prunable_zeros}
 
 
+def seconds_each(calls: dict, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each zero-argument call, timed interleaved
+    (:func:`lab_utils.core.measure.time_calls`), as ``{name: {"forward_s",
+    "forward_cpu_s"}}``. CPU time does not count the time other processes hold
+    the cores, so it is the steadier of the two on a busy machine."""
+    times = time_calls(calls, warmup, reps)
+    wall, cpu = median_seconds(times), median_seconds(times, "cpu_seconds")
+    return {k: {"forward_s": float(wall[k]), "forward_cpu_s": float(cpu[k])} for k in calls}
+
+
 def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor, reps: int = 5,
                          warmup: int = 1, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """:func:`time_each` of one forward pass of every model over ``input_ids``."""
+    """:func:`seconds_each` of one forward pass of every model over ``input_ids``."""
     input_ids = input_ids.to(device)
-    return time_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()},
-                     reps, warmup)
+    return seconds_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()},
+                        reps, warmup)
 
 
 def file_bytes(write) -> int:
     """Size on disk of what ``write(folder)`` writes (every file in it), measured
     in a scratch folder of the cache that is removed afterwards (model files
     are hundreds of MB)."""
-    import shutil
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="concepts-", dir=files.cache_dir()))
     try:
         write(folder)
@@ -100,23 +112,17 @@ def dense_file_bytes(model: nn.Module) -> int:
 
 
 def sparse_file_bytes(model: nn.Module, format: str = "bitmask") -> int:
-    """Bytes of the model in one of :mod:`lab_utils.storage`'s sparse formats."""
-    from lab_utils.core import sparse_file
-
+    """Bytes of the model in one of :mod:`lab_utils.core.sparse_file`'s formats."""
     return file_bytes(lambda folder: sparse_file.save_sparse(model, folder / "model.safetensors", format))
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> float:
-    """The lab's perplexity protocol (:mod:`lab_utils.evaluation.perplexity`)."""
-    from lab_utils.core.evaluation.perplexity import perplexity as ppl
-
-    return ppl(model, windows, progress=progress)
+    """The lab's perplexity protocol (:mod:`lab_utils.core.evaluation.perplexity`)."""
+    return lab_perplexity(model, windows, progress=progress)
 
 
 def timing_table(rows: list[dict]):
     """The demos' Stopwatch rows as a table, with CPU time / threads (the idle-machine estimate)."""
-    import pandas as pd
-
     t = pd.DataFrame(rows)
     t["cpu_s_per_thread"] = t.cpu_s / t.threads
     return t

@@ -2,7 +2,7 @@
 
 The teacher is a sentence classifier: an encoder (mean-pooled last hidden
 state) and the sentiment probe of the benchmarks notebook
-(:mod:`lab_utils.evaluation.sentiment`: a logistic regression fitted on the
+(:mod:`lab_utils.core.evaluation.sentiment`: a logistic regression fitted on the
 encoder's frozen features), turned into a linear head. The student is the
 same encoder truncated to its first few blocks, with the same kind of probe
 fitted on its own frozen features as its starting head. Two students start
@@ -18,15 +18,18 @@ steps; only the loss differs:
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lab_utils.core import measure as core_measure
+from lab_utils.core.evaluation import sentiment
 from lab_utils.core.models import transformer_blocks
+from lab_utils.experiments.concepts import costs
 
 
 class DistillError(ValueError):
@@ -105,7 +108,7 @@ def _batches(tokenizer, texts, batch_size: int, max_length: int):
 
 
 def head_from_probe(probe: dict) -> nn.Linear:
-    """The benchmarks' sentiment probe (:func:`lab_utils.evaluation.sentiment.train_probe`:
+    """The benchmarks' sentiment probe (:func:`lab_utils.core.evaluation.sentiment.train_probe`:
     a logistic regression on standardized features) as a two-logit linear head.
 
     The standardization is folded into the weights, z = ((x - mean) / scale) . coef + b
@@ -197,12 +200,6 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
     Returns (table, losses): one row per model (layers, parameters, bytes,
     test accuracy, seconds of training), and the per-step training losses.
     """
-    import time
-
-    import pandas as pd
-
-    from lab_utils.core.evaluation import sentiment
-
     t0 = time.perf_counter()
     f_train = sentiment.mean_pooled(encoder, tokenizer, train["text"], max_length, progress=progress)
     f_test = sentiment.mean_pooled(encoder, tokenizer, test["text"], max_length, progress=progress)
@@ -252,8 +249,8 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
                     return_tensors="pt")
     teacher.eval()
     start.eval()
-    speed = core_measure.time_each({m: (lambda c=c: c(enc["input_ids"], enc["attention_mask"]))
-                               for m, c in (("teacher", teacher), ("student", start))}, reps=3)
+    speed = costs.seconds_each({m: (lambda c=c: c(enc["input_ids"], enc["attention_mask"]))
+                                for m, c in (("teacher", teacher), ("student", start))}, reps=3)
     for col in ("forward_s", "forward_cpu_s"):
         table[col] = [speed["teacher"][col]] + [speed["student"][col]] * (len(table) - 1)
     return table, pd.DataFrame(losses)

@@ -29,12 +29,14 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lab_utils.core.models import weight_out_in
+from lab_utils.core.models import set_module, weight_out_in
+from lab_utils.experiments.concepts import costs
 from lab_utils.experiments.concepts.structured import MLP, mlps
 
 ROUTERS = ("oracle", "linear")
@@ -244,18 +246,10 @@ class MoEOutput(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def _set_child(parent: nn.Module, child: nn.Module, new: nn.Module) -> None:
-    for name, m in parent.named_children():
-        if m is child:
-            setattr(parent, name, new)
-            return
-    raise MoEError("output projection not found under its parent")
-
-
-def _parent_of(model: nn.Module, child: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if any(c is child for c in m.children()):
-            return m
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
     raise MoEError("output projection not found in the model")
 
 
@@ -281,17 +275,17 @@ def moefied(model: nn.Module, experts: list[torch.Tensor], top_k: int, router: s
         for i, m in enumerate(layers):
             wrap = MoEOutput(m.output, experts[i], top_k, router,
                              routers[i] if routers is not None else None, captured)
-            parent = _parent_of(model, m.output)
-            _set_child(parent, m.output, wrap)
-            installed.append((parent, wrap, m.output))
+            name = _name_of(model, m.output)
+            set_module(model, name, wrap)
+            installed.append((name, m.output))
             handles.append(m.inputs[0].register_forward_pre_hook(
                 lambda _mod, args, w=wrap: setattr(w, "x", args[0])))
         yield captured
     finally:
         for h in handles:
             h.remove()
-        for parent, wrap, original in installed:
-            _set_child(parent, wrap, original)
+        for name, original in installed:
+            set_module(model, name, original)
 
 
 def active_top_k(fraction: float, n_experts: int) -> int:
@@ -336,10 +330,6 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor, n_
     (linear router, router included; the oracle needs the dense MLP to route)
     and the linear router's held-out recall of the true top-k experts.
     """
-    import pandas as pd
-
-    from lab_utils.experiments.concepts import costs
-
     ks = [active_top_k(f, n_experts) for f in fractions]
     experts = split_experts(model, n_experts, seed=seed, progress=progress)
     layers = mlps(model)

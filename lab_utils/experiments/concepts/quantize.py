@@ -5,7 +5,7 @@ weight W (out x in), with the rounding error bounded by half a step:
 
 * **int8 per channel, symmetric** (weight-only): one fp32 scale per output row,
   ``scale = max|W_row| / 127``, ``q = round(W / scale)`` in [-127, 127] (the
-  codec of the ``int8`` file formats in :mod:`lab_utils.storage`). Every
+  codec of the ``int8`` file formats in :mod:`lab_utils.core.formats`). Every
   weight is reconstructed within ``scale / 2``.
 * **4-bit round-to-nearest in groups** (weight-only): every ``group_size``
   consecutive weights of a row share an fp16 step d and an fp16 minimum m,
@@ -19,7 +19,9 @@ weight W (out x in), with the rounding error bounded by half a step:
 The weight-only schemes keep the integers in memory and dequantize a layer's
 weight when it runs (:class:`QuantLinear`): memory shrinks, but without a
 fused low-bit kernel the CPU still multiplies in fp32, after paying for the
-dequantization. That is measured, not assumed.
+dequantization. That is measured, not assumed. Whether a model was stored in
+a 4-bit block format shows in its weights:
+:func:`lab_utils.experiments.weights.levels_per_block`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lab_utils.core import sparse_file
-from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
+from lab_utils.core.models import _conv1d_type, prunable_layers, set_module, weight_out_in
+from lab_utils.experiments.concepts import costs
+from lab_utils.experiments.weights import (
+    levels_per_block as levels_per_block,  # notebook 01 calls it here
+)
 
 SCHEMES = ("int8", "int4")
 INT8_MAX = 127
@@ -47,7 +54,7 @@ class QuantError(ValueError):
 def int8_per_channel(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 out x in, scale fp32 per row) with W ~= q * scale, |error| <= scale / 2.
 
-    The same codec as the ``int8`` file formats of :mod:`lab_utils.storage`.
+    The same codec as the ``int8`` file formats of :mod:`lab_utils.experiments.file_sizes`.
     """
     return sparse_file.quantize_int8(W)
 
@@ -158,19 +165,12 @@ def _max_ratio(err: torch.Tensor, bound: torch.Tensor) -> float:
     return float(ratio.max())
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32):
     """A copy of ``model`` whose prunable linear layers are :class:`QuantLinear`.
 
     Embeddings, norms and the (tied) output head stay fp32, as in the
     sparsification demos. Returns (model, per-layer error table).
     """
-    import pandas as pd
-
     model = copy.deepcopy(model)
     rows = []
     for pl in prunable_layers(model):
@@ -181,7 +181,7 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32):
                      "sq_err": float((err.double() ** 2).sum()), "sq_w": float((W.double() ** 2).sum()),
                      "max_abs_err": float(err.max()),
                      "max_err_over_bound": _max_ratio(err, q.half_step())})
-        _set_module(model, pl.name, q)
+        set_module(model, pl.name, q)
     return model, pd.DataFrame(rows)
 
 
@@ -199,14 +199,13 @@ def dynamic_int8(model: nn.Module):
     kernels (int8 weights per output channel). GPT-2's ``Conv1D`` layers are
     first turned into equivalent ``nn.Linear`` (``quantize_dynamic`` only knows
     ``nn.Linear``). Returns (model, per-layer error table of the weights)."""
-    import pandas as pd
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = copy.deepcopy(model)
     names = []
     for pl in prunable_layers(model):
         if isinstance(pl.module, _conv1d_type()):
-            _set_module(model, pl.name, _conv1d_as_linear(pl.module))
+            set_module(model, pl.name, _conv1d_as_linear(pl.module))
         names.append(pl.name)
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     with warnings.catch_warnings():
@@ -262,23 +261,6 @@ def error_summary(table) -> dict:
 
 
 # --------------------------------------------------------------------------- the demo
-def levels_per_block(model: nn.Module, group_size: int = 32) -> dict:
-    """How many distinct values each block of ``group_size`` consecutive weights
-    of a row holds, over the prunable layers. A model stored in a 4-bit block
-    format (such as llama.cpp's Q4_1) has at most 16 in every block."""
-    worst, on_grid, blocks = 0, 0, 0
-    for pl in prunable_layers(model):
-        W = pl.weight
-        if W.shape[1] % group_size:
-            continue
-        B = W.reshape(-1, group_size).sort(dim=1).values
-        levels = 1 + (B[:, 1:] != B[:, :-1]).sum(dim=1)
-        worst = max(worst, int(levels.max()))
-        on_grid += int((levels <= INT4_LEVELS + 1).sum())
-        blocks += levels.numel()
-    return {"group_size": group_size, "max_levels": worst,
-            "fraction_on_4bit_grid": on_grid / blocks if blocks else float("nan")}
-
 def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes, weights) of the quantized layers' integer weights and scales."""
     nbytes = numel = 0
@@ -303,10 +285,6 @@ def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
     weight error, the largest error over its analytical bound, forward time
     and perplexity. Embeddings, norms and the tied head stay fp32 throughout.
     """
-    import pandas as pd
-
-    from lab_utils.experiments.concepts import costs
-
     variants, errors = {"fp32": model}, {}
     variants["int8 per channel"], errors["int8 per channel"] = quantize_weights(model, "int8")
     variants["dynamic int8 (torch)"], errors["dynamic int8 (torch)"] = dynamic_int8(model)

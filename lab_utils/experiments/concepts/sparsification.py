@@ -1,34 +1,20 @@
 """Sparsification: zeros in tensors that keep their shape.
 
-The pruning itself is the lab's engine (:func:`lab_utils.prune.prune_model`);
-this module only lays the dense and the sparsified model side by side: the
-parameter count, the zeros, the dense file, a sparse-format file, the memory,
-the forward time and the perplexity.
+The pruned model comes from the lab's one way to get one
+(:func:`lab_utils.engine.checkpoints.pruned_model`, given the loaded dense
+model); this module only lays the dense and the sparsified model side by side:
+the parameter count, the zeros, the dense file, a sparse-format file, the
+memory, the forward time and the perplexity.
 """
 
 from __future__ import annotations
-
-import copy
-import dataclasses
 
 import pandas as pd
 import torch
 
 from lab_utils.core.models import LoadedModel
+from lab_utils.engine import checkpoints
 from lab_utils.experiments.concepts import costs
-
-
-def sparsified(lm: LoadedModel, sparsity_ratio: float, method: str = "magnitude",
-               progress: bool = True, **prune_kw):
-    """A pruned copy of ``lm`` (the engine prunes in place) and its PruneReport.
-
-    ``prune_kw`` go to :func:`lab_utils.prune.prune_model` (nsamples, seqlen,
-    seed for the calibrated methods)."""
-    from lab_utils.engine import prune
-
-    copy_lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-    report = prune.prune_model(copy_lm, method, sparsity_ratio, progress=progress, **prune_kw)
-    return copy_lm, report
 
 
 def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tensor,
@@ -59,7 +45,10 @@ def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tens
 def demo(lm: LoadedModel, sparsity_ratio: float, method: str, windows: torch.Tensor,
          time_ids: torch.Tensor, dense_ppl: float | None = None, dense_file: int | None = None,
          reps: int = 5, progress: bool = True, **prune_kw) -> pd.DataFrame:
-    """Prune a copy of ``lm`` and return :func:`compare`'s table (the copy is freed)."""
-    sparse_lm, _ = sparsified(lm, sparsity_ratio, method, progress=progress, **prune_kw)
+    """Prune a copy of ``lm`` and return :func:`compare`'s table (the copy is
+    freed). ``prune_kw``: the other settings of
+    :func:`~lab_utils.engine.checkpoints.pruned_model` (nsamples, seqlen, seed
+    for the calibrated methods)."""
+    sparse_lm, _ = checkpoints.pruned_model(lm, method, sparsity_ratio, progress=progress, **prune_kw)
     return compare(lm.model, sparse_lm.model, windows, time_ids, dense_ppl, reps=reps,
                    dense_file=dense_file, progress=progress)

@@ -21,14 +21,17 @@ number and the pruned model saves and reloads with ``from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
 from lab_utils.core.sparsify import SparsityError, check_sparsity_ratio
+from lab_utils.experiments.concepts import costs
 
 # config attributes that hold the MLP width, by architecture
 _WIDTH_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
@@ -201,12 +204,6 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
           dense_file: int | None = None, progress: bool = True):
     """Prune copies of ``model`` at each ratio of MLP neurons; one row per model
     (the dense one first): parameters, MLP width, file, memory, forward time, perplexity."""
-    import copy
-
-    import pandas as pd
-
-    from lab_utils.experiments.concepts import costs
-
     scores = calibrated_scores(model, calibration, progress=progress)
     variants = {"dense": (0.0, model, 0)}
     for s in sparsities:

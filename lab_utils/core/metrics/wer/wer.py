@@ -4,7 +4,7 @@ WER = (substitutions + deletions + insertions) / words in the references,
 pooled over the whole corpus (not averaged per sentence). It can exceed 1
 when the hypotheses insert many words. The text is compared as given: apply
 the same normalization to predictions and references before calling this
-(``lab_utils.evaluation.asr.normalize`` does it for the Whisper benchmark).
+(``lab_utils.core.evaluation.asr.normalize`` does it for the Whisper benchmark).
 """
 
 import datasets

@@ -1,4 +1,4 @@
-"""Notebook 04's time targets (issue 6), measured in one run and printed as a table.
+"""Notebook 04 cold and cached, measured in one run and printed as a table.
 
 Runs ``notebooks/04_benchmarks.ipynb`` through the report runner twice on the
 same parameters:
@@ -14,7 +14,7 @@ on a shared machine the wall time says more about the neighbours than about
 the notebook. Then the slowest cells of the cold run, and the evaluation
 seconds per model and benchmark (from ``results/benchmarks.csv``).
 
-    python -m benchmarks bench_benchmarks [-- --params params/default.yaml --keep]
+    python -m benchmarks notebook04 [-- --params params/default.yaml --keep]
 """
 
 from __future__ import annotations

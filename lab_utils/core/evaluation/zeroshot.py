@@ -1,0 +1,215 @@
+"""Zero-shot accuracy of a loaded decoder through EleutherAI's lm-evaluation-harness.
+
+The harness the pruning literature reports with (Wanda, SparseGPT,
+llm-compressor) scores a multiple-choice task by the log-likelihood of each
+answer after the prompt and picks the likeliest. Here it receives the lab's
+already-loaded (possibly pruned) ``transformers`` model and its tokenizer, on
+the device the model sits on, with a batch size the lab chooses.
+
+Two kinds of task:
+
+* :data:`OFFLINE_TASKS`: the lab's own, shipped as lm-eval task YAML in
+  ``lm_eval_tasks/`` next to this module and registered through lm-eval's
+  ``TaskManager(include_path=...)``. ``lab_sentiment`` reads the movie-review
+  test split from the lab's cache (no hub) and scores the prompt
+  ``"Review: <text>\\nSentiment:"`` with the answers " negative" / " positive".
+* :data:`HUB_SUITE`: the seven tasks the pruning papers report, lm-eval's own
+  definitions; their data come from the Hugging Face hub, so
+  :func:`check_tasks` refuses them up front when the hub is unreachable.
+
+``n_examples`` draws the same seeded subset as the lab's other benchmarks (a
+permutation of the task's documents, kept in document order), handed to
+lm-eval as its ``samples`` selection; ``None`` scores every document.
+
+lm-eval's loggers and Python warnings are silenced for the call, and with
+``progress=False`` whatever it prints is captured. Its request cache and
+response database stay off, and the lab's task builds its documents in memory,
+so an offline run writes no file; a hub task's data go wherever ``datasets``
+keeps its downloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+OFFLINE_TASKS = ("lab_sentiment",)
+HUB_SUITE = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
+# Requests per forward pass. lm-eval computes the full-vocabulary logits of
+# every position: for 32 short reviews that is a few hundred MB, not more.
+BATCH_SIZE = 32
+COLUMNS = ["task", "accuracy", "stderr", "accuracy_norm", "stderr_norm", "n", "harness_version"]
+
+
+def harness_version() -> str:
+    """The installed lm-eval version (recorded next to every accuracy)."""
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def task_names(tasks) -> tuple[str, ...]:
+    """One name or several, as a tuple."""
+    return (tasks,) if isinstance(tasks, str) else tuple(tasks)
+
+
+def check_tasks(tasks, hub_available: bool) -> tuple[str, ...]:
+    """The task names as a tuple, or one clear ValueError before any work: no
+    task at all, or a task that needs the hub (anything not in
+    :data:`OFFLINE_TASKS`) while the hub is unavailable."""
+    names = task_names(tasks)
+    if not names:
+        raise ValueError(f"zeroshot_tasks is empty: name at least one task, e.g. {OFFLINE_TASKS[0]!r}")
+    hub = [t for t in names if t not in OFFLINE_TASKS]
+    if hub and not hub_available:
+        raise ValueError(f"zero-shot task(s) {', '.join(hub)} need the Hugging Face hub, which is not "
+                         f"available here; without it use {', '.join(OFFLINE_TASKS)}")
+    return names
+
+
+def subset_indices(n_docs: int, n_examples: int | None, seed: int = 0) -> list[int] | None:
+    """Indices of ``n_examples`` documents drawn by a seeded permutation and
+    kept in document order (the rule of the lab's benchmark subsets), or None
+    for all of them."""
+    if n_examples is None or n_examples >= n_docs:
+        return None
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be at least 1 (or None for every document), got {n_examples}")
+    return sorted(np.random.default_rng(seed).permutation(n_docs)[:n_examples].tolist())
+
+
+@contextlib.contextmanager
+def quiet_harness(progress: bool = False):
+    """lm-eval's loggers at ERROR and Python warnings off for the duration;
+    without ``progress`` its prints and progress bars are captured too (they
+    would otherwise land in a rendered notebook). Levels are restored after."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+            warnings.simplefilter("ignore")
+            if not progress:
+                stack.enter_context(contextlib.redirect_stdout(sink))
+                stack.enter_context(contextlib.redirect_stderr(sink))
+            yield sink
+    finally:
+        logger.setLevel(level)
+
+
+def task_manager(tasks: tuple[str, ...], *, split_seed: int = 0):
+    """An lm-eval TaskManager that knows the lab's task folder. lm-eval's own
+    task index (thousands of YAML files, seconds to scan) is read only when a
+    hub task is asked for. ``split_seed`` reaches the lab's data loader through
+    the tasks' metadata (the train/test split of the lab's corpus)."""
+    from lm_eval.tasks import TaskManager
+
+    needs_builtin = any(t not in OFFLINE_TASKS for t in tasks)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_builtin,
+                       metadata={"split_seed": int(split_seed)})
+
+
+def wrap_model(model, tokenizer, *, batch_size: int = BATCH_SIZE, device: str = "cpu"):
+    """lm-eval's Hugging Face wrapper around an already-loaded model.
+
+    The wrapper evaluates a model instance where it sits, so the model must
+    already be on ``device`` (moving the caller's model here would be a
+    surprise side effect)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    where = next(model.parameters()).device
+    if where != torch.device(device):
+        raise ValueError(f"the model is on {where}, not on {device}: move it first (model.to({device!r}))")
+    if tokenizer.pad_token_id is None:
+        # lm-eval gives a tokenizer without one a pad token: keep the caller's as it was
+        tokenizer = copy.deepcopy(tokenizer)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), device=str(device))
+
+
+def _prepare(loaded: dict, *, seed: int) -> None:
+    """Zero-shot unless a task's own config says otherwise, with a fixed
+    few-shot seed (what ``simple_evaluate`` does, minus its reseeding of the
+    caller's global random generators)."""
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+
+
+def _metric(task_results: dict, name: str) -> float:
+    # lm-eval names a metric with its filter ("acc,none"); a stderr it could
+    # not compute is the string "N/A"
+    v = task_results.get(f"{name},none")
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def accuracy_rows(results: dict, tasks) -> list[dict]:
+    """One row per task (:data:`COLUMNS`) from :func:`run_harness`'s results."""
+    version = harness_version()
+    rows = []
+    for name in task_names(tasks):
+        r = results["results"][name]
+        rows.append({"task": name, "accuracy": _metric(r, "acc"), "stderr": _metric(r, "acc_stderr"),
+                     "accuracy_norm": _metric(r, "acc_norm"),
+                     "stderr_norm": _metric(r, "acc_norm_stderr"),
+                     "n": int(results["n-samples"][name]["effective"]), "harness_version": version})
+    return rows
+
+
+def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None = None,
+                seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "cpu",
+                hub_available: bool | None = None, progress: bool = False,
+                log_samples: bool = False) -> dict:
+    """lm-eval's own results dict for ``tasks`` on ``model`` (see
+    :func:`zeroshot_accuracy` for the arguments); ``log_samples`` adds every
+    document's requests and log-likelihoods under ``"samples"``."""
+    from lm_eval.evaluator import evaluate
+
+    names = task_names(tasks)
+    if hub_available is None and any(t not in OFFLINE_TASKS for t in names):
+        from lab_utils.core.models import hub_reachable
+
+        hub_available = hub_reachable()[0]
+    names = check_tasks(names, bool(hub_available))
+    with quiet_harness(progress):
+        lm = wrap_model(model, tokenizer, batch_size=batch_size, device=device)
+        loaded = task_manager(names, split_seed=seed).load(list(names))
+        _prepare(loaded, seed=seed)
+        samples = {name: idx for name, task in loaded["tasks"].items()
+                   if (idx := subset_indices(len(task.eval_docs), n_examples, seed)) is not None}
+        # the model as given, every time: no response database (use_cache) and
+        # no request cache on disk (cache_requests)
+        results = evaluate(lm=lm, task_dict=loaded, samples=samples or None, cache_requests=False,
+                           log_samples=log_samples, bootstrap_iters=1000)
+    return results
+
+
+def zeroshot_accuracy(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None = None,
+                      seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "cpu",
+                      hub_available: bool | None = None, progress: bool = False) -> list[dict]:
+    """Zero-shot accuracy of ``model`` on each task through lm-eval.
+
+    Rows (one per task, in the order asked): task, accuracy ("acc") and its
+    standard error, length-normalized accuracy ("acc_norm", NaN where the task
+    has none) and its standard error, n (documents scored) and the harness
+    version. ``seed`` is the lab's data seed: it fixes the train/test split of
+    the lab's corpus and the subset of ``n_examples`` documents (None: all).
+    ``hub_available`` None asks :func:`lab_utils.core.models.hub_reachable`,
+    and only when a hub task is requested; a hub task without the hub raises
+    ValueError before anything is loaded. The model must already be on
+    ``device``.
+    """
+    results = run_harness(model, tokenizer, tasks, n_examples=n_examples, seed=seed,
+                          batch_size=batch_size, device=device, hub_available=hub_available,
+                          progress=progress)
+    return accuracy_rows(results, tasks)

@@ -1,0 +1,363 @@
+"""Jobs on Dask (lab_utils.experiments.executor): serial, a local cluster and an external cluster
+started here as processes give the same results; a killed worker, a failing job, an interrupt, an
+unreachable scheduler and a bad executor value each end the way the module promises."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from distributed import Client
+from executor_jobs import attempt, attempt_pids, torch_threads, worker_pid
+
+from lab_utils.experiments import executor as ex
+
+DASK = Path(sys.executable).with_name("dask")  # the venv's CLI, as a user would start a cluster
+PRUNE = "lab_utils.core.sparsify:sparsegpt_prune"
+RATIO = "lab_utils.core.sparsify:check_sparsity_ratio"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
+
+
+def prune_jobs() -> list[dict]:
+    """SparseGPT on tiny layers, unstructured and 2:4: a real lab function, floating point."""
+    gen = torch.Generator().manual_seed(0)
+    jobs = []
+    for prune_n, prune_m in [(0, 0), (2, 4), (0, 0), (2, 4)]:
+        X = torch.randn(128, 64, generator=gen)
+        jobs.append({"W": torch.randn(16, 64, generator=gen), "H": 2 * X.T @ X / 128,
+                     "sparsity_ratio": 0.5, "prune_n": prune_n, "prune_m": prune_m,
+                     "blocksize": 32})
+    return jobs
+
+
+def child_processes() -> dict[int, str]:
+    """This process's descendants, pid: command line, but multiprocessing's resource tracker
+    (started with the first local cluster, it lives as long as this process, by design)."""
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        with suppress(psutil.NoSuchProcess):
+            found[p.pid] = " ".join(p.cmdline())
+    return {pid: cmd for pid, cmd in found.items() if "resource_tracker" not in cmd}
+
+
+# --- an external cluster: dask scheduler + two dask workers, as processes -------------------------
+
+@dataclass
+class External:
+    address: str
+    scheduler_file: str
+
+    def worker_pids(self) -> dict[int, dict]:
+        """pid: the scheduler's information, for each worker process."""
+        with Client(self.address, set_as_default=False, timeout=10) as client:
+            info = client.scheduler_info()["workers"]
+            return {pid: info[address] for address, pid in client.run(os.getpid).items()}
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Kill the cluster's processes and the worker processes their nannies started: a test
+    cluster holds nothing that a graceful stop (seconds of timeouts) would save."""
+    family = []
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    for proc in procs:
+        proc.wait()
+    psutil.wait_procs(family, timeout=10)
+
+
+def written(scheduler_file: Path) -> bool:
+    """Whether the scheduler has written its file, completely."""
+    try:
+        return "address" in json.loads(scheduler_file.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dask-cluster")
+    scheduler_file = folder / "scheduler.json"
+    procs: list[subprocess.Popen] = []
+    with (folder / "cluster.log").open("w") as log:
+
+        env = {**os.environ,
+               # the jobs are functions of tests/executor_jobs.py: its folder goes on the
+               # cluster's path, as a user's own modules would
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                           os.environ.get("PYTHONPATH")])),
+               # as the local cluster: a job waits at the scheduler, not queued on a busy
+               # worker, where a cancellation could reach it after the worker is free again
+               "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+
+        def start(*args: str) -> None:
+            procs.append(subprocess.Popen([str(DASK), *args], stdout=log, stderr=subprocess.STDOUT,
+                                          env=env))
+
+        try:
+            start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                  "127.0.0.1:0", "--scheduler-file", str(scheduler_file))
+            wait_for(lambda: written(scheduler_file))
+            for extra in (["--resources", "GPU=1"], []):
+                start("worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+                      "--nthreads", "1", "--no-dashboard", *extra)
+            address = json.loads(scheduler_file.read_text())["address"]
+            with Client(address, set_as_default=False, timeout=30) as client:
+                client.wait_for_workers(2, timeout=60)
+            yield External(address=address, scheduler_file=str(scheduler_file))
+        finally:
+            stop(procs)
+
+
+# --- same results everywhere ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["local", "address", "scheduler file"])
+def test_every_executor_gives_the_serial_results(where, request, tmp_path):
+    jobs = prune_jobs()
+    expected = ex.run_jobs(PRUNE, jobs, executor="serial", progress=False)
+    if where == "local":
+        executor = "local"
+    else:
+        cluster = request.getfixturevalue("external")
+        executor = cluster.address if where == "address" else cluster.scheduler_file
+    before = child_processes()
+    got = ex.run_jobs(PRUNE, jobs, executor=executor, workers=2, progress=False,
+                      cache_dir=tmp_path)
+    assert len(got) == len(expected) == 4
+    for (W, mask), (W_ref, mask_ref) in zip(got, expected, strict=True):
+        assert torch.equal(W, W_ref) and torch.equal(mask, mask_ref)  # bit for bit
+        assert float((W == 0).float().mean()) == 0.5  # pruned, not passed through
+    assert child_processes() == before  # the local cluster is closed, its workers gone
+    assert not list(tmp_path.glob(".executor-probe-*"))  # the cache probe cleaned up after
+
+
+def test_workers_run_torch_on_the_threads_asked_for(external, tmp_path):
+    kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
+    assert ex.run_jobs(torch_threads, [{}, {}], threads=2, **kw) == [2, 2]
+    assert ex.run_jobs(torch_threads, [{}, {}], **kw) == [1, 1]
+    here = torch.get_num_threads()
+    assert ex.run_jobs(torch_threads, [{}, {}], executor="serial", progress=False) == [here] * 2
+
+
+def test_jobs_that_ask_for_a_gpu_go_to_the_worker_that_offers_one(external, tmp_path):
+    gpu = {pid for pid, w in external.worker_pids().items() if w["resources"].get("GPU")}
+    kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
+    assert len(gpu) == 1
+    assert set(ex.run_jobs(worker_pid, [{}] * 3, resources={"GPU": 1}, **kw)) == gpu
+    with pytest.raises(ex.ExecutorError, match="no Dask worker offers TPU=1"):
+        ex.run_jobs(worker_pid, [{}] * 2, resources={"TPU": 1}, **kw)
+
+
+def test_the_dashboard_link_is_printed_once(external, tmp_path, capsys):
+    with ex.open_executor(external.address, cache_dir=tmp_path) as opened:
+        for _ in range(2):
+            assert ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=opened,
+                               progress=False) == [0.5, 0.5]
+    out = capsys.readouterr().out
+    assert out.count("Dask dashboard: http://127.0.0.1:") == 1
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+def test_a_killed_worker_costs_a_rerun_on_the_other_worker_not_the_batch(external, tmp_path):
+    jobs = [{"x": x, "folder": str(tmp_path), "hold": (0,)} for x in range(4)]
+    workers = external.worker_pids()
+    killed = []
+
+    def kill_the_worker_holding_job_0():
+        # once the other jobs are done, so that the other worker is free to take it at once
+        wait_for(lambda: all(attempt_pids(tmp_path, x) for x in range(4)))
+        time.sleep(0.3)
+        killed.append(attempt_pids(tmp_path, 0)[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker_holding_job_0, daemon=True)
+    killer.start()
+    results = ex.run_jobs(attempt, jobs, executor=external.address, progress=False,
+                          cache_dir=tmp_path)
+    killer.join(timeout=10)
+    assert results == [{"x": x, "square": x * x} for x in range(4)]
+    first, again = attempt_pids(tmp_path, 0)
+    assert killed == [first] and first in workers  # a worker that the scheduler knew
+    assert again in set(workers) - {first}  # the other one
+    assert all(len(attempt_pids(tmp_path, x)) == 1 for x in (1, 2, 3))  # finished: not redone
+    wait_for(lambda: len(external.worker_pids()) == 2, timeout=30)  # the nanny restarted it
+
+
+@pytest.mark.parametrize("where", ["serial", "external"])
+def test_a_failing_job_is_one_error_naming_it(where, request, tmp_path):
+    executor = "serial" if where == "serial" else request.getfixturevalue("external").address
+    jobs = [{"sparsity_ratio": s} for s in (0.5, 1.2, 0.25)]
+    with pytest.raises(ex.JobError) as info:
+        ex.run_jobs(RATIO, jobs, executor=executor, progress=False, cache_dir=tmp_path,
+                    describe=lambda job: f"ratio {job['sparsity_ratio']}")
+    assert str(info.value) == ("ratio 1.2 failed: SparsityError: sparsity 1.2 is outside [0, 1): "
+                               "it is the fraction of weights set to zero, e.g. 0.5 for half")
+    assert type(info.value.__cause__).__name__ == "SparsityError"  # the original, chained
+
+
+def interrupt_when(condition) -> threading.Thread:
+    """A thread that sends SIGINT to this process (the notebook's stop button) once
+    ``condition()`` holds; KeyboardInterrupt then rises in the main thread."""
+    def send():
+        wait_for(condition)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_interrupt_closes_the_local_cluster_and_leaves_no_process(tmp_path):
+    jobs = [{"x": x, "folder": str(tmp_path), "hold": (0, 1)} for x in range(4)]
+    before = child_processes()
+    during = {}
+
+    def both_held():
+        held = all(attempt_pids(tmp_path, x) for x in (0, 1))
+        if held:
+            during.update(child_processes())
+        return held
+
+    thread = interrupt_when(both_held)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_jobs(attempt, jobs, executor="local", workers=2, progress=False)
+    thread.join(timeout=10)
+    workers = {attempt_pids(tmp_path, 0)[0], attempt_pids(tmp_path, 1)[0]}
+    assert workers <= set(during) - set(before)  # the jobs ran in the cluster's processes
+    assert not any(psutil.pid_exists(pid) for pid in set(during) - set(before))
+    assert child_processes() == before
+    assert not any(attempt_pids(tmp_path, x) for x in (2, 3))
+
+
+def test_an_interrupt_while_the_local_cluster_starts_still_closes_it(tmp_path):
+    jobs = [{"x": x, "folder": str(tmp_path)} for x in range(2)]
+    before = child_processes()
+    starting = {}
+
+    def a_worker_process_started():
+        starting.update({pid: cmd for pid, cmd in child_processes().items()
+                         if pid not in before and "spawn_main" in cmd})
+        return bool(starting)
+
+    thread = interrupt_when(a_worker_process_started)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_jobs(attempt, jobs, executor="local", workers=2, progress=False)
+    thread.join(timeout=10)
+    assert starting and not any(psutil.pid_exists(pid) for pid in starting)
+    assert child_processes() == before
+    assert not any(attempt_pids(tmp_path, x) for x in range(2))  # it stopped before any job
+
+
+def test_an_interrupt_cancels_the_jobs_on_an_open_cluster(external, tmp_path):
+    jobs = [{"x": x, "folder": str(tmp_path), "hold": (0, 1)} for x in range(6)]
+    with ex.open_executor(external.address, cache_dir=tmp_path, announce=False) as opened:
+        thread = interrupt_when(lambda: all(attempt_pids(tmp_path, x) for x in (0, 1)))
+        with pytest.raises(KeyboardInterrupt):
+            ex.run_jobs(attempt, jobs, executor=opened, progress=False)
+        thread.join(timeout=10)
+        (tmp_path / "release").touch()  # the two held jobs end; the four others must not start
+        after = [{"x": 9, "folder": str(tmp_path)}, {"x": 10, "folder": str(tmp_path)}]
+        assert ex.run_jobs(attempt, after, executor=opened, progress=False)[0]["square"] == 81
+        wait_for(lambda: not opened.client.futures, timeout=10)  # nothing left submitted
+    assert not any(attempt_pids(tmp_path, x) for x in range(2, 6))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_scheduler_is_one_line_in_seconds(tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ex.ExecutorError) as info:
+        ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=address, progress=False,
+                    cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    assert address in str(info.value) and "\n" not in str(info.value)
+    assert "executor='local'" in str(info.value)  # says what to do
+
+
+def test_a_stale_scheduler_file_names_its_address(tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    stale = tmp_path / "scheduler.json"
+    stale.write_text(json.dumps({"address": address}))
+    with pytest.raises(ex.ExecutorError) as info:
+        with ex.open_executor(stale, connect_timeout=1, cache_dir=tmp_path):
+            pass
+    assert str(info.value).startswith(f"no Dask scheduler answers at {address} (from {stale}) "
+                                      f"within 1 s: ")
+
+
+class ElsewhereClient:
+    """A client whose one worker writes its probe into another folder than this process's:
+    a cache folder that is not shared."""
+
+    def __init__(self, elsewhere: Path):
+        self.elsewhere = elsewhere
+
+    def run(self, function, folder, *args):
+        return {"tcp://127.0.0.1:1": function(str(self.elsewhere), *args)}
+
+
+def test_a_cache_the_workers_do_not_share_is_one_line(tmp_path):
+    (tmp_path / "worker").mkdir()
+    with pytest.raises(ex.ExecutorError) as info:
+        ex.check_shared_cache(ElsewhereClient(tmp_path / "worker"), cache_dir=tmp_path / "here",
+                              wait_s=0.2)
+    assert str(info.value).startswith("LAB_CACHE_DIR must be on storage every worker sees: "
+                                      "1 of 1 workers wrote to ")
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "worker").iterdir())  # the worker removed its probe
+
+
+# --- executor values ------------------------------------------------------------------------------
+
+def test_good_executor_values_pass(tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": "tcp://127.0.0.1:8786"}))
+    assert ex.check_executor("local") == "local"
+    assert ex.check_executor("serial") == "serial"
+    assert ex.check_executor("tcp://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    assert ex.check_executor(scheduler_file) == str(scheduler_file)
+
+
+@pytest.mark.parametrize("value", ["loacl", "", "tcp://127.0.0.1", "tcp://:8786",
+                                   "tcp://127.0.0.1:99999", "no/such/scheduler.json", 2, None,
+                                   "not-a-scheduler-file"])
+def test_a_bad_executor_value_is_one_line(value, tmp_path):
+    if value == "not-a-scheduler-file":
+        value = tmp_path / "scheduler.json"
+        value.write_text("{}")
+    with pytest.raises(ValueError) as info:
+        ex.check_executor(value)
+    assert "\n" not in str(info.value) and "executor" in str(info.value)
+
+
+def test_a_bad_function_name_fails_before_any_job():
+    with pytest.raises(ValueError, match="not an importable 'package.module:function'"):
+        ex.run_jobs("lab_utils.core.sparsify:no_such_function", [{}, {}], progress=False)
