@@ -3,6 +3,8 @@
     python -m lab_utils prune --model smollm2-135m --method wanda --sparsity 0.5 \\
         [--pattern 2:4] [--scope row] [--nsamples 64 --seqlen 512 --seed 0] [--owl] [--out DIR]
     python -m lab_utils perplexity --model PRESET_OR_DIR [--seqlen 512 --windows 64] [--corpus nyt]
+    python -m lab_utils sweep --models smollm2-135m --methods wanda sparsegpt --sparsities 0.5 0.7 \\
+        [--patterns unstructured 2:4] [--executor local|serial|tcp://HOST:PORT|FILE] [--workers N]
 
 ``prune`` reuses the checkpoint cache (``from_cache`` says so) and, with
 ``--out``, also writes a complete model folder that ``perplexity --model DIR``
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     pr.add_argument("--owl", action="store_true", help="outlier-weighted sparsity per block (OWL)")
     pr.add_argument("--out", default=None, help="also write the pruned model folder here")
+    _device_arguments(pr)
     pr.add_argument("--no-progress", action="store_true")
 
     pp = sub.add_parser("perplexity", help="decoder perplexity under the lab's protocol")
@@ -54,8 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "the context for hub models)")
     pp.add_argument("--windows", type=int, default=64, help="first K non-overlapping windows")
     pp.add_argument("--corpus", default=None, help="nyt (default) or wikitext2 (hub models)")
+    _device_arguments(pp)
     pp.add_argument("--no-progress", action="store_true")
+
+    sw = sub.add_parser("sweep", help="notebook 03's sparsity sweep (a row per setting) on a Dask executor")
+    sw.add_argument("--models", nargs="+", required=True, help="presets, hub ids or folders")
+    sw.add_argument("--methods", nargs="+", required=True, help="magnitude | wanda | sparsegpt ...")
+    sw.add_argument("--sparsities", nargs="+", type=float, default=[0.5], help="unstructured sparsities")
+    sw.add_argument("--patterns", nargs="+", default=["unstructured"], help="unstructured and/or N:M")
+    sw.add_argument("--nsamples", type=int, default=16, help="calibration samples")
+    sw.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sample")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    sw.add_argument("--eval-windows", type=int, default=8, help="perplexity windows (decoders)")
+    sw.add_argument("--eval-seqlen", type=int, default=256, help="tokens per perplexity window")
+    sw.add_argument("--executor", default="local", help="local | serial | tcp://HOST:PORT | scheduler file")
+    sw.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    sw.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: a GPU when "
+                   "torch sees one)")
+    p.add_argument("--dtype", default="auto", help="forward dtype: auto | float32 | bfloat16 | float16 "
+                   "(auto: float32 on the CPU, bfloat16 on a GPU)")
 
 
 def cmd_prune(a) -> dict:
@@ -64,8 +89,8 @@ def cmd_prune(a) -> dict:
     if a.out:
         checkpoints.check_output_dir(a.out)  # before minutes of pruning, not after
     lm, report = checkpoints.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
-                                          a.nsamples, a.seqlen, a.seed, a.owl, progress=not a.no_progress,
-                                          save=True)
+                                          a.nsamples, a.seqlen, a.seed, a.owl, device=a.device, dtype=a.dtype,
+                                          progress=not a.no_progress, save=True)
     out = report.summary()
     out["output"] = report.checkpoint
     if a.out:
@@ -81,8 +106,21 @@ def cmd_perplexity(a) -> dict:
         raise ValueError(f"--windows must be positive, got {a.windows}")
     if a.seqlen is not None and a.seqlen <= 1:
         raise ValueError(f"--seqlen must be > 1, got {a.seqlen}")
-    lm = load_model(a.model)
+    # the model on the device when it is not the CPU (the default load otherwise, byte for byte)
+    lm = load_model(a.model, **({} if a.device == "cpu" and a.dtype in ("auto", "float32") else
+                                {"device": a.device, "dtype": a.dtype}))
     return perplexity.evaluate(lm, a.seqlen, a.windows, a.corpus, progress=not a.no_progress)
+
+
+def cmd_sweep(a) -> dict:
+    from lab_utils.experiments import executor, sweep  # deferred: see the module docstring
+
+    name = executor.check_executor(a.executor)  # a typo fails before the models load
+    df = sweep.sparsity_sweep(a.models, a.methods, a.patterns, a.sparsities, nsamples=a.nsamples,
+                              seqlen=a.seqlen, seed=a.seed, eval_windows=a.eval_windows,
+                              eval_seqlen=a.eval_seqlen, progress=not a.no_progress, executor=name,
+                              workers=a.workers)
+    return {"executor": name, "rows": json.loads(df.to_json(orient="records"))}  # NaN -> null
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     from lab_utils.core.data import DataError
     from lab_utils.core.models import ModelError
     from lab_utils.core.sparsify import SparsityError
+    from lab_utils.experiments.executor import ExecutorError, JobError
 
     torch.set_num_threads(max(1, int(os.environ.get("LAB_THREADS", os.cpu_count() or 1))))
     try:
-        result = cmd_prune(args) if args.command == "prune" else cmd_perplexity(args)
-    except (SparsityError, ModelError, DataError, ValueError) as e:
+        if hasattr(args, "device"):  # a device torch does not see: one line, before any work
+            from lab_utils.core import device
+
+            found = device.describe(args.device, args.dtype)
+            args.device, args.dtype = found["device"], found["dtype"]
+        result = {"prune": cmd_prune, "perplexity": cmd_perplexity, "sweep": cmd_sweep}[args.command](args)
+    except (SparsityError, ModelError, DataError, ValueError, ExecutorError, JobError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps(result, sort_keys=True, default=str))
     return 0

@@ -65,3 +65,18 @@ return Array.from(document.images).map(i => [i.getAttribute('src').slice(0, 120)
 LINKS_JS = """
 return Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'));
 """
+# Under print media: whether it applies, the navigation's display, the page width and
+# how far right any image or table reaches, a table's font size and how rows break.
+PRINT_LAYOUT_JS = """
+const right = sel => Math.max(0, ...Array.from(document.querySelectorAll(sel)).map(
+    e => e.getBoundingClientRect().right));
+const table = document.querySelector('table'), row = document.querySelector('tr');
+return {print: window.matchMedia('print').matches,
+        nav: getComputedStyle(document.querySelector('nav')).display,
+        page_width: document.documentElement.clientWidth,
+        img_right: right('img'), table_right: right('table'),
+        table_font: table ? parseFloat(getComputedStyle(table).fontSize) : null,
+        row_break: row ? getComputedStyle(row).breakInside : null,
+        print_rules: Array.from(document.styleSheets).flatMap(s => Array.from(s.cssRules))
+            .filter(r => r.media && Array.from(r.media).includes('print')).length};
+"""

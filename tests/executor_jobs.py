@@ -35,3 +35,73 @@ def torch_threads() -> int:
 
 def worker_pid() -> int:
     return os.getpid()
+
+
+# --- hooks into the pruning engine of a worker process (client.run, or a worker preload) ----------
+
+_ORIGINAL: dict = {}
+
+
+def job_name(model_name: str, method: str, sparsity: float) -> str:
+    """How the hooks name a pruning: the model folder's name, the method, the sparsity."""
+    return f"{Path(model_name).name}-{method}-{sparsity:g}"
+
+
+def prune_pids(folder: Path, name: str) -> list[int]:
+    """The pids of the attempts at the pruning ``name`` (:func:`job_name`), in order."""
+    log = Path(folder) / f"prune-{name}"
+    return [int(p) for p in log.read_text().split()] if log.exists() else []
+
+
+def hook_engine(folder: str, hold: tuple = (), fail_write: tuple = ()) -> int:
+    """In this process, record every pruning's attempt (``prune-<job_name>``: one pid a line);
+    a pruning named in ``hold`` waits, on its first attempt only, for ``folder/release`` (or for
+    its worker to be killed); one named in ``fail_write`` fails while its checkpoint is half
+    written, as a full disk would. Returns this process's pid."""
+    import errno
+
+    from lab_utils.engine import checkpoints
+
+    _ORIGINAL.setdefault("prune_model", checkpoints.prune_model)
+    _ORIGINAL.setdefault("save_checkpoint", checkpoints.save_checkpoint)
+    current: list[str] = []
+
+    def prune_model(lm, cfg, *args, **kw):
+        name = job_name(lm.spec.name, cfg.method, cfg.sparsity)
+        current[:] = [name]
+        log = Path(folder) / f"prune-{name}"
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        if name in hold and len(log.read_text().split()) == 1:
+            deadline = time.monotonic() + 60
+            while not (Path(folder) / "release").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pruning {name} held for 60 s")
+                time.sleep(0.02)
+        return _ORIGINAL["prune_model"](lm, cfg, *args, **kw)
+
+    def save_checkpoint(model, tmp):
+        if current and current[0] in fail_write:
+            (Path(tmp) / "pruned.safetensors").write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _ORIGINAL["save_checkpoint"](model, tmp)
+
+    checkpoints.prune_model = prune_model
+    checkpoints.save_checkpoint = save_checkpoint
+    return os.getpid()
+
+
+def unhook_engine() -> None:
+    """Undo :func:`hook_engine` in this process."""
+    from lab_utils.engine import checkpoints
+
+    for name, function in _ORIGINAL.items():
+        setattr(checkpoints, name, function)
+
+
+def dask_setup(worker) -> None:
+    """As a worker preload (``distributed.worker.preload``): :func:`hook_engine` with the JSON
+    arguments in ``EXECUTOR_JOBS_HOOK``, so a local cluster's workers are hooked from their start."""
+    import json
+
+    hook_engine(**json.loads(os.environ["EXECUTOR_JOBS_HOOK"]))

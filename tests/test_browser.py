@@ -9,7 +9,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from browser import IMAGES_JS, LINKS_JS, browser_available, chromium, serve
+from browser import IMAGES_JS, LINKS_JS, PRINT_LAYOUT_JS, browser_available, chromium, serve
 
 pytestmark = pytest.mark.browser
 
@@ -79,3 +79,33 @@ def test_writeup_shows_the_five_sections_and_its_figures(smoke_report, driver):
     # the seed's figure names (with '%') load through their encoded links
     loaded = [src for src, complete, width in images if complete and width > 0]
     assert any("sparsity_0%25.png" in src for src in loaded), images
+
+
+A4_WIDTH_PX = 794  # 210 mm at the 96 px per inch of CSS
+
+
+def test_writeup_prints_on_a_page_with_nothing_cut(smoke_report, driver):
+    # Graders print: under print media (emulated through the DevTools protocol) on a
+    # page as wide as A4, the navigation is gone, figures and tables fit the width,
+    # table rows do not break across pages and tables use a smaller font.
+    out, _ = smoke_report
+    with serve(out / "report") as base:
+        driver.get(base + "LAB4.html")
+        screen = driver.execute_script(PRINT_LAYOUT_JS)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": A4_WIDTH_PX, "height": 1123, "deviceScaleFactor": 1, "mobile": False})
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            printed = driver.execute_script(PRINT_LAYOUT_JS)
+            driver.save_screenshot(str(out / "build" / "screenshots" / "LAB4-print.png"))
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+            driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert screen["print_rules"] > 0, "LAB4.html has no @media print rules"
+    assert printed["print"] and not screen["print"]
+    assert screen["nav"] != "none" and printed["nav"] == "none"
+    assert printed["page_width"] <= A4_WIDTH_PX
+    assert 0 < printed["img_right"] <= printed["page_width"], printed
+    assert 0 < printed["table_right"] <= printed["page_width"], printed
+    assert printed["row_break"] == "avoid" and screen["row_break"] != "avoid"
+    assert printed["table_font"] < screen["table_font"]

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from lab_utils.core import files, models
-from lab_utils.core.evaluation import asr, denoising, sentiment
+from lab_utils.core.evaluation import asr, denoising, sentiment, zeroshot
 from lab_utils.engine import checkpoints
 from lab_utils.experiments import benchmarks
 from lab_utils.presentation import benchmarks_view
@@ -89,33 +88,30 @@ def test_mean_pooling_ignores_padding(tiny_dirs):
 
 
 # --------------------------------------------------------------------------- zero-shot
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_answer_logprobs_match_a_direct_forward(tiny_dirs, kind):
-    lm = models.load_model(str(tiny_dirs[kind]))
-    texts = ["good movie", "the plot was long and bad"]
-    prompt = "{text} . it was"
-    for answers in ((" bad", " good"), (" very bad", " very good")):  # one token / two tokens each
-        got = sentiment.answer_logprobs(lm.model, lm.tokenizer, texts, prompt, answers, progress=False)
-        for i, t in enumerate(texts):
-            p = lm.tokenizer(prompt.format(text=t))["input_ids"]
-            for k, a in enumerate(answers):
-                ids = lm.tokenizer(a, add_special_tokens=False)["input_ids"]
-                with torch.no_grad():
-                    logp = torch.log_softmax(lm.model(torch.tensor([p + ids])).logits[0], -1)
-                want = sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(ids))
-                assert got[i, k] == pytest.approx(want, abs=1e-4)
-
-
-def test_zero_shot_sentiment_reports_prompt_and_scores(tiny_dirs):
+def test_zero_shot_benchmark_is_a_row_per_harness_task(tiny_dirs):
     lm = models.load_model(str(tiny_dirs["llama"]))
-    texts, labels = ["good movie", "bad movie", "great film", "bad plot"], [1, 0, 1, 0]
-    out = sentiment.zero_shot_sentiment(lm.model, lm.tokenizer, texts, labels, progress=False)
-    assert out["prompt"] == sentiment.PROMPT and out["answers"] == list(sentiment.ANSWERS)
-    assert 0.0 <= out["accuracy"] <= 1.0 and out["n"] == 4
-    # all four are predicted the same way or not: accuracy and the positive share agree
-    pred_pos = out["predicted_positive"]
-    if pred_pos in (0.0, 1.0):
-        assert out["accuracy"] == 0.5
+    bp = benchmarks.BenchParams(sentiment_examples=8, seed=0, zeroshot_tasks=["lab_sentiment"])
+    assert bp.zeroshot_tasks == ("lab_sentiment",)  # a list from a parameter file becomes a tuple
+    out = benchmarks.run_benchmark("zero-shot", lm, bp, progress=False)
+    rows = benchmarks.metric_rows(out)
+    assert [(r["metric"], r["task"], r["n"]) for r in rows] == [("zero-shot accuracy", "lab_sentiment", 8)]
+    acc, n = rows[0]["value"], rows[0]["n"]
+    assert round(acc * n) == pytest.approx(acc * n)  # a share of the 8 reviews
+    # lm-eval's standard error of a mean of 0/1 scores (sample variance), not a bootstrap
+    assert rows[0]["stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)))
+    assert rows[0]["harness_version"] == zeroshot.harness_version()
+    # the task list and the harness version are part of the cache key
+    key = benchmarks.bench_params("zero-shot", bp)
+    assert key["zeroshot_tasks"] == ["lab_sentiment"] and key["harness"] == zeroshot.harness_version()
+    # a benchmark without tasks keeps one row per metric, the task columns empty
+    [plain] = benchmarks.metric_rows({"metrics": {"perplexity": 12.0}})
+    assert (plain["metric"], plain["value"], plain["task"], plain["harness_version"]) == ("perplexity", 12.0, "", "")
+    assert math.isnan(plain["stderr"]) and math.isnan(plain["n"])
+
+
+def test_bad_zeroshot_tasks_fail_with_one_clear_line():
+    with pytest.raises(ValueError, match="^zeroshot_tasks: no zero-shot task named"):
+        benchmarks.BenchParams(zeroshot_tasks=[])
 
 
 # --------------------------------------------------------------------------- speech
@@ -212,7 +208,7 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
     cfg = benchmarks.SweepConfig(nsamples=2, seqlen=16, bench=SMALL, size_formats=("dense", "bitmask+zstd"))
     df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
                                            cfg, progress=False)
-    per_model = {"decoder-only": 3, "encoder-only": 3, "encoder-decoder": 2}  # metrics per setting
+    per_model = {"decoder-only": 2, "encoder-only": 3, "encoder-decoder": 2}  # metrics (tasks) per setting
     n_settings = 1 + 2 * 3
     for name in names:
         g = df[df.model == name]
@@ -308,6 +304,26 @@ def test_reach_and_paragraph_follow_the_numbers():
     assert "wanda at none of them" in benchmarks_view.family_paragraph(_table(flipped), "decoder-only")
 
 
+def test_two_zero_shot_tasks_stay_apart_in_every_summary():
+    acc = {("dense", "unstructured", 0.0): (0.80, 0.60), ("wanda", "unstructured", 0.5): (0.79, 0.40),
+           ("magnitude", "unstructured", 0.5): (0.60, 0.59)}
+    rows = [{"model": "m", "label": "M", "family": "decoder-only", "method": meth, "pattern": pat,
+             "requested_sparsity": sp, "actual_sparsity": sp, "benchmark": "zero-shot",
+             "metric": "zero-shot accuracy", "task": task, "value": v[k], "stderr": 0.03}
+            for (meth, pat, sp), v in acc.items() for k, task in enumerate(("lab_sentiment", "boolq"))]
+    df = benchmarks.add_dense(pd.DataFrame(rows))
+    assert df.set_index(["method", "task"]).dense_value[("wanda", "boolq")] == 0.60
+    reach = benchmarks_view.reach_table(df).set_index(["task", "method"]).max_sparsity_within
+    assert reach[("lab_sentiment", "wanda")] == 0.5 and reach[("boolq", "wanda")] == 0.0
+    assert reach[("lab_sentiment", "magnitude")] == 0.0 and reach[("boolq", "magnitude")] == 0.5
+    text = benchmarks_view.family_paragraph(df, "decoder-only")
+    assert "Dense zero-shot accuracy (lab_sentiment) is 80.0%" in text
+    assert "Dense zero-shot accuracy (boolq) is 60.0%" in text
+    assert "at 50% unstructured, wanda (79.0%" in text and "at 50% unstructured, magnitude (59.0%" in text
+    assert list(benchmarks_view.wide_table(df, "m").columns) == ["zero-shot accuracy (lab_sentiment)",
+                                                                 "zero-shot accuracy (boolq)"]
+
+
 def test_figures_are_written_deterministically(tmp_output):
     base = {("dense", "unstructured", 0.0): 10.0, ("magnitude", "unstructured", 0.5): 14.0,
             ("wanda", "unstructured", 0.5): 11.0, ("wanda", "2:4", 0.5): 20.0}
@@ -335,6 +351,10 @@ def test_smoke_run_writes_a_row_for_every_requested_setting(smoke_report):
         got = set(zip(g.method, g.pattern, g.requested_sparsity.round(6), strict=True))
         assert got == {(s.method, s.pattern, round(s.sparsity, 6)) for s in want}
         assert g.value.notna().all()
+    z = df[df.benchmark == "zero-shot"]  # the decoder's: a row per lm-eval task and setting
+    assert set(z.task) == {"lab_sentiment"} and len(z) == len(want)
+    assert (z.n == p["sentiment_examples"]).all() and (z.stderr > 0).all()
+    assert set(z.harness_version) == {zeroshot.harness_version()}
 
 
 def test_speed_sentence_follows_the_rows():

@@ -6,36 +6,23 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from distributed import Client
+from dask_cluster import child_processes, external_cluster, wait_for
 from executor_jobs import attempt, attempt_pids, torch_threads, worker_pid
 
 from lab_utils.experiments import executor as ex
 
-DASK = Path(sys.executable).with_name("dask")  # the venv's CLI, as a user would start a cluster
 PRUNE = "lab_utils.core.sparsify:sparsegpt_prune"
 RATIO = "lab_utils.core.sparsify:check_sparsity_ratio"
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.02)
-
 
 def prune_jobs() -> list[dict]:
     """SparseGPT on tiny layers, unstructured and 2:4: a real lab function, floating point."""
@@ -49,86 +36,10 @@ def prune_jobs() -> list[dict]:
     return jobs
 
 
-def child_processes() -> dict[int, str]:
-    """This process's descendants, pid: command line, but multiprocessing's resource tracker
-    (started with the first local cluster, it lives as long as this process, by design)."""
-    found = {}
-    for p in psutil.Process().children(recursive=True):
-        with suppress(psutil.NoSuchProcess):
-            found[p.pid] = " ".join(p.cmdline())
-    return {pid: cmd for pid, cmd in found.items() if "resource_tracker" not in cmd}
-
-
-# --- an external cluster: dask scheduler + two dask workers, as processes -------------------------
-
-@dataclass
-class External:
-    address: str
-    scheduler_file: str
-
-    def worker_pids(self) -> dict[int, dict]:
-        """pid: the scheduler's information, for each worker process."""
-        with Client(self.address, set_as_default=False, timeout=10) as client:
-            info = client.scheduler_info()["workers"]
-            return {pid: info[address] for address, pid in client.run(os.getpid).items()}
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Kill the cluster's processes and the worker processes their nannies started: a test
-    cluster holds nothing that a graceful stop (seconds of timeouts) would save."""
-    family = []
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in family:
-        with suppress(psutil.NoSuchProcess):
-            p.kill()
-    for proc in procs:
-        proc.wait()
-    psutil.wait_procs(family, timeout=10)
-
-
-def written(scheduler_file: Path) -> bool:
-    """Whether the scheduler has written its file, completely."""
-    try:
-        return "address" in json.loads(scheduler_file.read_text())
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def external(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dask-cluster")
-    scheduler_file = folder / "scheduler.json"
-    procs: list[subprocess.Popen] = []
-    with (folder / "cluster.log").open("w") as log:
-
-        env = {**os.environ,
-               # the jobs are functions of tests/executor_jobs.py: its folder goes on the
-               # cluster's path, as a user's own modules would
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                           os.environ.get("PYTHONPATH")])),
-               # as the local cluster: a job waits at the scheduler, not queued on a busy
-               # worker, where a cancellation could reach it after the worker is free again
-               "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
-
-        def start(*args: str) -> None:
-            procs.append(subprocess.Popen([str(DASK), *args], stdout=log, stderr=subprocess.STDOUT,
-                                          env=env))
-
-        try:
-            start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
-                  "127.0.0.1:0", "--scheduler-file", str(scheduler_file))
-            wait_for(lambda: written(scheduler_file))
-            for extra in (["--resources", "GPU=1"], []):
-                start("worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
-                      "--nthreads", "1", "--no-dashboard", *extra)
-            address = json.loads(scheduler_file.read_text())["address"]
-            with Client(address, set_as_default=False, timeout=30) as client:
-                client.wait_for_workers(2, timeout=60)
-            yield External(address=address, scheduler_file=str(scheduler_file))
-        finally:
-            stop(procs)
+    with external_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
+        yield cluster
 
 
 # --- same results everywhere ----------------------------------------------------------------------

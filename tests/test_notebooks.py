@@ -76,6 +76,17 @@ def test_a_bad_value_of_each_declared_parameter_is_refused(path):
                 params.validate_notebook({**defaults, name: bad}, path.stem, check_hub=False)
 
 
+@pytest.mark.parametrize("name, bad", [
+    ("structured_sparsities", [1.0]), ("quant_group_sizes", [33]), ("distill_temperature", 0.0),
+    ("distill_alpha", 1.5), ("moe_active_fractions", [0.3]),
+])
+def test_the_concepts_notebook_rules_that_span_parameters(name, bad):
+    path = next(p for p in NOTEBOOKS if p.stem.startswith("01"))
+    defaults = _defaults(path)
+    with pytest.raises(params.ParamError, match=rf"^{name}: "):
+        params.validate_notebook({**defaults, name: bad}, path.stem, check_hub=False)
+
+
 def test_a_parameter_missing_from_the_kernel_is_named():
     path = NOTEBOOKS[1]
     defaults = _defaults(path)
@@ -101,3 +112,30 @@ def test_the_code_passes_ruff():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lab_utils", "tests", "benchmarks", "tools"],
                           capture_output=True, text=True, cwd=runner.NOTEBOOKS_DIR.parent)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+# Calls that return None (most display): a hidden cell may end with one of them.
+DISPLAYS = {"setup", "md", "record", "show_figure", "show_parameters", "show_table", "display"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_hidden_cells_end_with_a_statement(path):
+    # A cell whose input the report hides must not leak its last expression's value
+    # (a bare list or path with no context): it ends with a statement or a display call.
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        tags = cell["metadata"].get("tags", [])
+        if cell["cell_type"] != "code" or "remove-input" not in tags:
+            continue
+        src = "".join(cell["source"])
+        last = ast.parse(src).body[-1]
+        if isinstance(last, ast.Expr):
+            call = last.value
+            name = getattr(getattr(call, "func", None), "attr", None) or getattr(getattr(call, "func", None), "id", None)
+            assert isinstance(call, ast.Call) and name in DISPLAYS, f"{path.stem}: hidden cell ends with a value: {src[-120:]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_validation_cell_shows_the_parameters_table(path):
+    nxt = "".join(json.loads(path.read_text())["cells"][2]["source"])
+    assert f'nbk.show_parameters(checked, "{path.stem}")' in nxt

@@ -116,3 +116,40 @@ def test_widget_views_and_state_are_dropped_before_rendering():
     # the bare widget view is gone; the one with an image keeps only the image; text stays
     assert [sorted(o.get("data", {})) for o in cell.outputs] == [["image/png"], []]
     assert cell.outputs[1].text == "kept\n"
+
+
+def test_rendered_page_hides_both_parameter_cells(tmp_path):
+    # The defaults cell and papermill's injected cell (only the keys the file set) are
+    # left out; the validation cell's table of every effective value is what shows.
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    defaults = nbformat.v4.new_code_cell("seed: int = 0  # seed_default_marker", metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell("# Parameters\nseed = 3  # injected_marker",
+                                         metadata={"tags": ["injected-parameters"]})
+    table = nbformat.v4.new_code_cell("nbk.show_parameters(checked)", metadata={"tags": ["remove-input"]})
+    table.outputs = [nbformat.v4.new_output("display_data", data={"text/html": "<p>parameters_table_marker</p>"})]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), defaults, injected, table]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, str(path))
+    html = runner.render_html(path, tmp_path / "n.html").read_text()
+    assert "parameters_table_marker" in html
+    assert "seed_default_marker" not in html and "injected_marker" not in html
+    assert "nbk.show_parameters" not in html
+
+
+@pytest.mark.slow
+def test_rendered_notebooks_open_with_the_parameters_table_and_leak_no_hidden_value(smoke_report):
+    import nbformat
+
+    out, _ = smoke_report
+    for path in sorted((out / "build" / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if "remove-input" in cell.metadata.get("tags", []):
+                results = [o for o in cell.get("outputs", []) if o.get("output_type") == "execute_result"]
+                assert not results, f"{path.name}: a hidden cell shows {results[0]['data'].get('text/plain')!r}"
+        html = (out / "report" / f"{path.stem}.html").read_text()
+        assert "lab-parameters" in html and "# Parameters" not in html, path.stem
+        assert "params/smoke.yaml" in html

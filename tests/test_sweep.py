@@ -36,7 +36,7 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
 def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     import os
 
-    from lab_utils.experiments import jobs
+    from lab_utils.experiments import executor
 
     models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
     args = (models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
@@ -50,8 +50,8 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
     timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
     pd.testing.assert_frame_equal(side.drop(columns=timing), here.drop(columns=timing), rtol=1e-4)
     # a failed configuration is one error naming it
-    with pytest.raises(jobs.WorkerError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) in a "
-                                                  r"worker process failed: SparsityError: seqlen 4096 exceeds"):
+    with pytest.raises(executor.JobError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) "
+                                                 r"failed: SparsityError: seqlen 4096 exceeds"):
         sweep.sparsity_sweep(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5],
                              **{**SMALL, "seqlen": 4096}, workers=2)
 

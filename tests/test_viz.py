@@ -149,3 +149,17 @@ def test_claims_are_worded_by_the_data(pair):
     finally:
         pruned.label = "Synthetic"
     assert "cannot confirm or refute" in weights_view.claim_presparsified([dense])
+
+
+def test_a_sparsified_histogram_is_drawn_in_its_methods_colour(pair):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from lab_utils.presentation import style
+
+    dense, pruned = pair
+    for method in ("magnitude", "sparsegpt"):
+        fig = weights_view.all_params_figure(pruned, dense=dense, method=method)
+        patch = next(p for p in fig.axes[0].patches if p.get_label().endswith(f"after {method}"))
+        assert to_hex(patch.get_facecolor(), keep_alpha=False) == style.method_color(method).lower()
+        plt.close(fig)

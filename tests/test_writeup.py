@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lab_utils.core import files
-from lab_utils.report.runner import writeup  # noqa: E402
+from lab_utils.report import writeup  # noqa: E402
 
 SECTIONS = ["## Concepts", "## Model Selection", "## Model Visualization",
             "## Model Sparsification & Sizes", "## Results on Benchmarks", "## What we found"]
@@ -60,6 +60,22 @@ def test_benchmark_table_has_one_column_per_setting():
     t = writeup.benchmark_table(df)
     assert list(t.columns) == ["model", "metric", "dense", "magnitude 50%", "wanda 2:4"]
     assert t.iloc[0]["magnitude 50%"] == "150"
+
+
+def test_benchmark_table_shows_each_zero_shot_task_with_its_standard_error():
+    base = {"model": "m", "label": "M", "family": "decoder-only", "requested_sparsity": 0.0,
+            "method": "dense", "pattern": "unstructured"}
+    df = pd.DataFrame([{**base, "metric": "perplexity", "task": None, "value": 20.0, "stderr": None,
+                        "harness_version": None},
+                       {**base, "metric": "zero-shot accuracy", "task": "lab_sentiment", "value": 0.8125,
+                        "stderr": 0.0346, "harness_version": "0.4.13"},
+                       {**base, "metric": "zero-shot accuracy", "task": "boolq", "value": 0.6,
+                        "stderr": 0.04, "harness_version": "0.4.13"}])
+    t = writeup.benchmark_table(df).set_index("metric")
+    assert t.loc["perplexity", "dense"] == "20"
+    assert t.loc["zero-shot accuracy (lab_sentiment)", "dense"] == "81.2% ± 3.5%"
+    assert t.loc["zero-shot accuracy (boolq)", "dense"] == "60.0% ± 4.0%"
+    assert writeup.harness_version(df) == "0.4.13" and writeup.harness_version(df.iloc[:1]) == ""
 
 
 def test_size_table_in_mib_with_the_floor():

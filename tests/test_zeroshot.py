@@ -129,7 +129,7 @@ def test_a_hub_task_without_the_hub_fails_in_one_line_before_any_work():
     # run with HF_HUB_OFFLINE=1, so the hub counts as unavailable.
     with pytest.raises(ValueError, match="hellaswag.*need the Hugging Face hub"):
         zeroshot.zeroshot_accuracy(None, None, ("hellaswag",))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="no zero-shot task named"):
         zeroshot.check_tasks([], hub_available=True)
 
 
@@ -137,3 +137,20 @@ def test_the_model_must_already_be_on_the_device():
     tok = _byte_bpe(REVIEWS)
     with pytest.raises(ValueError, match="the model is on cpu, not on cuda"):
         zeroshot.wrap_model(_tiny_decoder(len(tok)), tok, device="cuda")
+
+
+def test_the_notebook_parameter_refuses_a_hub_task_without_the_hub(monkeypatch):
+    from lab_utils.report import params
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub counts as unreachable, whatever the network
+    params.validate({"zeroshot_tasks": ["lab_sentiment"]})
+    with pytest.raises(params.ParamError) as err:
+        params.validate({"notebooks": {"04_benchmarks": {"zeroshot_tasks": ["lab_sentiment", "boolq"]}}})
+    assert str(err.value).startswith("zeroshot_tasks: ") and "boolq" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(params.ParamError, match="expected a list"):
+        params.validate({"zeroshot_tasks": "lab_sentiment"})
+    # the notebook's default and the sweep config agree
+    cfg = benchmarks.sweep_config({"nsamples": 16, "seqlen": 256, "seed": 0, "size_formats": [],
+                                   "zeroshot_tasks": ["lab_sentiment"]})
+    assert cfg.bench.zeroshot_tasks == zeroshot.OFFLINE_TASKS

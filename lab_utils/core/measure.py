@@ -20,6 +20,8 @@ import pandas as pd
 import psutil
 import torch
 
+from lab_utils.core.device import synchronize
+
 
 class Stopwatch:
     """Wall and CPU seconds of a block (CPU time counts every thread of this
@@ -66,15 +68,18 @@ def num_threads(threads: int | None):
 
 
 def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7,
-               threads: int | None = None) -> pd.DataFrame:
+               threads: int | None = None, device: str | torch.device | None = None) -> pd.DataFrame:
     """Seconds per call of each function: ``warmup`` untimed rounds, then
     ``repeats`` rounds in which every function runs once, in an order that
     rotates from round to round, so that a burst of load on a shared machine
     hits every candidate alike. One row per (name, repeat): wall ``seconds``
     and ``cpu_seconds`` (all threads of this process; it does not count the
     time other processes hold the cores, so it is the steadier of the two on
-    a busy machine)."""
+    a busy machine). On an accelerator (``device``) the queued work is waited
+    for before each clock read: a GPU call returns when its kernels are
+    launched, not when they finish."""
     names = list(fns)
+    sync = (lambda: synchronize(device)) if device is not None else (lambda: None)
     rows = []
     with num_threads(threads), torch.inference_mode():
         for _ in range(warmup):
@@ -83,8 +88,10 @@ def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: i
         for rep in range(repeats):
             k = rep % len(names)
             for name in names[k:] + names[:k]:
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
+                sync()
                 rows.append({"name": name, "repeat": rep, "seconds": time.perf_counter() - t0,
                              "cpu_seconds": time.process_time() - c0})
     return pd.DataFrame(rows)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lab_utils.core import files
+from lab_utils.core.device import resolve_device, resolve_dtype
 
 DECODER_ONLY = "decoder-only"
 ENCODER_DECODER = "encoder-decoder"
@@ -294,18 +295,24 @@ def _auto_class(family: str, config):
     return tf.AutoModelForSeq2SeqLM
 
 
-def load_pretrained_dir(location: str | Path, family: str, local_only: bool = True):
+def load_pretrained_dir(location: str | Path, family: str, local_only: bool = True,
+                        device: str | None = None, dtype: str | None = None):
     """Load model + tokenizer (+ feature extractor) from a folder or hub id.
 
     The same code path serves embedded presets (their cached folder), local
     folders and hub ids. ``trust_remote_code`` is never set: only architectures
-    that transformers itself implements are loaded, from safetensors.
+    that transformers itself implements are loaded, from safetensors. Without
+    ``device`` the model is float32 in host memory; with one, see :func:`_placed`.
     """
     from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 
     kw = {"local_files_only": local_only}
     config = AutoConfig.from_pretrained(location, **kw)
-    model = _auto_class(family, config).from_pretrained(location, dtype=torch.float32, **kw)
+    cls = _auto_class(family, config)
+    if device is None:
+        model = cls.from_pretrained(location, dtype=torch.float32, **kw)
+    else:
+        model = _placed(cls, location, config, device, dtype, kw)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location, **kw)
     feature_extractor = None
@@ -314,25 +321,58 @@ def load_pretrained_dir(location: str | Path, family: str, local_only: bool = Tr
     return model, tokenizer, feature_extractor
 
 
-def load_model(name: str | ModelSpec) -> LoadedModel:
-    """Load a preset, local folder or hub id through the unified transformers API."""
+def _placed(cls, location, config, device: str, dtype: str | None, kw: dict):
+    """The model on ``device`` in ``dtype`` (auto: float32 on the CPU,
+    bfloat16 on a GPU). When its weights do not fit in the GPU's free memory
+    (nine tenths of it, leaving room for activations), accelerate's big-model
+    loading places what fits there and the rest in host memory and an
+    offload folder under the lab cache (``device_map="auto"``)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if dev.type != "cuda":
+        return cls.from_pretrained(location, dtype=dt, **kw).to(dev)
+    with torch.device("meta"):  # the size without reading a weight
+        n = sum(p.numel() for p in cls.from_config(config).parameters())
+    free = torch.cuda.mem_get_info(dev)[0]
+    if n * dt.itemsize <= 0.9 * free:
+        return cls.from_pretrained(location, dtype=dt, **kw).to(dev)
+    offload = files.cache_dir() / "offload" / re.sub(r"[^A-Za-z0-9._-]+", "_", str(location).strip("/"))
+    offload.mkdir(parents=True, exist_ok=True)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return cls.from_pretrained(location, dtype=dt, device_map="auto", offload_folder=str(offload),
+                               max_memory={index: int(0.9 * free), "cpu": _host_budget()}, **kw)
+
+
+def _host_budget() -> int:
+    import psutil  # deferred: only the big-model path needs it
+
+    return int(0.8 * psutil.virtual_memory().available)
+
+
+def load_model(name: str | ModelSpec, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load a preset, local folder or hub id through the unified transformers API:
+    float32 in host memory, or on ``device`` in ``dtype`` (see :func:`_placed`;
+    ``lm.extra["device_map"]`` then says where accelerate put each part when
+    the model did not fit)."""
     spec = name if isinstance(name, ModelSpec) else resolve(name)
     t0 = time.perf_counter()
     from_cache = False
+    place = {"device": device, "dtype": dtype} if device is not None else {}
     if spec.source == "embedded":
         folder, from_cache = embedded_model_dir(spec.name)
-        model, tok, fe = load_pretrained_dir(folder, spec.family)
+        model, tok, fe = load_pretrained_dir(folder, spec.family, **place)
     elif spec.source == "local":
-        model, tok, fe = load_pretrained_dir(spec.location, spec.family)
+        model, tok, fe = load_pretrained_dir(spec.location, spec.family, **place)
     else:
         cached = _in_hub_cache(spec.location)
         if not cached:
             ok, reason = hub_reachable()
             if not ok:
                 raise _hub_error(spec.name, spec.location, reason)
-        model, tok, fe = load_pretrained_dir(spec.location, spec.family, local_only=cached)
+        model, tok, fe = load_pretrained_dir(spec.location, spec.family, local_only=cached, **place)
         from_cache = cached
-    return LoadedModel(model, tok, spec, fe, time.perf_counter() - t0, from_cache)
+    extra = {"device_map": dict(model.hf_device_map)} if getattr(model, "hf_device_map", None) else {}
+    return LoadedModel(model, tok, spec, fe, time.perf_counter() - t0, from_cache, extra)
 
 
 def count_parameters(model: nn.Module) -> int:

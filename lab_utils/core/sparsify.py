@@ -273,7 +273,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity_ratio: float, pru
         H[dead, dead] = 1
         Wt[dead] = 0
         Hinv = _inverse_cholesky(H, percdamp)
-        Mt = torch.zeros((cols, rows), dtype=torch.bool)
+        Mt = torch.zeros((cols, rows), dtype=torch.bool, device=W.device)
         counts = _block_counts(rows, cols, blocksize, sparsity_ratio)
         step = _sub_block(prune_m if prune_n else 1)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lab_utils.core import data, models
+from lab_utils.core.device import model_device
 from lab_utils.core.evaluation import asr
 from lab_utils.core.models import (
     ENCODER_DECODER,
@@ -140,10 +141,11 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict], side
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
     chunks = []
+    where = model_device(model)  # the host for the offloading engine; a model's own device else
     try:
         for b in batches:
             try:
-                model(**b["inputs"], **_model_kwargs(model))
+                model(**to_device(b["inputs"], where), **_model_kwargs(model))
             except _Caught:
                 pass
             else:
@@ -157,6 +159,30 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict], side
 
 def _block_output(out):
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def to_device(obj, device: torch.device, *, copy: bool = False):
+    """``obj`` with every tensor inside it (tuples, lists, dicts) on ``device``;
+    ``copy=True`` copies even a tensor already there (the offload path on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, copy=copy)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(x, device, copy=copy) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, copy=copy) for k, v in obj.items()}
+    return obj
+
+
+def chunks_to(chunks: list[Chunk], device: torch.device, dtype: torch.dtype, *, copy: bool = False) -> None:
+    """Put the calibration activations on ``device``; the hidden states are
+    kept in ``dtype`` (half the memory in bfloat16), everything else as it is
+    (masks and position embeddings: autocast casts them where it computes)."""
+    for c in chunks:
+        hidden = c.hidden.to(device, copy=copy)
+        c.hidden = hidden.to(dtype) if hidden.is_floating_point() else hidden
+        c.args = to_device(c.args, device, copy=copy)
+        c.kwargs = to_device(c.kwargs, device, copy=copy)
+        c.token_mask = to_device(c.token_mask, device, copy=copy)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -193,7 +219,10 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
                 if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
                     X = X[m.reshape(-1)]
                 X = X.float()
-                inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
+                # statistics in float32 even inside a bfloat16 autocast forward: X^T X in bf16
+                # (8 bits of mantissa) loses the small eigenvalues SparseGPT's inverse needs
+                with torch.autocast(X.device.type, enabled=False):
+                    inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
                 memo[key] = (x, inc, X.shape[0])  # holding x keeps its id unique
             _, inc, n = memo[key]
             st = stats[name]
@@ -214,7 +243,7 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
             try:
                 out = block(c.hidden, *c.args, **c.kwargs)
                 if propagate:
-                    c.hidden = _block_output(out)
+                    c.hidden = _block_output(out).to(c.hidden.dtype)
             except _StopBlock:
                 pass
     finally:
@@ -227,5 +256,5 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
 @torch.no_grad()
 def propagate(block: nn.Module, chunks: list[Chunk]) -> None:
     """Replace each chunk's hidden states by the block's outputs."""
-    for c in chunks:
-        c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs))
+    for c in chunks:  # kept in the activations' dtype (an autocast block may return float32)
+        c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs)).to(c.hidden.dtype)

@@ -86,14 +86,15 @@ def pruned_model(model: str | LoadedModel, method: str, sparsity, pattern="unstr
                  scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
                  seqlen: int | None = None, seed: int = 0, owl: bool = False,
                  calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
-                 owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
-                 save: bool | None = None, rebuild: bool = False,
+                 owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, device: str = "cpu",
+                 dtype: str = "auto", progress: bool = True, save: bool | None = None, rebuild: bool = False,
                  separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
     """A pruned model and its report: the settings (checked by
     :func:`~lab_utils.engine.config.make_config`, which documents them) go
     to :func:`pruned_from_config`."""
     cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration,
-                      owl_lambda=owl_lambda, owl_m=owl_m, batch_tokens=batch_tokens)
+                      owl_lambda=owl_lambda, owl_m=owl_m, batch_tokens=batch_tokens, device=device,
+                      dtype=dtype)
     return pruned_from_config(model, cfg, progress=progress, save=save, rebuild=rebuild,
                               separate_process=separate_process)
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+import torch
+
 from lab_utils.core import files, models, sparsify
+from lab_utils.core.device import dtype_name, resolve_device, resolve_dtype
 from lab_utils.core.models import (
     LoadedModel,
     ModelSpec,
@@ -65,6 +68,11 @@ class PruneConfig:
     owl_lambda: float | None = None
     owl_m: float | None = None
     batch_tokens: int | None = None
+    # where the blocks are pruned and the dtype of their forward passes: in the key only off the
+    # CPU/float32 defaults (a bfloat16 forward changes the statistics; a GPU's float32 kernels
+    # sum in another order, so even its float32 masks may differ in the last bits)
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def prune_n(self) -> int:
@@ -85,7 +93,8 @@ NATURAL_SCOPE = {"random": "layer", "magnitude": "layer", "wanda": "row", "spars
 def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str | None = None,
                 nsamples: int | None = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
                 owl: bool = False, calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
-                owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS) -> PruneConfig:
+                owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, device: str = "cpu",
+                dtype: str = "auto") -> PruneConfig:
     """Check every argument; raise one :class:`SparsityError` naming the fix.
 
     ``method``: random | magnitude | wanda | sparsegpt; ``pattern``:
@@ -95,7 +104,9 @@ def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str 
     only), with OWL's ``owl_lambda`` and ``owl_m``. Calibrated methods use
     ``nsamples`` windows of ``seqlen`` tokens (default: the model's context for
     hub presets, 512 otherwise) from ``calibration`` (default: C4 for hub
-    presets, movie reviews otherwise), ``batch_tokens`` at a time.
+    presets, movie reviews otherwise), ``batch_tokens`` at a time, block by
+    block on ``device`` (auto | cpu | cuda | cuda:N | mps) with forward
+    passes in ``dtype`` (auto: float32 on the CPU, bfloat16 on a GPU).
     """
     sparsify.check_method(method)
     s = sparsify.check_sparsity_ratio(sparsity_ratio)
@@ -121,6 +132,8 @@ def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str 
     if owl and scope == "global":
         raise SparsityError("OWL sets one sparsity per block; scope 'global' already ranks all "
                             "layers together (use one of them)")
+    dev = resolve_device(device)  # checked before any work, also for the dense model
+    dt = dtype_name(resolve_dtype(dtype, dev))
     if s == 0:  # the dense model: nothing else matters
         return PruneConfig(method, 0.0, sparsify.UNSTRUCTURED, None, None, None, None, False, None)
     calibrated = method in sparsify.CALIBRATED or owl
@@ -142,9 +155,11 @@ def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str 
         raise SparsityError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
     if owl and not (_number(owl_lambda) and owl_lambda >= 0 and _number(owl_m) and owl_m > 0):
         raise SparsityError(f"OWL needs owl_lambda >= 0 and owl_m > 0, got {owl_lambda!r} and {owl_m!r}")
+    # the uncalibrated methods run on the host, so the device cannot split their cache
+    dev, dt = (str(dev), dt) if calibrated else ("cpu", "float32")
     return PruneConfig(method, s, pattern, scope, nsamples, seqlen, seed, owl, calibration,
                        owl_lambda=float(owl_lambda) if owl else None, owl_m=float(owl_m) if owl else None,
-                       batch_tokens=batch_tokens if calibrated else None)
+                       batch_tokens=batch_tokens if calibrated else None, device=dev, dtype=dt)
 
 
 def _number(x) -> bool:
@@ -199,6 +214,10 @@ def key_settings(cfg: PruneConfig) -> dict:
     out = {k: getattr(cfg, k) for k in KEY_FIELDS}
     out.update({k: getattr(cfg, k) for k, default in _DEFAULTS.items()
                 if getattr(cfg, k) is not None and getattr(cfg, k) != default})
+    if cfg.dtype != "float32":
+        out["dtype"] = cfg.dtype
+    if torch.device(cfg.device).type != "cpu":  # the kind of device, not which one of them
+        out["device"] = torch.device(cfg.device).type
     return out
 
 

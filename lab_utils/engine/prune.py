@@ -20,12 +20,21 @@ captured by running the model with the already pruned encoder, so its
 cross-attention layers are calibrated on what the pruned encoder produces.
 Memory stays at the model plus one block's activations for the calibration set.
 
+On an accelerator (``cfg.device``) the model stays in host memory, as the
+reference code keeps it: each block, its calibration activations and its
+statistics go to the device, the block is pruned there and its weights are
+copied back (:func:`block_on`). The forward passes run in ``cfg.dtype``
+(autocast); the statistics and the mask math stay in float32. The same
+offload path can be forced on the CPU (``prune_model(..., offload=True)``),
+where it must give the in-place path's masks bit for bit.
+
 :func:`prune_model` prunes a loaded model in place;
 :func:`lab_utils.engine.checkpoints.pruned_model` adds the checkpoint cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lab_utils.core import device as devices
 from lab_utils.core import sparsify
 from lab_utils.core.measure import PeakMemory
 from lab_utils.core.models import (
@@ -47,6 +57,7 @@ from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.calibration import (
     calibration_batches,
     capture_inputs,
+    chunks_to,
     collect_statistics,
     propagate,
 )
@@ -70,8 +81,9 @@ def prune_layer(module: nn.Module, cfg: PruneConfig, sparsity_ratio: float, stat
     n, m = cfg.prune_n, cfg.prune_m
     if W_mask is not None:
         pass
-    elif cfg.method == "random":
-        W_mask = sparsify.random_mask(W, sparsity_ratio, n, m, cfg.scope, _layer_seed(cfg.seed, index))
+    elif cfg.method == "random":  # host-side generator: the same draw on every device
+        W_mask = sparsify.random_mask(W, sparsity_ratio, n, m, cfg.scope,
+                                      _layer_seed(cfg.seed, index)).to(W.device)
     elif cfg.method == "magnitude" or stat is None or stat["count"] == 0:
         W_mask = sparsify.magnitude_mask(W, sparsity_ratio, n, m, cfg.scope or "row")
     elif cfg.method == "wanda":
@@ -109,6 +121,9 @@ class PruneReport:
     cpu_seconds: float = 0.0  # CPU time of all threads (less sensitive to a busy machine)
     peak_memory_bytes: int = 0  # peak RSS of the process while pruning
     start_memory_bytes: int = 0  # RSS when pruning started (model loaded)
+    device: str = "cpu"  # where the blocks were pruned
+    dtype: str = "float32"  # of the calibration forward passes
+    peak_device_memory_bytes: int | None = None  # allocator peak on an accelerator; None on the CPU
     layers: list[dict] = field(default_factory=list)
     block_sparsity: dict = field(default_factory=dict)  # OWL targets per side
     checkpoint: str | None = None
@@ -124,7 +139,8 @@ class PruneReport:
         """The headline numbers (what the command line prints)."""
         keep = ("model", "method", "pattern", "sparsity", "scope", "nsamples", "seqlen", "seed",
                 "owl", "actual_sparsity", "actual_sparsity_total", "nm_verified", "seconds", "cpu_seconds",
-                "peak_memory_bytes", "checkpoint", "key", "from_cache")
+                "peak_memory_bytes", "device", "dtype", "peak_device_memory_bytes", "checkpoint", "key",
+                "from_cache")
         return {k: getattr(self, k) for k in keep}
 
     def to_json(self) -> str:
@@ -187,29 +203,81 @@ def _block_layers(block: nn.Module) -> dict[str, nn.Module]:
     return find_layers(block)
 
 
-def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True) -> PruneReport:
+def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True,
+                offload: bool = False, batches: list[dict] | None = None) -> PruneReport:
     """Prune ``lm.model`` in place as ``cfg`` (from
     :func:`~lab_utils.engine.config.make_config`) says and return what was done:
     the measured sparsity per layer and overall, the N:M check, the time and
-    the peak memory. Calibration defaults that depend on the model are filled
-    in first (:func:`~lab_utils.engine.config.resolve_config`)."""
+    the peak memory (host, and device on an accelerator). Calibration defaults
+    that depend on the model are filled in first
+    (:func:`~lab_utils.engine.config.resolve_config`).
+
+    The blocks are pruned on ``cfg.device``: when the model sits elsewhere
+    (in host memory), each block goes there and back in turn. ``offload=True``
+    takes that path even when the model is already on the device.
+    ``batches`` replaces the calibration batches drawn from ``cfg`` (items
+    as :func:`~lab_utils.engine.calibration.calibration_batches` makes them:
+    a model built from its configuration has no tokenizer)."""
     cfg = resolve_config(lm.spec, cfg, lm.model.config)
-    report = PruneReport.of(lm.spec.name, lm.family, cfg, threads=torch.get_num_threads())
+    report = PruneReport.of(lm.spec.name, lm.family, cfg, threads=torch.get_num_threads(),
+                            device=cfg.device, dtype=cfg.dtype)
     model = lm.model
     model.eval()
     targets: dict[str, float] = {}
+    device = torch.device(cfg.device)
+    devices.reset_peak_memory(device)
     with PeakMemory() as mem, torch.no_grad():
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.sparsity > 0:
-            targets, report.block_sparsity = _prune(lm, cfg, progress=progress)
+            targets, report.block_sparsity = _prune(lm, cfg, progress=progress, offload=offload,
+                                                    batches=batches)
+        devices.synchronize(device)
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - c0
     report.peak_memory_bytes, report.start_memory_bytes = mem.peak, mem.start
+    report.peak_device_memory_bytes = devices.peak_memory(device)
     fill_report(report, model, targets)
     return report
 
 
-def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool) -> tuple[dict[str, float], dict]:
+@contextlib.contextmanager
+def block_on(block: nn.Module, device: torch.device, offload: bool):
+    """Run the body with ``block``'s parameters and buffers on ``device``,
+    then copy them back into the host tensors they came from (the pruned
+    weights with them). Without ``offload`` the block stays where it is."""
+    if not offload:
+        yield
+        return
+    host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t in [*block.parameters(), *block.buffers()]:
+        if id(t) not in host:  # a tensor tied twice inside the block moves once
+            host[id(t)] = (t, t.data)
+            t.data = t.data.to(device, copy=True)
+    try:
+        yield
+    finally:
+        for t, data in host.values():
+            data.copy_(t.data)
+            t.data = data
+
+
+def _forward(device: torch.device, dtype: torch.dtype):
+    """The forward passes in ``dtype`` (autocast); float32 runs as it is."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _placement(model: nn.Module, cfg: PruneConfig, offload: bool) -> tuple[torch.device, torch.device, bool]:
+    """(device to prune on, device the model sits on, whether blocks move):
+    a model in host memory is pruned on an accelerator block by block."""
+    device, home = torch.device(cfg.device), devices.model_device(model)
+    same = device.type == home.type and (device.index is None or device.index == home.index)
+    return (home if same else device), home, offload or not same
+
+
+def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool = False,
+           batches: list[dict] | None = None) -> tuple[dict[str, float], dict]:
     """Prune every block; return the target sparsity of each layer (by name)
     and OWL's sparsity per block and side (empty without OWL)."""
     model = lm.model
@@ -221,33 +289,44 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool) -> tuple[dict[s
     if not cfg.calibrated:
         return _prune_uncalibrated(model, cfg, progress=progress), {}
 
-    batches = calibration_batches(lm, cfg.nsamples, cfg.seqlen, cfg.seed or 0, cfg.calibration,
-                                  cfg.batch_tokens, progress)
+    if batches is None:
+        batches = calibration_batches(lm, cfg.nsamples, cfg.seqlen, cfg.seed or 0, cfg.calibration,
+                                      cfg.batch_tokens, progress)
+    device, _home, offload = _placement(model, cfg, offload)
+    dtype = devices.DTYPES[cfg.dtype]
     owl_sparsity: dict = {}
     if cfg.owl:
         block_sparsity = owl_sparsity = _owl_allocation(
             model, sides, batches, sparsity_ratio=cfg.sparsity, lam=cfg.owl_lambda, hyper_m=cfg.owl_m,
-            progress=progress)
+            progress=progress, device=device, dtype=dtype, offload=offload)
 
     targets: dict[str, float] = {}
     index = 0
     for side, prefix, blocks in sides:
+        # the model runs up to the side's first block where it sits (the host, when offloading)
         chunks = capture_inputs(model, blocks[0], batches, side)
+        chunks_to(chunks, device, dtype, copy=offload)
         desc = f"{cfg.method} {side}"
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
-            layers = _block_layers(block)
-            s = block_sparsity[side][i]
-            stats = {}
-            if cfg.method in sparsify.CALIBRATED:
-                kind = "hessian" if cfg.method == "sparsegpt" else "norm"
-                stats = collect_statistics(block, layers, chunks, kind)
-            for name, module in layers.items():
-                prune_layer(module, cfg, s, stats.get(name), index)
-                targets[f"{prefix}.{i}.{name}"] = s
-                index += 1
-            del stats
-            if i + 1 < len(blocks):  # the last block's outputs feed nothing we calibrate
-                propagate(block, chunks)
+            with block_on(block, device, offload):
+                layers = _block_layers(block)
+                s = block_sparsity[side][i]
+                stats = {}
+                if cfg.method in sparsify.CALIBRATED:
+                    kind = "hessian" if cfg.method == "sparsegpt" else "norm"
+                    with _forward(device, dtype):
+                        stats = collect_statistics(block, layers, chunks, kind)
+                # the mask math in float32 whatever the forward dtype: Wanda's and SparseGPT's
+                # rankings tie-break on the last bits, and the Cholesky of X^T X in bfloat16
+                # (8 bits of mantissa) loses rank; sparsify casts to float32 itself
+                for name, module in layers.items():
+                    prune_layer(module, cfg, s, stats.get(name), index)
+                    targets[f"{prefix}.{i}.{name}"] = s
+                    index += 1
+                del stats
+                if i + 1 < len(blocks):  # the last block's outputs feed nothing we calibrate
+                    with _forward(device, dtype):
+                        propagate(block, chunks)
         del chunks
     return targets, owl_sparsity
 
@@ -276,20 +355,26 @@ def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, *, progress: bool) -
 
 
 def _owl_allocation(model: nn.Module, sides: list[tuple[str, str, nn.ModuleList]], batches: list[dict], *,
-                    sparsity_ratio: float, lam: float, hyper_m: float, progress: bool) -> dict[str, list[float]]:
+                    sparsity_ratio: float, lam: float, hyper_m: float, progress: bool,
+                    device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                    offload: bool = False) -> dict[str, list[float]]:
     """OWL: outlier ratio of every block of the dense model (Wanda scores above
     ``hyper_m`` times their block mean), turned into per-block sparsities whose
     mean is the requested one (per side for an encoder-decoder model)."""
     ratios: dict[str, list[float]] = {}
     for side, _prefix, blocks in sides:
         chunks = capture_inputs(model, blocks[0], batches, side)
+        device = device or devices.model_device(model)
+        chunks_to(chunks, device, dtype, copy=offload)
         ratios[side] = []
         for block in tqdm(blocks, desc=f"owl {side}", disable=not progress, leave=False):
-            layers = _block_layers(block)
-            stats = collect_statistics(block, layers, chunks, "norm", propagate=True)
-            metrics = [sparsify.wanda_metric(weight_out_in(m), stats[n]["sum"] / max(1, stats[n]["count"]))
-                       for n, m in layers.items()]
-            ratios[side].append(sparsify.outlier_ratio(metrics, hyper_m))
+            with block_on(block, device, offload):
+                layers = _block_layers(block)
+                with _forward(device, dtype):
+                    stats = collect_statistics(block, layers, chunks, "norm", propagate=True)
+                metrics = [sparsify.wanda_metric(weight_out_in(m), stats[n]["sum"] / max(1, stats[n]["count"]))
+                           for n, m in layers.items()]
+                ratios[side].append(sparsify.outlier_ratio(metrics, hyper_m))
         del chunks
     return {side: sparsify.owl_sparsities(r, sparsity_ratio, lam) for side, r in ratios.items()}
 

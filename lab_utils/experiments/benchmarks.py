@@ -1,15 +1,18 @@
 """Run every family's benchmarks on a model's dense and pruned checkpoints.
 
-One tidy table comes out: a row per (model, setting, metric) with the model,
-family, method, pattern, requested and actual sparsity, metric, value, the
-dense model's value, the relative change and the seconds the evaluation took.
-The dense baseline is the first setting of every model.
+One tidy table comes out: a row per (model, setting, metric, task) with the
+model, family, method, pattern, requested and actual sparsity, metric, task
+(a zero-shot row's lm-eval task, else empty), value, its standard error, n
+and harness version (zero-shot rows), the dense model's value, the relative
+change and the seconds the evaluation took. The dense baseline is the first
+setting of every model.
 
 Benchmarks per family (each in its own module of :mod:`lab_utils.core.evaluation`):
 
 =================  ==========================================================
 decoder-only       ``perplexity`` (the pruning engine's protocol) and
-                   ``zero-shot-sentiment`` (:mod:`~lab_utils.core.evaluation.sentiment`)
+                   ``zero-shot``: accuracy and standard error per lm-eval task
+                   (:mod:`~lab_utils.core.evaluation.zeroshot`), a row per task
 encoder-only       ``sentiment-probe``: a head trained once on the dense
                    encoder, accuracy/F1 of every encoder, embedding fidelity
 encoder-decoder    ``wer`` for a speech model (:mod:`~lab_utils.core.evaluation.asr`),
@@ -39,12 +42,12 @@ import torch
 
 from lab_utils.core import data, files, memo, sparsify
 from lab_utils.core import formats as core_formats
-from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment
+from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment, zeroshot
 from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
+from lab_utils.experiments import executor as ex
 from lab_utils.experiments import file_sizes, speed, sweep
-from lab_utils.experiments import jobs as side_by_side
 
 EVAL_VERSION = 1  # part of every cache key: bump when a benchmark's numbers change
 DENSE = "dense"
@@ -61,7 +64,6 @@ class Metric:
 METRICS = {m.name: m for m in [
     Metric("perplexity", False, 0.10),
     Metric("zero-shot accuracy", True, 0.05),
-    Metric("zero-shot F1", True, 0.05),
     Metric("probe accuracy", True, 0.05),
     Metric("probe F1", True, 0.05),
     Metric("embedding fidelity", True, 0.05),
@@ -81,7 +83,8 @@ class BenchParams:
 
     ppl_windows: int = 8  # perplexity: non-overlapping windows of the evaluation text
     ppl_seqlen: int = 256  # tokens per window
-    sentiment_examples: int = 128  # zero-shot: test reviews scored (a seeded sample)
+    sentiment_examples: int = 128  # zero-shot: documents scored per task (a seeded sample)
+    zeroshot_tasks: tuple[str, ...] = zeroshot.OFFLINE_TASKS  # lm-eval task names
     probe_train_examples: int = 2000  # probe head: training sentences (a seeded sample)
     probe_test_examples: int = 500  # probe: test sentences (a seeded sample)
     probe_max_length: int = 128  # tokens per sentence for the encoder
@@ -100,6 +103,13 @@ class BenchParams:
             is_int = isinstance(value, int) and not isinstance(value, bool)
             if f.name == "seed":
                 ok, want = is_int and value >= 0, "a non-negative integer"
+            elif f.name == "zeroshot_tasks":
+                # a tuple, also when it arrives as a list (a parameter file, a worker's job)
+                try:
+                    object.__setattr__(self, f.name, zeroshot.check_tasks(value, hub_available=True))
+                except ValueError as e:
+                    raise ValueError(f"{f.name}: {e}") from None
+                ok = True
             elif isinstance(f.default, float):
                 ok = (is_int or isinstance(value, float)) and value > 0
                 ok, want = ok and (f.name != "denoise_mask_ratio" or value < 1), (
@@ -135,7 +145,7 @@ def _config(spec: ModelSpec):
 def benchmarks_for(spec: ModelSpec, config=None) -> list[str]:
     """The benchmarks of a model's family (Whisper: WER; BART-like: denoising)."""
     if spec.family == DECODER_ONLY:
-        return ["perplexity", "zero-shot-sentiment"]
+        return ["perplexity", "zero-shot"]
     if spec.family == ENCODER_ONLY:
         return ["sentiment-probe"]
     config = config or _config(spec)
@@ -145,11 +155,14 @@ def benchmarks_for(spec: ModelSpec, config=None) -> list[str]:
 def bench_params(benchmark: str, bp: BenchParams) -> dict:
     """The parameters a benchmark reads (its cache key)."""
     keys = {"perplexity": ("ppl_windows", "ppl_seqlen"),
-            "zero-shot-sentiment": ("sentiment_examples", "seed"),
+            "zero-shot": ("sentiment_examples", "seed", "zeroshot_tasks"),
             "sentiment-probe": ("probe_train_examples", "probe_test_examples", "probe_max_length", "seed"),
             "wer": ("wer_utterances", "wer_per_window"),
             "denoising": ("denoise_sentences", "denoise_mask_ratio", "denoise_poisson_lambda", "seed")}[benchmark]
     out = {k: getattr(bp, k) for k in keys}
+    if benchmark == "zero-shot":  # another harness version may score differently
+        out["zeroshot_tasks"] = list(bp.zeroshot_tasks)
+        out["harness"] = zeroshot.harness_version()
     if benchmark == "wer":  # the decoding budget changes a looping model's WER
         out["max_new_tokens"] = asr.MAX_NEW_TOKENS
     return out
@@ -238,7 +251,8 @@ def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=Non
 # --------------------------------------------------------------------------- one benchmark
 def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None = None,
                   progress: bool = True, key: str | None = None) -> dict:
-    """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}}.
+    """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}},
+    or, for a benchmark with tasks (zero-shot), {"rows": [a row per task], ...}.
     ``key`` (the checkpoint's) lets the perplexity come from the cache that the
     pruning sweep of notebook 03 fills with the same protocol."""
     t0 = time.perf_counter()
@@ -247,12 +261,15 @@ def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None 
         metrics = {"perplexity": r["perplexity"]}
         # the seconds of the evaluation itself, also when it was read from the cache
         return {"metrics": metrics, "details": r, "seconds": r["seconds"]}
-    elif benchmark == "zero-shot-sentiment":
-        _, test = sentiment_splits(lm.spec, bp.seed)
-        test = subset(test, bp.sentiment_examples, bp.seed)
-        r = sentiment.zero_shot_sentiment(lm.model, lm.tokenizer, test["text"], test["label"],
-                                          progress=progress)
-        metrics = {"zero-shot accuracy": r["accuracy"], "zero-shot F1": r["f1"]}
+    elif benchmark == "zero-shot":
+        # lm-eval's own progress bars and log lines stay captured: the lab's bar over settings is enough
+        tasks = zeroshot.zeroshot_accuracy(lm.model, lm.tokenizer, bp.zeroshot_tasks,
+                                           n_examples=bp.sentiment_examples, seed=bp.seed,
+                                           device=str(next(lm.model.parameters()).device), progress=False)
+        rows = [{"metric": "zero-shot accuracy", "task": t["task"], "value": t["accuracy"],
+                 "stderr": t["stderr"], "n": t["n"], "harness_version": t["harness_version"]} for t in tasks]
+        return {"metrics": {}, "rows": rows, "details": {"tasks": tasks},
+                "seconds": time.perf_counter() - t0}
     elif benchmark == "sentiment-probe":
         if ctx is None:
             raise ValueError("the sentiment probe needs the dense head and embeddings (probe_context)")
@@ -321,17 +338,19 @@ def _storage_version() -> str:
 
 
 def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfig,
-                   progress: bool = True, workers: int | None = None) -> tuple[list[dict], list[dict]]:
+                   progress: bool = True, workers: int | None = None, executor: str | ex.Executor = ex.LOCAL,
+                   resources: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:
     """All benchmarks of one model on every setting: (metric rows, size rows).
 
     Loads (and prunes) a checkpoint only when one of its results is missing
     from the cache. The dense setting (the first) is evaluated here first: its
     file size is every other setting's baseline and the encoder probe's head
-    is trained on it. The settings with something missing are then evaluated
-    two at a time in worker processes on one thread each
-    (:mod:`lab_utils.experiments.jobs`: much of an evaluation - Whisper's token-by-token
-    decoding, writing the files - runs on one core), so each result's
-    ``seconds`` is its own wall time with the other evaluation running beside it.
+    is trained on it. The settings with something missing are then jobs on
+    ``executor`` (:func:`lab_utils.experiments.executor.run_jobs`; by default
+    ``workers`` processes of this machine on one thread each: much of an
+    evaluation - Whisper's token-by-token decoding, writing the files - runs on
+    one core), so each result's ``seconds`` is its own wall time with the other
+    evaluation running beside it.
     """
     spec = resolve(model_name)
     config = _config(spec)
@@ -342,19 +361,20 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
     todo = [s for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
     job_cfg = {**asdict(cfg), "size_formats": list(cfg.size_formats or [])}
     try:
-        side_by_side.run_side_by_side(
-            "lab_utils.experiments.benchmarks:evaluate_job",
+        evaluated = ex.run_jobs(
+            evaluate_job,
             [{"model_name": model_name, "setting": asdict(s), "cfg": job_cfg, "dense_file_bytes": dense_bytes}
              for s in todo],
-            workers=side_by_side.WORKERS if workers is None else workers, progress=progress,
+            executor, workers=workers, progress=progress, resources=resources,
             desc=f"{spec.label} settings",
             describe=lambda j: f"evaluating {spec.label} ({j['setting']['method']}, {j['setting']['pattern']}, "
                                f"{j['setting']['sparsity']:g})")
-    except side_by_side.WorkerError as e:
+    except ex.JobError as e:
         raise RuntimeError(str(e)) from e
+    returned = dict(zip(todo, evaluated, strict=True))  # what the jobs found in the cache they wrote
     rows, sizes = [], []
     for setting in setting_list:
-        entries = _read_entries(spec, setting, cfg, config)
+        entries = returned.get(setting) or _read_entries(spec, setting, cfg, config)
         if not _complete(entries):
             raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
         info, size, results = entries
@@ -363,11 +383,9 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
                 "method": setting.method, "pattern": setting.pattern,
                 "requested_sparsity": setting.sparsity, "actual_sparsity": info["actual_sparsity"]}
         for b, result in results.items():
-            # in METRICS order: a cached entry comes back with its keys sorted
-            for metric in sorted(result["metrics"], key=list(METRICS).index):
-                rows.append({**base, "benchmark": b, "metric": metric, "value": result["metrics"][metric],
-                             "seconds": result["seconds"], "prune_seconds": info["prune_seconds"],
-                             "key": key})
+            for r in metric_rows(result):
+                rows.append({**base, "benchmark": b, **r, "seconds": result["seconds"],
+                             "prune_seconds": info["prune_seconds"], "key": key})
         if cfg.size_formats:
             sizes.append({**base, "format": size["format"], "file_bytes": size["file_bytes"],
                           "dense_file_bytes": size["dense_file_bytes"]})
@@ -426,24 +444,41 @@ def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: S
             files.store_json(p, run_benchmark(b, lm, bp, ctx, progress, key=key))
 
 
-def evaluate_job(model_name: str, setting: dict, cfg: dict, dense_file_bytes: int | None) -> None:
-    """One setting of :func:`evaluate_model`, in a worker: the results go to the cache."""
+def evaluate_job(model_name: str, setting: dict, cfg: dict, dense_file_bytes: int | None) -> tuple:
+    """One setting of :func:`evaluate_model`, in a worker: the results go to the cache, and
+    come back as the cache then holds them (:func:`_read_entries`)."""
     spec = resolve(model_name)
     sweep = SweepConfig(**{**cfg, "bench": BenchParams(**cfg["bench"]),
                            "size_formats": tuple(cfg["size_formats"]) or None})
     _evaluate_setting(model_name, spec, Setting(**setting), sweep, _config(spec), dense_file_bytes, progress=False)
+    return _read_entries(spec, Setting(**setting), sweep, _config(spec))
 
 
 COLUMNS = ["model", "label", "family", "method", "pattern", "requested_sparsity", "actual_sparsity",
-           "benchmark", "metric", "value", "dense_value", "relative_change", "higher_is_better",
-           "seconds", "prune_seconds", "key"]
+           "benchmark", "metric", "task", "value", "stderr", "n", "harness_version", "dense_value",
+           "relative_change", "higher_is_better", "seconds", "prune_seconds", "key"]
+
+
+def metric_rows(result: dict) -> list[dict]:
+    """The table rows of one stored result: a benchmark with tasks (zero-shot)
+    gives a row per task with its standard error, n and harness version; the
+    others a row per metric with those left empty (task "")."""
+    empty = {"task": "", "stderr": math.nan, "n": math.nan, "harness_version": ""}
+    if "rows" in result:
+        return [{**empty, **r} for r in result["rows"]]
+    # in METRICS order: a cached entry comes back with its keys sorted
+    return [{**empty, "metric": m, "value": result["metrics"][m]}
+            for m in sorted(result["metrics"], key=list(METRICS).index)]
 
 
 def add_dense(df: pd.DataFrame) -> pd.DataFrame:
-    """Dense value and relative change ((value - dense) / dense) per model and metric."""
-    dense = df[df.method == DENSE].set_index(["model", "metric"])["value"]
+    """Dense value and relative change ((value - dense) / dense) per model,
+    metric and task (a table without a task column gets one, all "")."""
     df = df.copy()
-    df["dense_value"] = [dense.get((m, k), math.nan) for m, k in zip(df.model, df.metric, strict=True)]
+    df["task"] = df["task"].fillna("") if "task" in df else ""
+    dense = df[df.method == DENSE].set_index(["model", "metric", "task"])["value"]
+    df["dense_value"] = [dense.get((m, k, t), math.nan)
+                         for m, k, t in zip(df.model, df.metric, df.task, strict=True)]
     with np.errstate(divide="ignore", invalid="ignore"):
         df["relative_change"] = (df.value - df.dense_value) / df.dense_value.abs()
     df["higher_is_better"] = [METRICS[m].higher_is_better for m in df.metric]
@@ -451,14 +486,16 @@ def add_dense(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def benchmark_table(models, methods, patterns, sparsities, cfg: SweepConfig | None = None,
-                    progress: bool = True, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    progress: bool = True, workers: int | None = None,
+                    executor: str | ex.Executor = ex.LOCAL) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy benchmark table of every model (dense rows first per model)
-    and, when ``cfg.size_formats`` is set, the file size of every checkpoint."""
+    and, when ``cfg.size_formats`` is set, the file size of every checkpoint;
+    the settings of a model are jobs on ``executor`` (see :func:`evaluate_model`)."""
     cfg = cfg or SweepConfig()
     setting_list = settings(methods, patterns, sparsities)
     rows, sizes = [], []
     for model_name in models:
-        r, s = evaluate_model(model_name, setting_list, cfg, progress, workers)
+        r, s = evaluate_model(model_name, setting_list, cfg, progress, workers, executor)
         rows += r
         sizes += s
     df = add_dense(pd.DataFrame(rows))[COLUMNS]

@@ -48,6 +48,8 @@ from pathlib import Path
 import dask
 from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
 
+from lab_utils.core import files
+
 LOCAL = "local"
 SERIAL = "serial"
 PROTOCOLS = ("tcp://", "tls://")
@@ -55,7 +57,6 @@ ALLOWED_FAILURES = 3  # worker deaths one job may cause before it is a JobError,
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler fails in seconds (Dask's default is 30 s)
 WORKERS_TIMEOUT_S = 60.0  # a batch-queue cluster may take a while to get its first worker
 PROBE_WAIT_S = 2.0  # network file systems may show another machine's new file a little late
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class JobError(RuntimeError):
@@ -108,16 +109,19 @@ def _check_scheduler_file(path: Path) -> str:
     return str(path)
 
 
+def accelerator_resources(device: str | None) -> dict[str, float] | None:
+    """What a job that runs on ``device`` asks of a cluster's workers: one ``GPU`` for an explicit
+    accelerator (``cuda``, ``cuda:N``, ``mps``), nothing for ``cpu`` or ``auto`` (which takes
+    whatever the worker has). Workers offer it with ``dask worker --resources GPU=1``."""
+    name = str(device or "auto").strip()
+    return None if name in ("auto", "cpu") else {"GPU": 1}
+
+
 def local_workers() -> int:
     """Worker processes for the local cluster: one per core this process may use."""
     if hasattr(os, "sched_getaffinity"):  # honours taskset and container CPU sets
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def default_cache_dir() -> Path:
-    """The cache folder the lab uses: ``LAB_CACHE_DIR``, else ``<repo>/.cache``."""
-    return Path(os.environ.get("LAB_CACHE_DIR", _REPO_ROOT / ".cache"))
 
 
 @contextlib.contextmanager
@@ -131,8 +135,9 @@ def open_executor(executor: str | os.PathLike = LOCAL, *, workers: int | None = 
     ``"local"`` starts a cluster of ``workers`` processes (default: one per usable core) and
     closes it on every exit path, an interrupt included. An existing cluster is connected to
     within ``connect_timeout`` seconds, must have a worker within ``workers_timeout`` seconds,
-    and its workers must see ``cache_dir`` (default :func:`default_cache_dir`). ``announce``
-    prints the cluster's dashboard link, once, when it has one.
+    and its workers must see ``cache_dir`` (default the lab's cache,
+    :func:`lab_utils.core.files.cache_dir`). ``announce`` prints the cluster's dashboard link,
+    once, when it has one.
     """
     name = check_executor(executor)
     if name == SERIAL:
@@ -145,7 +150,7 @@ def open_executor(executor: str | os.PathLike = LOCAL, *, workers: int | None = 
         else:
             client = stack.enter_context(_connect(name, timeout=connect_timeout))
             _wait_for_workers(client, name=name, timeout=workers_timeout)
-            check_shared_cache(client, cache_dir=cache_dir or default_cache_dir())
+            check_shared_cache(client, cache_dir=cache_dir or files.cache_dir())
         # Without bokeh the local dashboard is only a page that asks to install it.
         if announce and (name != LOCAL or importlib.util.find_spec("bokeh")):
             _announce_dashboard(client)

@@ -89,7 +89,7 @@ from lab_utils.core.sparse_file import (
 )
 from lab_utils.engine import checkpoints
 from lab_utils.engine.config import ENGINE_VERSION, PruneConfig, key_settings, make_config
-from lab_utils.experiments import jobs
+from lab_utils.experiments import executor as ex
 
 SIZES_VERSION = 3  # part of the size cache key: bump when the size table changes
 
@@ -162,16 +162,18 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
 def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
                formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
                zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
-               workers: int | None = None, **prune_kw) -> pd.DataFrame:
+               executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
+               resources: dict[str, float] | None = None, **prune_kw) -> pd.DataFrame:
     """Sizes for every model x method x sparsity: the pruned model comes from
     :func:`lab_utils.engine.checkpoints.pruned_model` (``prune_kw``: the other
     settings of :func:`~lab_utils.engine.config.make_config`), each format is
     written and measured by :func:`model_sizes`.
     Results are cached (checksummed JSON) per setting, so a re-run reads them
-    instead of rewriting the files. The missing ones are measured two at a time
-    in worker processes on one thread each (:mod:`lab_utils.experiments.jobs`: writing
-    a file is mostly one-core numpy and zstd work), so ``save_s`` is each
-    write's own time with the other measurement running beside it."""
+    instead of rewriting the files. The missing ones are jobs on ``executor``
+    (:func:`lab_utils.experiments.executor.run_jobs`; by default ``workers``
+    processes of this machine on one thread each: writing a file is mostly
+    one-core numpy and zstd work), so ``save_s`` is each write's own time with
+    the other measurement running beside it."""
     formats = check_formats(formats, pattern)
     settings = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
     paths, missing = [], []
@@ -185,17 +187,17 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
                             "formats": list(formats), "zstd_level": zstd_level, "keep_files": keep_files,
                             "cfg": dataclasses.asdict(cfg), "path": str(path)})
     try:
-        jobs.run_side_by_side(
-            "lab_utils.experiments.file_sizes:size_job", missing, workers=jobs.WORKERS if workers is None else workers,
-            progress=progress, desc="sizes",
+        measured = ex.run_jobs(
+            size_job, missing, executor, workers=workers, progress=progress, desc="sizes", resources=resources,
             describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['cfg']['method']}, {j['sparsity']:g})")
-    except jobs.WorkerError as e:
+    except ex.JobError as e:
         raise StorageError(str(e)) from e
     finally:
         _DENSE.clear()
+    returned = {job["path"]: table for job, table in zip(missing, measured, strict=True)}
     frames = []
     for path in paths:
-        cached = files.cached_json(path)
+        cached = returned.get(str(path)) or files.cached_json(path)
         if cached is None:
             raise StorageError(f"{path} was not written by the size measurement; run size_sweep again")
         frames.append(pd.DataFrame(cached["rows"])[cached["columns"]])
@@ -222,9 +224,9 @@ def _dense(model_name: str) -> LoadedModel:
 
 
 def size_job(model_name: str, sparsity: float, pattern: str, formats: list[str], zstd_level: int,
-             keep_files: bool, cfg: dict, path: str) -> None:
+             keep_files: bool, cfg: dict, path: str) -> dict:
     """Measure one row group of :func:`size_sweep` (``cfg``: the pruning, as a
-    dict) and store it at ``path``."""
+    dict), store it at ``path`` and return it as stored."""
     cfg = PruneConfig(**cfg)
     method = cfg.method
     lm, _ = checkpoints.pruned_from_config(_dense(model_name), cfg, progress=False)
@@ -240,6 +242,7 @@ def size_job(model_name: str, sparsity: float, pattern: str, formats: list[str],
     table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
     # store_json sorts the keys: the column order is kept aside
     files.store_json(Path(path), {"columns": list(table.columns), "rows": table.to_dict(orient="records")})
+    return files.cached_json(Path(path))  # as stored (JSON types), the same as a later read
 
 
 def best_formats(sizes: pd.DataFrame, lossless: bool = True) -> pd.DataFrame:

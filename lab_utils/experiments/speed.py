@@ -23,6 +23,10 @@ variant with :func:`lab_utils.core.measure.time_calls` (interleaved, medians):
   the output head, bound it).
 
 Timings taken on a shared machine are noisy: compare ratios measured in one run.
+The CSR comparisons are CPU-only (torch's CSR kernels here are the CPU's; a
+GPU needs the 2:4 semi-structured kernels instead); :func:`forward_speed`
+times models wherever they sit and synchronizes their device before each
+clock read.
 Figures and sentences about these tables live in :mod:`lab_utils.presentation.speed_view`.
 """
 
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from lab_utils.core.data import forward_inputs
+from lab_utils.core.device import model_device
 from lab_utils.core.measure import median_seconds, time_calls
 from lab_utils.core.models import (
     _auto_class,
@@ -311,7 +316,7 @@ def forward_speed(models: dict[str, nn.Module], inputs: dict, warmup: int = 1, r
     the same ``inputs``) and its speed-up over ``baseline`` (the first model)."""
     baseline = baseline or next(iter(models))
     times = time_calls({name: (lambda m=m: m(**inputs)) for name, m in models.items()},
-                       warmup, repeats, threads)
+                       warmup, repeats, threads, device=model_device(next(iter(models.values()))))
     med = median_seconds(times)
     return pd.DataFrame({"model": list(models), "median_s": [med[n] for n in models],
                          "speedup": [med[baseline] / med[n] for n in models],

@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from torch import device as torch_device
 
-from lab_utils.core import sparsify
+from lab_utils.core import memo, sparsify
+from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import perplexity
-from lab_utils.core.models import DECODER_ONLY
+from lab_utils.core.models import DECODER_ONLY, resolve
 from lab_utils.engine import checkpoints, prune
-from lab_utils.experiments import jobs as side_by_side
+from lab_utils.experiments import executor as ex
 
 DENSE = "dense"  # the method of the baseline setting
 
@@ -47,13 +49,18 @@ def settings(methods, patterns, sparsities) -> list[tuple[str, str, float]]:
 
 def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstructured", *,
             nsamples: int, seqlen: int | None, seed: int = 0, owl: bool = False,
-            eval_windows: int = 8, eval_seqlen: int | None = None,
-            progress: bool = True) -> tuple[dict, prune.PruneReport]:
-    """Prune (or load from the cache) and measure one configuration."""
+            eval_windows: int = 8, eval_seqlen: int | None = None, device: str = "cpu",
+            dtype: str = "float32", progress: bool = True) -> tuple[dict, prune.PruneReport]:
+    """Prune (or load from the cache) and measure one configuration, on
+    ``device`` (the engine moves one block at a time there; the perplexity is
+    measured there too) with forward passes in ``dtype``."""
     lm, report = checkpoints.pruned_model(model_name, method, sparsity, pattern, nsamples=nsamples,
-                                    seqlen=seqlen, seed=seed, owl=owl, progress=progress)
+                                          seqlen=seqlen, seed=seed, owl=owl, device=device, dtype=dtype,
+                                          progress=progress)
     ppl = math.nan
     if lm.family == DECODER_ONLY:
+        if device != "cpu":
+            lm.model.to(device)
         ppl = perplexity.evaluate(lm, eval_seqlen, eval_windows, cache_key=report.key,
                                   progress=progress)["perplexity"]
     row = {"model": lm.label, "family": lm.family, "method": method if sparsity > 0 else "dense",
@@ -69,25 +76,32 @@ def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstr
 def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
                    seqlen: int | None = 256, seed: int = 0, eval_windows: int = 8,
                    eval_seqlen: int | None = 256, progress: bool = True,
-                   workers: int | None = None) -> pd.DataFrame:
+                   executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
+                   device: str = "auto", dtype: str = "auto") -> pd.DataFrame:
     """One row per (model, method, pattern, sparsity), plus one dense row per
     model; requested vs actual sparsity, seconds, peak memory, perplexity.
 
-    The configurations run two at a time in worker processes on one thread
-    each (:mod:`lab_utils.experiments.jobs`; ``workers=1``: here, in turn): part of
+    The configurations are independent jobs on ``executor``
+    (:func:`lab_utils.experiments.executor.run_jobs`: ``"local"`` runs them on
+    ``workers`` processes of this machine, one thread each; ``workers=1`` or
+    ``"serial"``: here, in turn; a scheduler address or file: on that cluster,
+    where a job on an accelerator ``device`` asks a worker for ``{"GPU": 1}``). Part of
     pruning runs on one core whatever the thread count, so two side by side
-    finish sooner. Each row's ``seconds`` is then its own wall time with the
-    other configuration running beside it, and ``threads`` says so.
+    finish sooner; each row's ``seconds`` is then its own wall time with the
+    other configuration running beside it, and ``threads`` says so. The rows come
+    back from the jobs; the checkpoints they write stay in the cache.
     """
+    device, dtype = resolved(device, dtype)
     grid = settings(methods, patterns, sparsities)  # the dense baseline first
     jobs = [(m, None, "-", 0.0) for m in models]
     jobs += [(m, meth, pat, s) for m in models for meth, pat, s in grid[1:]]
-    rows = side_by_side.run_side_by_side(
-        "lab_utils.experiments.sweep:sweep_job",
+    rows = ex.run_jobs(
+        sweep_job,
         [{"model_name": m, "method": meth or "magnitude", "sparsity": s, "pattern": pat if s else "unstructured",
           "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-          "eval_seqlen": eval_seqlen} for m, meth, pat, s in jobs],
-        workers=side_by_side.WORKERS if workers is None else workers, progress=progress, desc="sweep",
+          "eval_seqlen": eval_seqlen, "device": device, "dtype": dtype} for m, meth, pat, s in jobs],
+        executor, workers=workers, progress=progress, desc="sweep",
+        resources=ex.accelerator_resources(device),
         describe=lambda j: f"pruning {j['model_name']} ({j['method']}, {j['pattern']}, {j['sparsity']:g})")
     df = pd.DataFrame(rows)
     dense = df[df.method == "dense"].set_index("model").perplexity
@@ -102,7 +116,7 @@ def sweep_job(model_name: str, method: str, sparsity: float, pattern: str, **kw)
 
 def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: int = 16,
                    seqlen: int | None = 256, seed: int = 0, eval_windows: int = 8,
-                   eval_seqlen: int | None = 256,
+                   eval_seqlen: int | None = 256, device: str = "auto", dtype: str = "auto",
                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Uniform vs OWL allocation at the same mean sparsity.
 
@@ -110,11 +124,12 @@ def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: i
     under both allocations (block, component, side), and one row per
     allocation with its perplexity (decoder-only) and actual sparsity.
     """
+    device, dtype = resolved(device, dtype)
     rows, tables = [], []
     for owl in (False, True):
         row, report = run_one(model_name, method, sparsity, nsamples=nsamples, seqlen=seqlen,
                               seed=seed, owl=owl, eval_windows=eval_windows,
-                              eval_seqlen=eval_seqlen, progress=progress)
+                              eval_seqlen=eval_seqlen, device=device, dtype=dtype, progress=progress)
         row["allocation"] = "OWL" if owl else "uniform"
         rows.append(row)
         t = report.layer_table()[["name", "side", "block", "component", "numel", "sparsity"]]
@@ -123,30 +138,40 @@ def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: i
 
 
 def cached_sweep(models, methods, patterns, sparsities, *, nsamples: int, seqlen: int | None, seed: int,
-                 eval_windows: int, eval_seqlen: int | None, progress: bool = True) -> pd.DataFrame:
+                 eval_windows: int, eval_seqlen: int | None, progress: bool = True,
+                 executor: str = ex.LOCAL, device: str = "auto", dtype: str = "auto") -> pd.DataFrame:
     """:func:`sparsity_sweep` as a cached step (:func:`lab_utils.core.memo.cached`),
-    keyed by every argument that changes the table."""
-    from lab_utils.core import memo
-
+    keyed by every argument that changes the table (not ``executor``: where the
+    jobs run does not change their results)."""
     key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-           "eval_seqlen": eval_seqlen, "methods": methods, "patterns": patterns, "sparsities": sparsities}
+           "eval_seqlen": eval_seqlen, "methods": methods, "patterns": patterns, "sparsities": sparsities,
+           **_device_key(device, dtype)}
     return memo.cached("03-sweep", key, lambda: sparsity_sweep(
         models, methods, patterns, sparsities, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        eval_windows=eval_windows, eval_seqlen=eval_seqlen, progress=progress))
+        eval_windows=eval_windows, eval_seqlen=eval_seqlen, progress=progress, executor=executor,
+        device=device, dtype=dtype))
+
+
+def _device_key(device: str, dtype: str) -> dict:
+    """The device part of a step key: empty for the CPU in float32 (the keys
+    of every CPU run stay what they were), else the device type and dtype."""
+    device, dtype = resolved(device, dtype)
+    if (device, dtype) == ("cpu", "float32"):
+        return {}
+    return {"device": torch_device(device).type, "dtype": dtype}
 
 
 def cached_owl(models, method: str, sparsity: float, *, nsamples: int, seqlen: int | None, seed: int,
-               eval_windows: int, eval_seqlen: int | None, progress: bool = True):
+               eval_windows: int, eval_seqlen: int | None, progress: bool = True,
+               device: str = "auto", dtype: str = "auto"):
     """:func:`owl_comparison` as a cached step on the first decoder-only model
     of ``models``: (layers, summary), or (None, None) without one."""
-    from lab_utils.core import memo
-    from lab_utils.core.models import resolve
-
     model = next((m for m in models if resolve(m).family == DECODER_ONLY), None)
     if model is None:
         return None, None
     key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-           "eval_seqlen": eval_seqlen, "model": model, "method": method, "sparsity": sparsity}
+           "eval_seqlen": eval_seqlen, "model": model, "method": method, "sparsity": sparsity,
+           **_device_key(device, dtype)}
     return memo.cached("03-owl", key, lambda: owl_comparison(
         model, method, sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_windows=eval_windows,
-        eval_seqlen=eval_seqlen, progress=progress))
+        eval_seqlen=eval_seqlen, device=device, dtype=dtype, progress=progress))

@@ -16,14 +16,26 @@ import numpy as np
 import pandas as pd
 
 from lab_utils.core import files
-from lab_utils.core.evaluation import sentiment
+from lab_utils.core.evaluation import zeroshot
 from lab_utils.experiments.benchmarks import DENSE, METRICS, BenchParams
+from lab_utils.presentation import style
 from lab_utils.presentation.text import human_bytes, pct
 
 # The metric each benchmark is summarized by (the others stay in the table).
 HEADLINE = ("perplexity", "zero-shot accuracy", "probe accuracy", "embedding fidelity", "WER",
             "denoising perplexity")
-PERCENT_METRICS = ("zero-shot accuracy", "zero-shot F1", "probe accuracy", "probe F1", "WER")
+PERCENT_METRICS = ("zero-shot accuracy", "probe accuracy", "probe F1", "WER")
+
+
+def metric_label(metric: str, task) -> str:
+    """A metric as shown: with its task when it has one ("zero-shot accuracy (boolq)")."""
+    return f"{metric} ({task})" if isinstance(task, str) and task else metric
+
+
+def metric_labels(df: pd.DataFrame) -> pd.Series:
+    """:func:`metric_label` of every row (a table without a task column: the metric)."""
+    tasks = df["task"] if "task" in df else pd.Series("", index=df.index)
+    return pd.Series([metric_label(m, t) for m, t in zip(df.metric, tasks, strict=True)], index=df.index)
 
 
 def fmt_value(metric: str, value: float) -> str:
@@ -50,12 +62,13 @@ def reach_table(df: pd.DataFrame) -> pd.DataFrame:
     that stays within tolerance (0 when none does), and the lowest that does not."""
     t = df[(df.method != DENSE) & (df.pattern == "unstructured")].copy()
     t["ok"] = within(t)
+    t["task"] = t["task"].fillna("") if "task" in t else ""
     rows = []
-    for (model, metric, method), g in t.groupby(["model", "metric", "method"], sort=False):
+    for (model, metric, task, method), g in t.groupby(["model", "metric", "task", "method"], sort=False):
         ok = g[g.ok].requested_sparsity
         bad = g[~g.ok].requested_sparsity
         rows.append({"model": model, "label": g.label.iloc[0], "family": g.family.iloc[0],
-                     "metric": metric, "method": method,
+                     "metric": metric, "task": task, "method": method,
                      "tolerance": METRICS[metric].tolerance,
                      "max_sparsity_within": float(ok.max()) if len(ok) else 0.0,
                      "first_sparsity_outside": float(bad.min()) if len(bad) else math.nan,
@@ -63,10 +76,14 @@ def reach_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best_method(df: pd.DataFrame, model: str, metric: str, pattern: str, sparsity: float | None = None):
-    """The row of the best method for a model and metric at a pattern (and
-    sparsity, for unstructured), or None when nothing was measured there."""
+def best_method(df: pd.DataFrame, model: str, metric: str, pattern: str, sparsity: float | None = None,
+                task: str | None = None):
+    """The row of the best method for a model and metric (and zero-shot task)
+    at a pattern (and sparsity, for unstructured), or None when nothing was
+    measured there."""
     t = df[(df.model == model) & (df.metric == metric) & (df.pattern == pattern) & (df.method != DENSE)]
+    if task is not None and "task" in t:
+        t = t[t.task.fillna("") == task]
     if sparsity is not None:
         t = t[np.isclose(t.requested_sparsity, sparsity)]
     t = t.dropna(subset=["value"])
@@ -99,11 +116,13 @@ def family_paragraph(df: pd.DataFrame, family: str) -> str:
     for model, g in t.groupby("model", sort=False):
         label = g.label.iloc[0]
         sentences = []
-        for metric in [m for m in HEADLINE if m in set(g.metric)]:
+        tasks = g["task"].fillna("") if "task" in g else pd.Series("", index=g.index)
+        measured = dict.fromkeys(zip(g.metric, tasks, strict=True))  # (metric, task) in table order
+        for metric, task in [(m, t) for m in HEADLINE for m2, t in measured if m2 == m]:
             m = METRICS[metric]
-            dense = g[(g.method == DENSE) & (g.metric == metric)].value.iloc[0]
-            s = f"Dense {metric} is {fmt_value(metric, dense)}."
-            r = reach[(reach.model == model) & (reach.metric == metric)]
+            dense = g[(g.method == DENSE) & (g.metric == metric) & (tasks == task)].value.iloc[0]
+            s = f"Dense {metric_label(metric, task)} is {fmt_value(metric, dense)}."
+            r = reach[(reach.model == model) & (reach.metric == metric) & (reach.task == task)]
             if len(r):
                 tested = ", ".join(f"{x:.0%}" for x in r.tested.iloc[0])
                 bits = []
@@ -114,7 +133,7 @@ def family_paragraph(df: pd.DataFrame, family: str) -> str:
                       f"{tested}), {_join(bits)}.")
             best = []
             for pattern, sp, name in (("unstructured", 0.5, "50% unstructured"), ("2:4", None, "2:4")):
-                row = best_method(g, model, metric, pattern, sp)
+                row = best_method(g, model, metric, pattern, sp, task)
                 if row is not None:
                     best.append(f"at {name}, {row.method} ({fmt_value(metric, row.value)}, "
                                 f"{_change(row)} vs dense)")
@@ -140,31 +159,31 @@ def metric_figure(df: pd.DataFrame, model: str):
     Returns the saved path (``figs/benchmarks_<label>.png``)."""
     import matplotlib.pyplot as plt
 
-    g = df[df.model == model]
-    metrics = list(dict.fromkeys(g.metric))
+    g = df[df.model == model].assign(shown=lambda t: metric_labels(t))
+    metrics = list(dict.fromkeys(g.shown))
     label = g.label.iloc[0]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     methods = [m for m in dict.fromkeys(g.method) if m != DENSE]
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    markers = ["s", "^", "D", "v", "P"]
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        t = g[g.metric == metric]
+    for ax, shown in zip(axes[0], metrics, strict=True):
+        t = g[g.shown == shown]
+        metric = t.metric.iloc[0]
         dense = t[t.method == DENSE].value.iloc[0]
-        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({fmt_value(metric, dense)})")
+        ax.axhline(dense, color=style.method_color(DENSE), ls="--", lw=1,
+                   label=f"dense ({fmt_value(metric, dense)})")
         for method in methods:
             u = t[(t.method == method) & (t.pattern == "unstructured")].sort_values("requested_sparsity")
             if len(u):
                 xs = [0.0] + u.requested_sparsity.tolist()
                 ys = [dense] + u.value.tolist()
-                ax.plot(xs, ys, marker="o", color=colors[method], label=method)
-            for j, pat in enumerate(sorted(p for p in t.pattern.unique() if p != "unstructured")):
+                ax.plot(xs, ys, label=method, **style.line_style(method))
+            for pat in sorted(p for p in t.pattern.unique() if p != "unstructured"):
                 nm = t[(t.method == method) & (t.pattern == pat)]
                 if len(nm):
-                    ax.scatter(nm.requested_sparsity, nm.value, marker=markers[j % len(markers)], s=60,
-                               color=colors[method], edgecolor="k", zorder=3, label=f"{method} {pat}")
+                    ax.plot(nm.requested_sparsity, nm.value, markersize=8, zorder=3, label=f"{method} {pat}",
+                            **{**style.line_style(method, pat), "ls": ""})
         if metric in ("perplexity", "denoising perplexity", "infill perplexity"):
             ax.set_yscale("log")
-        ax.set(xlabel="requested sparsity", ylabel=metric, title=metric)
+        ax.set(xlabel="requested sparsity", ylabel=metric, title=shown)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{label}: benchmarks vs sparsity")
@@ -190,17 +209,13 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
     label = t.label.iloc[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     methods = [m for m in dict.fromkeys(t.method) if m != DENSE]
-    for i, method in enumerate(methods):
+    for method in methods:
         u = t[t.method == method]
-        for pat, marker in (("unstructured", "o"),):
-            v = u[u.pattern == pat]
-            ax.scatter(v.file_bytes / 2**20, v.value, color=f"C{i}", marker=marker, label=method)
-        v = u[u.pattern != "unstructured"]
-        if len(v):
-            ax.scatter(v.file_bytes / 2**20, v.value, color=f"C{i}", marker="^", edgecolor="k",
-                       label=f"{method} N:M")
+        for pat, v in u.groupby("pattern", sort=True):
+            ax.scatter(v.file_bytes / 2**20, v.value, label=method if pat == "unstructured" else f"{method} {pat}",
+                       **style.scatter_style(method, pat))
     d = t[t.method == DENSE]
-    ax.scatter(d.file_bytes / 2**20, d.value, color="k", marker="*", s=150, label="dense", zorder=3)
+    ax.scatter(d.file_bytes / 2**20, d.value, s=150, label="dense", zorder=3, **style.scatter_style(DENSE))
     plain = d.dense_file_bytes.dropna()
     if len(plain):
         ax.axvline(plain.iloc[0] / 2**20, color="k", ls=":", lw=1, label="plain dense safetensors")
@@ -215,7 +230,7 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
 
 def wide_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """One model's results as a setting x metric table (for display)."""
-    g = df[df.model == model]
+    g = df[df.model == model].assign(metric=lambda t: metric_labels(t))
     return g.pivot_table(index=["method", "pattern", "requested_sparsity", "actual_sparsity"],
                          columns="metric", values="value", sort=False)
 
@@ -274,9 +289,16 @@ def data_sentence(nyt: pd.DataFrame, reviews) -> str:
 
 
 def protocol_sentence(bench: BenchParams) -> str:
-    """The zero-shot prompt and the number of examples of every benchmark."""
-    return (f"Zero-shot prompt: `{sentiment.PROMPT!r}`, answers {' vs '.join(repr(a) for a in sentiment.ANSWERS)}; "
-            f"{bench.sentiment_examples} test reviews, {bench.probe_train_examples} training and "
+    """The zero-shot tasks (the lab's prompt and answers), the harness, and the
+    number of examples of every benchmark."""
+    own = [t for t in bench.zeroshot_tasks if t in zeroshot.OFFLINE_TASKS]
+    prompts = "; ".join(f"`{t}`: prompt `{p!r}`, answers {' vs '.join(repr(a) for a in answers)}"
+                        for t in own for p, answers in [zeroshot.task_prompt(t)])
+    others = [t for t in bench.zeroshot_tasks if t not in zeroshot.OFFLINE_TASKS]
+    return (f"Zero-shot tasks through lm-evaluation-harness {zeroshot.harness_version()}, the likelier answer "
+            f"by log-likelihood ({prompts}" + ("; " if own and others else "")
+            + (f"{', '.join(f'`{t}`' for t in others)} as lm-eval defines them" if others else "")
+            + f"), {bench.sentiment_examples} documents per task; {bench.probe_train_examples} training and "
             f"{bench.probe_test_examples} test sentences for the probe, {bench.wer_utterances} utterances for "
             f"Whisper ({bench.wer_per_window} per 30 s clip), {bench.ppl_windows} windows of {bench.ppl_seqlen} "
             f"tokens for perplexity.")

@@ -12,6 +12,7 @@ import math
 import pandas as pd
 
 from lab_utils.core import files
+from lab_utils.presentation import style
 
 MB = 1e6
 
@@ -93,32 +94,57 @@ def _save(fig, name: str):
     return files.save_figure(fig, files.figs_dir() / name, close=False)
 
 
-def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
-                           label: str):
-    """Perplexity vs file size: every model variant of the first three demos."""
+def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
+                         label: str, method: str | None = None):
+    """The figure of :func:`quality_vs_file_figure`, not saved: perplexity vs
+    file size of every model variant of the first three demos. Point labels are
+    moved apart by adjustText (with a fixed number of iterations, so the same
+    data gives the same picture) and never overlap; the legend sits outside the
+    axes, where no label can reach it."""
     import matplotlib.pyplot as plt
+    from adjustText import adjust_text
 
     fig, ax = plt.subplots()
     d = sparse.iloc[0]
-    ax.scatter([d.dense_file_bytes / MB], [d.perplexity], marker="*", s=160, color="k",
-               label="dense", zorder=3)
+    ax.scatter([d.dense_file_bytes / MB], [d.perplexity], s=160, label="dense", zorder=3,
+               **style.scatter_style(style.DENSE))
     s = sparse.iloc[1]
-    ax.scatter([s.dense_file_bytes / MB], [s.perplexity], marker="s", label="sparsified (dense file)")
+    ax.scatter([s.dense_file_bytes / MB], [s.perplexity], s=50,
+               label=f"sparsified{f', {method}' if method else ''} (dense file)",
+               **style.scatter_style(method or "sparsified"))
+    texts = []
     r = structured.iloc[1:]
-    ax.plot(r.file_bytes / MB, r.perplexity, "o-", label="structured pruning (MLP neurons)")
+    look = style.line_style("structured pruning")
+    ax.plot(r.file_bytes / MB, r.perplexity, label="structured pruning (MLP neurons)", **look)
     for _, row in r.iterrows():
-        ax.annotate(f"{row.neurons_removed:.0%}", (row.file_bytes / MB, row.perplexity),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        texts.append(ax.text(row.file_bytes / MB, row.perplexity, f"{row.neurons_removed:.0%}", fontsize=8))
     q = quant.iloc[1:]
-    ax.scatter(q.file_bytes / MB, q.perplexity, marker="^", label="quantization")
+    ax.scatter(q.file_bytes / MB, q.perplexity, s=50, label="quantization", **style.scatter_style("quantization"))
     for _, row in q.iterrows():
-        ax.annotate(row.scheme, (row.file_bytes / MB, row.perplexity), textcoords="offset points",
-                    xytext=(4, -10), fontsize=8)
+        texts.append(ax.text(row.file_bytes / MB, row.perplexity, row.scheme, fontsize=8))
     ax.set_yscale("log")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{label}: quality vs file size")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if texts:
+        points = pd.concat([r[["file_bytes", "perplexity"]], q[["file_bytes", "perplexity"]]])
+        # Every marker the labels must keep off, the dense and sparsified ones included.
+        xs = list(points.file_bytes / MB) + [d.dense_file_bytes / MB, s.dense_file_bytes / MB]
+        ys = list(points.perplexity) + [d.perplexity, s.perplexity]
+        adjust_text(texts, x=xs, y=ys, ax=ax, iter_lim=500, expand=(1.15, 1.4),
+                    arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.6})
+    return fig
+
+
+def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
+                           label: str, method: str | None = None):
+    """Perplexity vs file size: every model variant of the first three demos
+    (``method``: the sparsification demo's method, named in the legend).
+    Written to ``figs/concepts_quality_vs_file_<label>.png``."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_quality_vs_file(sparse, structured, quant, label, method)
     path = _save(fig, f"concepts_quality_vs_file_{label}.png")
     plt.close(fig)
     return path

@@ -8,6 +8,7 @@ import pandas as pd
 
 from lab_utils.core import files
 from lab_utils.core.models import DECODER_ONLY
+from lab_utils.presentation import style
 
 
 # --------------------------------------------------------------------------- figures
@@ -24,18 +25,15 @@ def plot_perplexity(df: pd.DataFrame, model_label: str):
     d = df[df.model == model_label]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     dense = d[d.method == "dense"].perplexity
-    markers = {"unstructured": "o", "2:4": "s", "4:8": "D"}
-    for i, (method, g) in enumerate(sorted(d[d.method != "dense"].groupby("method"), key=lambda x: x[0])):
-        color = f"C{i}"
+    for method, g in sorted(d[d.method != "dense"].groupby("method"), key=lambda x: x[0]):
         u = g[g.pattern == "unstructured"].sort_values("requested")
         if len(u):
-            ax.plot(u.requested, u.perplexity, marker="o", color=color, label=method)
+            ax.plot(u.requested, u.perplexity, label=method, **style.line_style(method))
         for pattern, p in sorted(g[g.pattern != "unstructured"].groupby("pattern"), key=lambda x: x[0]):
-            ax.scatter(p.requested, p.perplexity, marker=markers.get(pattern, "^"), s=60,
-                       color=color, edgecolor="black", zorder=3,
-                       label=f"{method} {pattern}")
+            ax.plot(p.requested, p.perplexity, markersize=8, zorder=3, label=f"{method} {pattern}",
+                    **{**style.line_style(method, pattern), "ls": ""})
     if len(dense):
-        ax.axhline(float(dense.iloc[0]), ls="--", color="gray", label="dense")
+        ax.axhline(float(dense.iloc[0]), ls="--", color=style.method_color("dense"), lw=1, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("requested sparsity of the prunable layers")
     ax.set_ylabel("perplexity (log scale)")
@@ -61,8 +59,10 @@ def plot_owl_heatmap(layers: pd.DataFrame, model_label: str, method: str, sparsi
     per_block = (per_block.w / per_block.numel).rename("sparsity").reset_index()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), height_ratios=[1, 1.6])
     for (alloc, side), g in sorted(per_block.groupby(["allocation", "side"]), key=lambda x: x[0]):
-        top.plot(g.block, g.sparsity, marker=".", ls="-" if alloc == "OWL" else "--",
-                 label=f"{alloc} ({side})")
+        look = style.line_style(f"{method} OWL" if alloc == "OWL" else method)
+        if alloc != "OWL":  # uniform: the method's own look, hollow, so the OWL line stands out
+            look.update(fillstyle="none", ls="--")
+        top.plot(g.block, g.sparsity, markersize=4, label=f"{alloc} ({side})", **look)
     top.set_ylabel("block sparsity")
     top.set_title(f"{model_label}, {method} at {sparsity:.0%}: uniform vs OWL allocation")
     top.legend(fontsize=8)

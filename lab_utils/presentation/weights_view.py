@@ -21,6 +21,7 @@ from lab_utils.core import files  # noqa: E402
 from lab_utils.experiments import weight_stats
 from lab_utils.experiments import weights as st
 from lab_utils.experiments.weights import ALPHA, EXACT_N, depth_correlation, summarize
+from lab_utils.presentation import style
 
 matplotlib.use("Agg")  # files, not windows; the notebook shows the saved file
 
@@ -129,7 +130,8 @@ def all_params_figure(ws: weight_stats.WeightStats, *, dense: weight_stats.Weigh
     log = zero_spike(counts)
     summ = st.summarize(ws)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
-    color = sns.color_palette()[0]
+    # a sparsified model in its method's colour, as in every other figure of the lab
+    color = style.method_color(method) if method and sparsity else sns.color_palette()[0]
     ax.stairs(counts, edges, fill=True, color=color, alpha=0.75,
               label=f"{ws.label}" + (f" after {method}" if method and sparsity else ""))
     if dense is not None:

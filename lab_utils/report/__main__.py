@@ -2,6 +2,6 @@
 
 import sys
 
-from lab_utils.report.runner.runner import main
+from lab_utils.report.runner import main
 
 sys.exit(main())

@@ -28,7 +28,11 @@ import yaml
 from papermill import inspect_notebook
 
 from lab_utils.core import files, sparsify
-from lab_utils.core.models import ModelError, resolve
+from lab_utils.core.device import DeviceError
+from lab_utils.core.device import describe as describe_device
+from lab_utils.core.evaluation import zeroshot
+from lab_utils.core.models import ModelError, hub_reachable, resolve
+from lab_utils.experiments import executor as ex
 
 NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
 
@@ -168,6 +172,23 @@ def _kind(name: str) -> str | None:
 
 def validate_value(name: str, value, check_hub: bool = True) -> None:
     """Check one parameter by the rule its name implies; unknown names pass."""
+    if name == "executor":  # local | serial | a scheduler address or scheduler file
+        try:
+            ex.check_executor(value)
+        except ValueError as e:
+            raise ParamError(str(e)) from None
+        return
+    if name in ("device", "dtype"):  # checked as a pair: float16 is refused on the CPU only
+        _check_device(value if name == "device" else "cpu", value if name == "dtype" else "auto")
+        return
+    if name == "zeroshot_tasks":  # lm-eval task names; asking whether the hub answers only for a hub task
+        tasks = _as_list(name, value)
+        try:
+            zeroshot.check_tasks(tasks, hub_available=not check_hub or set(tasks) <= set(zeroshot.OFFLINE_TASKS)
+                                 or hub_reachable()[0])
+        except ValueError as e:
+            raise ParamError(f"{name}: {e}") from None
+        return
     kind = _kind(name)
     if kind == "models":
         if not _as_list(name, value):
@@ -212,6 +233,16 @@ def validate(params: dict, check_hub: bool = True) -> None:
                     validate(per, check_hub)
             continue
         validate_value(name, value, check_hub)
+    if "device" in params and "dtype" in params:
+        _check_device(params["device"], params["dtype"])
+
+
+def _check_device(device: str, dtype: str) -> None:
+    """A device torch sees here and a dtype it can run (one line naming what is allowed)."""
+    try:
+        describe_device(device, dtype)
+    except DeviceError as e:
+        raise ParamError(str(e)) from None  # it names the parameter and what is allowed
 
 
 def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:
@@ -230,6 +261,40 @@ def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:
         if not isinstance(value, want):
             raise ParamError(f"{key}: {value!r} must be of type {info['inferred_type_name']} "
                              f"(notebook {notebook}, default {info.get('default')})")
+
+
+def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperature, distill_alpha,
+                    moe_experts, moe_active_fractions, timing_reps, **_) -> None:
+    """Notebook 01's own rules, those its parameters' names do not imply."""
+    def positive_int(name, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ParamError(f"{name}: {v!r} must be a positive integer")
+
+    if not structured_sparsities or any(not 0 < float(s) < 1 for s in structured_sparsities):
+        raise ParamError(f"structured_sparsities: {structured_sparsities!r} must be a non-empty list "
+                         f"of fractions of MLP neurons to remove, each in (0, 1), e.g. [0.25, 0.5]")
+    if not quant_group_sizes:
+        raise ParamError("quant_group_sizes: give at least one 4-bit group size, e.g. [32, 64]")
+    for g in quant_group_sizes:
+        positive_int("quant_group_sizes", g)
+        if g % 2:
+            raise ParamError(f"quant_group_sizes: {g} must be even (two 4-bit codes per byte), e.g. 32")
+    if not float(distill_temperature) > 0:
+        raise ParamError(f"distill_temperature: {distill_temperature!r} must be > 0, e.g. 2.0")
+    if not 0 <= float(distill_alpha) <= 1:
+        raise ParamError(f"distill_alpha: {distill_alpha!r} must be in [0, 1] (the weight of the "
+                         f"soft targets; 1 = soft targets only)")
+    positive_int("moe_experts", moe_experts)
+    positive_int("timing_reps", timing_reps)
+    for f in moe_active_fractions:
+        k = float(f) * moe_experts
+        if not 0 < float(f) <= 1 or abs(k - round(k)) > 1e-9:
+            raise ParamError(f"moe_active_fractions: {f!r} x {moe_experts} experts is not a whole "
+                             f"number of experts; use multiples of 1/{moe_experts} in (0, 1]")
+
+
+# Rules that span several parameters of one notebook, run after the per-name checks.
+NOTEBOOK_RULES = {"01_concepts": _check_concepts}
 
 
 # --------------------------------------------------------------------------- in a notebook
@@ -258,4 +323,6 @@ def validate_notebook(namespace: dict, notebook: str, check_hub: bool = True) ->
     values = {name: namespace[name] for name in decl}
     check_types(values, decl, notebook)
     validate(values, check_hub)
+    if notebook in NOTEBOOK_RULES:
+        NOTEBOOK_RULES[notebook](**values)
     return values

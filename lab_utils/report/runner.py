@@ -29,6 +29,9 @@ from importlib import metadata
 from pathlib import Path
 
 from lab_utils.core import files
+from lab_utils.core.device import DeviceError, describe
+from lab_utils.report import notebook as nbk
+from lab_utils.report import writeup
 from lab_utils.report.params import (
     ParamError,
     check_declared,
@@ -122,6 +125,7 @@ def execute(path: Path, parameters: dict, out_path: Path, timeout: int,
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+PARAMETER_CELL_TAGS = {"parameters", "injected-parameters"}
 
 
 def drop_widgets(nb) -> None:
@@ -162,10 +166,9 @@ def render_html(executed: Path, html_path: Path) -> Path:
     exporter = HTMLExporter(config=c)
     exporter.register_preprocessor(TagRemovePreprocessor(config=c), enabled=True)
     nb = nbformat.read(str(executed), as_version=4)
-    if any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells):
-        # Show the values this run used (papermill's injected cell), not the
-        # notebook's defaults that they replaced.
-        nb.cells = [c for c in nb.cells if "parameters" not in c.metadata.get("tags", [])]
+    # Neither the defaults cell nor papermill's injected cell (only the keys the file
+    # set): the next cell shows one table of every effective value and where it came from.
+    nb.cells = [c for c in nb.cells if not PARAMETER_CELL_TAGS & set(c.metadata.get("tags", []))]
     drop_widgets(nb)
     body, _ = exporter.from_notebook_node(nb)
     files.write_text(html_path, body)
@@ -193,8 +196,23 @@ def write_index(runs: list[NotebookRun], params_file: str, params: dict, started
         runs=runs, params_file=params_file,
         params_yaml=_yaml_dump(params), versions=package_versions(), started=started,
         total_seconds=total_seconds, writeup=writeup.name if writeup.exists() else None,
+        device=_device_row(params),
         titles={r.name: _title(r.name) for r in runs})
     return files.write_text(report_dir() / "index.html", html)
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path as a reader finds it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(files.REPO_ROOT)) if p.is_relative_to(files.REPO_ROOT) else str(path)
+
+
+def _device_row(params: dict) -> dict:
+    """The resolved device, dtype and device name the notebooks ran with."""
+    try:
+        return describe(params.get("device", "auto"), params.get("dtype", "auto"))
+    except DeviceError as e:  # checked before the run; say so rather than fail the index
+        return {"device": str(params.get("device")), "dtype": str(params.get("dtype")), "device_name": str(e)}
 
 
 def _yaml_dump(params: dict) -> str:
@@ -209,11 +227,7 @@ def _title(stem: str) -> str:
 
 
 def build_writeup(runs: list[NotebookRun], params: dict) -> Path | None:
-    """The regenerated lab write-up (report/LAB4.md + LAB4.html), when available."""
-    try:
-        from lab_utils.report.runner import writeup
-    except ImportError:
-        return None
+    """The regenerated lab write-up (report/LAB4.md + LAB4.html)."""
     return writeup.build(report_dir(), runs=runs, params=params)
 
 
@@ -245,6 +259,9 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         bar.set_postfix_str(path.stem)
         executed = build_dir() / "notebooks" / path.name
         os.environ["LAB_NOTEBOOK"] = path.stem  # findings are recorded per notebook
+        # the notebook's parameters table names the file and the keys it set
+        os.environ[nbk.PARAMS_FILE_ENV] = _shown_path(params_file)
+        os.environ[nbk.PARAMS_KEYS_ENV] = json.dumps(sorted(per_nb[path.stem]))
         findings = files.results_dir() / "findings" / f"{path.stem}.json"
         findings.unlink(missing_ok=True)
         result = execute(path, per_nb[path.stem], executed, timeout, progress=progress)

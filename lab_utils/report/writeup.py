@@ -147,6 +147,7 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
         "model_table": model_selection(params.get("models", []), weight_stats),
         "size_table": size_table(sizes),
         "benchmark_table": benchmark_table(bench),
+        "harness_version": harness_version(bench),
         "headlines": headlines(weight_stats, bench, sizes, speed_layers),
     }
     markdown = render_markdown(context)
@@ -210,8 +211,9 @@ def size_table(sizes, method: str | None = None):
 
 
 def benchmark_table(df, metrics=None):
-    """The headline metric of every model: one row per model and metric, one
-    column per setting (dense, then method @ sparsity or pattern), formatted."""
+    """The headline metric of every model: one row per model and metric (and
+    zero-shot task), one column per setting (dense, then method @ sparsity or
+    pattern), formatted; a value with a standard error shows it (± one)."""
     import pandas as pd
 
     from lab_utils.presentation import benchmarks_view
@@ -228,11 +230,21 @@ def benchmark_table(df, metrics=None):
         return f"{r.method} {where}"
 
     t["setting"] = t.apply(setting, axis=1)
-    t["shown"] = [benchmarks_view.fmt_value(m, v) for m, v in zip(t.metric, t.value, strict=True)]
+    stderr = t["stderr"] if "stderr" in t else pd.Series(math.nan, index=t.index)
+    t["shown"] = [benchmarks_view.fmt_value(m, v) + ("" if pd.isna(e) else f" ± {benchmarks_view.fmt_value(m, e)}")
+                  for m, v, e in zip(t.metric, t.value, stderr, strict=True)]
+    t["metric"] = benchmarks_view.metric_labels(t)
     out = t.pivot_table(index=["label", "metric"], columns="setting", values="shown",
                         aggfunc="first", sort=False)
     out = out[list(dict.fromkeys(t.setting))].reset_index()
     return out.rename(columns={"label": "model"}).fillna("")
+
+
+def harness_version(df) -> str:
+    """The lm-evaluation-harness version of the table's zero-shot rows ("" when none)."""
+    if df is None or "harness_version" not in df:
+        return ""
+    return ", ".join(sorted({str(v) for v in df.harness_version.dropna() if str(v)}))
 
 
 def _names(items: list[str]) -> str:

@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from lab_utils.core.device import model_device
+
 SAMPLING_RATE = 16_000
 PROMPT_TOKENS = ("<|startoftranscript|>", "<|notimestamps|>")
 # Tokens decoded per sentence at most. The default 64 sentences (6-24 words)
@@ -64,13 +66,16 @@ def decoder_prompt(tokenizer, config) -> list[int]:
 
 @torch.no_grad()
 def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], batch_size: int = 16,
-               max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device = "cpu",
+               max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device | None = None,
                progress: bool = True) -> list[str]:
-    """Greedy transcriptions of 16 kHz clips (each under 30 s)."""
+    """Greedy transcriptions of 16 kHz clips (each under 30 s), computed on
+    ``device`` (default: where the model reads its inputs)."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     model.eval()
+    device = device or model_device(model)
+    dtype = next(model.parameters()).dtype  # the features in the model's dtype (bfloat16 on a GPU)
     prompt = decoder_prompt(tokenizer, model.config)
     # Whisper's decoder has max_target_positions slots, the prompt included.
     budget = min(max_new_tokens, model.config.max_target_positions - len(prompt))
@@ -82,7 +87,7 @@ def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], bat
         clips = audio[i:i + batch_size]
         feats = feature_extractor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
         start = torch.tensor([prompt] * len(clips), dtype=torch.long, device=device)
-        out = model.generate(feats.to(device), decoder_input_ids=start, generation_config=gen)
+        out = model.generate(feats.to(device, dtype), decoder_input_ids=start, generation_config=gen)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
     return [t.strip() for t in texts]
 
@@ -124,7 +129,7 @@ def pack(texts: list[str], audio: list[np.ndarray], per_window: int, gap_s: floa
 
 
 def wer_benchmark(lm, n_utterances: int = 64, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
-                  per_window: int = 1, voice: str = "en-us", device: str | torch.device = "cpu",
+                  per_window: int = 1, voice: str = "en-us", device: str | torch.device | None = None,
                   progress: bool = True) -> dict:
     """WER of a loaded Whisper model on ``n_utterances`` synthesized NYT sentences.
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lab_utils.core.device import model_device
+
 MASK_RATIO = 0.3
 POISSON_LAMBDA = 3.0
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -111,10 +113,12 @@ def special_wrapping(tokenizer, text: str) -> tuple[list[int], list[int], list[i
 @torch.no_grad()
 def token_losses(model, tokenizer, sentences: list[str], mask_ratio: float = MASK_RATIO,
                  poisson_lambda: float = POISSON_LAMBDA, seed: int = 0, batch_size: int = 16,
-                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[list[list[float]], list[list[float]]]:
-    """Per sentence: the loss of every target token, and of the masked-out ones."""
+                 device: str | torch.device | None = None, progress: bool = True) -> tuple[list[list[float]], list[list[float]]]:
+    """Per sentence: the loss of every target token, and of the masked-out ones
+    (on ``device``; default: where the model reads its inputs)."""
     from tqdm.auto import tqdm
 
+    device = device or model_device(model)
     if tokenizer.mask_token_id is None:
         raise ValueError("text infilling needs a tokenizer with a mask token (BART's <mask>)")
     model.eval()
@@ -154,7 +158,7 @@ def token_losses(model, tokenizer, sentences: list[str], mask_ratio: float = MAS
 
 def denoising(model, tokenizer, sentences: list[str], mask_ratio: float = MASK_RATIO,
               poisson_lambda: float = POISSON_LAMBDA, seed: int = 0, batch_size: int = 16,
-              device: str | torch.device = "cpu", progress: bool = True) -> dict:
+              device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Reconstruction loss and perplexity of ``sentences`` from their infilled copies."""
     from lab_utils.core.metrics import load_metric
 

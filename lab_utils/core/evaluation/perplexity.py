@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lab_utils.core import data, files
+from lab_utils.core.device import model_device
 from lab_utils.core.models import DECODER_ONLY
 from lab_utils.core.models import default_seqlen as _default_seqlen
 
@@ -31,9 +32,11 @@ BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) log
 
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
-                  device: str | torch.device = "cpu", progress: bool = True) -> torch.Tensor:
-    """Loss of every window (K,), each the mean over its seqlen-1 predicted tokens."""
+                  device: str | torch.device | None = None, progress: bool = True) -> torch.Tensor:
+    """Loss of every window (K,), each the mean over its seqlen-1 predicted tokens;
+    the windows go to ``device`` (default: where the model reads its inputs)."""
     model.eval()
+    device = device or model_device(model)
     K, seqlen = windows.shape
     bs = max(1, batch_tokens // seqlen)
     out = []
@@ -49,7 +52,7 @@ def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS
 
 
 def perplexity(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
-               device: str | torch.device = "cpu", progress: bool = True) -> float:
+               device: str | torch.device | None = None, progress: bool = True) -> float:
     """exp of the mean window loss."""
     return math.exp(float(window_losses(model, windows, batch_tokens, device, progress).mean()))
 

@@ -1,18 +1,16 @@
-"""Sentiment benchmarks: zero-shot for decoders, a linear probe for encoders.
+"""Sentiment of an encoder: a linear probe on frozen features, and embedding fidelity.
 
-Decoder-only (zero-shot). Each review goes into one fixed prompt and the model
-scores two answers; the prediction is the answer with the higher
-log-probability. No example, no training, no calibration: the prompt and the
-answers are reported next to the numbers (:data:`PROMPT`, :data:`ANSWERS`).
+(A decoder's zero-shot sentiment is an lm-evaluation-harness task:
+:mod:`lab_utils.core.evaluation.zeroshot`.)
 
-Encoder-only (linear probe). A sentence encoder has no answer to score, so a
-logistic-regression head is trained once, on the *dense* encoder's frozen
-mean-pooled features of the training split, and then applied unchanged to the
-features every sparsified encoder produces on the test split: the head is
-the same for all, so accuracy and F1 measure how much of the sentiment
-information the pruned features still carry in the place the head expects it.
-Embedding fidelity, the mean cosine similarity between a sparse and the dense
-sentence embedding of the same sentence, needs no labels at all.
+A sentence encoder has no answer to score, so a logistic-regression head is
+trained once, on the *dense* encoder's frozen mean-pooled features of the
+training split, and then applied unchanged to the features every sparsified
+encoder produces on the test split: the head is the same for all, so accuracy
+and F1 measure how much of the sentiment information the pruned features still
+carry in the place the head expects it. Embedding fidelity, the mean cosine
+similarity between a sparse and the dense sentence embedding of the same
+sentence, needs no labels at all.
 
 The functions take a model and data and return numbers; caching and the choice
 of data split live in :mod:`lab_utils.experiments.benchmarks`.
@@ -21,21 +19,14 @@ of data split live in :mod:`lab_utils.experiments.benchmarks`.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-# The prompt ends right before the answer; the answers start with a space, as
-# a word after "Sentiment:" does in running text (byte-level BPE tokenizers
-# give " positive" its own token). Chosen among three wordings on 160 sentences
-# of the *training* split with dense SmolLM2 (0.80 accuracy there, against
-# 0.76 and 0.53 for the others); the test split was not looked at.
-PROMPT = "Review: {text}\nSentiment:"
-ANSWERS = (" negative", " positive")  # index = label (0 negative, 1 positive)
+from lab_utils.core.device import model_device
 
 
+# --------------------------------------------------------------------------- batching
 def _batches(lengths: list[int], batch_tokens: int, max_batch: int = 64) -> list[list[int]]:
     """Indices grouped by similar length (less padding), each batch at most
     ``batch_tokens`` padded tokens; the order inside is deterministic."""
@@ -71,94 +62,18 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-@torch.no_grad()
-def answer_logprobs(model, tokenizer, texts: list[str], prompt: str = PROMPT,
-                    answers: tuple[str, ...] = ANSWERS, batch_tokens: int = 4096,
-                    device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """log p(answer | prompt(text)) for every text and answer: shape (n, len(answers)).
-
-    A multi-token answer scores the sum of its tokens' log-probabilities. When
-    every answer is one token, one forward pass of the prompt gives all of
-    them (the next-token distribution at the prompt's last position);
-    otherwise each prompt + answer is scored on its own.
-    """
-    from tqdm.auto import tqdm
-
-    model.eval()
-    prompts = [tokenizer(prompt.format(text=t))["input_ids"] for t in texts]
-    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    if any(len(a) == 0 for a in answer_ids):
-        raise ValueError(f"an answer in {answers!r} tokenizes to nothing; use words the tokenizer knows")
-    single = all(len(a) == 1 for a in answer_ids)
-    pad = _pad_id(tokenizer)
-    if single:
-        seqs = prompts
-    else:
-        seqs = [p + a for p in prompts for a in answer_ids]
-    out = np.zeros((len(texts), len(answers)), dtype=np.float64)
-    scores = np.zeros(len(seqs), dtype=np.float64)  # one per prompt + answer (multi-token path)
-    body, head = model.base_model, model.get_output_embeddings()
-    batches = _batches([len(s) for s in seqs], batch_tokens)
-    for idx in tqdm(batches, desc="zero-shot", disable=not progress, leave=False):
-        ids, mask = _pad([seqs[i] for i in idx], pad)
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      use_cache=False).last_hidden_state
-        # The vocabulary projection only where an answer is read: the full
-        # (batch, tokens, vocab) logits would cost more than the model itself.
-        rows, pos, targets, owner = [], [], [], []
-        for row, i in enumerate(idx):
-            if single:
-                last = len(seqs[i]) - 1
-                for k, a in enumerate(answer_ids):
-                    rows.append(row), pos.append(last), targets.append(a[0]), owner.append((i, k))
-            else:
-                t, k = divmod(i, len(answers))
-                start = len(prompts[t])  # the first answer token sits at this position
-                for j, tok in enumerate(answer_ids[k]):
-                    rows.append(row), pos.append(start - 1 + j), targets.append(tok), owner.append((i, None))
-        logp = F.log_softmax(head(hidden[torch.tensor(rows), torch.tensor(pos)]).float(), dim=-1)
-        picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].cpu().numpy()
-        for (i, k), v in zip(owner, picked, strict=True):
-            if single:
-                out[i, k] = v
-            else:
-                scores[i] += v
-    if not single:
-        out = scores.reshape(len(texts), len(answers))
-    return out
-
-
-def zero_shot_sentiment(model, tokenizer, texts: list[str], labels: list[int], prompt: str = PROMPT,
-                        answers: tuple[str, ...] = ANSWERS, batch_tokens: int = 4096,
-                        device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Accuracy and F1 (positive class) of choosing the likelier answer.
-
-    Also returns the share of reviews predicted positive: a model that always
-    answers one way shows up there before it shows up anywhere else.
-    """
-    from lab_utils.core.metrics import load_metric
-
-    t0 = time.perf_counter()
-    lp = answer_logprobs(model, tokenizer, texts, prompt, answers, batch_tokens, device, progress)
-    pred = lp.argmax(axis=1).tolist()
-    labels = [int(v) for v in labels]
-    return {"accuracy": load_metric("accuracy").compute(predictions=pred, references=labels)["accuracy"],
-            "f1": load_metric("f1").compute(predictions=pred, references=labels)["f1"],
-            "predicted_positive": float(np.mean(pred)), "n": len(texts),
-            "margin": float(np.mean(lp[:, 1] - lp[:, 0])),
-            "prompt": prompt, "answers": list(answers), "seconds": time.perf_counter() - t0}
-
-
 # --------------------------------------------------------------------------- encoder probe
 @torch.no_grad()
 def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_tokens: int = 8192,
-                device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
+                device: str | torch.device | None = None, progress: bool = True) -> np.ndarray:
     """Sentence embeddings: the last hidden state averaged over the real
     tokens (padding masked out), as all-MiniLM-L6-v2 was trained to be used.
+    Computed on ``device`` (default: where the model reads its inputs).
     Returns float32 (n, hidden)."""
     from tqdm.auto import tqdm
 
     model.eval()
+    device = device or model_device(model)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     pad = _pad_id(tokenizer)

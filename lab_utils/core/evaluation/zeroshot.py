@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lab_utils.core.models import hub_reachable
+
 OFFLINE_TASKS = ("lab_sentiment",)
 HUB_SUITE = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
@@ -67,12 +69,31 @@ def check_tasks(tasks, hub_available: bool) -> tuple[str, ...]:
     :data:`OFFLINE_TASKS`) while the hub is unavailable."""
     names = task_names(tasks)
     if not names:
-        raise ValueError(f"zeroshot_tasks is empty: name at least one task, e.g. {OFFLINE_TASKS[0]!r}")
+        raise ValueError(f"no zero-shot task named; name at least one, e.g. {OFFLINE_TASKS[0]!r}")
     hub = [t for t in names if t not in OFFLINE_TASKS]
     if hub and not hub_available:
         raise ValueError(f"zero-shot task(s) {', '.join(hub)} need the Hugging Face hub, which is not "
                          f"available here; without it use {', '.join(OFFLINE_TASKS)}")
     return names
+
+
+def task_prompt(task: str) -> tuple[str, list[str]]:
+    """The prompt template (lm-eval's Jinja, e.g. ``"Review: {{text}}\\nSentiment:"``)
+    and the answers as scored, delimiter included, of one of the lab's own
+    tasks, read from its YAML (for the report's protocol line)."""
+    import yaml
+
+    if task not in OFFLINE_TASKS:
+        raise ValueError(f"{task!r} is not one of the lab's tasks ({', '.join(OFFLINE_TASKS)}): "
+                         f"lm-eval's own tasks keep their prompts in lm-eval")
+
+    class _Loader(yaml.SafeLoader):  # the YAML names its loader with lm-eval's !function tag
+        pass
+
+    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    cfg = yaml.load((TASKS_DIR / f"{task}.yaml").read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    delim = cfg.get("target_delimiter", " ")
+    return cfg["doc_to_text"], [delim + c for c in cfg["doc_to_choice"]]
 
 
 def subset_indices(n_docs: int, n_examples: int | None, seed: int = 0) -> list[int] | None:
@@ -177,8 +198,6 @@ def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None
 
     names = task_names(tasks)
     if hub_available is None and any(t not in OFFLINE_TASKS for t in names):
-        from lab_utils.core.models import hub_reachable
-
         hub_available = hub_reachable()[0]
     names = check_tasks(names, bool(hub_available))
     with quiet_harness(progress):

@@ -1,0 +1,221 @@
+"""Where the computation runs: the device, the forward dtype, the clock and the memory of a device.
+
+:func:`resolve_device` turns ``auto | cpu | cuda | cuda:N | mps`` into a
+``torch.device`` (or one line naming what torch sees); :func:`resolve_dtype`
+picks the dtype of the forward passes (float32 on the CPU, bfloat16 on an
+accelerator, as the Wanda and SparseGPT reference code runs in half
+precision). :func:`synchronize` waits for a device's queued work, so a clock
+read after it measures the work and not its launch; :func:`peak_memory` reads
+a device's allocator high-water mark. :func:`block_footprint` is the
+arithmetic of what the layer-sequential engine holds on the device at once.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeviceError(ValueError):
+    """A device or dtype that cannot be used here (one line, naming the fix)."""
+
+
+def available() -> list[str]:
+    """The devices torch sees on this machine, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        out.append("mps")
+    return out
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (cuda when torch sees one, else mps, else cpu), ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps`` as a ``torch.device``; a device torch does
+    not see raises :class:`DeviceError` naming those it sees."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name.strip()):
+        raise DeviceError(f"device {name!r} is not one of {', '.join(DEVICES)}")
+    name = name.strip()
+    seen = ", ".join(available())
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r}: torch sees no CUDA device here (it sees: {seen}); "
+                              f"use device 'auto' or 'cpu'")
+        index = int(name.split(":")[1]) if ":" in name else None
+        if index is not None and index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                              f"({seen}); use one of those")
+    if name == "mps" and not _mps_available():
+        raise DeviceError(f"device 'mps': torch sees no Apple GPU here (it sees: {seen}); "
+                          f"use device 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """The dtype of the forward passes: ``auto`` (or None) is float32 on the
+    CPU and bfloat16 on an accelerator; float16 is refused on the CPU (many
+    CPU kernels lack it, and the ones that exist are slower than float32)."""
+    device = torch.device(device)
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    if name is None or name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise DeviceError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise DeviceError("dtype 'float16' is not supported on the CPU; use 'float32' or 'bfloat16' "
+                          "there, or float16 on a GPU")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, where
+    every op has finished when it returns)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human name: the GPU's (``torch.cuda.get_device_name``), or the CPU
+    model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (mps)"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device | str) -> int | None:
+    """Peak bytes the allocator held on ``device`` since the last reset
+    (``torch.cuda.max_memory_allocated``); None on the CPU and mps, whose
+    memory the process's resident size already measures."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def resolved(device: str | None = "auto", dtype: str | None = "auto") -> tuple[str, str]:
+    """The names a job and a cache key carry: ``("cpu", "float32")`` for the
+    defaults on this machine, ``("cuda", "bfloat16")`` on a GPU node."""
+    dev = resolve_device(device)
+    return str(dev), dtype_name(resolve_dtype(dtype, dev))
+
+
+def describe(device: str | None = "auto", dtype: str | None = "auto") -> dict:
+    """The resolved device, dtype and device name as the report's parameters
+    table shows them (raises :class:`DeviceError` as the resolvers do)."""
+    dev = resolve_device(device)
+    return {"device": str(dev), "dtype": dtype_name(resolve_dtype(dtype, dev)), "device_name": device_name(dev)}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device when it has
+    them (a model dispatched over devices by accelerate reads its inputs
+    there), else its first parameter's (the CPU for a module without any)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")  # a parameterless stand-in
+
+
+# --------------------------------------------------------------------------- what fits
+def block_footprint(hidden: int, intermediate: int, kv_hidden: int | None = None, *, method: str = "sparsegpt",
+                    nsamples: int = 128, seqlen: int = 2048, act_bytes: int = 2,
+                    batch_tokens: int = 8192) -> dict[str, int]:
+    """Bytes the layer-sequential engine holds on the device at once, for a
+    Llama-shaped block (q, k, v, o; gate, up, down):
+
+    * ``weights``: one block in float32 (the mask math needs full precision);
+    * ``activations``: the calibration set at the block's input and output,
+      ``nsamples x seqlen x hidden x act_bytes``, twice;
+    * ``statistics``: Wanda one float32 vector per layer; SparseGPT one
+      float32 Hessian per layer, in x in (six hidden x hidden, one
+      intermediate x intermediate), all alive until the block is pruned;
+    * ``working``: one batch's forward temporaries (``batch_tokens`` x
+      intermediate, three of them, float32) plus SparseGPT's copies of the
+      largest Hessian and its inverse while one layer is pruned.
+    """
+    kv = hidden if kv_hidden is None else kv_hidden
+    weight_numel = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate
+    ins = [hidden] * 6 + [intermediate]  # q k v o gate up: hidden inputs; down: intermediate
+    if method == "sparsegpt":
+        stats = sum(n * n for n in ins) * 4
+        working = 2 * intermediate * intermediate * 4
+    elif method == "wanda":
+        stats = sum(ins) * 4
+        working = 0
+    else:
+        raise ValueError(f"method {method!r}: the footprint is computed for 'wanda' and 'sparsegpt'")
+    working += 3 * batch_tokens * intermediate * 4
+    parts = {"weights": weight_numel * 4, "activations": 2 * nsamples * seqlen * hidden * act_bytes,
+             "statistics": stats, "working": working}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# Llama shapes (hidden, intermediate, key/value width, blocks) as their configs give them.
+LLAMA_SHAPES = {"Llama-2-7B": (4096, 11008, 4096, 32), "Llama-2-13B": (5120, 13824, 5120, 40),
+                "Llama-2-70B": (8192, 28672, 1024, 80)}
+
+
+def footprint_table(gpu_gib=(24, 80), shapes: dict | None = None, nsamples: int = 128, seqlen: int = 2048,
+                    act_bytes: int = 2, batch_tokens: int = 8192):
+    """Per model shape and method: what one block needs on the device (GiB),
+    the whole model's float32 weights (which stay in host memory), and
+    whether it fits each GPU size in ``gpu_gib``."""
+    import pandas as pd  # deferred: only this table needs pandas
+
+    gib = 1024 ** 3
+    rows = []
+    for name, (h, i, kv, n_blocks) in (shapes or LLAMA_SHAPES).items():
+        for method in ("wanda", "sparsegpt"):
+            p = block_footprint(h, i, kv, method=method, nsamples=nsamples, seqlen=seqlen,
+                                act_bytes=act_bytes, batch_tokens=batch_tokens)
+            row = {"model": name, "method": method, **{k: round(v / gib, 2) for k, v in p.items()},
+                   "host_weights_fp32": round(n_blocks * p["weights"] / gib, 1)}
+            for g in gpu_gib:
+                row[f"fits_{g}GiB"] = p["total"] <= g * gib
+            rows.append(row)
+    return pd.DataFrame(rows)
