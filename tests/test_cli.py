@@ -20,6 +20,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_prune_then_perplexity_end_to_end(tiny_dirs, tmp_path, cache_with_data, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dirs["llama"]), "--method", "wanda", "--sparsity", "0.5",

@@ -56,6 +56,7 @@ def test_hub_corpora_fail_clearly_without_hub():
         data.wikitext2_text()
 
 
+@pytest.mark.slow
 def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
     data.clear_corpus_cache()
     try:
@@ -75,6 +76,7 @@ def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
         data.clear_corpus_cache()
 
 
+@pytest.mark.slow
 def test_speech_is_cached_and_16khz(tmp_cache):
     a = data.speech(["The market opened early."])
     b = data.speech(["The market opened early."])

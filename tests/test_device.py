@@ -117,3 +117,24 @@ def test_the_command_line_refuses_a_missing_device_before_loading(capsys):
     assert main(["prune", "--model", "no-such-model", "--method", "wanda", "--sparsity", "0.5",
                  "--dtype", "float16"]) == 2
     assert "float16" in capsys.readouterr().err
+
+
+def test_cpu_float32_adds_nothing_to_a_key_another_dtype_does():
+    from lab_utils.experiments import sweep
+
+    assert devices.resolved("cpu", "auto") == ("cpu", "float32")
+    assert devices.engine_kwargs("cpu", "auto") == {} == sweep._device_key("cpu", "float32")
+    assert devices.engine_kwargs("cpu", "bfloat16") == {"device": "cpu", "dtype": "bfloat16"}
+    assert sweep._device_key("cpu", "bfloat16") == {"device": "cpu", "dtype": "bfloat16"}
+
+
+def test_the_notebook_04_config_carries_the_resolved_device():
+    import ast
+
+    from lab_utils.experiments import benchmarks
+
+    defaults = {n: ast.literal_eval(i["default"]) for n, i in params.declared("04_benchmarks").items()}
+    cfg = benchmarks.sweep_config(defaults)
+    assert (cfg.device, cfg.dtype) == devices.resolved("auto", "auto") == ("cpu", "float32")
+    cfg = benchmarks.sweep_config({**defaults, "dtype": "bfloat16"})
+    assert cfg.dtype == "bfloat16"

@@ -44,6 +44,7 @@ def external(tmp_path_factory):
 
 # --- same results everywhere ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "address", "scheduler file"])
 def test_every_executor_gives_the_serial_results(where, request, tmp_path):
     jobs = prune_jobs()
@@ -64,6 +65,7 @@ def test_every_executor_gives_the_serial_results(where, request, tmp_path):
     assert not list(tmp_path.glob(".executor-probe-*"))  # the cache probe cleaned up after
 
 
+@pytest.mark.slow
 def test_workers_run_torch_on_the_threads_asked_for(external, tmp_path):
     kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
     assert ex.run_jobs(torch_threads, [{}, {}], threads=2, **kw) == [2, 2]
@@ -72,6 +74,7 @@ def test_workers_run_torch_on_the_threads_asked_for(external, tmp_path):
     assert ex.run_jobs(torch_threads, [{}, {}], executor="serial", progress=False) == [here] * 2
 
 
+@pytest.mark.slow
 def test_jobs_that_ask_for_a_gpu_go_to_the_worker_that_offers_one(external, tmp_path):
     gpu = {pid for pid, w in external.worker_pids().items() if w["resources"].get("GPU")}
     kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
@@ -81,6 +84,7 @@ def test_jobs_that_ask_for_a_gpu_go_to_the_worker_that_offers_one(external, tmp_
         ex.run_jobs(worker_pid, [{}] * 2, resources={"TPU": 1}, **kw)
 
 
+@pytest.mark.slow
 def test_the_dashboard_link_is_printed_once(external, tmp_path, capsys):
     with ex.open_executor(external.address, cache_dir=tmp_path) as opened:
         for _ in range(2):
@@ -92,6 +96,7 @@ def test_the_dashboard_link_is_printed_once(external, tmp_path, capsys):
 
 # --- faults ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_a_rerun_on_the_other_worker_not_the_batch(external, tmp_path):
     jobs = [{"x": x, "folder": str(tmp_path), "hold": (0,)} for x in range(4)]
     workers = external.worker_pids()
@@ -117,6 +122,7 @@ def test_a_killed_worker_costs_a_rerun_on_the_other_worker_not_the_batch(externa
     wait_for(lambda: len(external.worker_pids()) == 2, timeout=30)  # the nanny restarted it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["serial", "external"])
 def test_a_failing_job_is_one_error_naming_it(where, request, tmp_path):
     executor = "serial" if where == "serial" else request.getfixturevalue("external").address
@@ -141,6 +147,7 @@ def interrupt_when(condition) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 def test_an_interrupt_closes_the_local_cluster_and_leaves_no_process(tmp_path):
     jobs = [{"x": x, "folder": str(tmp_path), "hold": (0, 1)} for x in range(4)]
     before = child_processes()
@@ -163,6 +170,7 @@ def test_an_interrupt_closes_the_local_cluster_and_leaves_no_process(tmp_path):
     assert not any(attempt_pids(tmp_path, x) for x in (2, 3))
 
 
+@pytest.mark.slow
 def test_an_interrupt_while_the_local_cluster_starts_still_closes_it(tmp_path):
     jobs = [{"x": x, "folder": str(tmp_path)} for x in range(2)]
     before = child_processes()
@@ -182,6 +190,7 @@ def test_an_interrupt_while_the_local_cluster_starts_still_closes_it(tmp_path):
     assert not any(attempt_pids(tmp_path, x) for x in range(2))  # it stopped before any job
 
 
+@pytest.mark.slow
 def test_an_interrupt_cancels_the_jobs_on_an_open_cluster(external, tmp_path):
     jobs = [{"x": x, "folder": str(tmp_path), "hold": (0, 1)} for x in range(6)]
     with ex.open_executor(external.address, cache_dir=tmp_path, announce=False) as opened:
@@ -202,6 +211,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_unreachable_scheduler_is_one_line_in_seconds(tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -235,6 +245,7 @@ class ElsewhereClient:
         return {"tcp://127.0.0.1:1": function(str(self.elsewhere), *args)}
 
 
+@pytest.mark.slow
 def test_a_cache_the_workers_do_not_share_is_one_line(tmp_path):
     (tmp_path / "worker").mkdir()
     with pytest.raises(ex.ExecutorError) as info:

@@ -44,7 +44,7 @@ def test_parameters_table_outside_the_runner_compares_with_the_defaults(monkeypa
 
 
 @pytest.mark.parametrize("x, shown", [(0.5, "50.0%"), (0.1, "10.0%"), (0.099999, "10.0%"), (0.0, "0%"), (1.0, "100%"),
-                                      (0.000315377, "0.03%"), (0.99999, "99.999%"), (float("nan"), "")])
+                                      (0.000315377, "0.03%"), (0.99999, "99.999%"), (float("nan"), "—")])
 def test_percent_keeps_small_values_visible(x, shown):
     assert nbk.percent(x) == shown
 

@@ -221,6 +221,7 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
         calibration.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
 
 
+@pytest.mark.slow
 def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     name = str(tiny_dirs["llama"])
     lm1, r1 = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
@@ -240,6 +241,7 @@ def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data,
         assert torch.equal(a.weight, b.weight)
 
 
+@pytest.mark.slow
 def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, monkeypatch):
     import subprocess
 

@@ -347,6 +347,7 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
         st.size_sweep(*args, formats=["nm"], progress=False)
 
 
+@pytest.mark.slow
 def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, tmp_path, monkeypatch):
     args = ([str(tiny_dirs["llama"]), str(tiny_dirs["bert"])], ["magnitude"], [0.0, 0.5, 0.9])
     tables = []

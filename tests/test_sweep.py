@@ -10,6 +10,7 @@ from lab_utils.presentation import sweep_view
 SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_output):
     models = [str(tiny_dirs["llama"]), str(tiny_dirs["bert"])]
     df = sweep.sparsity_sweep(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6], **SMALL)
@@ -33,6 +34,7 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     assert "N:M" in text and "dense perplexity" in text
 
 
+@pytest.mark.slow
 def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     import os
 
@@ -56,6 +58,7 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
                              **{**SMALL, "seqlen": 4096}, workers=2)
 
 
+@pytest.mark.slow
 def test_owl_comparison_and_heatmap(tiny_dirs, cache_with_data, tmp_output):
     layers, summary = sweep.owl_comparison(str(tiny_dirs["llama"]), "wanda", 0.6, **SMALL)
     assert list(summary.allocation) == ["uniform", "OWL"]

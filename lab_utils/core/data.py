@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from lab_utils.core import files
+from lab_utils.core.models import hub_reachable
+from lab_utils.core.speech import synthesize
 
 VADER_VERSION = "3.3.2"
 VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -186,7 +188,6 @@ def speech_sentences(n: int, min_words: int = 6, max_words: int = 24) -> list[st
 
 # --------------------------------------------------------------------------- hub corpora
 def _require_hub(what: str) -> None:
-    from lab_utils.core.models import hub_reachable
 
     ok, reason = hub_reachable()
     if not ok:
@@ -339,7 +340,6 @@ def speech(texts: list[str], voice: str = "en-us", progress: bool = True) -> lis
     """16 kHz float32 speech for each text, synthesized once and cached on disk."""
     from tqdm.auto import tqdm
 
-    from lab_utils.core.speech import synthesize
 
     folder = files.cache_dir() / "speech" / voice
     out = []

@@ -141,6 +141,14 @@ def resolved(device: str | None = "auto", dtype: str | None = "auto") -> tuple[s
     return str(dev), dtype_name(resolve_dtype(dtype, dev))
 
 
+def engine_kwargs(device: str | None = "auto", dtype: str | None = "auto") -> dict:
+    """``device=`` and ``dtype=`` for the pruning engine, or nothing on the
+    CPU in float32: callers that key a cache by their keyword arguments keep
+    the keys of every CPU run."""
+    dev, dt = resolved(device, dtype)
+    return {} if (dev, dt) == ("cpu", "float32") else {"device": dev, "dtype": dt}
+
+
 def describe(device: str | None = "auto", dtype: str | None = "auto") -> dict:
     """The resolved device, dtype and device name as the report's parameters
     table shows them (raises :class:`DeviceError` as the resolvers do)."""

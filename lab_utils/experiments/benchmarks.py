@@ -42,6 +42,7 @@ import torch
 
 from lab_utils.core import data, files, memo, sparsify
 from lab_utils.core import formats as core_formats
+from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment, zeroshot
 from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
 from lab_utils.engine import checkpoints
@@ -170,11 +171,12 @@ def bench_params(benchmark: str, bp: BenchParams) -> dict:
 
 # --------------------------------------------------------------------------- checkpoint keys
 def checkpoint_key(spec: ModelSpec, setting: Setting, nsamples: int, seqlen: int | None, seed: int,
-                   config=None) -> str:
+                   config=None, device: str = "cpu", dtype: str = "float32") -> str:
     """The key :func:`lab_utils.engine.checkpoints.pruned_model` gives this checkpoint,
     computed from the config alone (a test checks that they agree)."""
-    cfg = (engine_config.make_config("magnitude", 0.0) if setting.is_dense else
-           engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed))
+    cfg = (engine_config.make_config("magnitude", 0.0, device=device, dtype=dtype) if setting.is_dense else
+           engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed,
+                                     device=device, dtype=dtype))
     return engine_config.checkpoint_key(spec, cfg, config)
 
 
@@ -303,6 +305,8 @@ class SweepConfig:
     seed: int = 0
     bench: BenchParams = field(default_factory=BenchParams)
     size_formats: tuple[str, ...] | None = None  # measure file sizes (experiments.file_sizes) when set
+    device: str = "cpu"  # where pruning and evaluation run (resolved: core.device.resolved)
+    dtype: str = "float32"  # the forward passes' dtype
 
 
 def _checkpoint_info(report) -> dict:
@@ -365,7 +369,8 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
             evaluate_job,
             [{"model_name": model_name, "setting": asdict(s), "cfg": job_cfg, "dense_file_bytes": dense_bytes}
              for s in todo],
-            executor, workers=workers, progress=progress, resources=resources,
+            executor, workers=workers, progress=progress,
+            resources=resources if resources is not None else ex.accelerator_resources(cfg.device),
             desc=f"{spec.label} settings",
             describe=lambda j: f"evaluating {spec.label} ({j['setting']['method']}, {j['setting']['pattern']}, "
                                f"{j['setting']['sparsity']:g})")
@@ -378,7 +383,7 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
         if not _complete(entries):
             raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
         info, size, results = entries
-        key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
+        key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config, cfg.device, cfg.dtype)
         base = {"model": spec.name, "label": spec.label, "family": spec.family,
                 "method": setting.method, "pattern": setting.pattern,
                 "requested_sparsity": setting.sparsity, "actual_sparsity": info["actual_sparsity"]}
@@ -394,7 +399,7 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
 
 def _paths(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
     """(checkpoint key, info path, size path or None, {benchmark: path}) of one setting."""
-    key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config)
+    key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config, cfg.device, cfg.dtype)
     bp = cfg.bench
     paths = {b: _eval_path(key, b, bench_params(b, bp)) for b in benchmarks_for(spec, config)}
     size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
@@ -426,7 +431,10 @@ def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: S
     bp = cfg.bench
     method = "magnitude" if setting.is_dense else setting.method
     lm, report = checkpoints.pruned_model(model_name, method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
-                                    seqlen=cfg.seqlen, seed=cfg.seed, progress=progress)
+                                          seqlen=cfg.seqlen, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                                          progress=progress)
+    if cfg.device != "cpu":  # the engine returns the model in host memory; evaluate it on the device
+        lm.model.to(cfg.device)
     if report.key != key:  # the engine changed its key: do not file results under a wrong one
         raise RuntimeError(f"checkpoint key {report.key} of the pruning engine differs from "
                            f"{key} computed here; update benchmarks.checkpoint_key")
@@ -437,7 +445,7 @@ def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: S
     ctx = None
     if "sentiment-probe" in paths:
         dense_key = checkpoint_key(spec, Setting(DENSE, sparsify.UNSTRUCTURED, 0.0), cfg.nsamples, cfg.seqlen,
-                                   cfg.seed, config)
+                                   cfg.seed, config, cfg.device, cfg.dtype)
         ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
     for b, p in paths.items():
         if results[b] is None:
@@ -562,8 +570,9 @@ def sweep_config(params: dict) -> SweepConfig:
     :class:`BenchParams` field the notebook declares, the calibration and the
     lossless ``size_formats`` (checked by :func:`check_size_formats`)."""
     bench = BenchParams(**{f.name: params[f.name] for f in fields(BenchParams) if f.name in params})
+    device, dtype = resolved(params.get("device", "auto"), params.get("dtype", "auto"))
     return SweepConfig(nsamples=params["nsamples"], seqlen=params["seqlen"], seed=params["seed"], bench=bench,
-                       size_formats=check_size_formats(params["size_formats"]))
+                       size_formats=check_size_formats(params["size_formats"]), device=device, dtype=dtype)
 
 
 def speed_comparison(models, methods, patterns, sparsities, tokens: int = 256, repeats: int = 3,

@@ -43,10 +43,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lab_utils.core import memo
 from lab_utils.core.data import forward_inputs
 from lab_utils.core.device import model_device
 from lab_utils.core.measure import median_seconds, time_calls
 from lab_utils.core.models import (
+    DECODER_ONLY,
     _auto_class,
     _conv1d_type,
     embedded_model_dir,
@@ -466,7 +468,6 @@ def _layer_speed_key(models, sparsities, tokens: int, repeats: int) -> tuple[lis
 def cached_layer_speed(models, sparsities, *, tokens: int, repeats: int, progress: bool = True) -> pd.DataFrame:
     """:func:`layer_speed` of every prunable shape of ``models``, as a cached
     step (:func:`lab_utils.core.memo.cached`: a rerun shows the first run's times)."""
-    from lab_utils.core import memo
 
     shapes, key = _layer_speed_key(models, sparsities, tokens, repeats)
     return memo.cached("03-layer-speed", key, lambda: layer_speed(shapes, sparsities, tokens=tokens,
@@ -478,8 +479,6 @@ def cached_forward_speed(models, method: str, sparsities, *, layer_sparsities, t
     """:func:`forward_sweep` of the first decoder-only model of ``models`` (the
     first model without one), planned on :func:`cached_layer_speed`'s table
     of the same ``layer_sparsities``, ``tokens`` and ``layer_repeats``; cached."""
-    from lab_utils.core import memo
-    from lab_utils.core.models import DECODER_ONLY, resolve
 
     model = next((m for m in models if resolve(m).family == DECODER_ONLY), models[0])
     _, layer_key = _layer_speed_key(models, layer_sparsities, tokens, layer_repeats)

@@ -22,6 +22,7 @@ def size_figure(sizes: pd.DataFrame, label: str, method: str):
     (the floor drawn for the whole file: floor of the prunable weights plus
     the rest as stored), and bits per prunable weight vs sparsity."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     t = sizes[(sizes.label == label) & (sizes.method == method)].sort_values("sparsity")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -43,6 +44,8 @@ def size_figure(sizes: pd.DataFrame, label: str, method: str):
     ax2.set(xlabel="sparsity", ylabel="bits per prunable weight", yscale="log",
             title="bits per prunable weight")
     ax2.legend(fontsize=7, ncol=2, loc="lower left")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     fig.tight_layout()
     return fig
 

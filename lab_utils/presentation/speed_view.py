@@ -12,6 +12,7 @@ from lab_utils.experiments.speed import crossover
 def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer shape"):
     """Speed-up (dense time / CSR time) vs sparsity, one line per shape."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots()
     for shape, t in speed.groupby("shape", sort=False):
@@ -23,6 +24,7 @@ def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer 
     ticks = [t for t in (0.1, 0.2, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8, 16) if lo / 1.3 <= t <= hi * 1.3]
     ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
     ax.minorticks_off()
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.legend(title="out x in", fontsize=8)
     fig.tight_layout()
     return fig

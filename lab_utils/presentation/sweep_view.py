@@ -21,6 +21,7 @@ def plot_perplexity(df: pd.DataFrame, model_label: str):
     one marker per N:M pattern; the dense model as a dashed line.
     Written to ``figs/perplexity_vs_sparsity_<model>.png``."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     d = df[df.model == model_label]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
@@ -36,6 +37,7 @@ def plot_perplexity(df: pd.DataFrame, model_label: str):
         ax.axhline(float(dense.iloc[0]), ls="--", color=style.method_color("dense"), lw=1, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("requested sparsity of the prunable layers")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{model_label}: perplexity vs sparsity")
     ax.legend(fontsize=8, ncol=2)

@@ -22,6 +22,7 @@ from lab_utils.experiments import weight_stats
 from lab_utils.experiments import weights as st
 from lab_utils.experiments.weights import ALPHA, EXACT_N, depth_correlation, summarize
 from lab_utils.presentation import style
+from lab_utils.presentation.text import human_bytes
 
 matplotlib.use("Agg")  # files, not windows; the notebook shows the saved file
 
@@ -542,7 +543,6 @@ def resources_paragraph(memory) -> str:
 
     import psutil
 
-    from lab_utils.presentation.text import human_bytes
 
     kernel = psutil.Process()
     elapsed, cpu = time.time() - kernel.create_time(), sum(kernel.cpu_times()[:2])

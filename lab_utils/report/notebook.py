@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from lab_utils.core import files
+from lab_utils.report import params
 
 
 def setup(seed: int = 0, threads: int | None = None) -> None:
@@ -110,7 +111,6 @@ def parameters_table(values: dict, notebook: str) -> pd.DataFrame:
     ``values``: what :func:`lab_utils.report.params.validate_notebook` returned."""
     import ast
 
-    from lab_utils.report import params
 
     declared = params.declared(notebook)
     from_file = set(json.loads(os.environ.get(PARAMS_KEYS_ENV) or "[]"))
@@ -144,9 +144,12 @@ def show_parameters(values: dict, notebook: str) -> None:
     """Display :func:`parameters_table` (the first table of a rendered notebook)."""
     from IPython.display import HTML, display
 
-    table = parameters_table(values, notebook).to_html(index=False, escape=True, classes="lab-parameters")
-    # Names, values and help are read left to right, unlike the numbers of a result table.
-    style = "<style>table.lab-parameters th, table.lab-parameters td { text-align: left; }</style>"
+    table = parameters_table(values, notebook).to_html(index=False, escape=True, classes="lab-parameters",
+                                                       justify="left")
+    # Names, values and help are read left to right, unlike the numbers of a result table
+    # (JupyterLab's and nbconvert's stylesheet right-align every cell of an output table).
+    style = ("<style>table.lab-parameters th, table.lab-parameters td, .jp-RenderedHTMLCommon "
+             "table.lab-parameters th, .jp-RenderedHTMLCommon table.lab-parameters td { text-align: left; }</style>")
     display(HTML(f"{style}<p><strong>Parameters of this run</strong></p>{table}"))
 
 
@@ -154,6 +157,7 @@ def show_parameters(values: dict, notebook: str) -> None:
 # Columns (and index levels) shown as percentages: every sparsity, accuracy, F1,
 # fraction and word error rate, by name, plus those a cell names.
 PERCENT_WORDS = {"sparsity", "accuracy", "agreement", "recall", "fraction", "frac", "f1", "wer", "share"}
+NOT_MEASURED = "—"  # a missing value (NaN): none measured, or none reached
 PERCENT_NAMES = {"requested", "actual", "actual_total", "neurons_removed", "captured"}
 
 
@@ -171,7 +175,7 @@ def percent(x, digits: int = 1) -> str:
     """A fraction as a percentage with ``digits`` decimals, or more where fewer would
     round a value that is not 0 or 1 to 0% or 100% (a dense model's 0.03% zeros)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
+        return NOT_MEASURED
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
         return str(x)
     x = float(x)
@@ -190,10 +194,10 @@ def number(x) -> str:
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return f"{x:,}" if abs(x) >= 1e4 else str(x)
     if isinstance(x, bool) or not isinstance(x, (float, np.floating)):
-        return "" if x is None else str(x)
+        return NOT_MEASURED if x is None else str(x)
     x = float(x)
     if math.isnan(x):
-        return ""
+        return NOT_MEASURED
     if x == int(x) and abs(x) < 1e15:
         return f"{int(x):,}" if abs(x) >= 1e4 else str(int(x))
     if abs(x) >= 1000:

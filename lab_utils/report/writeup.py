@@ -22,7 +22,9 @@ import shutil
 import urllib.parse
 from pathlib import Path
 
-from lab_utils.core import files
+from lab_utils.core import files, models
+from lab_utils.experiments import file_sizes, speed
+from lab_utils.presentation import benchmarks_view
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -134,7 +136,6 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
     sizes, speed_layers = read_csv("sizes.csv"), read_csv("speed_layers.csv")
     labels = []
     if params.get("models"):
-        from lab_utils.core import models
 
         labels = [models.resolve(m, check_hub=False).label for m in params["models"]]
     context = {
@@ -166,7 +167,6 @@ def model_selection(model_names, weight_stats=None):
     ``weight_stats.csv``) and the benchmark it is scored on."""
     import pandas as pd
 
-    from lab_utils.core import models
 
     counted = {}
     if weight_stats is not None and len(weight_stats):
@@ -216,7 +216,6 @@ def benchmark_table(df, metrics=None):
     pattern), formatted; a value with a standard error shows it (± one)."""
     import pandas as pd
 
-    from lab_utils.presentation import benchmarks_view
 
     if df is None or len(df) == 0:
         return pd.DataFrame()
@@ -287,7 +286,6 @@ def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
             out.append(f"**Some pre-sparsification**: {worst} has {z.max():.1%} exact zeros before any "
                        f"pruning.")
     if benchmarks is not None and len(benchmarks):
-        from lab_utils.presentation import benchmarks_view
 
         bits = []
         for model, g in benchmarks.groupby("model", sort=False):
@@ -301,7 +299,6 @@ def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
         if bits:
             out.append("**Which pruning method keeps the most quality?** The best per model and setting: " + "; ".join(bits) + ".")
     if sizes is not None and len(sizes):
-        from lab_utils.experiments import file_sizes
 
         best = file_sizes.best_formats(sizes)
         bits = []
@@ -319,7 +316,6 @@ def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
                        "keeps every zero); the smallest lossless file at the highest sparsity: "
                        + "; ".join(bits) + ".")
     if speed_layers is not None and len(speed_layers):
-        from lab_utils.experiments import speed
 
         cross = speed.crossover(speed_layers)
         top = speed_layers.sparsity.max()

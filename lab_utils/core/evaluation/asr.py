@@ -25,7 +25,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from lab_utils.core import data
 from lab_utils.core.device import model_device
+from lab_utils.core.metrics import load_metric
 
 SAMPLING_RATE = 16_000
 PROMPT_TOKENS = ("<|startoftranscript|>", "<|notimestamps|>")
@@ -95,7 +97,6 @@ def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], bat
 def wer(references: list[str], hypotheses: list[str]) -> dict:
     """Corpus WER after normalizing both sides. A reference that normalizes to
     nothing (no words) is dropped with its hypothesis, and counted."""
-    from lab_utils.core.metrics import load_metric
 
     refs, hyps = [normalize(r) for r in references], [normalize(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r.strip()]
@@ -139,7 +140,6 @@ def wer_benchmark(lm, n_utterances: int = 64, batch_size: int = 16, max_new_toke
     once per clip instead of once per sentence. WER is pooled over all words
     either way; ``max_new_tokens`` applies per sentence.
     """
-    from lab_utils.core import data
 
     if lm.feature_extractor is None:
         raise ValueError(f"{lm.spec.name} has no feature extractor: the WER benchmark needs a speech "

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lab_utils.core import data
 from lab_utils.core.device import model_device
+from lab_utils.core.metrics import load_metric
 
 MASK_RATIO = 0.3
 POISSON_LAMBDA = 3.0
@@ -55,7 +57,6 @@ def split_sentences(text: str, min_words: int = 8, max_words: int = 48) -> list[
 
 def corpus_sentences(corpus: str, n: int) -> list[str]:
     """The first ``n`` sentences of ``corpus`` ("wikitext2" or "nyt")."""
-    from lab_utils.core import data
 
     if corpus == "wikitext2":
         return split_sentences(data.wikitext2_text())[:n]
@@ -160,7 +161,6 @@ def denoising(model, tokenizer, sentences: list[str], mask_ratio: float = MASK_R
               poisson_lambda: float = POISSON_LAMBDA, seed: int = 0, batch_size: int = 16,
               device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Reconstruction loss and perplexity of ``sentences`` from their infilled copies."""
-    from lab_utils.core.metrics import load_metric
 
     t0 = time.perf_counter()
     all_l, masked_l = token_losses(model, tokenizer, sentences, mask_ratio, poisson_lambda, seed,

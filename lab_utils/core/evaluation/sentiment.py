@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lab_utils.core.device import model_device
+from lab_utils.core.metrics import load_metric
 
 
 # --------------------------------------------------------------------------- batching
@@ -133,7 +134,6 @@ def cosine_fidelity(X: np.ndarray, X_dense: np.ndarray) -> float:
 
 def probe_scores(probe: dict, X: np.ndarray, labels, X_dense: np.ndarray | None = None) -> dict:
     """Accuracy and F1 of the head on features X, plus fidelity to X_dense."""
-    from lab_utils.core.metrics import load_metric
 
     pred = probe_predict(probe, X).tolist()
     labels = [int(v) for v in labels]

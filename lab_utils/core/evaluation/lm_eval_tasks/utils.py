@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lab_utils.core import data
+
 
 def movie_review_splits(split_seed: int = 0, **_metadata):
     """The lab's movie-review ``DatasetDict`` (train/test), built in memory
@@ -11,6 +13,5 @@ def movie_review_splits(split_seed: int = 0, **_metadata):
     version, where the config came from, and whatever the TaskManager was
     given); only ``split_seed`` matters here, the rest is ignored.
     """
-    from lab_utils.core import data
 
     return data.movie_reviews(seed=int(split_seed))
