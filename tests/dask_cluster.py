@@ -47,8 +47,11 @@ class External:
     def worker_pids(self) -> dict[int, dict]:
         """pid: the scheduler's information, for each worker process."""
         with Client(self.address, set_as_default=False, timeout=10) as client:
+            pids = client.run(os.getpid)
             info = client.scheduler_info()["workers"]
-            return {pid: info[address] for address, pid in client.run(os.getpid).items()}
+            # a worker a nanny is restarting may answer before the scheduler lists it
+            # (or the other way round): count only the workers both know
+            return {pid: info[address] for address, pid in pids.items() if address in info}
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
