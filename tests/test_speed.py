@@ -252,14 +252,15 @@ def test_speed_conclusions_follow_the_numbers():
     t = synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.9, 2.0), ((4, 8), 0.5, 0.5), ((4, 8), 0.9, 0.8)])
     t["threads"], t["load_avg"] = 2, 1.0
     text = speed_view.speed_conclusions(t)
-    assert "for 8x8" in text and "never does for 4x8" in text and "2.00x for 8x8" in text
+    assert "for 1 of 2 layer shapes" in text and "never for 4x8" in text
     t.loc[t["shape"] == "8x8", "speedup"] = 0.5
     assert "CSR never beats the dense matmul" in speed_view.speed_conclusions(t)
     fwd = pd.DataFrame([{"label": "Tiny", "tokens": 8, "sparsity": 0.9, "sparse_aware_speedup": 1.3,
                          "sparse_aware_is_dense": False, "csr_layers": 3, "layers": 4, "all_csr_speedup": 0.8,
                          "checked_speedup": 1.25, "fell_back": False, "flop_limit": 2.5, "unprunable_share": 0.2}])
     text = speed_view.speed_conclusions(t, fwd)
-    assert "1.30x dense (3 of 4 layers in CSR)" in text and "allows 2.50x" in text
+    assert "1.30x dense (3 of 4 layers in CSR)" in text and "multiply-add limit of 2.50x" in text
+    assert "2 threads" in speed_view.timing_conditions(t)
     fwd = fwd.assign(sparse_aware_speedup=1.0, sparse_aware_is_dense=True, csr_layers=0, checked_speedup=0.9,
                      fell_back=True)
     assert "ran at 0.90x dense in a first timing, so it falls back" in speed_view.speed_conclusions(t, fwd)

@@ -374,8 +374,10 @@ def test_size_conclusions_follow_the_numbers(tmp_path):
     text = file_sizes_view.size_conclusions(sizes)
     best90 = st.best_formats(sizes).set_index("sparsity").loc[0.9, "format"]
     assert text.startswith("**LLAMA** (random): the smallest lossless file is")
-    assert f"**{best90}** " in text and "dense fp32 file still takes" in text
-    assert "Between 50% and 95% sparsity" in text
+    assert f"**{best90}** " in text and "smaller than the dense fp32 file at 90%" in text
+    assert "the floor" in text and "from 50% to 95%" in text
+    t = file_sizes_view.size_summary_table(sizes)
+    assert t.iloc[0]["at"] == "90%" and "x)" in t.iloc[0]["best lossless MiB (x smaller)"]
     # make bitmask+zstd absurdly big: it can no longer be the winner anywhere
     worse = sizes.copy()
     worse.loc[worse.format == "bitmask+zstd", "prunable_bytes"] *= 100

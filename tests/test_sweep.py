@@ -31,7 +31,7 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     again = sweep.sparsity_sweep(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6], **SMALL)
     assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
     text = sweep_view.conclusions(df)
-    assert "N:M" in text and "dense perplexity" in text
+    assert "N:M" in text and "perplexity (sweep)" in text
 
 
 @pytest.mark.slow
@@ -82,13 +82,16 @@ def fake_sweep(wanda_ppl):
 def test_conclusions_follow_the_numbers():
     good = sweep_view.conclusions(fake_sweep(12.0))
     bad = sweep_view.conclusions(fake_sweep(80.0))
-    assert "wanda kept the lowest perplexity (12.0" in good
-    assert "magnitude kept the lowest perplexity (50.0" in bad
+    assert "wanda kept the lowest perplexity (sweep) at 50% sparsity (1.2x dense)" in good
+    assert "magnitude kept the lowest perplexity (sweep) at 50% sparsity (5.0x dense)" in bad
     assert "within 1.5x of the dense perplexity, wanda reached 50%" in good
     assert "1.5x of the dense" not in bad
+    assert "(quick)" in sweep_view.conclusions(fake_sweep(12.0), protocol="quick")
+    t = sweep_view.perplexity_table(fake_sweep(12.0).assign(ppl_vs_dense=lambda d: d.perplexity / 10))
+    assert list(t.setting) == ["dense", "magnitude 50%", "wanda 50%"] and t["perplexity (sweep)"].iloc[2] == 12.0
     owl = pd.DataFrame([dict(allocation="uniform", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=30.0),
                         dict(allocation="OWL", method="wanda", requested=0.7, actual=0.7, model="M", perplexity=25.0)])
-    assert "lowered the perplexity of M from 30.0 to 25.0" in sweep_view.conclusions(fake_sweep(12.0), owl)
+    assert "lowered the perplexity (sweep) of M at 70%" in sweep_view.conclusions(fake_sweep(12.0), owl)
     owl.loc[1, "perplexity"] = 35.0
     assert "raised" in sweep_view.conclusions(fake_sweep(12.0), owl)
 

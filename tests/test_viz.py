@@ -139,16 +139,28 @@ def test_claims_are_worded_by_the_data(pair):
     near = weights_view.claim_near_zero([dense])
     frac = weights.summarize(dense)["frac_abs_lt_0.05"]
     assert ("holds for every model" in near) == (frac > 0.5)
-    assert "does not hold" in near or "holds for every" in near
-    layers = weights_view.claim_layers([dense], {"Synthetic": weights.depth_distances(dense)})
-    assert "rises with depth" in layers
+    assert "holds for no model" in near or "holds for every" in near
+    dist = {"Synthetic": weights.depth_distances(dense)}
+    layers = weights_view.claim_layers([dense], dist)
+    rising = weights_view.depth_table(dist).query("ρ > 0 and p < 0.05")
+    assert (f"rises significantly with depth (Spearman, α = 0.05) in {len(rising)}") in layers
     assert "none of them arrives sparsified" in weights_view.claim_presparsified([dense])
     pruned.label = "Pruned"
     try:
-        assert "prunable weights exactly zero: a sign of sparsification" in weights_view.claim_presparsified([pruned])
+        assert "prunable weights exactly zero, a sign of sparsification" in weights_view.claim_presparsified([pruned])
     finally:
         pruned.label = "Synthetic"
     assert "cannot confirm or refute" in weights_view.claim_presparsified([dense])
+
+
+def test_the_claims_tables_hold_the_numbers_the_sentences_leave_out(pair):
+    dense, _ = pair
+    t = weights_view.claims_table([dense]).iloc[0]
+    s = weights.summarize(dense)
+    assert t["within ±0.05"] == s["frac_abs_lt_0.05"] and t["median |w|"] == s["abs_median"]
+    assert t["exact zeros, prunable"] + t["exact zeros, elsewhere"] == s["exact_zeros"]
+    d = weights_view.depth_table({"Synthetic": weights.depth_distances(dense)})
+    assert (d["KS min"] <= d["KS max"]).all() and set(d.columns) >= {"ρ", "p", "farthest block"}
 
 
 def test_a_sparsified_histogram_is_drawn_in_its_methods_colour(pair):

@@ -2,6 +2,8 @@
 the five sections in the seed's order, and links that survive the '%' in the
 seed's figure names."""
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,8 +13,8 @@ import pandas as pd  # noqa: E402
 from lab_utils.core import files
 from lab_utils.report import writeup  # noqa: E402
 
-SECTIONS = ["## Concepts", "## Model Selection", "## Model Visualization",
-            "## Model Sparsification & Sizes", "## Results on Benchmarks", "## What we found"]
+SECTIONS = ["## What we found", "## Concepts", "## Model Selection", "## Model Visualization",
+            "## Model Sparsification & Sizes", "## Results on Benchmarks"]
 
 
 def _weight_stats(near=(0.25, 0.94), rho=(0.14, 1.0), p=(0.45, 0.01), zeros=(0.0024, 0.0)):
@@ -49,6 +51,8 @@ def test_headlines_follow_the_data():
     assert "in 0 of 3 block stacks." in flipped[1]
     assert "Some pre-sparsification" in flipped[2] and "30.0%" in flipped[2]
     assert writeup.headlines() == []
+    # every answer links to the section that holds its numbers
+    assert all(line.endswith("(#model-visualization))") for line in yes)
 
 
 def test_benchmark_table_has_one_column_per_setting():
@@ -108,3 +112,29 @@ def test_build_renders_every_section_with_encoded_links(tmp_output):
     text = html.read_text()
     assert 'src="figs/vis_all_params_SmolLM2-135M_sparsity_0%25.png"' in text
     assert "<script" not in text
+
+
+def test_the_write_up_opens_with_the_findings_and_links_them_to_anchors_that_exist(tmp_output):
+    files.write_csv(_weight_stats(), files.results_dir() / "weight_stats.csv")
+    html = writeup.build(tmp_output / "report", params={"models": ["smollm2-135m"]}).read_text()
+    md = (tmp_output / "report" / "LAB4.md").read_text()
+    assert md.index("## What we found") < md.index("* **Are most parameters") < md.index("## Concepts")
+    for anchor in re.findall(r"\]\(#([a-z-]+)\)", md):
+        assert f'<a id="{anchor}"></a>' in md and f'id="{anchor}"' in html
+    assert md.count("**Perplexity protocols.**") == 1
+
+
+def test_the_protocols_paragraph_defines_each_protocol_and_names_an_override(tmp_output):
+    from lab_utils.core.evaluation import protocols
+
+    files.write_json(files.results_dir() / "findings" / "01_concepts.json",
+                     {"protocol": protocols.label("quick", 2, 64)})
+    text = writeup.protocols_paragraph(writeup.Findings(files.results_dir() / "findings"))
+    for p in protocols.PROTOCOLS.values():
+        assert f"**{p.name}**, {p.eval_windows} windows of {p.eval_seqlen} tokens" in text
+    assert "16x the tokens of the sweep" in text and "notebook 01: quick, overridden: 2 x 64" in text
+
+
+def test_prose_lines_leave_out_tables_headings_figures_and_anchors():
+    md = "# T\n\n<a id=\"x\"></a>\n\n| a | b |\n|---|---|\n\n![f](f.png)\n\nOne two three.\n\n```\ncode here\n```\n* four"
+    assert writeup.prose_lines(md) == ["One two three.", "* four"]

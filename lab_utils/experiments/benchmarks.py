@@ -43,7 +43,7 @@ import torch
 from lab_utils.core import data, files, memo, sparsify
 from lab_utils.core import formats as core_formats
 from lab_utils.core.device import resolved
-from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment, zeroshot
+from lab_utils.core.evaluation import asr, denoising, perplexity, protocols, sentiment, zeroshot
 from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
@@ -568,7 +568,13 @@ def sweep_config(params: dict) -> SweepConfig:
     """The :class:`SweepConfig` of notebook 04's parameters (a dict by name, as
     :func:`lab_utils.report.params.validate_notebook` returns them): every
     :class:`BenchParams` field the notebook declares, the calibration and the
-    lossless ``size_formats`` (checked by :func:`check_size_formats`)."""
+    lossless ``size_formats`` (checked by :func:`check_size_formats`). The perplexity's
+    windows are the named ``protocol``'s (:mod:`lab_utils.core.evaluation.protocols`)
+    unless ``ppl_windows`` / ``ppl_seqlen`` override them (0: the protocol's)."""
+    params = dict(params)
+    if "protocol" in params:
+        params["ppl_windows"], params["ppl_seqlen"] = protocols.resolve(
+            params["protocol"], params.get("ppl_windows", 0), params.get("ppl_seqlen", 0))
     bench = BenchParams(**{f.name: params[f.name] for f in fields(BenchParams) if f.name in params})
     device, dtype = resolved(params.get("device", "auto"), params.get("dtype", "auto"))
     return SweepConfig(nsamples=params["nsamples"], seqlen=params["seqlen"], seed=params["seed"], bench=bench,

@@ -27,15 +27,18 @@ HEADLINE = ("perplexity", "zero-shot accuracy", "probe accuracy", "embedding fid
 PERCENT_METRICS = ("zero-shot accuracy", "probe accuracy", "probe F1", "WER")
 
 
-def metric_label(metric: str, task) -> str:
-    """A metric as shown: with its task when it has one ("zero-shot accuracy (boolq)")."""
+def metric_label(metric: str, task, protocol: str | None = None) -> str:
+    """A metric as shown: with its task when it has one ("zero-shot accuracy (boolq)"),
+    a decoder perplexity with its evaluation protocol ("perplexity (sweep)")."""
+    if metric == "perplexity" and protocol:
+        return f"perplexity ({protocol})"
     return f"{metric} ({task})" if isinstance(task, str) and task else metric
 
 
-def metric_labels(df: pd.DataFrame) -> pd.Series:
+def metric_labels(df: pd.DataFrame, protocol: str | None = None) -> pd.Series:
     """:func:`metric_label` of every row (a table without a task column: the metric)."""
     tasks = df["task"] if "task" in df else pd.Series("", index=df.index)
-    return pd.Series([metric_label(m, t) for m, t in zip(df.metric, tasks, strict=True)], index=df.index)
+    return pd.Series([metric_label(m, t, protocol) for m, t in zip(df.metric, tasks, strict=True)], index=df.index)
 
 
 def fmt_value(metric: str, value: float) -> str:
@@ -104,44 +107,61 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def family_paragraph(df: pd.DataFrame, family: str) -> str:
-    """Generated Markdown for one family: per model and headline metric, the
-    dense value, how far each method goes within tolerance, and the best
-    method at 50% unstructured and at 2:4."""
+def _measured(g: pd.DataFrame) -> list[tuple[str, str]]:
+    """(metric, task) of the headline metrics measured for one model, in HEADLINE order."""
+    tasks = g["task"].fillna("") if "task" in g else pd.Series("", index=g.index)
+    measured = dict.fromkeys(zip(g.metric, tasks, strict=True))
+    return [(m, t) for m in HEADLINE for m2, t in measured if m2 == m]
+
+
+def family_paragraph(df: pd.DataFrame, family: str, protocol: str | None = None) -> str:
+    """One sentence per model of ``family``, on its first headline metric: the best
+    method at 50% unstructured and at 2:4, and how far each method goes within
+    tolerance (the numbers, for every headline metric: :func:`summary_table`)."""
     t = df[df.family == family]
     if t.empty:
         return f"No {family} model was benchmarked."
     reach = reach_table(t)
     parts = []
     for model, g in t.groupby("model", sort=False):
-        label = g.label.iloc[0]
-        sentences = []
+        metric, task = _measured(g)[0]
+        best = []
+        for pattern, sp, name in (("unstructured", 0.5, "50% unstructured"), ("2:4", None, "2:4")):
+            row = best_method(g, model, metric, pattern, sp, task)
+            if row is not None:
+                best.append(f"at {name}, {row.method}")
+        r = reach[(reach.model == model) & (reach.metric == metric) & (reach.task == task)]
+        bits = [f"{row.method} up to {row.max_sparsity_within:.0%}" if row.max_sparsity_within > 0
+                else f"{row.method} at none of them" for _, row in r.iterrows()]
+        text = f"**{g.label.iloc[0]}** ({metric_label(metric, task, protocol)}): best " + _join(best) if best else \
+            f"**{g.label.iloc[0]}** ({metric_label(metric, task, protocol)})"
+        if bits:
+            text += f"; within {METRICS[metric].tolerance:.0%} of dense, {_join(bits)}"
+        parts.append(text + ".")
+    return " ".join(parts)
+
+
+def summary_table(df: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """Per model and headline metric: the dense value, the tolerance, how far each
+    method stays within it (tested unstructured sparsities), and the best method
+    at 50% unstructured and at 2:4 with its value and change against dense."""
+    reach = reach_table(df)
+    rows = []
+    for model, g in df.groupby("model", sort=False):
         tasks = g["task"].fillna("") if "task" in g else pd.Series("", index=g.index)
-        measured = dict.fromkeys(zip(g.metric, tasks, strict=True))  # (metric, task) in table order
-        for metric, task in [(m, t) for m in HEADLINE for m2, t in measured if m2 == m]:
-            m = METRICS[metric]
+        for metric, task in _measured(g):
             dense = g[(g.method == DENSE) & (g.metric == metric) & (tasks == task)].value.iloc[0]
-            s = f"Dense {metric_label(metric, task)} is {fmt_value(metric, dense)}."
             r = reach[(reach.model == model) & (reach.metric == metric) & (reach.task == task)]
-            if len(r):
-                tested = ", ".join(f"{x:.0%}" for x in r.tested.iloc[0])
-                bits = []
-                for _, row in r.iterrows():
-                    bits.append(f"{row.method} up to {row.max_sparsity_within:.0%}" if row.max_sparsity_within > 0
-                                else f"{row.method} at none of them")
-                s += (f" Staying within {m.tolerance:.0%} of dense (tested unstructured sparsities: "
-                      f"{tested}), {_join(bits)}.")
-            best = []
-            for pattern, sp, name in (("unstructured", 0.5, "50% unstructured"), ("2:4", None, "2:4")):
-                row = best_method(g, model, metric, pattern, sp, task)
-                if row is not None:
-                    best.append(f"at {name}, {row.method} ({fmt_value(metric, row.value)}, "
-                                f"{_change(row)} vs dense)")
-            if best:
-                s += " Best method " + "; ".join(best) + "."
-            sentences.append(s)
-        parts.append(f"**{label}.** " + " ".join(sentences))
-    return "\n\n".join(parts)
+            row = {"model": g.label.iloc[0], "metric": metric_label(metric, task, protocol),
+                   "dense": fmt_value(metric, dense),
+                   "within tolerance up to": ", ".join(
+                       f"{x.method} {x.max_sparsity_within:.0%}" if x.max_sparsity_within > 0 else f"{x.method} none"
+                       for _, x in r.iterrows()) + (f" (±{METRICS[metric].tolerance:.0%})" if len(r) else "")}
+            for pattern, sp, name in (("unstructured", 0.5, "best at 50%"), ("2:4", None, "best at 2:4")):
+                b = best_method(g, model, metric, pattern, sp, task)
+                row[name] = "" if b is None else f"{b.method} ({fmt_value(metric, b.value)}, {_change(b)})"
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- figures
@@ -153,13 +173,13 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
-def metric_figure(df: pd.DataFrame, model: str):
+def metric_figure(df: pd.DataFrame, model: str, protocol: str | None = None):
     """Every metric of one model vs requested sparsity: a line per method
     (unstructured), N:M results as separate markers, dense as a dashed line.
     Returns the saved path (``figs/benchmarks_<label>.png``)."""
     import matplotlib.pyplot as plt
 
-    g = df[df.model == model].assign(shown=lambda t: metric_labels(t))
+    g = df[df.model == model].assign(shown=lambda t: metric_labels(t, protocol))
     metrics = list(dict.fromkeys(g.shown))
     label = g.label.iloc[0]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
@@ -196,7 +216,7 @@ def headline_metric(df: pd.DataFrame, model: str) -> str:
     return next(m for m in HEADLINE if m in set(g.metric))
 
 
-def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
+def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str, protocol: str | None = None):
     """Headline quality vs the checkpoint's file size (the smallest lossless
     format measured on disk), a marker per setting, dense highlighted."""
     import matplotlib.pyplot as plt
@@ -219,7 +239,7 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str):
     plain = d.dense_file_bytes.dropna()
     if len(plain):
         ax.axvline(plain.iloc[0] / 2**20, color="k", ls=":", lw=1, label="plain dense safetensors")
-    ax.set(xlabel="file size (MiB, smallest lossless format)", ylabel=metric,
+    ax.set(xlabel="file size (MiB, smallest lossless format)", ylabel=metric_label(metric, "", protocol),
            title=f"{label}: {metric} vs file size")
     if "perplexity" in metric:
         ax.set_yscale("log")

@@ -95,7 +95,7 @@ def _save(fig, name: str):
 
 
 def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
-                         label: str, method: str | None = None):
+                         label: str, method: str | None = None, protocol: str = "quick"):
     """The figure of :func:`quality_vs_file_figure`, not saved: perplexity vs
     file size of every model variant of the first three demos. Point labels are
     moved apart by adjustText (with a fixed number of iterations, so the same
@@ -124,7 +124,7 @@ def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: 
         texts.append(ax.text(row.file_bytes / MB, row.perplexity, row.scheme, fontsize=8))
     ax.set_yscale("log")
     ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel(f"perplexity, {protocol} (log scale)")
     ax.set_title(f"{label}: quality vs file size")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     if texts:
@@ -138,34 +138,35 @@ def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: 
 
 
 def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
-                           label: str, method: str | None = None):
+                           label: str, method: str | None = None, protocol: str = "quick"):
     """Perplexity vs file size: every model variant of the first three demos
     (``method``: the sparsification demo's method, named in the legend).
     Written to ``figs/concepts_quality_vs_file_<label>.png``."""
     import matplotlib.pyplot as plt
 
-    fig = draw_quality_vs_file(sparse, structured, quant, label, method)
+    fig = draw_quality_vs_file(sparse, structured, quant, label, method, protocol)
     path = _save(fig, f"concepts_quality_vs_file_{label}.png")
     plt.close(fig)
     return path
 
 
-def moe_figure(table: pd.DataFrame, label: str):
-    """Perplexity and captured MLP output vs the fraction of MLP neurons active."""
+def moe_figure(table: pd.DataFrame, label: str, protocol: str = "quick"):
+    """Perplexity (under ``protocol``) and captured MLP output vs the fraction of
+    MLP neurons active; colours and markers from :mod:`lab_utils.presentation.style`."""
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for router, t in table.groupby("router", sort=True):
-        a.plot(t.active_fraction, t.perplexity, "o-", label=f"{router} router")
-        b.plot(t.active_fraction, t.captured, "o-", label=f"{router} router")
+        a.plot(t.active_fraction, t.perplexity, label=f"{router} router", **style.router_style(router))
+        b.plot(t.active_fraction, t.captured, label=f"{router} router", **style.router_style(router))
     if "dense_perplexity" in table:
-        a.axhline(table.dense_perplexity.iloc[0], color="k", ls="--", lw=1, label="dense")
+        a.axhline(table.dense_perplexity.iloc[0], color=style.method_color("dense"), ls="--", lw=1, label="dense")
     a.set_yscale("log")
     for ax in (a, b):
         ax.set_xlabel("fraction of MLP neurons active per token")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
-    a.set_ylabel("perplexity (log scale)")
+    a.set_ylabel(f"perplexity, {protocol} (log scale)")
     b.set_ylabel("fraction of the MLP output captured")
     fig.suptitle(f"{label}: MoEfication")
     path = _save(fig, f"concepts_moe_{label}.png")

@@ -68,58 +68,89 @@ def _pct(x: float) -> str:
 
 def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
                      target: float = 1.05) -> str:
-    """Generated prose for the size table: which lossless format wins where,
-    how much smaller than dense it is at the highest sparsities, and how close
-    the best one comes to the floor between ``low`` and ``high`` sparsity."""
+    """One sentence per model for the size table: which lossless format wins
+    where, how much smaller than dense at the highest sparsity, and whether the
+    best stays within ``target`` x the floor between ``low`` and ``high``
+    sparsity (the numbers: :func:`size_summary`)."""
     out = []
+    for r in size_summary(sizes, low, high).itertuples(index=False):
+        text = f"**{r.model}** ({r.method}): the smallest lossless file is {r.smallest}"
+        if r.x_smaller == r.x_smaller:
+            text += f", {r.x_smaller:.1f}x smaller than the dense fp32 file at {r.top:.0%}"
+        if r.floor_hi == r.floor_hi:
+            text += (f", and within {target:.2f}x of the floor from {low:.0%} to {high:.0%}" if r.floor_hi <= target
+                     else f", above {target:.2f}x the floor somewhere from {low:.0%} to {high:.0%}")
+        out.append(text + ".")
+    return " ".join(out)
+
+
+def size_summary(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95) -> pd.DataFrame:
+    """One row per (model, method): the smallest lossless format by sparsity range,
+    at the highest sparsity the dense, best and smallest (lossy included) files in
+    MiB and how many times smaller they are, and between ``low`` and ``high`` the
+    best format's range of ratios to the floor, to the value-entropy floor, and the
+    best uncompressed format's."""
+    rows = []
     best = best_formats(sizes)
     plain = best_formats(sizes[~sizes.zstd]) if (~sizes.zstd).any() else None
+    nan = float("nan")
     for (label, method), b in best.groupby(["label", "method"], sort=False):
         b = b.sort_values("sparsity")
         runs = ", ".join(f"**{f}** from {_pct(a)} to {_pct(z)}" if a != z else f"**{f}** at {_pct(a)}"
                          for f, a, z in _ranges(list(zip(b.sparsity, b.format, strict=True))))
-        text = [f"**{label}** ({method}): the smallest lossless file is {runs}."]
         t = sizes[(sizes.label == label) & (sizes.method == method)]
         top = b.sparsity.max()
         at = t[t.sparsity == top].set_index("format")
+        winner = b[b.sparsity == top].format.item()
+        row = {"model": label, "method": method, "smallest": runs, "top": top, "dense MiB": nan, "best MiB": nan,
+               "x_smaller": nan, "smallest lossy": "", "lossy MiB": nan, "lossy x smaller": nan,
+               "floor_lo": nan, "floor_hi": nan, "entropy floor lo": nan, "entropy floor hi": nan,
+               "best uncompressed": "", "uncompressed floor lo": nan, "uncompressed floor hi": nan}
         if "dense" in at.index:
-            winner = b[b.sparsity == top].format.item()
+            dense = at.loc["dense", "file_bytes"]
+            row.update({"dense MiB": dense / 2**20, "best MiB": at.loc[winner, "file_bytes"] / 2**20,
+                        "x_smaller": dense / at.loc[winner, "file_bytes"]})
             smallest = at.file_bytes.idxmin()
-            text.append(f"At {_pct(top)} sparsity the dense fp32 file still takes "
-                        f"{at.loc['dense', 'file_bytes'] / 2**20:.1f} MiB (every zero is stored); "
-                        f"{winner} takes {at.loc[winner, 'file_bytes'] / 2**20:.1f} MiB "
-                        f"({at.loc['dense', 'file_bytes'] / at.loc[winner, 'file_bytes']:.1f}x smaller)"
-                        + (f", and {smallest}, composing sparsity with int8, "
-                           f"{at.loc[smallest, 'file_bytes'] / 2**20:.1f} MiB "
-                           f"({at.loc['dense', 'file_bytes'] / at.loc[smallest, 'file_bytes']:.1f}x)"
-                           if smallest != winner else "") + ".")
+            if smallest != winner:
+                row.update({"smallest lossy": smallest, "lossy MiB": at.loc[smallest, "file_bytes"] / 2**20,
+                            "lossy x smaller": dense / at.loc[smallest, "file_bytes"]})
         mid = b[(b.sparsity >= low) & (b.sparsity <= high)]
         if len(mid):
-            lo, hi = mid.floor_ratio.min(), mid.floor_ratio.max()
-            verdict = (f"at most {target:.2f}x the floor at every one of them" if hi <= target
-                       else f"above {target:.2f}x the floor at "
-                            + ", ".join(_pct(s) for s in mid[mid.floor_ratio > target].sparsity))
-            text.append(f"Between {_pct(low)} and {_pct(high)} sparsity its prunable weights take "
-                        f"{lo:.2f}x to {hi:.2f}x the floor of (1-s)*32 + H(s) bits per weight: {verdict}.")
-            if lo < 1:
-                ve = mid.value_entropy_floor_ratio
-                text.append("Going below that floor is no paradox: it counts 32 bits per kept value, "
-                            "while trained weights use few distinct exponents. Against a floor that "
-                            "uses the measured entropy of the sign and exponent bits (mantissas counted "
-                            f"as incompressible) the best format is at {ve.min():.2f}x to {ve.max():.2f}x"
-                            + ("; below even that, so the mantissa bits are not random either (weights "
-                               "that came from a lower precision, such as fp16 or 4-bit blocks, keep some "
-                               "of them constant)." if ve.min() < 1 else "."))
+            row.update({"floor_lo": mid.floor_ratio.min(), "floor_hi": mid.floor_ratio.max(),
+                        "entropy floor lo": mid.value_entropy_floor_ratio.min(),
+                        "entropy floor hi": mid.value_entropy_floor_ratio.max()})
         if plain is not None:
             p = plain[(plain.label == label) & (plain.method == method)]
             p = p[(p.sparsity >= low) & (p.sparsity <= high)]
             if len(p):
-                text.append(f"Without entropy coding the best is "
-                            f"{' / '.join(dict.fromkeys(p.format))}, at {p.floor_ratio.min():.2f}x to "
-                            f"{p.floor_ratio.max():.2f}x the floor: a fixed bit per weight of mask costs "
-                            f"more than H(s) once s moves away from 50%.")
-        out.append(" ".join(text))
-    return "\n\n".join(out)
+                row.update({"best uncompressed": " / ".join(dict.fromkeys(p.format)),
+                            "uncompressed floor lo": p.floor_ratio.min(), "uncompressed floor hi": p.floor_ratio.max()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def size_summary_table(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95) -> pd.DataFrame:
+    """:func:`size_summary` as the write-up shows it: ranges as 'a–b', MiB to one decimal."""
+    t = size_summary(sizes, low, high)
+
+    def rng(a, b):
+        return "" if a != a else (f"{a:.2f}x" if f"{a:.2f}" == f"{b:.2f}" else f"{a:.2f}x–{b:.2f}x")
+
+    def mib(v, x):
+        return "" if v != v else f"{v:.1f} ({x:.1f}x)"
+
+    return pd.DataFrame({
+        "model": t.model, "method": t.method,
+        "at": [f"{v:.0%}" for v in t.top],
+        "dense MiB": [f"{v:.1f}" if v == v else "" for v in t["dense MiB"]],
+        "best lossless MiB (x smaller)": [mib(v, x) for v, x in zip(t["best MiB"], t.x_smaller, strict=True)],
+        "smallest lossy MiB (x)": [f"{n}: {mib(v, x)}" if n else "" for n, v, x in
+                                   zip(t["smallest lossy"], t["lossy MiB"], t["lossy x smaller"], strict=True)],
+        f"x floor, {low:.0%}–{high:.0%}": [rng(a, b) for a, b in zip(t.floor_lo, t.floor_hi, strict=True)],
+        "x value-entropy floor": [rng(a, b) for a, b in zip(t["entropy floor lo"], t["entropy floor hi"], strict=True)],
+        "best uncompressed (x floor)": [f"{n} ({rng(a, b)})" if n else "" for n, a, b in
+                                        zip(t["best uncompressed"], t["uncompressed floor lo"],
+                                            t["uncompressed floor hi"], strict=True)]})
 
 
 def round_trip_conclusion(rt: pd.DataFrame, label: str, sparsity: float) -> str:

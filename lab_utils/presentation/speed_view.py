@@ -31,42 +31,34 @@ def speedup_figure(speed: pd.DataFrame, title: str = "CSR over dense, per layer 
 
 
 def speed_conclusions(layers: pd.DataFrame, forward: pd.DataFrame | None = None) -> str:
-    """Generated prose: the crossover per shape, the speed-ups at 90% and 95%
-    (where measured), and the whole-forward ratios next to the FLOP limit."""
+    """Where CSR beats the dense matmul and what the whole forward gains, next to
+    the multiply-add limit (the numbers: :func:`timing_conditions`, the crossover
+    table and ``speed_forward.csv``)."""
     cross = crossover(layers)
-    text = []
     wins = cross.dropna(subset=["crossover_sparsity"])
     never = cross[cross.crossover_sparsity.isna()]["shape"].tolist()
     top = layers.sparsity.max()
     if len(wins):
-        text.append("CSR beats the dense matmul above " + ", ".join(
-            f"{c:.0%} sparsity for {sh}" for sh, c in zip(wins["shape"], wins.crossover_sparsity, strict=True))
-            + (f"; it never does for {', '.join(never)} up to {top:.0%}" if never else "") + ".")
+        c = wins.crossover_sparsity
+        text = [f"CSR beats the dense matmul for {len(wins)} of {len(cross)} layer shapes, from "
+                + (f"{c.min():.0%}" if c.min() == c.max() else f"{c.min():.0%}–{c.max():.0%}")
+                + " sparsity up" + (f" (never for {', '.join(never)} up to {top:.0%})" if never else "") + "."]
     else:
-        text.append(f"CSR never beats the dense matmul for any measured shape, up to {top:.0%} sparsity.")
-    for sp in (0.9, 0.95):
-        col = f"speedup@{sp:g}"
-        if col in cross:
-            text.append(f"At {sp:.0%} the CSR speed-up is " + ", ".join(
-                f"{v:.2f}x for {sh}" for sh, v in zip(cross["shape"], cross[col], strict=True)) + ".")
-    text.append(f"(Dense and CSR are timed in turns on {int(layers.tokens.iloc[0])} input rows with "
-                f"{int(layers.threads.iloc[0])} threads, medians; the load average was "
-                f"{layers.load_avg.min():.1f} to {layers.load_avg.max():.1f} on {os.cpu_count()} cores, so "
-                "single ratios can be off by tens of percent.)")
-    if forward is not None and len(forward):
-        for r in forward.itertuples():
-            if getattr(r, "fell_back", False):
-                how = (f"its CSR plan ran at {r.checked_speedup:.2f}x dense in a first timing, so it falls back "
-                       "to the dense model")
-            elif r.sparse_aware_is_dense:
-                how = "no layer is worth converting, so it is the dense model"
-            else:
-                how = f"{r.csr_layers} of {r.layers} layers in CSR"
-            line = (f"Whole {r.label} forward on {r.tokens} tokens at {r.sparsity:.0%}: the sparse-aware model "
-                    f"runs at {r.sparse_aware_speedup:.2f}x dense ({how})")
-            if hasattr(r, "all_csr_speedup") and not pd.isna(r.all_csr_speedup):
-                line += f", every layer in CSR at {r.all_csr_speedup:.2f}x"
-            line += (f"; counting multiply-adds allows {r.flop_limit:.2f}x at most, since the layers "
-                     f"left dense (the output head above all) are {r.unprunable_share:.0%} of the dense work.")
-            text.append(line)
+        text = [f"CSR never beats the dense matmul for any measured shape, up to {top:.0%} sparsity."]
+    for r in (forward.itertuples() if forward is not None else ()):
+        if getattr(r, "fell_back", False):
+            how = f"its CSR plan ran at {r.checked_speedup:.2f}x dense in a first timing, so it falls back to dense"
+        elif r.sparse_aware_is_dense:
+            how = "no layer is worth converting"
+        else:
+            how = f"{r.csr_layers} of {r.layers} layers in CSR"
+        text.append(f"The whole {r.label} forward at {r.sparsity:.0%} runs at {r.sparse_aware_speedup:.2f}x dense "
+                    f"({how}), against a multiply-add limit of {r.flop_limit:.2f}x.")
     return " ".join(text)
+
+
+def timing_conditions(layers: pd.DataFrame) -> str:
+    """How the layer timings were taken (one line under the table)."""
+    return (f"Dense and CSR timed in turns on {int(layers.tokens.iloc[0])} input rows, "
+            f"{int(layers.threads.iloc[0])} threads, medians; load average {layers.load_avg.min():.1f} to "
+            f"{layers.load_avg.max():.1f} on {os.cpu_count()} cores, so single ratios can be off by tens of percent.")

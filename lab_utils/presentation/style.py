@@ -32,6 +32,18 @@ CONCEPT_COLORS = {"structured pruning": "#E69F00", "quantization": "#56B4E9",
                   "distillation": "#F0E442", "moefication": "#999999"}
 CONCEPT_MARKERS = {"structured pruning": "P", "quantization": "^", "distillation": "v", "moefication": "h"}
 
+# MoEfication's two routers: the concept's colour and marker, the oracle (an upper bound) dashed and hollow.
+ROUTER_LINESTYLES = {"linear": "-", "oracle": "--"}
+
+
+def router_style(router: str) -> dict:
+    """Keyword arguments for ``ax.plot`` of one MoE router's line."""
+    color = CONCEPT_COLORS["moefication"]
+    oracle = router == "oracle"
+    return {"color": color, "marker": CONCEPT_MARKERS["moefication"], "ls": ROUTER_LINESTYLES.get(router, ":"),
+            "markerfacecolor": "white" if oracle else color, "markeredgecolor": color}
+
+
 # A pattern: the line that joins a method's points, and how its markers are filled.
 PATTERN_LINESTYLES = {UNSTRUCTURED: "-", "2:4": "--", "4:8": ":"}
 PATTERN_FILLS = {UNSTRUCTURED: "full", "2:4": "none", "4:8": "left"}

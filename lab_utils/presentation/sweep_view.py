@@ -16,10 +16,10 @@ def _save(fig, name: str):
     return files.save_figure(fig, files.figs_dir() / name, close=False)
 
 
-def plot_perplexity(df: pd.DataFrame, model_label: str):
-    """Perplexity vs requested sparsity, one line per method (unstructured) and
-    one marker per N:M pattern; the dense model as a dashed line.
-    Written to ``figs/perplexity_vs_sparsity_<model>.png``."""
+def plot_perplexity(df: pd.DataFrame, model_label: str, protocol: str = "sweep"):
+    """Perplexity (under ``protocol``, its label) vs requested sparsity, one line
+    per method (unstructured) and one marker per N:M pattern; the dense model as
+    a dashed line. Written to ``figs/perplexity_vs_sparsity_<model>.png``."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
@@ -38,7 +38,7 @@ def plot_perplexity(df: pd.DataFrame, model_label: str):
     ax.set_yscale("log")
     ax.set_xlabel("requested sparsity of the prunable layers")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel(f"perplexity, {protocol} (log scale)")
     ax.set_title(f"{model_label}: perplexity vs sparsity")
     ax.legend(fontsize=8, ncol=2)
     path = _save(fig, f"perplexity_vs_sparsity_{model_label}.png")
@@ -77,24 +77,26 @@ def plot_owl_heatmap(layers: pd.DataFrame, model_label: str, method: str, sparsi
 
 
 # --------------------------------------------------------------------------- prose
-def conclusions(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None) -> str:
-    """A paragraph of conclusions, every number and every comparison word taken
-    from the sweep table (and the OWL comparison)."""
+def setting_name(method: str, pattern: str, requested: float) -> str:
+    """'dense', 'wanda 50%' or 'sparsegpt 2:4': one name per setting in every table."""
+    if method == "dense":
+        return "dense"
+    return f"{method} {pattern}" if pattern not in ("unstructured", "-") else f"{method} {requested:.0%}"
+
+
+def conclusions(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None, protocol: str = "sweep") -> str:
+    """One or two sentences per decoder, every comparison word from the sweep
+    table (and the OWL comparison); the numbers are in :func:`perplexity_table`
+    and :func:`method_table`."""
     parts = []
     pruned = df[df.method != "dense"]
     unstructured = pruned[pruned.pattern == "unstructured"]
     if len(unstructured):
         worst = (unstructured.actual - unstructured.requested).abs().max()
-        parts.append(f"Across {len(pruned)} pruned configurations the actual sparsity of the "
-                     f"prunable layers was within {worst * 100:.2f} percentage points of the request "
-                     f"(unstructured)")
-    nm = pruned[pruned.pattern != "unstructured"]
-    if len(nm):
+        nm = pruned[pruned.pattern != "unstructured"]
         ok = int(nm.nm_ok.fillna(False).astype(bool).sum())
-        parts[-1:] = [(parts[-1] + "; " if parts else "") +
-                      f"{ok} of {len(nm)} N:M runs passed the pattern check"]
-    if parts:
-        parts[-1] += "."
+        parts.append(f"Every configuration reached its requested sparsity (within {worst * 100:.2f} points)"
+                     + (f" and {ok} of {len(nm)} N:M runs passed the pattern check." if len(nm) else "."))
     for model, d in df[df.family == DECODER_ONLY].groupby("model"):
         dense = d[d.method == "dense"].perplexity
         u = d[(d.method != "dense") & (d.pattern == "unstructured")]
@@ -102,41 +104,57 @@ def conclusions(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None) -> st
             continue
         dense = float(dense.iloc[0])
         s_top = u.requested.max()
-        at = u[u.requested == s_top].sort_values("perplexity")
-        best, worst = at.iloc[0], at.iloc[-1]
-        sentence = (f"On {model} (dense perplexity {dense:.1f}), at {s_top:.0%} sparsity {best.method} "
-                    f"kept the lowest perplexity ({best.perplexity:.1f}, {best.perplexity / dense:.1f}x "
-                    f"dense)")
-        if worst.method != best.method:
-            sentence += (f" and {worst.method} the highest ({worst.perplexity:.1f}, "
-                         f"{worst.perplexity / best.perplexity:.1f}x {best.method})")
-        parts.append(sentence + ".")
-        tol = u.assign(ok=u.perplexity <= 1.5 * dense).groupby("method")
-        reach = {m: g[g.ok].requested.max() for m, g in tol}
+        best = u[u.requested == s_top].sort_values("perplexity").iloc[0]
+        sentence = (f"On {model}, {best.method} kept the lowest perplexity ({protocol}) at {s_top:.0%} "
+                    f"sparsity ({best.perplexity / dense:.1f}x dense)")
+        reach = {m: g[g.perplexity <= 1.5 * dense].requested.max() for m, g in u.groupby("method")}
         reach = {m: v for m, v in reach.items() if not math.isnan(v)}
         if reach:
             top = max(reach.values())
-            leaders = sorted(m for m, v in reach.items() if v == top)
-            parts.append(f"Staying within 1.5x of the dense perplexity, {' and '.join(leaders)} "
-                         f"reached {top:.0%} sparsity"
-                         + (f", while {', '.join(f'{m} {v:.0%}' for m, v in sorted(reach.items()) if v < top)}"
-                            if any(v < top for v in reach.values()) else "") + ".")
-    if len(pruned):
-        secs = pruned.groupby("method").seconds.median().sort_values()
-        threads = {m: sorted({int(t) for t in g if t == t and t > 0})
-                   for m, g in pruned.groupby("method").threads} if "threads" in pruned else {}
-
-        def on(m):  # the thread count, where the method's pruning ran on one
-            t = threads.get(m, [])
-            return f" on {t[0]} thread{'s' if t[0] > 1 else ''}" if len(t) == 1 else ""
-
-        parts.append("Median pruning time per configuration: "
-                     + ", ".join(f"{m} {s:.1f} s{on(m)}" for m, s in secs.items()) + ".")
+            sentence += (f"; within 1.5x of the dense perplexity, {' and '.join(sorted(m for m, v in reach.items() if v == top))} "
+                         f"reached {top:.0%}")
+        parts.append(sentence + ".")
     if owl_summary is not None and len(owl_summary) == 2 and owl_summary.perplexity.notna().all():
         uni = owl_summary.set_index("allocation").loc["uniform"]
         owl = owl_summary.set_index("allocation").loc["OWL"]
         verb = "lowered" if owl.perplexity < uni.perplexity else "raised"
-        parts.append(f"OWL's non-uniform allocation ({owl.method}, {owl.requested:.0%} on average, "
-                     f"actual {owl.actual:.1%}) {verb} the perplexity of {owl.model} from "
-                     f"{uni.perplexity:.1f} to {owl.perplexity:.1f}.")
+        parts.append(f"OWL's non-uniform allocation {verb} the perplexity ({protocol}) of {owl.model} at "
+                     f"{owl.requested:.0%} ({owl.method}).")
     return " ".join(parts)
+
+
+def perplexity_table(df: pd.DataFrame, protocol: str = "sweep") -> pd.DataFrame:
+    """The decoders' rows: model, setting, perplexity under ``protocol`` (named in
+    the column) and the ratio to dense."""
+    d = df[df.family == DECODER_ONLY]
+    col = f"perplexity ({protocol})"
+    return pd.DataFrame({"model": d.model, "setting": [setting_name(m, p, r) for m, p, r in
+                                                       zip(d.method, d.pattern, d.requested, strict=True)],
+                         col: d.perplexity, "x dense": d.ppl_vs_dense if "ppl_vs_dense" in d else math.nan,
+                         "actual sparsity": d.actual}).reset_index(drop=True)
+
+
+def method_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method: configurations, the largest gap between requested and actual
+    sparsity (unstructured), N:M checks passed, median pruning seconds and threads."""
+    pruned = df[df.method != "dense"]
+    rows = []
+    for method, g in pruned.groupby("method", sort=False):
+        u, nm = g[g.pattern == "unstructured"], g[g.pattern != "unstructured"]
+        threads = sorted({int(t) for t in g.threads if t == t and t > 0}) if "threads" in g else []
+        rows.append({"method": method, "configurations": len(g),
+                     "largest |actual - requested|": (u.actual - u.requested).abs().max() if len(u) else math.nan,
+                     "N:M checks passed": f"{int(nm.nm_ok.fillna(False).astype(bool).sum())} of {len(nm)}"
+                     if len(nm) else "",
+                     "median seconds": g.seconds.median(), "threads": "/".join(map(str, threads))})
+    return pd.DataFrame(rows)
+
+
+def save_tables(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None, protocol: str = "sweep") -> list:
+    """Write the sweep (``results/sweep.csv``) and the OWL comparison
+    (``results/owl.csv``) for the write-up, each row with its perplexity's
+    protocol label."""
+    paths = [files.write_csv(df.assign(protocol=protocol), files.results_dir() / "sweep.csv")]
+    if owl_summary is not None:
+        paths.append(files.write_csv(owl_summary.assign(protocol=protocol), files.results_dir() / "owl.csv"))
+    return paths

@@ -450,46 +450,34 @@ def _pct(x: float, digits: int = 1) -> str:
     return f"{100 * x:.{digits}f}%"
 
 
-def claim_near_zero(all_stats) -> str:
-    """The original lab's "most parameters are close to 0", measured per model."""
-    parts, holds = [], []
-    for ws in all_stats:
-        s = summarize(ws)
-        frac = s[f"frac_abs_lt_{NEAR:g}"]
-        holds.append(frac > 0.5)
-        parts.append(f"{ws.label}: {_pct(frac)} within ±{NEAR:g} ({_pct(s['frac_abs_lt_0.01'])} within "
-                     f"±0.01, median |w| {s['abs_median']:.3g}, excess kurtosis "
-                     f"{s['excess_kurtosis']:.3g})")
-    names = [ws.label for ws in all_stats]
-    yes = [n for n, h in zip(names, holds, strict=True) if h]
-    no = [n for n, h in zip(names, holds, strict=True) if not h]
+def _verdict(yes: list[str], no: list[str]) -> str:
     if not no:
-        verdict = "The claim holds for every model measured"
-    elif not yes:
-        verdict = "The claim does not hold for any model measured"
-    else:
-        verdict = f"The claim holds for {', '.join(yes)} but not for {', '.join(no)}"
-    return (f"**Claim 1, most parameters are close to 0.** Reading “close to 0” as |w| < {NEAR:g} "
-            f"and “most” as more than half: {'; '.join(parts)}. {verdict}. A positive excess "
-            f"kurtosis means more mass at the centre and in the tails than a normal distribution "
-            f"of the same spread.")
+        return "holds for every model measured"
+    if not yes:
+        return "holds for no model measured"
+    return f"holds for {', '.join(yes)}, not for {', '.join(no)}"
+
+
+def claim_near_zero(all_stats) -> str:
+    """The original lab's "most parameters are close to 0", measured per model
+    (the numbers: :func:`claims_table`)."""
+    fracs = {ws.label: summarize(ws)[f"frac_abs_lt_{NEAR:g}"] for ws in all_stats}
+    yes = [m for m, f in fracs.items() if f > 0.5]
+    return (f"**Claim 1, most parameters are close to 0** (more than half within ±{NEAR:g}): it "
+            f"{_verdict(yes, [m for m in fracs if m not in yes])}.")
 
 
 def claim_layers(all_stats, distances: dict) -> str:
-    """The original lab's "each layer looks like the whole, higher layers deviate"."""
-    parts = []
-    for ws in all_stats:
-        dist = distances[ws.label]
-        for r in depth_correlation(dist).itertuples():
-            part = dist[dist["side"] == r.side]
-            worst = part.loc[part["ks"].idxmax()]
-            similar = "all" if part["ks"].max() < SIMILAR_KS else "not all"
-            parts.append(f"{ws.label} {r.side}: {similar} {r.n} blocks within KS {SIMILAR_KS:g} of the "
-                         f"whole model (largest {worst.ks:.3f}, block {int(worst.block)}); "
-                         f"{describe_correlation(r.rho, r.p, r.n)}")
-    return ("**Claim 2, each layer looks like the whole model but higher layers deviate.** "
-            "Distance is the Kolmogorov-Smirnov statistic between a block's parameters and all "
-            "of the model's, on shared bins. " + ". ".join(parts) + ".")
+    """The original lab's "each layer looks like the whole, higher layers deviate"
+    (the numbers: :func:`depth_table`)."""
+    t = depth_table(distances)
+    similar = int((t["KS max"] < SIMILAR_KS).sum())
+    rising = t[(t["ρ"] > 0) & (t["p"] < ALPHA)]
+    stacks = ", ".join(f"{r.model} {r.stack}" for r in rising.itertuples())
+    return (f"**Claim 2, each layer looks like the whole model but higher layers deviate** (Kolmogorov-Smirnov "
+            f"distance of each block to the whole model): every block is within KS {SIMILAR_KS:g} in {similar} "
+            f"of {len(t)} block stacks, and the distance rises significantly with depth (Spearman, "
+            f"α = {ALPHA:g}) in {len(rising)}" + (f" ({stacks})." if stacks else "."))
 
 
 def _count(n: int) -> str:
@@ -499,40 +487,72 @@ def _count(n: int) -> str:
 PRESPARSIFIED = 0.01  # exact zeros in >= 1% of the prunable weights: sparsified before release
 
 
+def _prunable_zeros(ws) -> tuple[int, int, int]:
+    """(exact zeros in the prunable weights, their number, exact zeros elsewhere)."""
+    mp = ws.mask(prunable=True)
+    return (int(ws.tensors.loc[mp, "zeros"].sum()), int(ws.tensors.loc[mp, "numel"].sum()),
+            int(ws.tensors.loc[~mp, "zeros"].sum()))
+
+
 def claim_presparsified(all_stats) -> str:
     """The original lab's "billion-parameter models come partly sparsified": what our
     models can and cannot say about it. Exact zeros are counted in the
     prunable weight matrices (what a developer's pruning would zero) and
-    everywhere else (zero-initialized biases, padding rows) separately."""
-    parts, flagged, biggest = [], [], 0
+    elsewhere (zero-initialized biases, padding rows) apart (:func:`claims_table`)."""
+    fracs = {}
     for ws in all_stats:
-        biggest = max(biggest, ws.n)
-        mp = ws.mask(prunable=True)
-        n_pr = int(ws.tensors.loc[mp, "numel"].sum())
-        z_pr = int(ws.tensors.loc[mp, "zeros"].sum())
-        z_other = int(ws.tensors.loc[~mp, "zeros"].sum())
-        frac = z_pr / n_pr if n_pr else 0.0
-        if frac >= PRESPARSIFIED:
-            flagged.append(f"{ws.label} ({_pct(frac)})")
-        rows = int(ws.tensors["zero_rows"].sum())
-        parts.append(f"{ws.label} ({_count(ws.n)} parameters): {z_pr:,} exact zeros in the prunable "
-                     f"weights = {_pct(frac, 4)}, {z_other:,} elsewhere, {rows} all-zero "
-                     f"row{'s' if rows != 1 else ''}")
+        z, n, _ = _prunable_zeros(ws)
+        fracs[ws.label] = z / n if n else 0.0
+    flagged = [m for m, f in fracs.items() if f >= PRESPARSIFIED]
+    top = max(fracs, key=fracs.get)
+    biggest = max(ws.n for ws in all_stats)
     if flagged:
         verdict = (f"{', '.join(flagged)} arrive{'s' if len(flagged) == 1 else ''} with at least "
-                   f"{_pct(PRESPARSIFIED, 0)} of the prunable weights exactly zero: a sign of "
-                   f"sparsification before release (or of a quantizer that rounds small weights to 0)")
+                   f"{_pct(PRESPARSIFIED, 0)} of the prunable weights exactly zero, a sign of sparsification "
+                   f"before release (or of a quantizer that rounds small weights to 0)")
     else:
-        verdict = (f"none of them arrives sparsified: every model has fewer than "
-                   f"{_pct(PRESPARSIFIED, 0)} of its prunable weights exactly zero, while pruning "
-                   f"to 50% leaves 50% (next section)")
-    scale = (f"These models have at most {_count(biggest)} parameters, so they cannot confirm or "
-             "refute the claim about billion-parameter models; run this notebook with such a model "
-             "in `models` (a hub id or a local folder) to measure it the same way."
-             if biggest < 1e9 else "At least one model measured has a billion parameters or more, "
-             "so this measures the claim directly for it.")
-    return (f"**Claim 3, large models come pre-sparsified.** Exact zeros before any pruning: "
-            f"{'; '.join(parts)}. So {verdict}. {scale}")
+        verdict = (f"none of them arrives sparsified (at most {_pct(fracs[top], 4)} of the prunable weights "
+                   f"exactly zero, {top}; the threshold is {_pct(PRESPARSIFIED, 0)})")
+    scale = (f"with at most {_count(biggest)} parameters, these models cannot confirm or refute the claim "
+             f"about billion-parameter models" if biggest < 1e9 else
+             "at least one model measured has a billion parameters or more")
+    return f"**Claim 3, large models come pre-sparsified**: {verdict}; {scale}."
+
+
+def claims_table(all_stats):
+    """One row per model: the numbers behind claims 1 and 3 and under each
+    model's histogram (fractions as fractions; the write-up formats them)."""
+    import pandas as pd
+
+    rows = []
+    for ws in all_stats:
+        s = summarize(ws)
+        z, n, other = _prunable_zeros(ws)
+        rows.append({"model": ws.label, "parameters": int(ws.n),
+                     "within ±0.001": s["frac_abs_lt_0.001"], "within ±0.01": s["frac_abs_lt_0.01"],
+                     f"within ±{NEAR:g}": s[f"frac_abs_lt_{NEAR:g}"], "median |w|": s["abs_median"],
+                     "std": s["std"], "excess kurtosis": s["excess_kurtosis"],
+                     "exact zeros, prunable": z, "exact zero fraction, prunable": z / n if n else 0.0,
+                     "exact zeros, elsewhere": other, "all-zero rows": int(ws.tensors["zero_rows"].sum()),
+                     "most distinct values in 32 weights": ws.info.get("levels_per_block")})
+    return pd.DataFrame(rows)
+
+
+def depth_table(distances: dict):
+    """One row per block stack (a model's decoder or encoder): the range of its
+    blocks' KS distances to the whole model, the farthest block, and the
+    Spearman correlation of distance with depth."""
+    import pandas as pd
+
+    rows = []
+    for label, dist in distances.items():
+        for r in depth_correlation(dist).itertuples():
+            part = dist[dist["side"] == r.side]
+            far = part.loc[part["ks"].idxmax()]
+            rows.append({"model": label, "stack": r.side, "blocks": int(r.n), "KS min": part["ks"].min(),
+                         "KS max": part["ks"].max(), "farthest block": int(far.block), "ρ": r.rho, "p": r.p,
+                         "p exact": r.n <= EXACT_N})
+    return pd.DataFrame(rows)
 
 
 def resources_paragraph(memory) -> str:

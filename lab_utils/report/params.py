@@ -30,11 +30,14 @@ from papermill import inspect_notebook
 from lab_utils.core import files, sparsify
 from lab_utils.core.device import DeviceError
 from lab_utils.core.device import describe as describe_device
-from lab_utils.core.evaluation import zeroshot
+from lab_utils.core.evaluation import protocols, zeroshot
 from lab_utils.core.models import ModelError, hub_reachable, resolve
 from lab_utils.experiments import executor as ex
 
 NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
+# A perplexity's window count and length: 0 takes the notebook's protocol's own
+# (lab_utils.core.evaluation.protocols); a positive value overrides it, and the label says so.
+PROTOCOL_OVERRIDES = ("eval_windows", "eval_seqlen", "ppl_windows", "ppl_seqlen")
 
 
 class ParamError(ValueError):
@@ -188,6 +191,17 @@ def validate_value(name: str, value, check_hub: bool = True) -> None:
                                  or hub_reachable()[0])
         except ValueError as e:
             raise ParamError(f"{name}: {e}") from None
+        return
+    if name == "protocol":
+        try:
+            protocols.get(value)
+        except ValueError as e:
+            raise ParamError(str(e)) from None
+        return
+    if name in PROTOCOL_OVERRIDES:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ParamError(f"{name}: {value!r} must be a positive integer, or {protocols.FROM_PROTOCOL} "
+                             f"for the protocol's own (see `protocol`)")
         return
     kind = _kind(name)
     if kind == "models":

@@ -1,13 +1,15 @@
 """The lab write-up, regenerated: ``report/LAB4.md`` and ``report/LAB4.html``.
 
-It follows the original lab's section order (Concepts, Model Selection, Model
-Visualization, Model Sparsification & Sizes, Results on Benchmarks) and ends
-with "What we found". Nothing in it is typed in: the Jinja2 template
+It opens with "What we found" (each line linking to its section), says once
+what the perplexity protocols are, then follows the original lab's section
+order (Concepts, Model Selection, Model Visualization, Model Sparsification &
+Sizes, Results on Benchmarks). Nothing in it is typed in: the Jinja2 template
 (``templates/LAB4.md.j2``) arranges
 
 * the sentences the notebooks generated and recorded as findings
-  (``results/findings/<notebook>.json``, see ``notebook.md(text, key=...)``),
-* tables read from ``results/*.csv``,
+  (``results/findings/<notebook>.json``, see ``notebook.md(text, key=...)``):
+  a conclusion of one or two sentences each,
+* next to each, the compact table of its numbers, read from ``results/*.csv``,
 * figures from ``figs/``, copied next to the report so it can be served or
   zipped as one folder; every link is URL-encoded (the original lab's figure names
   contain ``%``).
@@ -23,8 +25,14 @@ import urllib.parse
 from pathlib import Path
 
 from lab_utils.core import files, models
-from lab_utils.experiments import file_sizes, speed
-from lab_utils.presentation import benchmarks_view
+from lab_utils.core.evaluation import protocols
+from lab_utils.experiments import speed
+from lab_utils.presentation import benchmarks_view, file_sizes_view, speed_view, sweep_view
+
+# Each section's anchor: an explicit <a id> survives both GitHub's Markdown and the HTML rendering.
+SECTIONS = {"findings": "What we found", "concepts": "Concepts", "model-selection": "Model Selection",
+            "model-visualization": "Model Visualization", "sparsification": "Model Sparsification & Sizes",
+            "sizes": "Sizes", "speed": "Speed", "benchmarks": "Results on Benchmarks"}
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -138,17 +146,28 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
     if params.get("models"):
 
         labels = [models.resolve(m, check_hub=False).label for m in params["models"]]
+    findings = Findings(files.results_dir() / "findings")
     context = {
-        "findings": Findings(files.results_dir() / "findings"),
+        "findings": findings,
         "figures": figures,
         "csv": read_csv,
         "params": params,
         "runs": list(runs),
         "labels": labels,
+        "sections": SECTIONS,
+        "protocol": {nb: findings[nb].get("protocol", "") for nb in findings.by_notebook},
+        "protocols_paragraph": protocols_paragraph(findings),
+        "table": lambda df, **kw: md_table(shown(df, **kw)) if df is not None and len(df) else "",
         "model_table": model_selection(params.get("models", []), weight_stats),
         "size_table": size_table(sizes),
-        "benchmark_table": benchmark_table(bench),
+        "size_summary": file_sizes_view.size_summary_table(sizes) if sizes is not None and len(sizes) else None,
+        "benchmark_table": benchmark_table(bench, findings["04_benchmarks"].get("protocol")),
+        "benchmark_summary": (benchmarks_view.summary_table(bench, findings["04_benchmarks"].get("protocol"))
+                              if bench is not None and len(bench) else None),
         "harness_version": harness_version(bench),
+        "concept_tables": concept_tables(findings["01_concepts"].get("protocol", "")),
+        "sweep_tables": sweep_tables(read_csv("sweep.csv"), read_csv("owl.csv")),
+        "speed_tables": speed_tables(speed_layers, read_csv("speed_forward.csv")),
         "headlines": headlines(weight_stats, bench, sizes, speed_layers),
     }
     markdown = render_markdown(context)
@@ -210,7 +229,7 @@ def size_table(sizes, method: str | None = None):
     return table.rename(columns={"label": "model"})
 
 
-def benchmark_table(df, metrics=None):
+def benchmark_table(df, protocol: str | None = None, metrics=None):
     """The headline metric of every model: one row per model and metric (and
     zero-shot task), one column per setting (dense, then method @ sparsity or
     pattern), formatted; a value with a standard error shows it (± one)."""
@@ -222,17 +241,12 @@ def benchmark_table(df, metrics=None):
     metrics = metrics or benchmarks_view.HEADLINE
     t = df[df.metric.isin(metrics)].copy()
 
-    def setting(r):
-        if r.method == "dense":
-            return "dense"
-        where = r.pattern if r.pattern != "unstructured" else f"{r.requested_sparsity:.0%}"
-        return f"{r.method} {where}"
-
-    t["setting"] = t.apply(setting, axis=1)
+    t["setting"] = [sweep_view.setting_name(m, p, s) for m, p, s in
+                    zip(t.method, t.pattern, t.requested_sparsity, strict=True)]
     stderr = t["stderr"] if "stderr" in t else pd.Series(math.nan, index=t.index)
     t["shown"] = [benchmarks_view.fmt_value(m, v) + ("" if pd.isna(e) else f" ± {benchmarks_view.fmt_value(m, e)}")
                   for m, v, e in zip(t.metric, t.value, stderr, strict=True)]
-    t["metric"] = benchmarks_view.metric_labels(t)
+    t["metric"] = benchmarks_view.metric_labels(t, protocol)
     out = t.pivot_table(index=["label", "metric"], columns="setting", values="shown",
                         aggfunc="first", sort=False)
     out = out[list(dict.fromkeys(t.setting))].reset_index()
@@ -250,19 +264,23 @@ def _names(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _see(anchor: str) -> str:
+    return f" ([{SECTIONS[anchor]}](#{anchor}))"
+
+
 def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
               alpha: float = 0.05) -> list[str]:
-    """The "What we found" list: one sentence per question the lab asks,
-    computed from the result tables (a question whose table is missing is
-    left out), worded from the data so that it changes when the data does."""
+    """The "What we found" list: one short answer per question the lab asks,
+    with the statistic behind it and a link to the section whose table holds
+    the numbers; computed from the result tables (a question whose table is
+    missing is left out) and worded from the data, so it changes when they do."""
     out = []
     if weight_stats is not None and len(weight_stats):
         dense = weight_stats[weight_stats.sparsity == 0]
-        near = dense["frac_abs_lt_0.05"]
-        most = [m for m, f in zip(dense.model, near, strict=True) if f > 0.5]
-        detail = ", ".join(f"{m} {f:.1%}" for m, f in zip(dense.model, near, strict=True))
-        out.append(f"**Are most parameters close to 0?** More than half lie within ±0.05 in "
-                   f"{len(most)} of {len(dense)} models ({detail}).")
+        most = int((dense["frac_abs_lt_0.05"] > 0.5).sum())
+        see = _see("model-visualization")
+        out.append(f"**Are most parameters close to 0?** More than half lie within ±0.05 in {most} of "
+                   f"{len(dense)} models.{see}")
         trends, stacks = [], 0
         for r in dense.itertuples():
             for side in ("decoder", "encoder"):
@@ -271,60 +289,140 @@ def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
                     continue
                 stacks += 1
                 if rho > 0 and p < alpha:
-                    trends.append(f"{r.model} {side} (ρ = {rho:+.2f}, p = {p:.2g})")
+                    trends.append(f"{r.model} {side}")
         if stacks:
-            out.append(f"**Do higher layers deviate from the overall distribution?** A significant "
-                       f"rise of the distance with depth (Spearman, α = {alpha}) in {len(trends)} of "
-                       f"{stacks} block stacks"
-                       + (f": {_names(trends)}." if trends else "."))
+            out.append(f"**Do higher layers deviate from the overall distribution?** The distance grows "
+                       f"significantly with depth in {len(trends)} of {stacks} block stacks"
+                       + (f": {_names(trends)}." if trends else ".") + see)
         z = dense.exact_zero_frac
         worst = dense.model.iloc[int(z.to_numpy().argmax())]
         if z.max() < 0.01:
-            out.append(f"**None of these models comes pre-sparsified**: exact zeros before any pruning "
-                       f"are at most {z.max():.2%} of the parameters ({worst}).")
+            out.append(f"**None of these models comes pre-sparsified**: at most {z.max():.2%} of any model's "
+                       f"parameters are exactly zero ({worst}).{see}")
         else:
             out.append(f"**Some pre-sparsification**: {worst} has {z.max():.1%} exact zeros before any "
-                       f"pruning.")
+                       f"pruning.{see}")
     if benchmarks is not None and len(benchmarks):
-
-        bits = []
+        wins = {}
         for model, g in benchmarks.groupby("model", sort=False):
             metric = benchmarks_view.headline_metric(benchmarks, model)
-            for pattern, sp, name in (("unstructured", 0.5, "50%"), ("2:4", None, "2:4")):
+            for pattern, sp in (("unstructured", 0.5), ("2:4", None)):
                 row = benchmarks_view.best_method(g, model, metric, pattern, sp)
                 if row is not None:
-                    bits.append(f"{g.label.iloc[0]} {name}: {row.method} ({metric} "
-                                f"{benchmarks_view.fmt_value(metric, row.value)}, {100 * row.relative_change:+.1f}% "
-                                f"vs dense)")
-        if bits:
-            out.append("**Which pruning method keeps the most quality?** The best per model and setting: " + "; ".join(bits) + ".")
+                    wins[row.method] = wins.get(row.method, 0) + 1
+        if wins:
+            order = sorted(wins, key=wins.get, reverse=True)
+            out.append(f"**Which pruning method keeps the most quality?** {order[0]}: the best in {wins[order[0]]} of "
+                       f"{sum(wins.values())} model and setting pairs (50% unstructured, 2:4)"
+                       + (f", {_names([f'{m} in {wins[m]}' for m in order[1:]])}" if len(order) > 1 else "")
+                       + "." + _see("benchmarks"))
     if sizes is not None and len(sizes):
-
-        best = file_sizes.best_formats(sizes)
-        bits = []
-        for (label, method), b in best.groupby(["label", "method"], sort=False):
-            top = b.sparsity.max()
-            row = b[b.sparsity == top].iloc[0]
-            t = sizes[(sizes.label == label) & (sizes.method == method) & (sizes.sparsity == top)]
-            dense_file = t[t.format == "dense"].file_bytes
-            best_file = t[t.format == row.format].file_bytes
-            if len(dense_file) and len(best_file):
-                bits.append(f"{label} at {top:.0%}: {row.format}, {dense_file.iloc[0] / best_file.iloc[0]:.1f}x "
-                            f"smaller than the dense file, {row.floor_ratio:.2f}x the floor")
-        if bits:
-            out.append("**Does sparsity make files smaller?** Only in a sparse format (a dense file "
-                       "keeps every zero); the smallest lossless file at the highest sparsity: "
-                       + "; ".join(bits) + ".")
+        summary = file_sizes_view.size_summary(sizes)
+        x = summary.x_smaller.dropna()
+        if len(x):
+            out.append(f"**Does sparsity make files smaller?** Only in a sparse format: at the highest sparsity "
+                       f"the smallest lossless file is {x.min():.1f}x" + (f" to {x.max():.1f}x" if len(x) > 1 else "")
+                       + " smaller than the dense one, which keeps every zero." + _see("sizes"))
     if speed_layers is not None and len(speed_layers):
-
-        cross = speed.crossover(speed_layers)
         top = speed_layers.sparsity.max()
         at_top = speed_layers[speed_layers.sparsity == top].groupby("shape").speedup.median()
-        wins = int((at_top > 1).sum())
-        text = (f"**Does sparsity make a CPU faster?** At {top:.0%} sparsity CSR beats the dense matmul for "
-                f"{wins} of {len(at_top)} layer shapes (speed-ups {at_top.min():.2f}x to {at_top.max():.2f}x)")
-        c = cross.crossover_sparsity.dropna()
-        text += (f"; where it wins, the crossover lies between {c.min():.0%} and {c.max():.0%} sparsity."
-                 if len(c) else ".")
-        out.append(text)
+        out.append(f"**Does sparsity make a CPU faster?** At {top:.0%} sparsity CSR beats the dense matmul for "
+                   f"{int((at_top > 1).sum())} of {len(at_top)} layer shapes (speed-ups {at_top.min():.2f}x to "
+                   f"{at_top.max():.2f}x)." + _see("speed"))
+    return out
+
+
+# --------------------------------------------------------------------------- protocols and compact tables
+def protocols_paragraph(findings: Findings) -> str:
+    """The one paragraph on the perplexity protocols: their definitions (from
+    :mod:`lab_utils.core.evaluation.protocols`), why there are several (the
+    reference reads many times the sweep's tokens, for every checkpoint), and any
+    override this run's parameters made."""
+    ps = list(protocols.PROTOCOLS.values())
+    defs = "; ".join(f"**{p.name}**, {p.eval_windows} windows of {p.eval_seqlen} tokens ({p.used_by})" for p in ps)
+    ref, sweep = protocols.PROTOCOLS["reference"], protocols.PROTOCOLS["sweep"]
+    ratio = ref.eval_windows * ref.eval_seqlen / (sweep.eval_windows * sweep.eval_seqlen)
+    used = {nb: v.get("protocol") for nb, v in findings.by_notebook.items() if v.get("protocol")}
+    overridden = [f"notebook {nb[:2]}: {label}" for nb, label in used.items() if "overridden" in label]
+    return (f"**Perplexity protocols.** A perplexity depends on the text it reads, so each one here names its "
+            f"protocol: {defs}. The reference protocol reads {ratio:.0f}x the tokens of the sweep, which evaluates "
+            f"every pruned checkpoint; the lab uses fewer windows where it measures many models to stay within its "
+            f"time, and compares numbers only under the same protocol"
+            + (f" (this run's parameters overrode the size: {'; '.join(overridden)})." if overridden else "."))
+
+
+def shown(df, rename: dict | None = None, percent_of=(), columns=None):
+    """A result table as the write-up shows it: chosen ``columns``, renamed, with
+    fractions as percentages and floats to four significant digits
+    (:func:`lab_utils.report.notebook.format_table`)."""
+    from lab_utils.report.notebook import format_table
+
+    t = df if columns is None else df[[c for c in columns if c in df]]
+    return format_table(t.reset_index(drop=True), percent_of).rename(columns=rename or {})
+
+
+def concept_tables(protocol: str) -> dict:
+    """Notebook 01's tables (``results/concepts/*.csv``) with every perplexity
+    column named with its protocol and sizes in MB."""
+    ppl = {"perplexity": f"perplexity ({protocol})", "dense_perplexity": f"dense perplexity ({protocol})",
+           "quality": f"quality (perplexity: {protocol})"}
+    out = {}
+    for name in ("sparsification", "structured", "quantization", "distillation", "moe", "side_by_side"):
+        t = read_csv(f"concepts/{name}.csv")
+        if t is None:
+            continue
+        for col in [c for c in t.columns if c.endswith("bytes")]:
+            t[col.removesuffix("_bytes").replace("bytes", "") + " MB"] = (t.pop(col) / 1e6).round(1)
+        out[name] = md_table(shown(t, rename=ppl, percent_of=("zero_fraction", "prunable_zero_fraction",
+                                                               "rel_error", "active_fraction", "mlp_macs_fraction",
+                                                               "router_recall")))
+    return out
+
+
+def sweep_tables(sweep_csv, owl_csv) -> dict:
+    """The sweep's perplexities (each under its protocol, named in the column),
+    the per-method pruning summary, and the OWL comparison."""
+    out = {}
+    if sweep_csv is not None and len(sweep_csv):
+        protocol = str(sweep_csv.protocol.iloc[0]) if "protocol" in sweep_csv else "sweep"
+        out["perplexity"] = md_table(shown(sweep_view.perplexity_table(sweep_csv, protocol)))
+        out["methods"] = md_table(shown(sweep_view.method_table(sweep_csv),
+                                        percent_of=("largest |actual - requested|",)))
+    if owl_csv is not None and len(owl_csv):
+        protocol = str(owl_csv.protocol.iloc[0]) if "protocol" in owl_csv else "sweep"
+        out["owl"] = md_table(shown(owl_csv, columns=["model", "allocation", "method", "requested", "actual",
+                                                      "perplexity", "seconds"],
+                                    rename={"perplexity": f"perplexity ({protocol})"}))
+    return out
+
+
+def speed_tables(layers, forward) -> dict:
+    """Per layer shape the crossover and the speed-ups; the whole forward; how
+    the timings were taken."""
+    out = {}
+    if layers is not None and len(layers):
+        cross = speed.crossover(layers)
+        out["layers"] = md_table(shown(cross, percent_of=("crossover_sparsity",)))
+        out["conditions"] = speed_view.timing_conditions(layers)
+    if forward is not None and len(forward):
+        out["forward"] = md_table(shown(forward, columns=[
+            "label", "sparsity", "tokens", "dense_s", "sparse_aware_speedup", "csr_layers", "layers",
+            "checked_speedup", "fell_back", "all_csr_speedup", "flop_limit", "unprunable_share", "load_avg"],
+            percent_of=("unprunable_share",)))
+    return out
+
+
+# --------------------------------------------------------------------------- measuring the write-up
+def prose_lines(markdown: str) -> list[str]:
+    """The lines of ``markdown`` a reader reads as sentences: not a table row,
+    heading, figure, HTML line (an anchor) or anything inside a code block."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        s = line.strip()
+        if s.startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced or not s or s.startswith(("|", "#", "![", "<")):
+            continue
+        out.append(s)
     return out

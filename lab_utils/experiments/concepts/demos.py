@@ -40,14 +40,20 @@ class Demo:
 
 
 def setup(decoder_model: str, *, seqlen: int, eval_windows: int, nsamples: int, seed: int,
-          timing_reps: int, progress: bool = True) -> Demo:
-    """Load the decoder and its evaluation and calibration windows."""
+          timing_reps: int, eval_seqlen: int | None = None, progress: bool = True) -> Demo:
+    """Load the decoder, its evaluation windows (``eval_windows`` x ``eval_seqlen``
+    tokens, default ``seqlen``: the quick protocol of
+    :mod:`lab_utils.core.evaluation.protocols`) and calibration windows
+    (``nsamples`` x ``seqlen``)."""
+    eval_seqlen = eval_seqlen or seqlen
     lm = models.load_model(decoder_model)
-    windows = data.eval_windows(lm.tokenizer, seqlen, eval_windows, corpus=default_corpus(lm.spec))
+    windows = data.eval_windows(lm.tokenizer, eval_seqlen, eval_windows, corpus=default_corpus(lm.spec))
     calibration = data.calibration_windows(lm.tokenizer, nsamples, seqlen, seed, corpus=default_calibration(lm))
     key = {"model": decoder_model, "seqlen": seqlen, "eval_windows": eval_windows, "nsamples": nsamples,
            "seed": seed, "timing_reps": timing_reps}
-    return Demo(lm, windows, calibration, windows[:1, : min(seqlen, TIME_TOKENS)], key, progress)
+    if eval_seqlen != seqlen:  # the keys of the runs that measured with seqlen stay what they were
+        key["eval_seqlen"] = eval_seqlen
+    return Demo(lm, windows, calibration, windows[:1, : min(eval_seqlen, TIME_TOKENS)], key, progress)
 
 
 def baseline(d: Demo) -> tuple[float, int]:
