@@ -22,6 +22,11 @@ import json
 import os
 import sys
 
+# plain data, no torch: a typo is still answered at once
+from lab_utils.core.evaluation.protocols import PROTOCOLS
+
+REFERENCE = PROTOCOLS["reference"]  # the CLI's perplexity: the lab's reference protocol
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2, like every other bad input here
@@ -51,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arguments(pr)
     pr.add_argument("--no-progress", action="store_true")
 
-    pp = sub.add_parser("perplexity", help="decoder perplexity under the lab's protocol")
+    pp = sub.add_parser("perplexity", help="decoder perplexity under the lab's reference protocol "
+                        f"({REFERENCE.size()})")
     pp.add_argument("--model", required=True, help="preset, hub id or folder (decoder-only)")
-    pp.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512, "
+    pp.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {REFERENCE.eval_seqlen}, "
                     "the context for hub models)")
-    pp.add_argument("--windows", type=int, default=64, help="first K non-overlapping windows")
+    pp.add_argument("--windows", type=int, default=REFERENCE.eval_windows, help="first K non-overlapping windows")
     pp.add_argument("--corpus", default=None, help="nyt (default) or wikitext2 (hub models)")
     _device_arguments(pp)
     pp.add_argument("--no-progress", action="store_true")

@@ -73,12 +73,40 @@ def test_writeup_shows_the_five_sections_and_its_figures(smoke_report, driver):
             "return Array.from(document.querySelectorAll('h2')).map(h => h.textContent.trim());")
         images = driver.execute_script(IMAGES_JS)
         driver.save_screenshot(str(out / "build" / "screenshots" / "LAB4-top.png"))
-    sections = ["Concepts", "Model Selection", "Model Visualization", "Model Sparsification & Sizes",
-                "Results on Benchmarks", "What we found"]
+    sections = ["What we found", "Concepts", "Model Selection", "Model Visualization",
+                "Model Sparsification & Sizes", "Results on Benchmarks"]
     assert [h for h in headings if h in sections] == sections
     # the seed's figure names (with '%') load through their encoded links
     loaded = [src for src, complete, width in images if complete and width > 0]
     assert any("sparsity_0%25.png" in src for src in loaded), images
+
+
+FIRST_SCREEN_JS = """
+const h = Array.from(document.querySelectorAll('h2')).find(e => e.textContent.trim() === 'What we found');
+const list = h ? h.nextElementSibling : null;
+const items = list && list.tagName === 'UL' ? Array.from(list.querySelectorAll(':scope > li')) : [];
+return {height: window.innerHeight, heading: h ? h.getBoundingClientRect().top : -1,
+        bottoms: items.map(li => li.getBoundingClientRect().bottom),
+        links: items.map(li => (li.querySelector('a[href^="#"]') || {}).hash || ''),
+        print_rules: Array.from(document.styleSheets).flatMap(s => Array.from(s.cssRules))
+                          .filter(r => r.media && r.media.mediaText.includes('print')).length};
+"""
+
+
+def test_writeup_first_screen_holds_the_findings(smoke_report, driver):
+    # A grader opens LAB4.html on a laptop: without scrolling, the list of findings
+    # is on screen, each answer linking to a section that exists on the page.
+    out, _ = smoke_report
+    driver.set_window_size(1280, 900)
+    with serve(out / "report") as base:
+        driver.get(base + "LAB4.html")
+        screen = driver.execute_script(FIRST_SCREEN_JS)
+        targets = [driver.execute_script(f"return !!document.getElementById('{h[1:]}');")
+                   for h in screen["links"]]
+    assert 0 <= screen["heading"] < screen["height"]
+    assert len(screen["bottoms"]) >= 5 and max(screen["bottoms"]) <= screen["height"], screen
+    assert all(screen["links"]) and all(targets), screen["links"]
+    assert screen["print_rules"] > 0, "LAB4.html has no @media print rules"
 
 
 A4_WIDTH_PX = 794  # 210 mm at the 96 px per inch of CSS
