@@ -391,3 +391,13 @@ def test_speed_table_is_measured_once_then_read_back(tiny_dirs, eval_cache, monk
     monkeypatch.setattr(speed, "layer_speed", no_timing)
     again = benchmarks.speed_table(name, [0.9, 0], tokens=8, warmup=0, repeats=1, progress=False)
     pd.testing.assert_frame_equal(again, first)
+
+
+def test_the_notebook_table_formats_each_value_for_its_own_metric():
+    df = pd.DataFrame([{"key": "k", "label": "M", "metric": "perplexity", "task": "", "value": 1509.1,
+                        "dense_value": 113.12, "stderr": math.nan},
+                       {"key": "k", "label": "M", "metric": "zero-shot accuracy", "task": "t", "value": 0.5,
+                        "dense_value": 0.875, "stderr": 0.129}])
+    t = benchmarks_view.display_table(df, "sweep")
+    assert list(t.value) == ["1,509", "50.0%"] and list(t.stderr) == ["", "12.9%"]
+    assert list(t.metric) == ["perplexity (sweep)", "zero-shot accuracy"] and "key" not in t

@@ -333,3 +333,15 @@ def table_sentence(results: pd.DataFrame, csv_name: str) -> str:
             f"{results.drop_duplicates(['key', 'benchmark']).seconds.sum():.0f} s in all when they were first run "
             f"(each one's own wall time: after each model's dense baseline, the settings are evaluated two at a "
             f"time in worker processes on one thread each).")
+
+
+def display_table(results: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """The tidy table as a notebook shows it: each value (and its dense value and
+    standard error) formatted for its own metric, a perplexity labelled with its
+    protocol; the CSV keeps the raw numbers."""
+    t = results.drop(columns=["key", "label"], errors="ignore").copy()
+    for col in ("value", "dense_value", "stderr"):
+        if col in t:
+            t[col] = ["" if pd.isna(v) else fmt_value(m, v) for m, v in zip(results.metric, t[col], strict=True)]
+    t["metric"] = [metric_label(m, "", protocol) for m in results.metric]
+    return t
