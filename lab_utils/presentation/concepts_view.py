@@ -61,11 +61,13 @@ def sparsification(t: pd.DataFrame, method: str, protocol: str = "quick") -> str
     unchanged = [what for what, same in (("parameter count", s.parameters == d.parameters),
                                          ("dense file", s.dense_file_bytes == d.dense_file_bytes),
                                          ("memory", s.memory_bytes == d.memory_bytes)) if same]
-    kept = (f"leaves the {', '.join(unchanged)} unchanged" if unchanged else "changes the size")
+    names = ", ".join(unchanged[:-1]) + " and " + unchanged[-1] if len(unchanged) > 1 else "".join(unchanged)
+    kept = f"leaves the {names} unchanged" if unchanged else "changes the size"
     return (f"{method.capitalize()} pruning of {s.prunable_zero_fraction:.0%} of the prunable weights {kept} "
             f"(a zero costs 4 bytes like any fp32 value) and the forward pass is "
             f"{_faster(s, d).split(' (')[0]}; only the `{fmt.removesuffix('_file_bytes')}` format shrinks the file "
-            f"({_x(s[fmt], s.dense_file_bytes)}), and {_ppl_change(s.perplexity, d.perplexity, protocol)}.")
+            f"({_x(s[fmt], s.dense_file_bytes)}), and perplexity ({protocol}) is "
+            f"{_ppl_change(s.perplexity, d.perplexity)}.")
 
 
 def structured(t: pd.DataFrame, protocol: str = "quick") -> str:
