@@ -477,7 +477,7 @@ def claim_layers(all_stats, distances: dict) -> str:
     return (f"**Claim 2, each layer looks like the whole model but higher layers deviate** (Kolmogorov-Smirnov "
             f"distance of each block to the whole model): every block is within KS {SIMILAR_KS:g} in {similar} "
             f"of {len(t)} block stacks, and the distance rises significantly with depth (Spearman, "
-            f"α = {ALPHA:g}) in {len(rising)}" + (f" ({stacks})." if stacks else "."))
+            f"α = {ALPHA:g}) in {len(rising)} of {len(t)}" + (f" ({stacks})." if stacks else "."))
 
 
 def _count(n: int) -> str:
