@@ -20,9 +20,23 @@ rotary embeddings as ``position_embeddings``, which the reference ``Catcher``
 does not record.
 
 Both sides then see the same model, the same calibration windows (the lab's
-protocol) and the same evaluation windows; the table gives the two
-perplexities, their relative difference (target: within 2%) and the pruning
-seconds of each.
+protocol) and the same evaluation windows. Per method the table gives:
+
+* the pruning seconds of each side, measured back to back in this run (the
+  lab prunes a fresh copy: no checkpoint cache), and ``speedup``, reference
+  seconds over the lab's (target: at least 1.3);
+* the compute floor of the protocol (:func:`benchmarks.bench_sparsify.compute_floor`)
+  and ``lab/floor`` (target: at most 1.5);
+* ``masks_differ``: the fraction of weights pruned by one side and kept by
+  the other (the lab sums its statistics over batches of samples, the
+  reference code one sample at a time, so the last bits of a score may
+  differ);
+* the two perplexities and their relative difference (target: within 2%).
+
+Reported apart, where the CPU has native bfloat16 instructions (AMX or
+AVX512-BF16, detected by :func:`lab_utils.core.device.cpu_bf16`): the lab
+with its calibration forward passes in bfloat16 (statistics and mask math
+stay in float32), its speed over float32 and its perplexity difference.
 """
 
 from __future__ import annotations
@@ -38,12 +52,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lab_utils.core import data
+from benchmarks.bench_sparsify import compute_floor
+from lab_utils.core import data, files
+from lab_utils.core.device import cpu_bf16
 from lab_utils.core.evaluation import perplexity
-from lab_utils.core.models import load_model, transformer_blocks
-from lab_utils.engine import checkpoints, config
+from lab_utils.core.models import load_model, prunable_layers, transformer_blocks
+from lab_utils.engine import config
+from lab_utils.engine.prune import prune_model
 
-TOLERANCE = 0.02
+TOLERANCE = 0.02  # perplexity, lab against reference
+SPEEDUP_TARGET = 1.3  # reference seconds over the lab's
+FLOOR_TARGET = 1.5  # the lab's seconds over the compute floor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LAB_THREADS", 2)))
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="leave out the bfloat16 rows (run only where the CPU has native bfloat16)")
     return ap.parse_args(argv)
 
 
@@ -129,6 +150,26 @@ def reference_prune(lm, method: str, sparsity: float, calibration: torch.Tensor,
     return time.perf_counter() - t0
 
 
+def masks_of(model) -> dict[str, torch.Tensor]:
+    return {pl.name: pl.weight == 0 for pl in prunable_layers(model)}
+
+
+def mask_difference(a: dict, b: dict) -> float:
+    """Fraction of the prunable weights whose pruned/kept state differs."""
+    differ = sum(int((a[n] != b[n]).sum()) for n in a)
+    return differ / sum(m.numel() for m in a.values())
+
+
+def lab_prune(dense, method: str, args, dtype: str = "float32"):
+    """The lab's engine on a fresh copy (no checkpoint cache: its seconds are this run's)."""
+    lm = copy.copy(dense)
+    lm.model = copy.deepcopy(dense.model)
+    cfg = config.make_config(method, args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+                             seed=args.seed, dtype=dtype)
+    report = prune_model(lm, cfg, progress=False)
+    return lm, report
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.wanda:
@@ -141,29 +182,58 @@ def main(argv=None) -> int:
     calibration = data.calibration_windows(dense.tokenizer, args.nsamples, args.seqlen, args.seed,
                                            corpus=config.default_calibration(dense))
     print(f"bench_reference: {args.model}, {args.sparsity:.0%}, nsamples={args.nsamples}, seqlen={args.seqlen}, "
-          f"K={args.windows}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"K={args.windows}, {args.threads} threads, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores", flush=True)
+    floor = compute_floor(dense, args.nsamples, args.seqlen, args.threads)
+    print(f"compute floor: {floor['gflops_per_s']:.0f} GFLOP/s best measured GEMM rate; "
+          + "; ".join(f"{m} {floor[m]:.1f} s" for m in args.methods), flush=True)
     rows = []
     for method in args.methods:
         ref = copy.copy(dense)
         ref.model = copy.deepcopy(dense.model)
         ref_s = reference_prune(ref, method, args.sparsity, calibration, wrapper, sgpt)
+        ref_masks = masks_of(ref.model)
         ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows, progress=False)["perplexity"]
         del ref
-        lab, report = checkpoints.pruned_model(args.model, method, args.sparsity, nsamples=args.nsamples,
-                                               seqlen=args.seqlen, seed=args.seed, progress=False)
-        lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, cache_key=report.key,
-                                      progress=False)["perplexity"]
-        rows.append({"method": method, "reference_ppl": ref_ppl, "lab_ppl": lab_ppl,
-                     "relative_diff": lab_ppl / ref_ppl - 1,
-                     "within_2%": abs(lab_ppl / ref_ppl - 1) <= TOLERANCE,
-                     # a cached checkpoint's seconds are those of the run that pruned it, maybe
-                     # on a busy machine: time the lab's side with bench_sparsify --fresh instead
-                     "reference_prune_s": ref_s, "lab_prune_s": float("nan") if report.from_cache else report.seconds,
-                     "lab_cached": report.from_cache})
+        lab, report = lab_prune(dense, method, args)
+        lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, progress=False)["perplexity"]
+        rows.append({"method": method, "dtype": "float32", "reference_s": ref_s, "lab_s": report.seconds,
+                     "speedup": ref_s / report.seconds, "floor_s": floor[method],
+                     "lab/floor": report.seconds / floor[method],
+                     "masks_differ": mask_difference(masks_of(lab.model), ref_masks),
+                     "reference_ppl": ref_ppl, "lab_ppl": lab_ppl, "relative_diff": lab_ppl / ref_ppl - 1,
+                     "within_2%": abs(lab_ppl / ref_ppl - 1) <= TOLERANCE})
+        del lab
         print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
-    print("\n" + table.to_string(index=False))
-    return 0 if table["within_2%"].all() else 1
+    table["speed_ok"] = table.speedup >= SPEEDUP_TARGET
+    table["floor_ok"] = table["lab/floor"] <= FLOOR_TARGET
+    pd.set_option("display.width", 200)
+    print(f"\n== the lab against the reference code (targets: speedup >= {SPEEDUP_TARGET}, "
+          f"lab/floor <= {FLOOR_TARGET}, perplexity within {TOLERANCE:.0%})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    bf16 = cpu_bf16()
+    if args.bf16 and bf16 is None:
+        print("\nbfloat16 forward: skipped, this CPU has no native bfloat16 instructions (neither AMX nor "
+              "AVX512-BF16): torch would emulate them, slower than float32")
+    elif args.bf16:
+        extra = []
+        for row in rows:
+            lab, report = lab_prune(dense, row["method"], args, dtype="bfloat16")
+            ppl = perplexity.evaluate(lab, args.seqlen, args.windows, progress=False)["perplexity"]
+            extra.append({"method": row["method"], "dtype": f"bfloat16 ({bf16})", "lab_s": report.seconds,
+                          "speedup_over_float32": row["lab_s"] / report.seconds,
+                          "speedup_over_reference": row["reference_s"] / report.seconds,
+                          "lab_ppl": ppl, "ppl_vs_float32": ppl / row["lab_ppl"] - 1})
+            del lab
+        print("\n== reported apart: the calibration forward passes in bfloat16 (statistics and masks in float32)")
+        print(pd.DataFrame(extra).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    out = files.results_dir() / "bench" / "reference.csv"
+    with files.atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"\nwritten {out}")
+    return 0 if table["within_2%"].dropna().all() else 1
 
 
 if __name__ == "__main__":

@@ -31,3 +31,35 @@ def test_calibration_flops_count_two_passes_and_one_hessian_per_input():
     assert flops["wanda"] == 10 * (3 * (per_token - last) + 2 * per_token)
     # X^T X once for the input that a and b share (d = 4), once for c's (d = 8)
     assert flops["sparsegpt"] == flops["wanda"] + 10 * 3 * (2 * 16 + 2 * 64)
+
+
+def test_profile_categories_follow_the_operator_and_its_stage():
+    from benchmarks.bench_profile import category
+
+    fwd = ("lab::prune", "lab::statistics_pass")
+    assert category("aten::linear", fwd, "wanda") == "linear layers"
+    assert category("aten::scaled_dot_product_attention", ("lab::prune", "lab::propagate"), "wanda") == "attention"
+    assert category("aten::mul", fwd, "wanda") == "norms and elementwise"
+    assert category("aten::mm", (*fwd, "lab::statistics_update"), "sparsegpt") == "statistics"
+    assert category("aten::_to_copy", (*fwd, "lab::statistics_update"), "sparsegpt") == "copies between stages"
+    layer = ("lab::prune", "lab::prune_layer")
+    assert category("aten::kthvalue", layer, "wanda") == "mask selection"
+    assert category("aten::topk", layer, "sparsegpt") == "mask selection"
+    assert category("aten::addr_", layer, "sparsegpt") == "SparseGPT column loop"
+    assert category("aten::linalg_cholesky_ex", (*layer, "lab::sparsegpt_inverse"), "sparsegpt") == "SparseGPT inverse"
+    assert category("aten::copy_", ("lab::prune", "lab::copies"), "wanda") == "copies between stages"
+    assert category("aten::embedding", ("lab::prune",), "wanda") == "outside the stages"
+
+
+def test_profile_accounts_for_the_whole_pruning_time(tiny_dirs):
+    from benchmarks import bench_profile
+
+    dense = load_model(str(tiny_dirs["llama"]))
+    args = bench_profile.parse_args(["--nsamples", "4", "--seqlen", "16", "--threads", "1"])
+    for method, own in (("wanda", "mask selection"), ("sparsegpt", "SparseGPT column loop")):
+        table, meta = bench_profile.profile_one(dense, method, args)
+        assert list(table.index) == bench_profile.CATEGORIES
+        assert (table.seconds >= 0).all()
+        assert table.loc["linear layers", "seconds"] > 0 and table.loc[own, "seconds"] > 0
+        # the categories partition the engine's clock (the profiler's clock differs by microseconds)
+        assert abs(table.seconds.sum() - meta["wall_s"]) <= 0.05 * meta["wall_s"] + 0.01

@@ -1,6 +1,7 @@
 """The pruning driver on tiny models of every family (random weights: plumbing,
 exact counts and the order of calibration, not quality)."""
 
+import copy
 import json
 import os
 import types
@@ -76,6 +77,30 @@ def test_batched_statistics_equal_one_sample_at_a_time(tiny_dirs):
         for name in layers:
             assert a[name]["count"] == b[name]["count"] == 96
             assert torch.allclose(a[name]["sum"], b[name]["sum"], rtol=1e-4, atol=1e-5), name
+
+
+def test_layers_reading_one_input_share_their_statistics_group(tiny_dirs):
+    """q/k/v read one tensor, gate/up another: the engine computes SparseGPT's inverse once per group,
+    and pruning with the shared inverses gives the weights of pruning each layer on its own."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    block = lm.model.model.layers[0]
+    layers = prune.find_layers(block)
+    chunks = calibration.capture_inputs(lm.model, block, calibration.calibration_batches(lm, 4, 16), "decoder")
+    stats = calibration.collect_statistics(block, layers, chunks, "hessian")
+    group = {name.split(".")[-1]: st["input"] for name, st in stats.items()}
+    assert group["q_proj"] == group["k_proj"] == group["v_proj"] != group["o_proj"]
+    assert group["gate_proj"] == group["up_proj"] not in (group["o_proj"], group["down_proj"])
+    cfg = config.make_config("sparsegpt", 0.5, nsamples=4, seqlen=16)
+    alone, shared = copy.deepcopy(block), copy.deepcopy(block)
+    inverses: dict = {}
+    for i, name in enumerate(layers):
+        a = {k: v.clone() if torch.is_tensor(v) else v for k, v in stats[name].items()}
+        b = {k: v.clone() if torch.is_tensor(v) else v for k, v in stats[name].items()}
+        prune.prune_layer(alone.get_submodule(name), cfg, 0.5, a, i)
+        prune.prune_layer(shared.get_submodule(name), cfg, 0.5, b, i, inverses=inverses)
+    assert len(inverses) == len(set(group.values())) < len(layers)
+    for (n, p), q in zip(alone.named_parameters(), shared.parameters(), strict=True):
+        assert torch.equal(p, q), n
 
 
 def test_owl_allocates_non_uniform_block_sparsity_with_the_same_mean(tiny_dirs):

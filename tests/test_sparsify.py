@@ -160,6 +160,22 @@ def test_sparsegpt_lazy_blocks_match_the_plain_algorithm():
     assert torch.allclose(W_new, W_ref, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("pattern", [(0, 0), (2, 4)])
+def test_sparsegpt_with_a_shared_inverse_equals_its_own(pattern):
+    """Layers that read one input share one inverse Hessian: the result is bit for bit the same."""
+    X = correlated_inputs(512, 64)
+    X[:, 3] = 0
+    H = sp.hessian(X)
+    inverse = sp.sparsegpt_inverse(H)
+    for seed in (0, 1):
+        W = torch.randn(16, 64, generator=torch.Generator().manual_seed(seed))
+        own = sp.sparsegpt_prune(W, H, 0.5, *pattern)
+        shared = sp.sparsegpt_prune(W, None, 0.5, *pattern, inverse=inverse)
+        assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+    with pytest.raises(SparsityError, match="inverse Hessian"):
+        sp.sparsegpt_prune(torch.randn(16, 32), None, 0.5, inverse=inverse)
+
+
 def test_sparsegpt_prunes_dead_inputs_and_survives_a_singular_hessian():
     X = correlated_inputs(256, 32)
     X[:, 5] = 0  # an input that is never active
@@ -222,7 +238,8 @@ def test_unknown_method_and_scope_are_clear_errors():
         sp.magnitude_mask(torch.randn(2, 4), 0.5, scope="block")
 
 
-@pytest.mark.parametrize("make", [lambda: torch.randn(24, 40), lambda: quantized(24, 40, seed=4)])
+@pytest.mark.parametrize("make", [lambda: torch.randn(24, 40), lambda: quantized(24, 40, seed=4),
+                                  lambda: torch.zeros(24, 40)])  # every score tied
 @pytest.mark.parametrize("s", [0.2, 0.5, 0.85])
 def test_selection_masks_equal_a_stable_sort(make, s):
     """Row masks and the layer selection (kthvalue + ties in index order) equal a stable sort."""

@@ -86,6 +86,24 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str) ->
     return DTYPES[name]
 
 
+def cpu_bf16() -> str | None:
+    """The native bfloat16 instructions of this CPU (``"AMX"``, ``"AVX512-BF16"``), or None
+    where it has none and a bfloat16 matmul would be emulated in float32 (slower than
+    float32 itself). Asked of torch's own CPU probe, else of ``/proc/cpuinfo``: never
+    assumed from the machine's kind, since machines of one kind differ."""
+    probe = getattr(torch, "cpu", None)
+    amx, avx = getattr(probe, "_is_amx_tile_supported", None), getattr(probe, "_is_avx512_bf16_supported", None)
+    if amx is not None and avx is not None:
+        has_amx, has_avx = bool(amx()), bool(avx())
+    else:
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            return None
+        has_amx, has_avx = "amx_bf16" in flags, "avx512_bf16" in flags
+    return "AMX" if has_amx else "AVX512-BF16" if has_avx else None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from lab_utils.core import data, models
 from lab_utils.core.device import model_device
@@ -145,7 +146,8 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[dict], side
     try:
         for b in batches:
             try:
-                model(**to_device(b["inputs"], where), **_model_kwargs(model))
+                with record_function("lab::capture"):
+                    model(**to_device(b["inputs"], where), **_model_kwargs(model))
             except _Caught:
                 pass
             else:
@@ -190,6 +192,21 @@ class _StopBlock(Exception):
     pass
 
 
+@record_function("lab::statistics_update")
+def _increment(x: torch.Tensor, token_mask: torch.Tensor | None, kind: str) -> tuple[torch.Tensor, int]:
+    """One chunk's contribution to a layer input's statistic, and its token count
+    (padding tokens, where ``token_mask`` says so, left out)."""
+    X = x.reshape(-1, x.shape[-1])
+    if token_mask is not None and tuple(x.shape[:-1]) == tuple(token_mask.shape):
+        X = X[token_mask.reshape(-1)]
+    X = X.float()
+    # statistics in float32 even inside a bfloat16 autocast forward: X^T X in bf16
+    # (8 bits of mantissa) loses the small eigenvalues SparseGPT's inverse needs
+    with torch.autocast(X.device.type, enabled=False):
+        inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
+    return inc, X.shape[0]
+
+
 @torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: list[Chunk],
                        kind: str, propagate: bool = False) -> dict[str, dict]:
@@ -202,10 +219,13 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
     outputs are recomputed by the pruned block anyway), which skips the last
     layer's matmul; with ``propagate=True`` the chunks' hidden states are
     replaced by the block's outputs.
-    Returns ``{name: {"sum": tensor, "count": tokens}}``.
+    Returns ``{name: {"sum": tensor, "count": tokens, "input": i}}``, where
+    layers with the same ``i`` read the same input (so their statistics are
+    equal, and so is anything computed from them alone).
     """
-    stats = {name: {"sum": None, "count": 0} for name in layers}
+    stats = {name: {"sum": None, "count": 0, "input": None} for name in layers}
     memo: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    inputs: dict[int, int] = {}  # id of a layer input in this chunk -> its number (call order)
     seen: set[str] = set()
     mask_holder: list = [None]
 
@@ -214,18 +234,12 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
             x = args[0]
             key = id(x)
             if key not in memo:
-                X = x.reshape(-1, x.shape[-1])
-                m = mask_holder[0]
-                if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
-                    X = X[m.reshape(-1)]
-                X = X.float()
-                # statistics in float32 even inside a bfloat16 autocast forward: X^T X in bf16
-                # (8 bits of mantissa) loses the small eigenvalues SparseGPT's inverse needs
-                with torch.autocast(X.device.type, enabled=False):
-                    inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
-                memo[key] = (x, inc, X.shape[0])  # holding x keeps its id unique
+                inc, n = _increment(x, mask_holder[0], kind)
+                memo[key] = (x, inc, n)  # holding x keeps its id unique
+                inputs[key] = len(inputs)
             _, inc, n = memo[key]
             st = stats[name]
+            st["input"] = inputs[key]
             st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
             st["count"] += n
             seen.add(name)
@@ -238,10 +252,12 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
     try:
         for c in chunks:
             memo.clear()
+            inputs.clear()
             seen.clear()
             mask_holder[0] = c.token_mask
             try:
-                out = block(c.hidden, *c.args, **c.kwargs)
+                with record_function("lab::statistics_pass"):
+                    out = block(c.hidden, *c.args, **c.kwargs)
                 if propagate:
                     c.hidden = _block_output(out).to(c.hidden.dtype)
             except _StopBlock:
@@ -257,4 +273,5 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
 def propagate(block: nn.Module, chunks: list[Chunk]) -> None:
     """Replace each chunk's hidden states by the block's outputs."""
     for c in chunks:  # kept in the activations' dtype (an autocast block may return float32)
-        c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs)).to(c.hidden.dtype)
+        with record_function("lab::propagate"):
+            c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs)).to(c.hidden.dtype)

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from lab_utils.core import device as devices
@@ -74,9 +75,13 @@ def _layer_seed(seed: int | None, index: int) -> int:
 
 
 @torch.no_grad()
+@record_function("lab::prune_layer")  # a named stage for `python -m benchmarks profile`; free otherwise
 def prune_layer(module: nn.Module, cfg: PruneConfig, sparsity_ratio: float, stat: dict | None,
-                index: int = 0, W_mask: torch.Tensor | None = None) -> None:
-    """Prune one linear layer in place with the configured method."""
+                index: int = 0, W_mask: torch.Tensor | None = None, inverses: dict | None = None) -> None:
+    """Prune one linear layer in place with the configured method.
+
+    ``inverses``: SparseGPT's inverse Hessians by ``stat["input"]``, filled
+    and reused across the layers of one block that read the same input."""
     W = weight_out_in(module)
     n, m = cfg.prune_n, cfg.prune_m
     if W_mask is not None:
@@ -89,8 +94,13 @@ def prune_layer(module: nn.Module, cfg: PruneConfig, sparsity_ratio: float, stat
     elif cfg.method == "wanda":
         W_mask = sparsify.wanda_mask(W, stat["sum"] / stat["count"], sparsity_ratio, n, m, cfg.scope)
     else:
-        H = stat["sum"].mul_(2.0 / stat["count"])
-        W_new, _ = sparsify.sparsegpt_prune(W, H, sparsity_ratio, n, m)
+        key = stat.get("input")
+        inverse = None if inverses is None or key is None else inverses.get(key)
+        if inverse is None:
+            inverse = sparsify.sparsegpt_inverse(stat["sum"].mul_(2.0 / stat["count"]))
+            if inverses is not None and key is not None:
+                inverses[key] = inverse
+        W_new, _ = sparsify.sparsegpt_prune(W, None, sparsity_ratio, n, m, inverse=inverse)
         W.copy_(W_new.to(W.dtype))
         return
     W.masked_fill_(W_mask, 0)
@@ -229,8 +239,9 @@ def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True,
     with PeakMemory() as mem, torch.no_grad():
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.sparsity > 0:
-            targets, report.block_sparsity = _prune(lm, cfg, progress=progress, offload=offload,
-                                                    batches=batches)
+            with record_function("lab::prune"):
+                targets, report.block_sparsity = _prune(lm, cfg, progress=progress, offload=offload,
+                                                        batches=batches)
         devices.synchronize(device)
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - c0
@@ -305,7 +316,8 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool =
     for side, prefix, blocks in sides:
         # the model runs up to the side's first block where it sits (the host, when offloading)
         chunks = capture_inputs(model, blocks[0], batches, side)
-        chunks_to(chunks, device, dtype, copy=offload)
+        with record_function("lab::copies"):
+            chunks_to(chunks, device, dtype, copy=offload)
         desc = f"{cfg.method} {side}"
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
             with block_on(block, device, offload):
@@ -319,11 +331,12 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool =
                 # the mask math in float32 whatever the forward dtype: Wanda's and SparseGPT's
                 # rankings tie-break on the last bits, and the Cholesky of X^T X in bfloat16
                 # (8 bits of mantissa) loses rank; sparsify casts to float32 itself
+                inverses: dict = {}
                 for name, module in layers.items():
-                    prune_layer(module, cfg, s, stats.get(name), index)
+                    prune_layer(module, cfg, s, stats.get(name), index, inverses=inverses)
                     targets[f"{prefix}.{i}.{name}"] = s
                     index += 1
-                del stats
+                del stats, inverses
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing we calibrate
                     with _forward(device, dtype):
                         propagate(block, chunks)
