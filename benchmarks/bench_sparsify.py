@@ -11,7 +11,7 @@ cores; both several times below magnitude pruning in perplexity.
 
 Next to each time the table puts a *compute floor*: the multiply-adds that the
 two passes per block of the reference protocol cannot avoid (statistics from
-the dense block, then the pruned block's outputs; SparseGPT adds one X^T X per
+the dense block, then the pruned block's outputs; SparseGPT adds the upper triangle of one X^T X per
 distinct layer input), counted with hooks on the model's own layers, over the
 best matrix-multiply rate measured on this machine at the model's layer
 shapes in the same run. Attention and the mask math are left out, so the floor
@@ -96,24 +96,29 @@ def calibration_flops(linears: list[dict], n_blocks: int, tokens: int) -> dict:
     calibration tokens through ``n_blocks`` blocks of ``linears``:
     ``wanda``: every block's statistics pass (it may stop before the block's
     last layer) plus the outputs pass of all but the last block;
-    ``sparsegpt``: the same plus 2 * tokens * d^2 per distinct input (X^T X)."""
+    ``sparsegpt``: the same plus X^T X per distinct input, of which symmetry leaves
+    tokens * d * (d + 1) operations (the upper triangle)."""
     per_token = sum(2 * c["in"] * c["out"] for c in linears)
     last = 2 * linears[-1]["in"] * linears[-1]["out"]
-    hessian = sum(2 * d * d for d in {c["input"]: c["in"] for c in linears}.values())
+    # X^T X is symmetric: the multiply-adds of its upper triangle, d (d + 1) / 2 dot products
+    hessian = sum(d * (d + 1) for d in {c["input"]: c["in"] for c in linears}.values())
     passes = n_blocks * (per_token - last) + (n_blocks - 1) * per_token
     return {"wanda": tokens * passes, "sparsegpt": tokens * (passes + n_blocks * hessian)}
 
 
-def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats: int = 5) -> float:
+def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats: int = 9) -> float:
     """The best rate (FLOP/s) of ``x @ W.T`` measured over the layer shapes,
-    x holding ``tokens`` rows (the driver's chunk): medians after a warm-up."""
+    x holding ``tokens`` rows (the driver's chunk): the fastest of ``repeats``
+    calls after a warm-up. The fastest, not the median: a floor is what the
+    machine can do, and on a shared machine a neighbour only ever slows a
+    call down."""
     g = torch.Generator().manual_seed(0)
     best = 0.0
     for out_f, in_f in sorted(set(shapes)):
         x, W = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
-        med = measure.median_seconds(measure.time_calls({"mm": lambda x=x, W=W: torch.nn.functional.linear(x, W)},
-                                                    warmup=1, repeats=repeats, threads=threads))["mm"]
-        best = max(best, 2 * tokens * in_f * out_f / med)
+        times = measure.time_calls({"mm": lambda x=x, W=W: torch.nn.functional.linear(x, W)},
+                                   warmup=1, repeats=repeats, threads=threads)
+        best = max(best, 2 * tokens * in_f * out_f / float(times.seconds.min()))
     return best
 
 

@@ -29,8 +29,8 @@ def test_calibration_flops_count_two_passes_and_one_hessian_per_input():
     last = 2 * 32
     flops = bench_sparsify.calibration_flops(linears, n_blocks=3, tokens=10)
     assert flops["wanda"] == 10 * (3 * (per_token - last) + 2 * per_token)
-    # X^T X once for the input that a and b share (d = 4), once for c's (d = 8)
-    assert flops["sparsegpt"] == flops["wanda"] + 10 * 3 * (2 * 16 + 2 * 64)
+    # X^T X once for the input that a and b share (d = 4), once for c's (d = 8): its upper triangle
+    assert flops["sparsegpt"] == flops["wanda"] + 10 * 3 * (4 * 5 + 8 * 9)
 
 
 def test_profile_categories_follow_the_operator_and_its_stage():

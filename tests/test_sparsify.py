@@ -251,3 +251,11 @@ def test_selection_masks_equal_a_stable_sort(make, s):
     flat = torch.zeros(metric.numel(), dtype=torch.bool)
     flat[torch.sort(metric.flatten(), stable=True)[1][:k_all]] = True
     assert torch.equal(sp.layer_mask(metric, s), flat.view_as(metric))
+
+
+@pytest.mark.parametrize("cols", [3, 8, 9, 64, 97])
+def test_gram_from_the_upper_blocks_equals_the_full_product(cols):
+    X = torch.randn(200, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
+    G = sp.gram(X)
+    assert torch.equal(G, G.T)
+    assert torch.allclose(G, X.T @ X, rtol=1e-12, atol=1e-12)

@@ -214,6 +214,23 @@ def hessian(X: torch.Tensor) -> torch.Tensor:
     return 2.0 * X.T @ X / max(1, X.shape[0])
 
 
+def gram(X: torch.Tensor, parts: int = 4) -> torch.Tensor:
+    """X^T X (in x in) for X (n x in), from the blocks on and above its diagonal only:
+    the matrix is symmetric, so with ``parts`` column blocks the products cost
+    (parts + 1) / (2 parts) of the full one (5/8 for 4), and the blocks below the
+    diagonal are copies. Below 2 * parts columns it is one product."""
+    cols = X.shape[1]
+    if parts < 2 or cols < 2 * parts:
+        return X.T @ X
+    edges = [cols * i // parts for i in range(parts + 1)]
+    G = X.new_empty((cols, cols))
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        upper = X[:, a:b].T @ X[:, a:]  # rows a:b, columns a: (the diagonal block and right of it)
+        G[a:b, a:] = upper
+        G[b:, a:b] = upper[:, b - a:].T
+    return G
+
+
 def _block_counts(rows: int, cols: int, blocksize: int, sparsity_ratio: float) -> list[int]:
     """Weights to prune per column block so the layer total is exactly
     ``int(numel * ratio)`` (cumulative rounding)."""

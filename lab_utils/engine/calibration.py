@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from lab_utils.core import data, models
+from lab_utils.core import data, models, sparsify
 from lab_utils.core.device import model_device
 from lab_utils.core.evaluation import asr
 from lab_utils.core.models import (
@@ -203,7 +203,7 @@ def _increment(x: torch.Tensor, token_mask: torch.Tensor | None, kind: str) -> t
     # statistics in float32 even inside a bfloat16 autocast forward: X^T X in bf16
     # (8 bits of mantissa) loses the small eigenvalues SparseGPT's inverse needs
     with torch.autocast(X.device.type, enabled=False):
-        inc = X.T @ X if kind == "hessian" else (X * X).sum(dim=0)
+        inc = sparsify.gram(X) if kind == "hessian" else (X * X).sum(dim=0)
     return inc, X.shape[0]
 
 
