@@ -339,7 +339,7 @@ def protocols_paragraph(findings: Findings) -> str:
     reference reads many times the sweep's tokens, for every checkpoint), and any
     override this run's parameters made."""
     ps = list(protocols.PROTOCOLS.values())
-    defs = "; ".join(f"**{p.name}**, {p.eval_windows} windows of {p.eval_seqlen} tokens ({p.used_by})" for p in ps)
+    defs = "; ".join(f"**{p.name}**, {p.eval_windows} windows of {p.eval_seqlen} tokens, for {p.used_by}" for p in ps)
     ref, sweep = protocols.PROTOCOLS["reference"], protocols.PROTOCOLS["sweep"]
     ratio = ref.eval_windows * ref.eval_seqlen / (sweep.eval_windows * sweep.eval_seqlen)
     used = {nb: v.get("protocol") for nb, v in findings.by_notebook.items() if v.get("protocol")}

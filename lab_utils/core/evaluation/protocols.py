@@ -40,7 +40,7 @@ class Protocol:
 
 PROTOCOLS = {p.name: p for p in [
     Protocol("quick", 4, 256, "notebook 01's concept demos"),
-    Protocol("sweep", 8, 256, "the pruning sweep and the benchmarks (notebooks 03 and 04)"),
+    Protocol("sweep", 8, 256, "the pruning sweep and the benchmarks of notebooks 03 and 04"),
     Protocol("reference", 64, 512, "`python -m benchmarks` and `python -m lab_utils perplexity`"),
 ]}
 
