@@ -138,3 +138,8 @@ def test_the_protocols_paragraph_defines_each_protocol_and_names_an_override(tmp
 def test_prose_lines_leave_out_tables_headings_figures_and_anchors():
     md = "# T\n\n<a id=\"x\"></a>\n\n| a | b |\n|---|---|\n\n![f](f.png)\n\nOne two three.\n\n```\ncode here\n```\n* four"
     assert writeup.prose_lines(md) == ["One two three.", "* four"]
+
+
+def test_a_bar_in_a_column_name_does_not_split_the_table():
+    t = writeup.md_table(pd.DataFrame({"median |w|": [0.1], "b": ["x|y"]}))
+    assert t.splitlines()[0] == "| median \\|w\\| | b |" and t.splitlines()[2] == "| 0.1 | x\\|y |"

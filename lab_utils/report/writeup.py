@@ -74,7 +74,7 @@ def md_table(df, floatfmt: str = ".4g", max_rows: int = 60) -> str:
             return "" if math.isnan(v) else format(v, floatfmt)
         return str(v).replace("|", "\\|")
 
-    cols = [str(c) for c in df.columns]
+    cols = [str(c).replace("|", "\\|") for c in df.columns]  # "median |w|" must not split the header
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
