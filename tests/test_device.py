@@ -1,6 +1,8 @@
 """Devices and dtypes: one line for what cannot run here, and the block-offload
 engine forced on the CPU equal, bit for bit, to the in-place engine."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -138,3 +140,18 @@ def test_the_notebook_04_config_carries_the_resolved_device():
     assert (cfg.device, cfg.dtype) == devices.resolved("auto", "auto") == ("cpu", "float32")
     cfg = benchmarks.sweep_config({**defaults, "dtype": "bfloat16"})
     assert cfg.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(("amx", "avx", "expected"), [(True, True, "AMX"), (False, True, "AVX512-BF16"),
+                                                      (False, False, None)])
+def test_native_bf16_is_detected_not_assumed(monkeypatch, amx, avx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+    assert devices.cpu_bf16() == expected
+    if expected is None:
+        with pytest.warns(UserWarning, match="without native bfloat16"):
+            assert devices.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert devices.resolve_dtype("bfloat16", "cpu") == torch.bfloat16

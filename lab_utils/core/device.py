@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import platform
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,6 +84,10 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str) ->
     if name == "float16" and device.type == "cpu":
         raise DeviceError("dtype 'float16' is not supported on the CPU; use 'float32' or 'bfloat16' "
                           "there, or float16 on a GPU")
+    if name == "bfloat16" and device.type == "cpu" and cpu_bf16() is None:
+        warnings.warn("dtype 'bfloat16' on a CPU without native bfloat16 instructions (AMX or AVX512-BF16): "
+                      "torch emulates them, often many times slower than float32; use dtype 'float32' here",
+                      stacklevel=2)
     return DTYPES[name]
 
 
