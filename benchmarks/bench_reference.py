@@ -55,7 +55,7 @@ import torch
 from benchmarks.bench_sparsify import compute_floor
 from lab_utils.core import data, files
 from lab_utils.core.device import cpu_bf16
-from lab_utils.core.evaluation import perplexity
+from lab_utils.core.evaluation import perplexity, protocols
 from lab_utils.core.models import load_model, prunable_layers, transformer_blocks
 from lab_utils.engine import config
 from lab_utils.engine.prune import prune_model
@@ -63,6 +63,8 @@ from lab_utils.engine.prune import prune_model
 TOLERANCE = 0.02  # perplexity, lab against reference
 SPEEDUP_TARGET = 1.3  # reference seconds over the lab's
 FLOOR_TARGET = 1.5  # the lab's seconds over the compute floor
+
+REFERENCE = protocols.get("reference")  # the evaluation the benchmarks report under
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,8 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=REFERENCE.eval_seqlen,
+                    help="tokens per calibration sample and per evaluation window")
+    ap.add_argument("--windows", type=int, default=REFERENCE.eval_windows,
+                    help="evaluation windows K (the reference protocol's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LAB_THREADS", 2)))
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",

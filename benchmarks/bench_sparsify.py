@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from lab_utils.core import files, measure
-from lab_utils.core.evaluation import perplexity
+from lab_utils.core.evaluation import perplexity, protocols
 from lab_utils.core.models import find_layers, transformer_blocks, weight_out_in
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
@@ -41,6 +41,8 @@ from lab_utils.engine import config as engine_config
 WANDA_SECONDS = 60
 SPARSEGPT_SECONDS = 120
 TIME_TARGETS = {"wanda": WANDA_SECONDS, "sparsegpt": SPARSEGPT_SECONDS}
+
+REFERENCE = protocols.get("reference")  # the evaluation the benchmarks report under
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--configs", nargs="+", default=["0.5", "0.7", "2:4", "4:8"],
                     help="unstructured sparsities and/or N:M patterns")
     ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64, help="evaluation windows K")
+    ap.add_argument("--seqlen", type=int, default=REFERENCE.eval_seqlen,
+                    help="tokens per calibration sample and per evaluation window")
+    ap.add_argument("--windows", type=int, default=REFERENCE.eval_windows,
+                    help="evaluation windows K (the reference protocol's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LAB_THREADS", 2)))
     ap.add_argument("--fresh", action="store_true", help="prune again (replacing the cached checkpoint and its seconds)")

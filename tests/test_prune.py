@@ -351,3 +351,35 @@ def test_pruned_model_from_a_loaded_model_prunes_a_copy(tiny_dirs, cache_with_da
     for a, b in zip(prunable_layers(by_name.model), prunable_layers(from_dense.model), strict=True):
         assert torch.equal(a.weight, b.weight)
     assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(dense.model))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bart", "whisper"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_forward_slices_change_nothing(tiny_dirs, monkeypatch, kind, method):
+    """On a CPU a block runs each batch in slices of a few samples (masks, encoder states and
+    padding cut along with the hidden states); the pruned weights are those of one call per
+    batch, bit for bit (slices of one sample here, against one call for all of them)."""
+    pruned = {}
+    for tokens in (1, 10**9):
+        monkeypatch.setattr(calibration, "CPU_FORWARD_TOKENS", tokens)
+        lm = load_model(str(tiny_dirs[kind]))
+        prune_as(lm, method, 0.5, nsamples=6, seqlen=16, batch_tokens=16 * 6)
+        pruned[tokens] = {pl.name: pl.weight.clone() for pl in prunable_layers(lm.model)}
+    assert pruned[1].keys() == pruned[10**9].keys()
+    for name, W in pruned[1].items():
+        assert torch.equal(W, pruned[10**9][name]), name
+
+
+def test_slices_cut_only_what_has_the_batch_dimension():
+    hidden = torch.randn(4, 8, 3)
+    chunk = calibration.Chunk(hidden, (torch.ones(4, 1, 8, 8),),
+                              {"position_embeddings": (torch.ones(1, 8, 2), torch.ones(1, 8, 2)),
+                               "cache_position": torch.arange(4), "mask": torch.ones(4, 8)},
+                              torch.ones(4, 8, dtype=torch.bool))
+    parts = calibration.slices(chunk, forward_tokens=16)  # 2 samples of 8 tokens per slice
+    assert len(parts) == 2 and torch.equal(torch.cat([p.hidden for p in parts]), hidden)
+    assert parts[0].args[0].shape == (2, 1, 8, 8) and parts[1].kwargs["mask"].shape == (2, 8)
+    assert parts[0].kwargs["position_embeddings"][0].shape == (1, 8, 2)
+    assert parts[0].kwargs["cache_position"].shape == (4,)  # 1-D: shared, never cut
+    assert parts[1].token_mask.shape == (2, 8)
+    assert calibration.slices(chunk, forward_tokens=0) == [chunk]  # an accelerator: one call

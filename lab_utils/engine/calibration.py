@@ -20,6 +20,7 @@ from lab_utils.core.models import (
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.config import (
     BATCH_TOKENS,
+    CPU_FORWARD_TOKENS,
     SPEECH_PER_WINDOW,
     default_calibration,
 )
@@ -207,9 +208,43 @@ def _increment(x: torch.Tensor, token_mask: torch.Tensor | None, kind: str) -> t
     return inc, X.shape[0]
 
 
+def _batch_slice(obj, a: int, b: int, batch: int):
+    """``obj`` with every tensor that has a batch dimension (2-D or more, ``batch`` rows
+    first: attention masks, encoder states) cut to rows a:b; shared tensors (position
+    embeddings with one row, 1-D positions) as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj[a:b] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_batch_slice(x, a, b, batch) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _batch_slice(v, a, b, batch) for k, v in obj.items()}
+    return obj
+
+
+def slices(c: Chunk, forward_tokens: int | None = None) -> list[Chunk]:
+    """``c`` cut into slices of about ``forward_tokens`` tokens (whole samples), for
+    the forward passes; ``None``: :data:`~lab_utils.engine.config.CPU_FORWARD_TOKENS`
+    on a CPU, the whole chunk on an accelerator."""
+    if forward_tokens is None:
+        forward_tokens = CPU_FORWARD_TOKENS if c.hidden.device.type == "cpu" else 0
+    batch = c.hidden.shape[0]
+    per = max(1, forward_tokens // max(1, c.hidden[0].numel() // c.hidden.shape[-1])) if forward_tokens else batch
+    if per >= batch:
+        return [c]
+    return [Chunk(c.hidden[a:a + per], _batch_slice(c.args, a, a + per, batch),
+                  _batch_slice(c.kwargs, a, a + per, batch),
+                  None if c.token_mask is None else c.token_mask[a:a + per])
+            for a in range(0, batch, per)]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: list[Chunk],
-                       kind: str, propagate: bool = False) -> dict[str, dict]:
+                       kind: str, propagate: bool = False,
+                       forward_tokens: int | None = None) -> dict[str, dict]:
     """Input statistics of each layer of ``block`` over every calibration token.
 
     ``kind="norm"``: per-input-feature sums of squares (Wanda);
@@ -219,31 +254,30 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
     outputs are recomputed by the pruned block anyway), which skips the last
     layer's matmul; with ``propagate=True`` the chunks' hidden states are
     replaced by the block's outputs.
+
+    The block runs each chunk in :func:`slices`; a layer's inputs from the
+    slices are joined again before its statistic is taken, so the sums are
+    those of one call on the whole chunk, bit for bit.
     Returns ``{name: {"sum": tensor, "count": tokens, "input": i}}``, where
     layers with the same ``i`` read the same input (so their statistics are
     equal, and so is anything computed from them alone).
     """
     stats = {name: {"sum": None, "count": 0, "input": None} for name in layers}
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-    inputs: dict[int, int] = {}  # id of a layer input in this chunk -> its number (call order)
-    seen: set[str] = set()
-    mask_holder: list = [None]
+    # per chunk: each input's tensors from the slices ("pieces", by number in call order) and
+    # which input each layer read; per slice: the inputs' ids (-> number) and the layers seen
+    state: dict = {}
 
     def make_hook(name):
         def hook(_module, args):
             x = args[0]
-            key = id(x)
-            if key not in memo:
-                inc, n = _increment(x, mask_holder[0], kind)
-                memo[key] = (x, inc, n)  # holding x keeps its id unique
-                inputs[key] = len(inputs)
-            _, inc, n = memo[key]
-            st = stats[name]
-            st["input"] = inputs[key]
-            st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
-            st["count"] += n
-            seen.add(name)
-            if not propagate and len(seen) == len(layers):
+            number = state["ids"].setdefault(id(x), len(state["ids"]))
+            if number == len(state["pieces"]):
+                state["pieces"].append([])
+            if len(state["pieces"][number]) < state["slice"] + 1:
+                state["pieces"][number].append(x)  # holding x keeps its id unique
+            stats[name]["input"] = state["inputs_of"][name] = number
+            state["seen"].add(name)
+            if not propagate and len(state["seen"]) == len(layers):
                 raise _StopBlock
 
         return hook
@@ -251,27 +285,37 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         for c in chunks:
-            memo.clear()
-            inputs.clear()
-            seen.clear()
-            mask_holder[0] = c.token_mask
-            try:
-                with record_function("lab::statistics_pass"):
-                    out = block(c.hidden, *c.args, **c.kwargs)
-                if propagate:
-                    c.hidden = _block_output(out).to(c.hidden.dtype)
-            except _StopBlock:
-                pass
+            state["pieces"], state["inputs_of"], outputs = [], {}, []
+            for k, part in enumerate(slices(c, forward_tokens)):
+                state.update(ids={}, seen=set(), slice=k)
+                try:
+                    with record_function("lab::statistics_pass"):
+                        out = block(part.hidden, *part.args, **part.kwargs)
+                    if propagate:
+                        outputs.append(_block_output(out).to(c.hidden.dtype))
+                except _StopBlock:
+                    pass
+            increments = [_increment(_joined(xs), c.token_mask, kind) for xs in state["pieces"]]
+            state["pieces"] = None
+            for name, number in state["inputs_of"].items():
+                inc, n = increments[number]
+                st = stats[name]
+                st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
+                st["count"] += n
+            if propagate:
+                c.hidden = _joined(outputs)
     finally:
         for h in handles:
             h.remove()
-        memo.clear()
+        state.clear()
     return stats
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, chunks: list[Chunk]) -> None:
-    """Replace each chunk's hidden states by the block's outputs."""
+def propagate(block: nn.Module, chunks: list[Chunk], forward_tokens: int | None = None) -> None:
+    """Replace each chunk's hidden states by the block's outputs (computed in :func:`slices`)."""
     for c in chunks:  # kept in the activations' dtype (an autocast block may return float32)
         with record_function("lab::propagate"):
-            c.hidden = _block_output(block(c.hidden, *c.args, **c.kwargs)).to(c.hidden.dtype)
+            outs = [_block_output(block(p.hidden, *p.args, **p.kwargs)).to(c.hidden.dtype)
+                    for p in slices(c, forward_tokens)]
+            c.hidden = _joined(outs)
