@@ -28,6 +28,7 @@ from lab_utils.core import files, models
 from lab_utils.core.evaluation import protocols
 from lab_utils.experiments import speed
 from lab_utils.presentation import benchmarks_view, file_sizes_view, speed_view, sweep_view
+from lab_utils.report.notebook import format_table
 
 # Each section's anchor: an explicit <a id> survives both GitHub's Markdown and the HTML rendering.
 SECTIONS = {"findings": "What we found", "concepts": "Concepts", "model-selection": "Model Selection",
@@ -355,8 +356,6 @@ def shown(df, rename: dict | None = None, percent_of=(), columns=None):
     """A result table as the write-up shows it: chosen ``columns``, renamed, with
     fractions as percentages and floats to four significant digits
     (:func:`lab_utils.report.notebook.format_table`)."""
-    from lab_utils.report.notebook import format_table
-
     t = df if columns is None else df[[c for c in columns if c in df]]
     return format_table(t.reset_index(drop=True), percent_of).rename(columns=rename or {})
 
