@@ -224,10 +224,16 @@ def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
 
 
 def test_peak_memory_sees_an_allocation():
-    with measure.PeakMemory() as mem:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-    assert mem.peak - mem.start >= 48 * 2**20
+    def grew() -> int:
+        with measure.PeakMemory() as mem:
+            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            block += 1
+        del block
+        return mem.peak - mem.start
+
+    # RSS counts file-backed pages too, which the kernel may reclaim while the probe runs (this
+    # sandbox runs DAMON proactive reclaim): a drop can hide the block's growth once, not thrice
+    assert max(grew() for _ in range(3)) >= 48 * 2**20
 
 
 def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
