@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_sparsify import block_linears, calibration_flops, gemm_rate
+from benchmarks.bench_sparsify import compute_floor
 from lab_utils.core import files
 from lab_utils.core.models import load_model, transformer_blocks
 from lab_utils.engine import config as engine_config
@@ -157,25 +157,20 @@ def breakdown(events, wall_s: float, method: str) -> tuple[dict[str, float], lis
     return seconds, top
 
 
-def floors(lm, nsamples: int, seqlen: int, threads: int) -> dict[str, dict[str, float]]:
-    """Floor seconds of the stages that have one, per method."""
-    linears = block_linears(lm)
+def floors(lm, nsamples: int, seqlen: int, threads: int) -> dict:
+    """Floor seconds of the stages that have one, per method: the linear layers and the
+    statistics from :func:`benchmarks.bench_sparsify.compute_floor`, plus attention at the
+    same matrix-multiply rate."""
+    floor = compute_floor(lm, nsamples, seqlen, threads)
     n_blocks = sum(len(b) for _, b in transformer_blocks(lm.model).values())
-    tokens = nsamples * seqlen
-    chunk = max(1, engine_config.BATCH_TOKENS // seqlen) * seqlen
-    rate = gemm_rate([(c["out"], c["in"]) for c in linears], min(chunk, tokens), threads)
-    flops = calibration_flops(linears, n_blocks, tokens)
-    hessian = flops["sparsegpt"] - flops["wanda"]
-    cfg = lm.model.config
     # causal attention: Q K^T and A V over the lower triangle, 2 * seqlen^2 * hidden per window;
     # the statistics pass and the outputs pass of all but the last block
-    attn = 2 * seqlen * seqlen * cfg.hidden_size * nsamples * (2 * n_blocks - 1)
-    out = {}
+    attn = 2 * seqlen * seqlen * lm.model.config.hidden_size * nsamples * (2 * n_blocks - 1)
+    attention = attn / (floor["gflops_per_s"] * 1e9)
+    out: dict = {"gflops_per_s": floor["gflops_per_s"]}
     for m in ("wanda", "sparsegpt"):
-        out[m] = {"linear layers": flops["wanda"] / rate, "attention": attn / rate,
-                  "statistics": (hessian / rate) if m == "sparsegpt" else 0.0}
-        out[m]["total"] = flops[m] / rate
-    out["gflops_per_s"] = rate / 1e9
+        out[m] = {"linear layers": floor["wanda"], "attention": attention,
+                  "statistics": floor[m] - floor["wanda"], "total": floor[m]}
     return out
 
 

@@ -9,16 +9,22 @@ from pathlib import Path
 def attempt(x: int, folder: str, hold: tuple = ()) -> dict:
     """x squared, recording the pid of each attempt; an x in ``hold`` waits, on its first
     attempt only, for a file ``release`` in ``folder`` (or for its worker to be killed)."""
-    log = Path(folder) / f"attempt-{x}"
+    _record_and_hold(Path(folder), f"attempt-{x}", x in hold, f"job {x}")
+    return {"x": x, "square": x * x}
+
+
+def _record_and_hold(folder: Path, log_name: str, held: bool, what: str) -> None:
+    """Append this process's pid to ``folder/log_name``; when ``held``, on the first attempt
+    only, wait for a file ``release`` in ``folder`` (or for the worker to be killed)."""
+    log = folder / log_name
     with log.open("a") as f:
         f.write(f"{os.getpid()}\n")
-    if x in hold and len(log.read_text().split()) == 1:
+    if held and len(log.read_text().split()) == 1:
         deadline = time.monotonic() + 60
-        while not (Path(folder) / "release").exists():
+        while not (folder / "release").exists():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {x} held for 60 s")
+                raise TimeoutError(f"{what} held for 60 s")
             time.sleep(0.02)
-    return {"x": x, "square": x * x}
 
 
 def attempt_pids(folder: Path, x: int) -> list[int]:
@@ -69,15 +75,7 @@ def hook_engine(folder: str, hold: tuple = (), fail_write: tuple = ()) -> int:
     def prune_model(lm, cfg, *args, **kw):
         name = job_name(lm.spec.name, cfg.method, cfg.sparsity)
         current[:] = [name]
-        log = Path(folder) / f"prune-{name}"
-        with log.open("a") as f:
-            f.write(f"{os.getpid()}\n")
-        if name in hold and len(log.read_text().split()) == 1:
-            deadline = time.monotonic() + 60
-            while not (Path(folder) / "release").exists():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"pruning {name} held for 60 s")
-                time.sleep(0.02)
+        _record_and_hold(Path(folder), f"prune-{name}", name in hold, f"pruning {name}")
         return _ORIGINAL["prune_model"](lm, cfg, *args, **kw)
 
     def save_checkpoint(model, tmp):

@@ -95,12 +95,10 @@ def prune_layer(module: nn.Module, cfg: PruneConfig, sparsity_ratio: float, stat
         W_mask = sparsify.wanda_mask(W, stat["sum"] / stat["count"], sparsity_ratio, n, m, cfg.scope)
     else:
         key = stat.get("input")
-        inverse = None if inverses is None or key is None else inverses.get(key)
-        if inverse is None:
-            inverse = sparsify.sparsegpt_inverse(stat["sum"].mul_(2.0 / stat["count"]))
-            if inverses is not None and key is not None:
-                inverses[key] = inverse
-        W_new, _ = sparsify.sparsegpt_prune(W, None, sparsity_ratio, n, m, inverse=inverse)
+        shared = inverses if inverses is not None and key is not None else {}
+        if key not in shared:
+            shared[key] = sparsify.sparsegpt_inverse(stat["sum"].mul_(2.0 / stat["count"]))
+        W_new, _ = sparsify.sparsegpt_prune(W, None, sparsity_ratio, n, m, inverse=shared[key])
         W.copy_(W_new.to(W.dtype))
         return
     W.masked_fill_(W_mask, 0)
