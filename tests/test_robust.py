@@ -60,6 +60,26 @@ def _files_are_whole(root: Path) -> None:
             assert files.verify_dir(p.parent), f"damaged checkpoint {p.parent}"
 
 
+def _settled(root: Path, timeout: float = 60.0) -> None:
+    """Wait until nothing under ``root`` changes for a second. A killed run's kernel (its own
+    session) and its Dask workers outlive the runner until they notice their parent is gone,
+    and may still rename a finished write into place: the check is of what they leave."""
+    def snapshot():
+        try:
+            return sorted((str(p), p.stat().st_size) for p in root.rglob("*"))
+        except FileNotFoundError:  # an entry renamed while listing: not settled yet
+            return None
+
+    deadline, before = time.time() + timeout, None
+    while time.time() < deadline:
+        now = snapshot()
+        if now is not None and now == before:
+            return
+        before = now
+        time.sleep(1.0)
+    raise AssertionError(f"{root} still changes {timeout:.0f} s after the run was killed")
+
+
 def _finished(pruned: Path) -> list[Path]:
     """Checkpoints renamed into place (a temporary folder starts with a dot)."""
     if not pruned.exists():
@@ -106,6 +126,8 @@ def test_killed_run_leaves_whole_files_and_resumes_without_redoing_work(tmp_path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    _settled(out)
+    _settled(cache)
     _files_are_whole(out)
     _files_are_whole(cache)
     finished = {d.name: d.stat().st_mtime_ns for d in _finished(pruned)}
