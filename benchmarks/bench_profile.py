@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_sparsify import compute_floor
 from lab_utils.core import files
-from lab_utils.core.models import load_model, transformer_blocks
+from lab_utils.core.models import load_model
 from lab_utils.engine import config as engine_config
 from lab_utils.engine.prune import prune_model
 
@@ -158,18 +158,12 @@ def breakdown(events, wall_s: float, method: str) -> tuple[dict[str, float], lis
 
 
 def floors(lm, nsamples: int, seqlen: int, threads: int) -> dict:
-    """Floor seconds of the stages that have one, per method: the linear layers and the
-    statistics from :func:`benchmarks.bench_sparsify.compute_floor`, plus attention at the
-    same matrix-multiply rate."""
+    """Floor seconds of the stages that have one, per method: the linear layers,
+    attention and the statistics, from :func:`benchmarks.bench_sparsify.compute_floor`."""
     floor = compute_floor(lm, nsamples, seqlen, threads)
-    n_blocks = sum(len(b) for _, b in transformer_blocks(lm.model).values())
-    # causal attention: Q K^T and A V over the lower triangle, 2 * seqlen^2 * hidden per window;
-    # the statistics pass and the outputs pass of all but the last block
-    attn = 2 * seqlen * seqlen * lm.model.config.hidden_size * nsamples * (2 * n_blocks - 1)
-    attention = attn / (floor["gflops_per_s"] * 1e9)
     out: dict = {"gflops_per_s": floor["gflops_per_s"]}
     for m in ("wanda", "sparsegpt"):
-        out[m] = {"linear layers": floor["wanda"], "attention": attention,
+        out[m] = {"linear layers": floor["linear"], "attention": floor["attention"],
                   "statistics": floor[m] - floor["wanda"], "total": floor[m]}
     return out
 

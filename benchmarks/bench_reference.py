@@ -27,6 +27,11 @@ protocol) and the same evaluation windows. Per method the table gives:
   seconds over the lab's (target: at least 1.3);
 * the compute floor of the protocol (:func:`benchmarks.bench_sparsify.compute_floor`)
   and ``lab/floor`` (target: at most 1.5);
+* the reference code's seconds over the floor of its own work
+  (``reference/its_floor``: its drivers run every block whole twice, and
+  SparseGPT's form every layer's whole X^T X), and ``work_ratio``, that floor
+  over the lab's: the speed-up that skipping work alone gives when both sides
+  run the work they share equally fast;
 * ``masks_differ``: the fraction of weights pruned by one side and kept by
   the other (the lab sums its statistics over batches of samples, the
   reference code one sample at a time, so the last bits of a score may
@@ -204,6 +209,8 @@ def main(argv=None) -> int:
         rows.append({"method": method, "dtype": "float32", "reference_s": ref_s, "lab_s": report.seconds,
                      "speedup": ref_s / report.seconds, "floor_s": floor[method],
                      "lab/floor": report.seconds / floor[method],
+                     "reference/its_floor": ref_s / floor[f"reference_{method}"],
+                     "work_ratio": floor[f"reference_{method}"] / floor[method],
                      "masks_differ": mask_difference(masks_of(lab.model), ref_masks),
                      "reference_ppl": ref_ppl, "lab_ppl": lab_ppl, "relative_diff": lab_ppl / ref_ppl - 1,
                      "within_2%": abs(lab_ppl / ref_ppl - 1) <= TOLERANCE})

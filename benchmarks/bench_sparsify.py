@@ -12,10 +12,12 @@ cores; both several times below magnitude pruning in perplexity.
 Next to each time the table puts a *compute floor*: the multiply-adds that the
 two passes per block of the reference protocol cannot avoid (statistics from
 the dense block, then the pruned block's outputs; SparseGPT adds the upper triangle of one X^T X per
-distinct layer input), counted with hooks on the model's own layers, over the
-best matrix-multiply rate measured on this machine at the model's layer
-shapes in the same run. Attention and the mask math are left out, so the floor
-is a lower bound: no fp32 implementation of that protocol runs faster here. Pruned
+distinct layer input), counted with hooks on the model's own layers, plus
+attention's two products (Q K^T and A V over the causal lower triangle), over
+the best matrix-multiply rate measured on this machine at the model's layer
+shapes in the same run. Norms, the softmax, other elementwise work and the mask
+math are left out, so the floor is a lower bound: no fp32 implementation of
+that protocol runs faster here. Pruned
 checkpoints and perplexities are cached (``--fresh`` prunes again), so a rerun
 prints the table in seconds; the ``cached`` column says which rows were
 measured earlier.
@@ -95,19 +97,46 @@ def block_linears(lm, seqlen: int = 16) -> list[dict]:
     return calls
 
 
-def calibration_flops(linears: list[dict], n_blocks: int, tokens: int) -> dict:
+def attention_width(config) -> int:
+    """Width of the queries (heads x head size): what Q K^T and A V multiply over."""
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    if heads and head_dim:
+        return int(heads * head_dim)
+    return int(config.hidden_size)
+
+
+def calibration_flops(linears: list[dict], n_blocks: int, tokens: int, seqlen: int = 0,
+                      attention_width: int = 0) -> dict:
     """Floating-point operations the reference protocol needs for ``tokens``
-    calibration tokens through ``n_blocks`` blocks of ``linears``:
-    ``wanda``: every block's statistics pass (it may stop before the block's
+    calibration tokens (windows of ``seqlen``) through ``n_blocks`` blocks of ``linears``:
+    ``linear``: every block's statistics pass (it may stop before the block's
     last layer) plus the outputs pass of all but the last block;
-    ``sparsegpt``: the same plus X^T X per distinct input, of which symmetry leaves
-    tokens * d * (d + 1) operations (the upper triangle)."""
+    ``attention``: Q K^T and A V of one causal self-attention of ``attention_width``
+    in each of those passes (a lower bound where attention sees the whole window, or
+    a second sequence);
+    ``wanda``: the two; ``sparsegpt``: the same plus X^T X per distinct input, of which
+    symmetry leaves tokens * d * (d + 1) operations (the upper triangle);
+    ``reference_wanda`` and ``reference_sparsegpt``: the work of the reference drivers,
+    which run every block whole twice (the last layer in the statistics pass and the
+    last block's outputs included) and, for SparseGPT, form the whole X^T X of every
+    layer, so ``reference_wanda / wanda`` is the most that the lab's skipping can save
+    at equal speed on the work both do."""
     per_token = sum(2 * c["in"] * c["out"] for c in linears)
     last = 2 * linears[-1]["in"] * linears[-1]["out"]
     # X^T X is symmetric: the multiply-adds of its upper triangle, d (d + 1) / 2 dot products
     hessian = sum(d * (d + 1) for d in {c["input"]: c["in"] for c in linears}.values())
-    passes = n_blocks * (per_token - last) + (n_blocks - 1) * per_token
-    return {"wanda": tokens * passes, "sparsegpt": tokens * (passes + n_blocks * hessian)}
+    # causal attention: token t meets t + 1 keys in Q K^T and as many values in A V, so a window
+    # of L tokens needs 2 * width * L (L + 1) operations: 2 * width * (L + 1) per token on average
+    attention_per_token = 2 * attention_width * (seqlen + 1)
+    linear = tokens * (n_blocks * (per_token - last) + (n_blocks - 1) * per_token)
+    attention = tokens * (2 * n_blocks - 1) * attention_per_token
+    wanda = linear + attention
+    reference = tokens * 2 * n_blocks * (per_token + attention_per_token)
+    every_hessian = sum(2 * c["in"] * c["in"] for c in linears)
+    return {"linear": linear, "attention": attention, "wanda": wanda,
+            "sparsegpt": wanda + tokens * n_blocks * hessian, "reference_wanda": reference,
+            "reference_sparsegpt": reference + tokens * n_blocks * every_hessian}
 
 
 def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats: int = 9) -> float:
@@ -127,12 +156,13 @@ def gemm_rate(shapes: list[tuple[int, int]], tokens: int, threads: int, repeats:
 
 
 def compute_floor(lm, nsamples: int, seqlen: int, threads: int) -> dict:
-    """Seconds below which neither calibrated method can prune ``lm`` here."""
+    """Seconds below which neither calibrated method can prune ``lm`` here, and
+    the parts of Wanda's: ``linear`` (the layers' products) and ``attention``."""
     linears = block_linears(lm)
     n_blocks = sum(len(blocks) for _, blocks in transformer_blocks(lm.model).values())
     chunk = max(1, engine_config.BATCH_TOKENS // seqlen) * seqlen
     rate = gemm_rate([(c["out"], c["in"]) for c in linears], min(chunk, nsamples * seqlen), threads)
-    flops = calibration_flops(linears, n_blocks, nsamples * seqlen)
+    flops = calibration_flops(linears, n_blocks, nsamples * seqlen, seqlen, attention_width(lm.model.config))
     return {"gflops_per_s": rate / 1e9, **{f"{m}_tflop": f / 1e12 for m, f in flops.items()},
             **{m: f / rate for m, f in flops.items()}}
 

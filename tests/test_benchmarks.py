@@ -28,9 +28,30 @@ def test_calibration_flops_count_two_passes_and_one_hessian_per_input():
     per_token = 2 * (32 + 8 + 32)  # 144
     last = 2 * 32
     flops = bench_sparsify.calibration_flops(linears, n_blocks=3, tokens=10)
-    assert flops["wanda"] == 10 * (3 * (per_token - last) + 2 * per_token)
+    assert flops["wanda"] == flops["linear"] == 10 * (3 * (per_token - last) + 2 * per_token)
     # X^T X once for the input that a and b share (d = 4), once for c's (d = 8): its upper triangle
     assert flops["sparsegpt"] == flops["wanda"] + 10 * 3 * (4 * 5 + 8 * 9)
+
+
+def test_calibration_flops_count_causal_attention_in_every_pass():
+    linears = [{"name": "a", "in": 4, "out": 8, "input": 1}]
+    # two windows of 5 tokens, width 6: per window Q K^T and A V over the 15 (query, key)
+    # pairs of the lower triangle, 2 * 6 operations each; in 3 statistics passes and 2 outputs passes
+    flops = bench_sparsify.calibration_flops(linears, n_blocks=3, tokens=10, seqlen=5, attention_width=6)
+    assert flops["attention"] == 2 * 2 * (2 * 6 * 15) * (3 + 2)
+    assert flops["wanda"] == flops["linear"] + flops["attention"]
+    assert flops["sparsegpt"] - flops["wanda"] == 10 * 3 * 4 * 5
+    # the reference drivers: 3 blocks, each run whole twice
+    assert flops["reference_wanda"] == 10 * 3 * 2 * (2 * 4 * 8 + 2 * 6 * 6)
+    assert flops["reference_sparsegpt"] == flops["reference_wanda"] + 10 * 3 * 2 * 4 * 4
+
+
+def test_attention_width_is_heads_times_head_size():
+    from types import SimpleNamespace
+
+    assert bench_sparsify.attention_width(SimpleNamespace(num_attention_heads=9, head_dim=64, hidden_size=576)) == 576
+    assert bench_sparsify.attention_width(SimpleNamespace(num_attention_heads=8, head_dim=256, hidden_size=1024)) == 2048
+    assert bench_sparsify.attention_width(SimpleNamespace(hidden_size=32)) == 32
 
 
 def test_profile_categories_follow_the_operator_and_its_stage():

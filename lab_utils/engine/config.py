@@ -26,7 +26,8 @@ from lab_utils.core.models import (
 )
 from lab_utils.core.sparsify import SparsityError
 
-ENGINE_VERSION = 2  # part of every cache key: bump when pruning results change (2: packed speech windows)
+ENGINE_VERSION = 3  # part of every cache key: bump when pruning results change (2: packed speech windows;
+#   3: SparseGPT's shared inverse Hessian and X^T X from its upper blocks move its last bits)
 
 
 DEFAULT_NSAMPLES = 64
