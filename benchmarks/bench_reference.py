@@ -27,6 +27,9 @@ protocol) and the same evaluation windows. Per method the table gives:
   seconds over the lab's (target: at least 1.3);
 * the compute floor of the protocol (:func:`benchmarks.bench_sparsify.compute_floor`)
   and ``lab/floor`` (target: at most 1.5);
+* before the table, one block's forward alone against its own floor
+  (:func:`benchmarks.bench_sparsify.block_forward_floor`): what the model's
+  code costs over the floor before either side adds anything;
 * the reference code's seconds over the floor of its own work
   (``reference/its_floor``: its drivers run every block whole twice, and
   SparseGPT's form every layer's whole X^T X), and ``work_ratio``, that floor
@@ -57,7 +60,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.bench_sparsify import compute_floor
+from benchmarks.bench_sparsify import block_forward_floor, compute_floor
 from lab_utils.core import data, files
 from lab_utils.core.device import cpu_bf16
 from lab_utils.core.evaluation import perplexity, protocols
@@ -196,6 +199,11 @@ def main(argv=None) -> int:
     floor = compute_floor(dense, args.nsamples, args.seqlen, args.threads)
     print(f"compute floor: {floor['gflops_per_s']:.0f} GFLOP/s best measured GEMM rate; "
           + "; ".join(f"{m} {floor[m]:.1f} s" for m in args.methods), flush=True)
+    alone = block_forward_floor(dense, args.seqlen, args.threads)
+    print(f"one block's forward alone ({alone['tokens']} tokens, the model's own code, nothing of either "
+          f"pruner around it): {alone['forward_s'] * 1e3:.1f} ms against its floor of "
+          f"{alone['floor_s'] * 1e3:.1f} ms ({alone['gflops_per_s']:.0f} GFLOP/s): {alone['ratio']:.2f}x",
+          flush=True)
     rows = []
     for method in args.methods:
         ref = copy.copy(dense)

@@ -39,6 +39,7 @@ from lab_utils.core.evaluation import perplexity, protocols
 from lab_utils.core.models import find_layers, transformer_blocks, weight_out_in
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
+from lab_utils.engine.calibration import capture_inputs, slices
 
 WANDA_SECONDS = 60
 SPARSEGPT_SECONDS = 120
@@ -165,6 +166,33 @@ def compute_floor(lm, nsamples: int, seqlen: int, threads: int) -> dict:
     flops = calibration_flops(linears, n_blocks, nsamples * seqlen, seqlen, attention_width(lm.model.config))
     return {"gflops_per_s": rate / 1e9, **{f"{m}_tflop": f / 1e12 for m, f in flops.items()},
             **{m: f / rate for m, f in flops.items()}}
+
+
+def block_forward_floor(lm, seqlen: int, threads: int, repeats: int = 9) -> dict:
+    """One transformer block's forward alone, on the inputs the engine gives it on a CPU
+    (one slice of :data:`~lab_utils.engine.config.CPU_FORWARD_TOKENS` tokens, windows of
+    ``seqlen`` random tokens), against that call's floor: its linear layers and causal
+    attention at the best matrix-multiply rate measured at the block's shapes and rows,
+    in the same run. Nothing of the engine runs around it, so ``ratio`` is what the
+    model's own forward costs over the floor, before any pruning work."""
+    model = lm.model
+    (_, blocks), *_ = transformer_blocks(model).values()
+    windows = max(1, engine_config.CPU_FORWARD_TOKENS // seqlen)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (windows, seqlen), generator=g)
+    chunk = slices(capture_inputs(model, blocks[0], [{"inputs": {"input_ids": ids}, "masks": {}}],
+                                  "decoder" if "decoder" in transformer_blocks(model) else "encoder")[0])[0]
+    block = blocks[len(blocks) // 2]
+    times = measure.time_calls({"block": lambda: block(chunk.hidden, *chunk.args, **chunk.kwargs)},
+                               warmup=2, repeats=repeats, threads=threads)
+    linears = block_linears(lm)
+    tokens = windows * seqlen
+    rate = gemm_rate([(c["out"], c["in"]) for c in linears], tokens, threads)
+    flops = tokens * (sum(2 * c["in"] * c["out"] for c in linears)
+                      + 2 * attention_width(model.config) * (seqlen + 1))
+    forward_s = float(times.seconds.min())
+    return {"tokens": tokens, "forward_s": forward_s, "floor_s": flops / rate,
+            "gflops_per_s": rate / 1e9, "ratio": forward_s / (flops / rate)}
 
 
 def run_one(args, method: str, sparsity: float, pattern: str) -> dict:

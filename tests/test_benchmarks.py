@@ -84,3 +84,11 @@ def test_profile_accounts_for_the_whole_pruning_time(tiny_dirs):
         assert table.loc["linear layers", "seconds"] > 0 and table.loc[own, "seconds"] > 0
         # the categories partition the engine's clock (the profiler's clock differs by microseconds)
         assert abs(table.seconds.sum() - meta["wall_s"]) <= 0.05 * meta["wall_s"] + 0.01
+
+
+def test_block_forward_floor_times_one_block_against_its_floor(tiny_dirs):
+    alone = bench_sparsify.block_forward_floor(load_model(str(tiny_dirs["llama"])), seqlen=16, threads=1,
+                                               repeats=2)
+    assert alone["tokens"] % 16 == 0 and alone["tokens"] > 0
+    assert alone["forward_s"] > 0 and alone["floor_s"] > 0
+    assert alone["ratio"] == alone["forward_s"] / alone["floor_s"]
