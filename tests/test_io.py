@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from lab_utils.core import files
@@ -11,6 +14,28 @@ def test_atomic_write_leaves_old_file_on_error(tmp_path):
         raise RuntimeError("killed")
     assert f.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path, umask):
+    """mkstemp makes a private 0600 file: a report or figure renamed into place must not stay so."""
+    old = os.umask(umask)
+    try:
+        files.write_text(tmp_path / "a.txt", "x")
+        with files.atomic_path(tmp_path / "b.csv") as tmp:
+            tmp.write_text("y")
+        with files.atomic_dir(tmp_path / "entry") as tmp:
+            (tmp / "c.bin").write_bytes(b"z")
+        (tmp_path / "plain.txt").write_text("p")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~umask
+    for name in ("a.txt", "b.csv"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain
+    assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert files.verify_dir(tmp_path / "entry")
 
 
 def test_atomic_dir_and_manifest(tmp_path):

@@ -56,6 +56,25 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it
+    to read it back would race with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as fh:
+            return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | os.PathLike, directory: bool = False) -> None:
+    """Give a finished temporary file (or folder) the mode a plain ``open`` (``mkdir``)
+    would have: ``mkstemp`` and ``mkdtemp`` make them private (0600 / 0700), and a
+    report, a figure or a shared cache must stay readable by the group and others
+    wherever the user's umask allows it."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of ``path``; rename it over ``path`` on success.
@@ -70,6 +89,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,6 +107,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -107,6 +128,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         write_manifest(tmp)
+        _publish(tmp, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
