@@ -4,13 +4,15 @@ exact counts and the order of calibration, not quality)."""
 import copy
 import json
 import os
+import subprocess
+import sys
 import types
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from lab_utils.core import files, measure
+from lab_utils.core import files
 from lab_utils.core import sparsify as sp
 from lab_utils.core.models import ModelSpec, load_model, prunable_layers
 from lab_utils.core.sparsify import SparsityError
@@ -223,17 +225,27 @@ def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
     assert not (cache_with_data / "pruned").exists()
 
 
-def test_peak_memory_sees_an_allocation():
-    def grew() -> int:
-        with measure.PeakMemory() as mem:
-            block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-            block += 1
-        del block
-        return mem.peak - mem.start
+PROBE = """
+import torch
+from lab_utils.core.measure import PeakMemory
+grew = []
+for _ in range(3):
+    with PeakMemory() as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+    del block
+    grew.append(mem.peak - mem.start)
+print(max(grew))
+"""
 
-    # RSS counts file-backed pages too, which the kernel may reclaim while the probe runs (this
-    # sandbox runs DAMON proactive reclaim): a drop can hide the block's growth once, not thrice
-    assert max(grew() for _ in range(3)) >= 48 * 2**20
+
+def test_peak_memory_sees_an_allocation():
+    # In a fresh process. RSS counts file-backed pages too, which the kernel may reclaim while the
+    # probe runs (this sandbox runs DAMON proactive reclaim): late in a full run, the pytest process
+    # holds enough cold pages that all three tries once saw the 64 MiB block hidden by such a drop.
+    # A drop can still hide it once, not thrice.
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120)
+    assert int(out.stdout.split()[-1]) >= 48 * 2**20
 
 
 def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
