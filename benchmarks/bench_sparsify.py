@@ -107,6 +107,18 @@ def attention_width(config) -> int:
     return int(config.hidden_size)
 
 
+def linear_flops_per_token(linears: list[dict]) -> int:
+    """Operations of one token through every layer of ``linears`` (2 per multiply-add)."""
+    return sum(2 * c["in"] * c["out"] for c in linears)
+
+
+def attention_flops_per_token(seqlen: int, attention_width: int) -> int:
+    """Q K^T and A V of one causal self-attention, per token of a ``seqlen`` window on
+    average: token t meets t + 1 keys and as many values, so a window needs
+    2 * width * L (L + 1) operations."""
+    return 2 * attention_width * (seqlen + 1)
+
+
 def calibration_flops(linears: list[dict], n_blocks: int, tokens: int, seqlen: int = 0,
                       attention_width: int = 0) -> dict:
     """Floating-point operations the reference protocol needs for ``tokens``
@@ -123,13 +135,11 @@ def calibration_flops(linears: list[dict], n_blocks: int, tokens: int, seqlen: i
     last block's outputs included) and, for SparseGPT, form the whole X^T X of every
     layer, so ``reference_wanda / wanda`` is the most that the lab's skipping can save
     at equal speed on the work both do."""
-    per_token = sum(2 * c["in"] * c["out"] for c in linears)
-    last = 2 * linears[-1]["in"] * linears[-1]["out"]
+    per_token = linear_flops_per_token(linears)
+    last = linear_flops_per_token(linears[-1:])
     # X^T X is symmetric: the multiply-adds of its upper triangle, d (d + 1) / 2 dot products
     hessian = sum(d * (d + 1) for d in {c["input"]: c["in"] for c in linears}.values())
-    # causal attention: token t meets t + 1 keys in Q K^T and as many values in A V, so a window
-    # of L tokens needs 2 * width * L (L + 1) operations: 2 * width * (L + 1) per token on average
-    attention_per_token = 2 * attention_width * (seqlen + 1)
+    attention_per_token = attention_flops_per_token(seqlen, attention_width)
     linear = tokens * (n_blocks * (per_token - last) + (n_blocks - 1) * per_token)
     attention = tokens * (2 * n_blocks - 1) * attention_per_token
     wanda = linear + attention
@@ -176,20 +186,19 @@ def block_forward_floor(lm, seqlen: int, threads: int, repeats: int = 9) -> dict
     in the same run. Nothing of the engine runs around it, so ``ratio`` is what the
     model's own forward costs over the floor, before any pruning work."""
     model = lm.model
-    (_, blocks), *_ = transformer_blocks(model).values()
+    side, (_, blocks) = next(iter(transformer_blocks(model).items()))  # the side block_linears reads
     windows = max(1, engine_config.CPU_FORWARD_TOKENS // seqlen)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(model.config.vocab_size, (windows, seqlen), generator=g)
-    chunk = slices(capture_inputs(model, blocks[0], [{"inputs": {"input_ids": ids}, "masks": {}}],
-                                  "decoder" if "decoder" in transformer_blocks(model) else "encoder")[0])[0]
+    chunk = slices(capture_inputs(model, blocks[0], [{"inputs": {"input_ids": ids}, "masks": {}}], side)[0])[0]
     block = blocks[len(blocks) // 2]
     times = measure.time_calls({"block": lambda: block(chunk.hidden, *chunk.args, **chunk.kwargs)},
                                warmup=2, repeats=repeats, threads=threads)
     linears = block_linears(lm)
     tokens = windows * seqlen
     rate = gemm_rate([(c["out"], c["in"]) for c in linears], tokens, threads)
-    flops = tokens * (sum(2 * c["in"] * c["out"] for c in linears)
-                      + 2 * attention_width(model.config) * (seqlen + 1))
+    flops = tokens * (linear_flops_per_token(linears)
+                      + attention_flops_per_token(seqlen, attention_width(model.config)))
     forward_s = float(times.seconds.min())
     return {"tokens": tokens, "forward_s": forward_s, "floor_s": flops / rate,
             "gflops_per_s": rate / 1e9, "ratio": forward_s / (flops / rate)}

@@ -1,5 +1,7 @@
 """The arithmetic behind benchmarks/: the compute floor of calibrated pruning."""
 
+import pytest
+
 from benchmarks import bench_sparsify
 from lab_utils.core.models import load_model
 
@@ -92,3 +94,9 @@ def test_block_forward_floor_times_one_block_against_its_floor(tiny_dirs):
     assert alone["tokens"] % 16 == 0 and alone["tokens"] > 0
     assert alone["forward_s"] > 0 and alone["floor_s"] > 0
     assert alone["ratio"] == alone["forward_s"] / alone["floor_s"]
+    # the floor counts the block's layers and its causal attention over the slice, at the rate printed
+    lm = load_model(str(tiny_dirs["llama"]))
+    per_token = sum(2 * c["in"] * c["out"] for c in bench_sparsify.block_linears(lm))
+    per_token += 2 * bench_sparsify.attention_width(lm.model.config) * 17
+    flops = alone["floor_s"] * alone["gflops_per_s"] * 1e9
+    assert flops == pytest.approx(alone["tokens"] * per_token, rel=1e-9)
