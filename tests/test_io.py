@@ -70,3 +70,29 @@ def test_sweep_removes_only_unfinished_temporaries(tmp_path):
     removed = files.sweep_temporaries(tmp_path)
     assert set(removed) == {leftover, leftover_dir}
     assert done.read_text() == "complete" and not leftover.exists() and not leftover_dir.exists()
+
+
+def test_bare_names_go_to_the_results_and_figures_folders(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from lab_utils.core import files
+    monkeypatch.setenv("LAB_OUTPUT_DIR", str(tmp_path))
+    assert files.write_csv(pd.DataFrame({"a": [1]}), "t.csv") == tmp_path / "results" / "t.csv"
+    assert files.save_figure(plt.figure(), "f.png") == tmp_path / "figs" / "f.png"
+    other = tmp_path / "elsewhere" / "t.csv"
+    other.parent.mkdir()
+    assert files.write_csv(pd.DataFrame({"a": [1]}), other) == other
+
+
+def test_whole_number_check():
+    from lab_utils.core.checks import whole_number
+    assert whole_number("nsamples", 3) == 3
+    assert whole_number("seed", 0, minimum=0) == 0
+    for bad in (True, 0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="nsamples must be a positive integer"):
+            whole_number("nsamples", bad)
+    with pytest.raises(KeyError):
+        whole_number("x", 0, error=KeyError)

@@ -104,3 +104,39 @@ def test_a_step_key_follows_the_code_version(tmp_cache, monkeypatch):
     monkeypatch.setattr(memo, "code_version", lambda package=memo.PACKAGE: "another version")
     memo.cached("s", key, lambda: calls.append(1) or 1)
     assert calls == [1, 1]
+
+
+def test_step_keys_come_from_the_arguments(tmp_cache):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        sparsity: float
+        nsamples: int = 8
+
+    calls = []
+
+    @memo.step("demo-step", ignore=("workers",))
+    def run(cfg: Cfg, models=("a",), workers: int = 2):
+        calls.append(cfg)
+        return {"s": cfg.sparsity, "models": list(models)}
+
+    assert run(Cfg(0.5)) == {"s": 0.5, "models": ["a"]}
+    assert run(Cfg(0.5), workers=7) == {"s": 0.5, "models": ["a"]}  # where it runs: same key
+    assert len(calls) == 1
+    run(Cfg(0.5, nsamples=16))  # a config field is part of the key
+    run(Cfg(0.5), models=("a", "b"))
+    assert len(calls) == 3
+    assert run.key(Cfg(0.5)) == {"cfg": {"sparsity": 0.5, "nsamples": 8}, "models": ["a"]}
+    assert run.compute(Cfg(0.1)) == {"s": 0.1, "models": ["a"]} and len(calls) == 4
+    with pytest.raises(TypeError, match="ignore names no parameter"):
+        memo.step("bad", ignore=("nope",))(lambda x: x)
+
+
+def test_timed_step_returns_the_first_runs_timing(tmp_cache):
+    @memo.step("demo-timed", timed_as="sum")
+    def total(n: int):
+        return sum(range(n))
+
+    (a, row_a), (b, row_b) = total(1000), total(1000)
+    assert a == b == sum(range(1000)) and row_a == row_b and row_a["demo"] == "sum"

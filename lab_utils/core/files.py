@@ -166,8 +166,16 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _under(folder, path: str | os.PathLike) -> Path:
+    """A bare file name goes under ``folder()``; a path with a folder is kept."""
+    path = Path(path)
+    return folder() / path if path.parent == Path(".") else path
+
+
 def write_csv(table, path: str | os.PathLike, float_format: str | None = None) -> Path:
-    """A pandas table as CSV, atomically (the write-up and the reruns read it)."""
+    """A pandas table as CSV, atomically (the write-up and the reruns read it).
+    A bare name (``"sweep.csv"``) goes to :func:`results_dir`."""
+    path = _under(results_dir, path)
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, float_format=float_format)
     return Path(path)
@@ -175,7 +183,9 @@ def write_csv(table, path: str | os.PathLike, float_format: str | None = None) -
 
 def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
     """A matplotlib figure as PNG, atomically and with no timestamp or software
-    tag in its metadata: the same data gives the same bytes on every run."""
+    tag in its metadata: the same data gives the same bytes on every run.
+    A bare name (``"sweep.png"``) goes to :func:`figs_dir`."""
+    path = _under(figs_dir, path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
     if close:

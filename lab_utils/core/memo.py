@@ -20,10 +20,12 @@ lists, tuples and dicts) is stored as JSON under
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +157,58 @@ def timed(step: str, key: dict, compute: Callable[[], object], label: str):
 
     out = cached(step, key, run)
     return out["result"], out["timing"]
+
+
+# --------------------------------------------------------------------------- the step decorator
+def key_value(v):
+    """An argument as a plain JSON value for a step key: a config object by its
+    fields (so a new setting enters every key that takes the config), a tuple
+    as a list, a path as text."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: key_value(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+        return {str(k): key_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [key_value(x) for x in v]
+    v = _plain(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def step(name: str, ignore: Iterable[str] = (), timed_as: str | None = None):
+    """Cache a function's result under ``name``, keyed by its own arguments.
+
+    The key is every argument after defaults are applied (config objects by
+    their fields), less those in ``ignore`` (where the work runs, how it is
+    shown: ``executor``, ``workers``). ``timed_as`` also stores the wall and
+    CPU seconds of the computation (see :func:`timed`) and returns
+    ``(result, timing)``. The undecorated function stays reachable as
+    ``fn.compute``, and ``fn.key(*args, **kwargs)`` gives the key.
+    """
+    ignore = frozenset(ignore)
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        unknown = ignore - set(signature.parameters)
+        if unknown:
+            raise TypeError(f"step {name!r}: ignore names no parameter of {fn.__name__}: {sorted(unknown)}")
+
+        def key(*args, **kwargs) -> dict:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return {k: key_value(v) for k, v in bound.arguments.items() if k not in ignore}
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            k = key(*args, **kwargs)
+            if timed_as is not None:
+                return timed(name, k, lambda: fn(*args, **kwargs), timed_as)
+            return cached(name, k, lambda: fn(*args, **kwargs))
+
+        wrapper.compute = fn
+        wrapper.key = key
+        wrapper.step_name = name
+        return wrapper
+
+    return decorate
