@@ -16,12 +16,11 @@ def _write(tmp_path, text):
 
 
 def test_every_params_file_is_valid_offline_or_names_the_hub():
-    paths = runner.notebook_paths()
     for name in ("default", "smoke"):
-        runner.prepare(f"params/{name}.yaml", paths)
+        params.check_file(f"params/{name}.yaml")
     with pytest.raises(params.ParamError, match="hub"):
-        runner.prepare("params/full.yaml", paths)
-    runner.prepare("params/full.yaml", paths, check_hub=False)
+        params.check_file("params/full.yaml")
+    params.check_file("params/full.yaml", check_hub=False)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -35,17 +34,32 @@ def test_every_params_file_is_valid_offline_or_names_the_hub():
     ("seed: zero\n", "seed"),
     ("models: []\n", r"^models: \[\] names no model"),
     ("notebooks:\n  04_benchmarks:\n    speed_models: []\n", r"^speed_models: \[\] names no model"),
+    # the rules that span parameters, checked up front on the notebook's effective values
+    ("notebooks:\n  01_concepts:\n    moe_active_fractions: [0.3]\n", "^moe_active_fractions: "),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    size_formats: [nm]\n", "^size_formats: .*N:M"),
+    ("notebooks:\n  04_benchmarks:\n    size_formats: [bitmask-int8]\n", "^size_formats: .*lossy"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    owl_sparsity: 1.0\n", "^owl_sparsity: "),
+    ("eval_windows: -1\n", "^eval_windows: "),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    protocol: full\n", "^protocol: 'full'"),
 ])
 def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     with pytest.raises(params.ParamError, match=needle):
-        runner.prepare(_write(tmp_path, text), runner.notebook_paths())
+        params.check_file(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", ["ppl_windows: 2\n", "notebooks:\n  04_benchmarks:\n    ppl_seqlen: 64\n"])
+def test_an_old_parameter_name_is_refused_naming_the_new_one(tmp_path, text):
+    old = "ppl_windows" if "windows" in text else "ppl_seqlen"
+    with pytest.raises(params.ParamError, match=rf"^{old}: renamed, use 'eval_{old[4:]}'") as err:
+        params.check_file(_write(tmp_path, text))
+    assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("name,value,needle", [
     ("sparsities", [0.5, 1.2], r"1\.2 is outside \[0, 1\)"),
     ("patterns", ["4:2"], "'4:2' is not a pattern"),
     ("methods", ["obs"], "'obs' is not a method"),
-    ("nsamples", 0, "positive"),
+    ("nsamples", 0, r"nsamples: must be a positive integer, got 0"),
     ("speed_tokens", -3, "positive"),
     ("probe_examples", 1.5, "positive"),
     ("scope", "blockwise", "not a scope"),

@@ -1,6 +1,6 @@
-"""The regenerated write-up: tables and sentences built from result tables,
-the five sections in the seed's order, and links that survive the '%' in the
-seed's figure names."""
+"""The regenerated write-up: tables built from result tables, the findings
+quoted from what the notebooks recorded, the five sections in the seed's order,
+and links that survive the '%' in the seed's figure names."""
 
 import re
 
@@ -41,18 +41,26 @@ def test_model_selection_uses_the_measured_counts_and_names_the_seed_model():
     assert hub["parameters"] == "not measured" and "hub" in hub["weights from"]
 
 
-def test_headlines_follow_the_data():
-    yes = writeup.headlines(_weight_stats())
-    assert "in 1 of 2 models" in yes[0]
-    assert "in 1 of 3 block stacks: Whisper-tiny.en decoder" in yes[1]
-    assert "None of these models comes pre-sparsified" in yes[2]
-    flipped = writeup.headlines(_weight_stats(near=(0.6, 0.94), p=(0.45, 0.2), zeros=(0.3, 0.0)))
-    assert "in 2 of 2 models" in flipped[0]
-    assert "in 0 of 3 block stacks." in flipped[1]
-    assert "Some pre-sparsification" in flipped[2] and "30.0%" in flipped[2]
-    assert writeup.headlines() == []
-    # every answer links to the section that holds its numbers
-    assert all(line.endswith("(#model-visualization))") for line in yes)
+FOUND = {"02_visualization": {"claim_near_zero": "**Claim 1, most parameters are close to 0**: it holds for M.",
+                                "all_params_M": "A caption, not a headline."},
+         "03_sparsification_and_sizes": {"speed": "CSR beats the dense matmul for 2 of 3 layer shapes."},
+         "04_benchmarks": {"benchmarks_decoder-only": "### decoder-only\n\n**M** (perplexity): best at 2:4, wanda."}}
+
+
+def _findings(found=FOUND):
+    for notebook, values in found.items():
+        files.write_json(files.results_dir() / "findings" / f"{notebook}.json", values)
+    return writeup.Findings(files.results_dir() / "findings")
+
+
+def test_headlines_quote_the_recorded_sentences_and_link_their_sections(tmp_output):
+    lines = writeup.headlines(_findings())
+    assert lines == [
+        "**Claim 1, most parameters are close to 0**: it holds for M. ([Model Visualization](#model-visualization))",
+        "**Which pruning method keeps the most quality (decoder-only)?** **M** (perplexity): best at 2:4, wanda. "
+        "([Results on Benchmarks](#benchmarks))",
+        "**Does sparsity make a CPU faster?** CSR beats the dense matmul for 2 of 3 layer shapes. ([Speed](#speed))"]
+    assert writeup.headlines(writeup.Findings(tmp_output / "none")) == []  # a question not answered is left out
 
 
 def test_benchmark_table_has_one_column_per_setting():
@@ -115,10 +123,12 @@ def test_build_renders_every_section_with_encoded_links(tmp_output):
 
 
 def test_the_write_up_opens_with_the_findings_and_links_them_to_anchors_that_exist(tmp_output):
-    files.write_csv(_weight_stats(), files.results_dir() / "weight_stats.csv")
+    _findings()
     html = writeup.build(tmp_output / "report", params={"models": ["smollm2-135m"]}).read_text()
     md = (tmp_output / "report" / "LAB4.md").read_text()
-    assert md.index("## What we found") < md.index("* **Are most parameters") < md.index("## Concepts")
+    assert md.index("## What we found") < md.index("* **Claim 1, most parameters") < md.index("## Concepts")
+    assert md.count("it holds for M.") == 1 and md.count("CSR beats the dense matmul") == 1  # quoted once
+    assert "A caption, not a headline." not in md
     for anchor in re.findall(r"\]\(#([a-z-]+)\)", md):
         assert f'<a id="{anchor}"></a>' in md and f'id="{anchor}"' in html
     assert md.count("**Perplexity protocols.**") == 1

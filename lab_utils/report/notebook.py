@@ -1,7 +1,7 @@
 """Small helpers that keep notebook cells to one-liners (the report floor).
 
-* :func:`setup` fixes seeds and threads, styles the figures and silences
-  progress bars when the report runner executes the notebook.
+* :func:`setup` fixes seeds and threads and styles the figures (progress bars
+  follow tqdm's own ``TQDM_DISABLE``, which the report runner sets).
 * :func:`md` displays generated prose: a sentence that states a result is
   built from the computed values, never typed in; with a key it is also
   recorded (:func:`record`) for the write-up.
@@ -47,16 +47,9 @@ def setup(seed: int = 0, threads: int | None = None) -> None:
     import seaborn as sns
 
     sns.set_theme(context="notebook", style="whitegrid")
-    import pandas as pd
-
     pd.set_option("display.width", 160)
     pd.set_option("display.max_columns", 30)
     pd.set_option("display.precision", 4)
-
-
-def in_report() -> bool:
-    """True when the report runner executes this notebook (progress bars off)."""
-    return os.environ.get("LAB_REPORT") == "1"
 
 
 def md(text: str, key: str | None = None):
@@ -109,19 +102,13 @@ def parameters_table(values: dict, notebook: str) -> pd.DataFrame:
     a value edited in the parameters cell), the notebook ``default`` where the
     value differs from it, and the ``help`` of the parameters cell.
     ``values``: what :func:`lab_utils.report.params.validate_notebook` returned."""
-    import ast
-
-
     declared = params.declared(notebook)
+    defaults = params.defaults(declared)
     from_file = set(json.loads(os.environ.get(PARAMS_KEYS_ENV) or "[]"))
     file_name = os.environ.get(PARAMS_FILE_ENV) or "parameter file"
     rows = []
     for name, info in declared.items():
-        value = values.get(name)
-        try:
-            default = ast.literal_eval(info.get("default") or "None")
-        except (ValueError, SyntaxError):
-            default = info.get("default")
+        value, default = values.get(name), defaults[name]
         if name in from_file:
             source = file_name
         elif value == default:

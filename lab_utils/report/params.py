@@ -11,10 +11,13 @@ them; an optional ``notebooks:`` mapping holds per-notebook overrides::
 
 Papermill only *warns* about a parameter that a notebook does not declare, so
 a typo would silently run the defaults. Here it is an error, as is any value
-outside what the lab accepts; both are caught before any work starts, with one
-line naming the parameter, the value and what is allowed.
+outside what the lab accepts; :func:`check_file` catches both before any work
+starts (``--check`` and the runner), with one line naming the parameter, the
+value and what is allowed. The rules themselves are the lower floors' checks
+(:mod:`lab_utils.core.sparsify`, :mod:`lab_utils.core.formats`, the engine's
+:class:`~lab_utils.engine.config.PruneConfig` ...), called from here.
 
-A notebook checks the values of its own parameters cell in one call,
+A notebook checks its own parameters cell in one call,
 ``params.validate_notebook(globals(), "02_visualization")``: the names come
 from the notebook's ``parameters`` cell (papermill's ``inspect_notebook``), so
 a parameter added there is checked without being named a second time.
@@ -22,22 +25,29 @@ a parameter added there is checked without being named a second time.
 
 from __future__ import annotations
 
+import ast
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
 from papermill import inspect_notebook
 
 from lab_utils.core import files, sparsify
-from lab_utils.core.device import DeviceError
+from lab_utils.core import formats as core_formats
+from lab_utils.core.checks import whole_number
+from lab_utils.core.device import DeviceError, resolved
 from lab_utils.core.device import describe as describe_device
 from lab_utils.core.evaluation import protocols, zeroshot
 from lab_utils.core.models import ModelError, hub_reachable, resolve
+from lab_utils.engine.config import PruneConfig
+from lab_utils.experiments import benchmarks
 from lab_utils.experiments import executor as ex
 
 NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
 # A perplexity's window count and length: 0 takes the notebook's protocol's own
 # (lab_utils.core.evaluation.protocols); a positive value overrides it, and the label says so.
-PROTOCOL_OVERRIDES = ("eval_windows", "eval_seqlen", "ppl_windows", "ppl_seqlen")
+PROTOCOL_OVERRIDES = ("eval_windows", "eval_seqlen")
+RENAMED = {"ppl_windows": "eval_windows", "ppl_seqlen": "eval_seqlen"}  # old name -> the name every notebook uses
 
 
 class ParamError(ValueError):
@@ -84,6 +94,11 @@ def split_params(data: dict, notebooks: list[str]) -> dict[str, dict]:
     return out
 
 
+def _check_renamed(name: str) -> None:
+    if name in RENAMED:
+        raise ParamError(f"{name}: renamed, use {RENAMED[name]!r} (the same in every notebook)")
+
+
 def check_declared(data: dict, declared: dict[str, dict]) -> None:
     """Fail on a key that no notebook (or not the named notebook) declares.
 
@@ -93,6 +108,7 @@ def check_declared(data: dict, declared: dict[str, dict]) -> None:
     for key in data:
         if key == "notebooks":
             continue
+        _check_renamed(key)
         if key not in every:
             raise ParamError(f"parameter {key!r} is not declared by any notebook "
                              f"({', '.join(declared)}); known parameters: {', '.join(sorted(every))}")
@@ -100,6 +116,7 @@ def check_declared(data: dict, declared: dict[str, dict]) -> None:
         for nb, decl in declared.items():
             if nb == nb_key or nb.startswith(str(nb_key)):
                 for key in per:
+                    _check_renamed(key)
                     if key not in decl:
                         raise ParamError(f"parameter {key!r} is not declared by notebook {nb} "
                                          f"(it declares: {', '.join(sorted(decl))})")
@@ -112,14 +129,12 @@ def _as_list(name: str, value) -> list:
     return list(value)
 
 
-def _check_sparsity(name: str, value, allow_zero: bool = True) -> None:
+def _check_sparsity(name: str, value) -> None:
     try:
-        s = sparsify.check_sparsity_ratio(value)
+        sparsify.check_sparsity_ratio(value)
     except sparsify.SparsityError:
         raise ParamError(f"{name}: {value!r} is outside [0, 1); a sparsity is the fraction of weights "
                          f"set to zero (0 = dense, 0.5 = half)") from None
-    if not allow_zero and s == 0:
-        raise ParamError(f"{name}: 0 is not a sparsity to prune at; use a value in (0, 1)")
 
 
 def _check_pattern(name: str, value) -> None:
@@ -135,6 +150,11 @@ def _check_method(name: str, value) -> None:
         raise ParamError(f"{name}: {value!r} is not a method; allowed: {', '.join(sparsify.METHODS)}")
 
 
+def _check_scope(name: str, value) -> None:
+    if value not in sparsify.SCOPES:
+        raise ParamError(f"{name}: {value!r} is not a scope; allowed: {', '.join(sparsify.SCOPES)}")
+
+
 def _check_model(name: str, value, check_hub: bool) -> None:
     try:
         resolve(value, check_hub=check_hub)
@@ -142,104 +162,72 @@ def _check_model(name: str, value, check_hub: bool) -> None:
         raise ParamError(f"{name}: {e}") from None
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ParamError(f"{name}: {value!r} must be a positive integer")
+def _check_format(name: str, value) -> None:
+    try:
+        core_formats.parse_format(value)
+    except ValueError as e:
+        raise ParamError(f"{name}: {e}") from None
 
 
-def _check_seed(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ParamError(f"{name}: {value!r} must be a non-negative integer")
+def _positive(name: str, value) -> None:
+    whole_number(f"{name}:", value, error=ParamError)  # "nsamples: must be a positive integer, got 0"
 
 
-def _check_scope(name: str, value) -> None:
-    if value not in sparsify.SCOPES:
-        raise ParamError(f"{name}: {value!r} is not a scope; allowed: {', '.join(sparsify.SCOPES)}")
+def _seed(name: str, value) -> None:
+    whole_number(f"{name}:", value, minimum=0, error=ParamError)
 
 
-def _kind(name: str) -> str | None:
-    """Which rule a parameter follows, from its name (``methods``,
-    ``size_methods`` ... are all lists of methods)."""
-    last = name.split("_")[-1]
-    return {
-        "models": "models", "model": "model",
-        "methods": "methods", "method": "method",
-        "sparsities": "sparsities", "sparsity": "sparsity",
-        "patterns": "patterns", "pattern": "pattern",
-        "nsamples": "positive", "seqlen": "positive", "windows": "positive",
-        "utterances": "positive", "examples": "positive", "sentences": "positive",
-        "tokens": "positive", "repeats": "positive", "reps": "positive", "steps": "positive",
-        "window": "positive", "seed": "seed", "scope": "scope",
-    }.get(last)
+# The rule a parameter follows, from the last word of its name (``methods``,
+# ``size_methods`` ... are all lists of methods): (check of one value, whether a list).
+RULES = {
+    "method": (_check_method, False), "methods": (_check_method, True),
+    "sparsity": (_check_sparsity, False), "sparsities": (_check_sparsity, True),
+    "pattern": (_check_pattern, False), "patterns": (_check_pattern, True),
+    "formats": (_check_format, True), "scope": (_check_scope, False), "seed": (_seed, False),
+    **dict.fromkeys(("nsamples", "seqlen", "windows", "window", "utterances", "examples", "sentences",
+                     "tokens", "repeats", "reps", "steps"), (_positive, False)),
+}
 
 
 def validate_value(name: str, value, check_hub: bool = True) -> None:
     """Check one parameter by the rule its name implies; unknown names pass."""
+    _check_renamed(name)
+    kind = name.split("_")[-1]
     if name == "executor":  # local | serial | a scheduler address or scheduler file
         try:
             ex.check_executor(value)
         except ValueError as e:
             raise ParamError(str(e)) from None
-        return
-    if name in ("device", "dtype"):  # checked as a pair: float16 is refused on the CPU only
+    elif name in ("device", "dtype"):  # checked as a pair: float16 is refused on the CPU only
         _check_device(value if name == "device" else "cpu", value if name == "dtype" else "auto")
-        return
-    if name == "zeroshot_tasks":  # lm-eval task names; asking whether the hub answers only for a hub task
+    elif name == "zeroshot_tasks":  # lm-eval task names; asking whether the hub answers only for a hub task
         tasks = _as_list(name, value)
         try:
             zeroshot.check_tasks(tasks, hub_available=not check_hub or set(tasks) <= set(zeroshot.OFFLINE_TASKS)
                                  or hub_reachable()[0])
         except ValueError as e:
             raise ParamError(f"{name}: {e}") from None
-        return
-    if name == "protocol":
+    elif name == "protocol":
         try:
             protocols.get(value)
         except ValueError as e:
             raise ParamError(str(e)) from None
-        return
-    if name in PROTOCOL_OVERRIDES:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ParamError(f"{name}: {value!r} must be a positive integer, or {protocols.FROM_PROTOCOL} "
-                             f"for the protocol's own (see `protocol`)")
-        return
-    kind = _kind(name)
-    if kind == "models":
-        if not _as_list(name, value):
+    elif name in PROTOCOL_OVERRIDES:  # 0: the protocol's own
+        whole_number(f"{name}:", value, minimum=protocols.FROM_PROTOCOL, error=ParamError)
+    elif kind in ("model", "models"):
+        names = _as_list(name, value) if kind == "models" else [value]
+        if not names:
             raise ParamError(f"{name}: [] names no model; give at least one (a preset, hub id or folder)")
-        for v in _as_list(name, value):
+        for v in names:
             _check_model(name, v, check_hub)
-    elif kind == "model":
-        _check_model(name, value, check_hub)
-    elif kind == "methods":
-        for v in _as_list(name, value):
-            _check_method(name, v)
-    elif kind == "method":
-        _check_method(name, value)
-    elif kind == "sparsities":
-        for v in _as_list(name, value):
-            _check_sparsity(name, v)
-    elif kind == "sparsity":
-        _check_sparsity(name, value)
-    elif kind == "patterns":
-        for v in _as_list(name, value):
-            _check_pattern(name, v)
-    elif kind == "pattern":
-        _check_pattern(name, value)
-    elif kind == "positive":
-        _check_positive_int(name, value)
-    elif kind == "seed":
-        _check_seed(name, value)
-    elif kind == "scope":
-        _check_scope(name, value)
+    elif kind in RULES:
+        check, many = RULES[kind]
+        for v in _as_list(name, value) if many else [value]:
+            check(name, v)
 
 
 def validate(params: dict, check_hub: bool = True) -> None:
-    """Validate every parameter (nested per-notebook ones too); raise ParamError.
-
-    Notebooks call this in the cell after their parameters, so a value typed in
-    JupyterLab fails as clearly as one from a parameter file.
-    """
+    """Validate every parameter by its name (nested per-notebook ones too); raise ParamError."""
     for name, value in params.items():
         if name == "notebooks" and isinstance(value, dict):
             for per in value.values():
@@ -269,28 +257,22 @@ def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:
         want = names.get((info.get("inferred_type_name") or "").split("[")[0])
         if want is None:
             continue
-        if want is not bool and isinstance(value, bool):
-            raise ParamError(f"{key}: {value!r} must be of type {info['inferred_type_name']} "
-                             f"(notebook {notebook})")
-        if not isinstance(value, want):
+        if (want is not bool and isinstance(value, bool)) or not isinstance(value, want):
             raise ParamError(f"{key}: {value!r} must be of type {info['inferred_type_name']} "
                              f"(notebook {notebook}, default {info.get('default')})")
 
 
+# --------------------------------------------------------------------------- rules across parameters
 def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperature, distill_alpha,
                     moe_experts, moe_active_fractions, timing_reps, **_) -> None:
     """Notebook 01's own rules, those its parameters' names do not imply."""
-    def positive_int(name, v):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ParamError(f"{name}: {v!r} must be a positive integer")
-
     if not structured_sparsities or any(not 0 < float(s) < 1 for s in structured_sparsities):
         raise ParamError(f"structured_sparsities: {structured_sparsities!r} must be a non-empty list "
                          f"of fractions of MLP neurons to remove, each in (0, 1), e.g. [0.25, 0.5]")
     if not quant_group_sizes:
         raise ParamError("quant_group_sizes: give at least one 4-bit group size, e.g. [32, 64]")
     for g in quant_group_sizes:
-        positive_int("quant_group_sizes", g)
+        _positive("quant_group_sizes", g)
         if g % 2:
             raise ParamError(f"quant_group_sizes: {g} must be even (two 4-bit codes per byte), e.g. 32")
     if not float(distill_temperature) > 0:
@@ -298,8 +280,8 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
     if not 0 <= float(distill_alpha) <= 1:
         raise ParamError(f"distill_alpha: {distill_alpha!r} must be in [0, 1] (the weight of the "
                          f"soft targets; 1 = soft targets only)")
-    positive_int("moe_experts", moe_experts)
-    positive_int("timing_reps", timing_reps)
+    _positive("moe_experts", moe_experts)
+    _positive("timing_reps", timing_reps)
     for f in moe_active_fractions:
         k = float(f) * moe_experts
         if not 0 < float(f) <= 1 or abs(k - round(k)) > 1e-9:
@@ -307,11 +289,85 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
                              f"number of experts; use multiples of 1/{moe_experts} in (0, 1]")
 
 
+def _check_sweep(size_formats, owl, owl_method, owl_sparsity, nsamples, seqlen, seed, **_) -> None:
+    """Notebook 03: the size table's formats (``nm`` needs an N:M pattern) and the OWL
+    run's configuration, as the engine will check it."""
+    try:
+        core_formats.check_formats(size_formats)
+    except ValueError as e:
+        raise ParamError(f"size_formats: {e}") from None
+    if owl:
+        try:
+            PruneConfig(owl_method, owl_sparsity, owl=True, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        except ValueError as e:
+            raise ParamError(f"owl: {e}") from None
+
+
+def _lossless_formats(size_formats) -> tuple[str, ...]:
+    """Notebook 04's size formats by name, the plain dense file (every size's baseline)
+    first, or () for none; a lossy format is refused: the files must hold the evaluated weights."""
+    names = []
+    for f in size_formats or ():
+        try:
+            fmt = core_formats.parse_format(f)
+        except ValueError as e:
+            raise ParamError(f"size_formats: {e}") from None
+        if not fmt.lossless:
+            raise ParamError(f"size_formats: {f!r} is lossy; the quality-vs-size figure compares files "
+                             f"that hold exactly the evaluated weights (use e.g. 'bitmask+zstd')")
+        names.append(fmt.name)
+    return tuple(dict.fromkeys(["dense", *names])) if names else ()
+
+
+def _check_benchmarks(size_formats, **_) -> None:
+    _lossless_formats(size_formats)
+
+
+def benchmark_config(values: dict) -> benchmarks.BenchmarkConfig:
+    """Notebook 04's checked parameters (:func:`validate_notebook`) as one
+    :class:`~lab_utils.experiments.benchmarks.BenchmarkConfig`: the perplexity's
+    windows are the ``protocol``'s unless ``eval_windows`` / ``eval_seqlen``
+    override them (0: the protocol's), the device and dtype resolved."""
+    values = dict(values)
+    if "protocol" in values:
+        values["eval_windows"], values["eval_seqlen"] = protocols.resolve(
+            values["protocol"], values.get("eval_windows", 0), values.get("eval_seqlen", 0))
+    bench = protocols.EvalConfig(**{f.name: values[f.name] for f in fields(protocols.EvalConfig)
+                                    if f.name in values})
+    device, dtype = resolved(values.get("device", "auto"), values.get("dtype", "auto"))
+    return benchmarks.BenchmarkConfig(nsamples=values["nsamples"], seqlen=values["seqlen"], seed=values["seed"],
+                                      bench=bench, size_formats=_lossless_formats(values["size_formats"]),
+                                      device=device, dtype=dtype)
+
+
+def _check_protocol(values: dict) -> None:
+    if "protocol" in values:
+        try:
+            protocols.resolve(values["protocol"], *(values.get(k, 0) for k in PROTOCOL_OVERRIDES))
+        except ValueError as e:
+            raise ParamError(str(e)) from None
+
+
 # Rules that span several parameters of one notebook, run after the per-name checks.
-NOTEBOOK_RULES = {"01_concepts": _check_concepts}
+NOTEBOOK_RULES = {"01_concepts": _check_concepts, "03_sparsification_and_sizes": _check_sweep,
+                  "04_benchmarks": _check_benchmarks}
 
 
-# --------------------------------------------------------------------------- in a notebook
+def check_values(values: dict, notebook: str, decl: dict[str, dict], check_hub: bool = True) -> None:
+    """Every check of one notebook's values (all of its declared parameters):
+    types, the rule each name implies, and the notebook's rules across parameters."""
+    check_types(values, decl, notebook)
+    validate(values, check_hub)
+    _check_protocol(values)
+    if notebook in NOTEBOOK_RULES:
+        NOTEBOOK_RULES[notebook](**values)
+
+
+# --------------------------------------------------------------------------- a file, a notebook
+def notebook_names() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
 def declared(notebook: str) -> dict[str, dict]:
     """The parameters a notebook's ``parameters`` cell declares (name -> papermill's
     ``inspect_notebook`` entry: type, default, help), read from ``notebooks/``."""
@@ -321,13 +377,37 @@ def declared(notebook: str) -> dict[str, dict]:
     return inspect_notebook(str(path))
 
 
+def defaults(decl: dict[str, dict]) -> dict:
+    """The notebook's default values (its parameters cell's literals)."""
+    out = {}
+    for name, info in decl.items():
+        try:
+            out[name] = ast.literal_eval(info.get("default") or "None")
+        except (ValueError, SyntaxError):
+            out[name] = info.get("default")
+    return out
+
+
+def check_file(path: str | Path, check_hub: bool = True) -> tuple[dict, dict[str, dict]]:
+    """Everything that can be checked before running, on every notebook's effective
+    values (its defaults with the file's keys over them): returns (the file's
+    parameters, per notebook the keys the file sets). Raises ParamError (one line)."""
+    data = load_params(path)
+    decl = {nb: declared(nb) for nb in notebook_names()}
+    check_declared(data, decl)
+    per_nb = split_params(data, list(decl))
+    for nb, values in per_nb.items():
+        per_nb[nb] = {k: v for k, v in values.items() if k in decl[nb]}
+        check_values({**defaults(decl[nb]), **per_nb[nb]}, nb, decl[nb], check_hub)
+    return data, per_nb
+
+
 def validate_notebook(namespace: dict, notebook: str, check_hub: bool = True) -> dict:
     """Check every parameter the notebook declares, as its kernel holds it.
 
-    Called in the cell after the parameters with ``globals()``: each declared
-    name is checked for the type of its default and for the rule its name
-    implies (:func:`validate_value`), so a value typed in JupyterLab fails as
-    clearly as one from a parameter file. Returns the checked values by name.
+    Called in the cell after the parameters with ``globals()``, so a value typed in
+    JupyterLab fails as clearly as one from a parameter file. Returns the checked
+    values by name.
     """
     decl = declared(notebook)
     missing = [name for name in decl if name not in namespace]
@@ -335,8 +415,5 @@ def validate_notebook(namespace: dict, notebook: str, check_hub: bool = True) ->
         raise ParamError(f"parameter {missing[0]!r} of notebook {notebook} is not defined; "
                          f"run its parameters cell first")
     values = {name: namespace[name] for name in decl}
-    check_types(values, decl, notebook)
-    validate(values, check_hub)
-    if notebook in NOTEBOOK_RULES:
-        NOTEBOOK_RULES[notebook](**values)
+    check_values(values, notebook, decl, check_hub)
     return values

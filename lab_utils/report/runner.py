@@ -32,16 +32,8 @@ from lab_utils.core import files
 from lab_utils.core.device import DeviceError, describe
 from lab_utils.report import notebook as nbk
 from lab_utils.report import writeup
-from lab_utils.report.params import (
-    ParamError,
-    check_declared,
-    check_types,
-    load_params,
-    split_params,
-    validate,
-)
+from lab_utils.report.params import NOTEBOOKS_DIR, ParamError, check_file
 
-NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
 TEMPLATES = Path(__file__).parent / "templates"
 REPORTED_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "papermill", "nbconvert",
                      "pandas", "seaborn", "numpy", "safetensors")
@@ -61,27 +53,6 @@ def notebook_paths(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
-def declared_parameters(paths: list[Path]) -> dict[str, dict]:
-    from papermill import inspect_notebook
-
-    return {p.stem: inspect_notebook(str(p)) for p in paths}
-
-
-def prepare(params_file: str | Path, paths: list[Path], check_hub: bool = True) -> tuple[dict, dict]:
-    """Everything that can be checked before running: returns (raw params,
-    per-notebook params). Raises ParamError with one clear line."""
-    data = load_params(params_file)
-    declared = declared_parameters(paths)
-    check_declared(data, declared)
-    per_nb = split_params(data, list(declared))
-    for nb, values in per_nb.items():
-        values = {k: v for k, v in values.items() if k in declared[nb]}
-        check_types(values, declared[nb], nb)
-        per_nb[nb] = values
-    validate(data, check_hub=check_hub)
-    return data, per_nb
-
-
 def build_dir() -> Path:
     return files.output_root() / "build"
 
@@ -93,7 +64,6 @@ def report_dir() -> Path:
 def _kernel_env() -> None:
     # Inherited by the kernel papermill starts: progress bars off in the
     # rendered report, a fixed hash seed for reproducible iteration orders.
-    os.environ["LAB_REPORT"] = "1"
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("PYTHONHASHSEED", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -101,8 +71,7 @@ def _kernel_env() -> None:
     os.environ["LAB_OUTPUT_DIR"] = str(files.output_root())
 
 
-def execute(path: Path, parameters: dict, out_path: Path, timeout: int,
-            progress: bool = True) -> NotebookRun:
+def execute(path: Path, parameters: dict, out_path: Path, timeout: int) -> NotebookRun:
     import papermill as pm
 
     run = NotebookRun(path.stem)
@@ -110,7 +79,7 @@ def execute(path: Path, parameters: dict, out_path: Path, timeout: int,
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(path), str(out_path), parameters=parameters, kernel_name="python3",
-                            progress_bar=progress, execution_timeout=timeout,
+                            progress_bar=False, execution_timeout=timeout,
                             cwd=str(path.parent), log_output=False)
         run.status = "ok"
     except pm.PapermillExecutionError as e:
@@ -226,11 +195,6 @@ def _title(stem: str) -> str:
     return f"{num} — {rest.replace('_', ' ').capitalize()}"
 
 
-def build_writeup(runs: list[NotebookRun], params: dict) -> Path | None:
-    """The regenerated lab write-up (report/LAB4.md + LAB4.html)."""
-    return writeup.build(report_dir(), runs=runs, params=params)
-
-
 def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         progress: bool = True) -> int:
     from tqdm.auto import tqdm
@@ -242,7 +206,7 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
             print(f"error: --only {only} matches no notebook", file=sys.stderr)
             return 2
     try:
-        raw, per_nb = prepare(params_file, notebook_paths())
+        raw, per_nb = check_file(params_file)
     except ParamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -264,7 +228,7 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         os.environ[nbk.PARAMS_KEYS_ENV] = json.dumps(sorted(per_nb[path.stem]))
         findings = files.results_dir() / "findings" / f"{path.stem}.json"
         findings.unlink(missing_ok=True)
-        result = execute(path, per_nb[path.stem], executed, timeout, progress=progress)
+        result = execute(path, per_nb[path.stem], executed, timeout)
         r.seconds, r.status, r.error_cell, r.error = (result.seconds, result.status,
                                                        result.error_cell, result.error)
         if executed.exists():
@@ -275,7 +239,7 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
                   f"  executed copy: {executed}", file=sys.stderr)
             break
     total = time.perf_counter() - t_all
-    build_writeup(runs, raw)
+    writeup.build(report_dir(), runs=runs, params=raw)
     index = write_index(runs, str(params_file), raw, started, total)
     files.write_json(build_dir() / "run.json", {"params_file": str(params_file), "params": raw,
                                              "started": started, "total_seconds": total,
@@ -298,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.check:
         try:
-            prepare(args.params, notebook_paths())
+            check_file(args.params)
         except ParamError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -56,10 +56,6 @@ class Findings:
                 return values[key]
         return default
 
-    def startswith(self, prefix: str) -> list[tuple[str, object]]:
-        return sorted((k, v) for values in self.by_notebook.values() for k, v in values.items()
-                      if k.startswith(prefix))
-
     def __getitem__(self, notebook: str) -> dict:
         return self.by_notebook.get(notebook, {})
 
@@ -169,7 +165,7 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
         "concept_tables": concept_tables(findings["01_concepts"].get("protocol", "")),
         "sweep_tables": sweep_tables(read_csv("sweep.csv"), read_csv("owl.csv")),
         "speed_tables": speed_tables(speed_layers, read_csv("speed_forward.csv")),
-        "headlines": headlines(weight_stats, bench, sizes, speed_layers),
+        "headlines": headlines(findings),
     }
     markdown = render_markdown(context)
     files.write_text(report_dir / "LAB4.md", markdown)
@@ -261,75 +257,30 @@ def harness_version(df) -> str:
     return ", ".join(sorted({str(v) for v in df.harness_version.dropna() if str(v)}))
 
 
-def _names(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+# The "What we found" list, in order: (question, notebook, finding key, section). Each answer
+# is the sentence the notebook showed and recorded (``notebook.md(text, key=...)``), quoted.
+HEADLINES = (
+    (None, "02_visualization", "claim_near_zero", "model-visualization"),
+    (None, "02_visualization", "claim_layers", "model-visualization"),
+    (None, "02_visualization", "claim_presparsified", "model-visualization"),
+    *((f"Which pruning method keeps the most quality ({family})?", "04_benchmarks", f"benchmarks_{family}",
+       "benchmarks") for family in models.FAMILIES),
+    ("Does sparsity make files smaller?", "03_sparsification_and_sizes", "model_sizes", "sizes"),
+    ("Does sparsity make a CPU faster?", "03_sparsification_and_sizes", "speed", "speed"),
+)
 
 
-def _see(anchor: str) -> str:
-    return f" ([{SECTIONS[anchor]}](#{anchor}))"
-
-
-def headlines(weight_stats=None, benchmarks=None, sizes=None, speed_layers=None,
-              alpha: float = 0.05) -> list[str]:
-    """The "What we found" list: one short answer per question the lab asks,
-    with the statistic behind it and a link to the section whose table holds
-    the numbers; computed from the result tables (a question whose table is
-    missing is left out) and worded from the data, so it changes when they do."""
+def headlines(findings: Findings) -> list[str]:
+    """One line per question the lab asks that this run answered: the recorded
+    sentence (its heading dropped), after the question where the sentence does not
+    open with its own, and a link to the section that holds its numbers."""
     out = []
-    if weight_stats is not None and len(weight_stats):
-        dense = weight_stats[weight_stats.sparsity == 0]
-        most = int((dense["frac_abs_lt_0.05"] > 0.5).sum())
-        see = _see("model-visualization")
-        out.append(f"**Are most parameters close to 0?** More than half lie within ±0.05 in {most} of "
-                   f"{len(dense)} models.{see}")
-        trends, stacks = [], 0
-        for r in dense.itertuples():
-            for side in ("decoder", "encoder"):
-                rho, p = getattr(r, f"{side}_rho", math.nan), getattr(r, f"{side}_p", math.nan)
-                if rho is None or (isinstance(rho, float) and math.isnan(rho)):
-                    continue
-                stacks += 1
-                if rho > 0 and p < alpha:
-                    trends.append(f"{r.model} {side}")
-        if stacks:
-            out.append(f"**Do higher layers deviate from the overall distribution?** The distance grows "
-                       f"significantly with depth in {len(trends)} of {stacks} block stacks"
-                       + (f": {_names(trends)}." if trends else ".") + see)
-        z = dense.exact_zero_frac
-        worst = dense.model.iloc[int(z.to_numpy().argmax())]
-        if z.max() < 0.01:
-            out.append(f"**None of these models comes pre-sparsified**: at most {z.max():.2%} of any model's "
-                       f"parameters are exactly zero ({worst}).{see}")
-        else:
-            out.append(f"**Some pre-sparsification**: {worst} has {z.max():.1%} exact zeros before any "
-                       f"pruning.{see}")
-    if benchmarks is not None and len(benchmarks):
-        wins = {}
-        for model, g in benchmarks.groupby("model", sort=False):
-            metric = benchmarks_view.headline_metric(benchmarks, model)
-            for pattern, sp in (("unstructured", 0.5), ("2:4", None)):
-                row = benchmarks_view.best_method(g, model, metric, pattern, sp)
-                if row is not None:
-                    wins[row.method] = wins.get(row.method, 0) + 1
-        if wins:
-            order = sorted(wins, key=wins.get, reverse=True)
-            out.append(f"**Which pruning method keeps the most quality?** {order[0]}: the best in {wins[order[0]]} of "
-                       f"{sum(wins.values())} model and setting pairs (50% unstructured, 2:4)"
-                       + (f", {_names([f'{m} in {wins[m]}' for m in order[1:]])}" if len(order) > 1 else "")
-                       + "." + _see("benchmarks"))
-    if sizes is not None and len(sizes):
-        summary = file_sizes_view.size_summary(sizes)
-        x = summary.x_smaller.dropna()
-        if len(x):
-            out.append(f"**Does sparsity make files smaller?** Only in a sparse format: at the highest sparsity "
-                       f"the smallest lossless file is {x.min():.1f}x" + (f" to {x.max():.1f}x" if len(x) > 1 else "")
-                       + " smaller than the dense one, which keeps every zero." + _see("sizes"))
-    if speed_layers is not None and len(speed_layers):
-        top = speed_layers.sparsity.max()
-        at_top = speed_layers[speed_layers.sparsity == top].groupby("shape").speedup.median()
-        out.append(f"**Does sparsity make a CPU faster?** At {top:.0%} sparsity CSR beats the dense matmul for "
-                   f"{int((at_top > 1).sum())} of {len(at_top)} layer shapes (speed-ups {at_top.min():.2f}x to "
-                   f"{at_top.max():.2f}x)." + _see("speed"))
+    for question, notebook, key, anchor in HEADLINES:
+        text = findings[notebook].get(key)
+        if not text:
+            continue
+        text = " ".join(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        out.append((f"**{question}** " if question else "") + f"{text} ([{SECTIONS[anchor]}](#{anchor}))")
     return out
 
 
