@@ -57,12 +57,12 @@ def test_an_old_parameter_name_is_refused_naming_the_new_one(tmp_path, text):
 
 @pytest.mark.parametrize("name,value,needle", [
     ("sparsities", [0.5, 1.2], r"1\.2 is outside \[0, 1\)"),
-    ("patterns", ["4:2"], "'4:2' is not a pattern"),
-    ("methods", ["obs"], "'obs' is not a method"),
+    ("patterns", ["4:2"], "pattern '4:2': N:M needs 0 < N < M"),
+    ("methods", ["obs"], "unknown method 'obs'"),
     ("nsamples", 0, r"nsamples: must be a positive integer, got 0"),
     ("speed_tokens", -3, "positive"),
     ("probe_examples", 1.5, "positive"),
-    ("scope", "blockwise", "not a scope"),
+    ("scope", "blockwise", "unknown scope 'blockwise'"),
     ("models", [], r"\[\] names no model"),
 ])
 def test_value_rules_by_parameter_name(name, value, needle):

@@ -35,10 +35,10 @@ from papermill import inspect_notebook
 from lab_utils.core import files, sparsify
 from lab_utils.core import formats as core_formats
 from lab_utils.core.checks import whole_number
-from lab_utils.core.device import DeviceError, resolved
 from lab_utils.core.device import describe as describe_device
+from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import protocols, zeroshot
-from lab_utils.core.models import ModelError, hub_reachable, resolve
+from lab_utils.core.models import hub_reachable, resolve
 from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import benchmarks
 from lab_utils.experiments import executor as ex
@@ -123,70 +123,33 @@ def check_declared(data: dict, declared: dict[str, dict]) -> None:
 
 
 # --------------------------------------------------------------------------- values
+def _lower(name: str, check, *args, **kwargs):
+    """A lower floor's check of parameter ``name``: its ValueError becomes one
+    ParamError line that opens with the parameter's name."""
+    try:
+        return check(*args, **kwargs)
+    except ValueError as e:
+        msg = str(e)
+        raise ParamError(msg if msg.startswith((f"{name}:", f"{name} ")) else f"{name}: {msg}") from None
+
+
 def _as_list(name: str, value) -> list:
     if not isinstance(value, list | tuple):
         raise ParamError(f"{name}: expected a list, got {value!r}")
     return list(value)
 
 
-def _check_sparsity(name: str, value) -> None:
-    try:
-        sparsify.check_sparsity_ratio(value)
-    except sparsify.SparsityError:
-        raise ParamError(f"{name}: {value!r} is outside [0, 1); a sparsity is the fraction of weights "
-                         f"set to zero (0 = dense, 0.5 = half)") from None
-
-
-def _check_pattern(name: str, value) -> None:
-    try:
-        sparsify.parse_pattern(value)
-    except sparsify.SparsityError:
-        raise ParamError(f"{name}: {value!r} is not a pattern; allowed: 'unstructured' or 'N:M' "
-                         f"with 0 < N < M, e.g. '2:4', '4:8'") from None
-
-
-def _check_method(name: str, value) -> None:
-    if value not in sparsify.METHODS:
-        raise ParamError(f"{name}: {value!r} is not a method; allowed: {', '.join(sparsify.METHODS)}")
-
-
-def _check_scope(name: str, value) -> None:
-    if value not in sparsify.SCOPES:
-        raise ParamError(f"{name}: {value!r} is not a scope; allowed: {', '.join(sparsify.SCOPES)}")
-
-
-def _check_model(name: str, value, check_hub: bool) -> None:
-    try:
-        resolve(value, check_hub=check_hub)
-    except ModelError as e:
-        raise ParamError(f"{name}: {e}") from None
-
-
-def _check_format(name: str, value) -> None:
-    try:
-        core_formats.parse_format(value)
-    except ValueError as e:
-        raise ParamError(f"{name}: {e}") from None
-
-
-def _positive(name: str, value) -> None:
-    whole_number(f"{name}:", value, error=ParamError)  # "nsamples: must be a positive integer, got 0"
-
-
-def _seed(name: str, value) -> None:
-    whole_number(f"{name}:", value, minimum=0, error=ParamError)
-
-
 # The rule a parameter follows, from the last word of its name (``methods``,
-# ``size_methods`` ... are all lists of methods): (check of one value, whether a list).
+# ``size_methods`` ... are all lists of methods): the check of one value, whether a list.
 RULES = {
-    "method": (_check_method, False), "methods": (_check_method, True),
-    "sparsity": (_check_sparsity, False), "sparsities": (_check_sparsity, True),
-    "pattern": (_check_pattern, False), "patterns": (_check_pattern, True),
-    "formats": (_check_format, True), "scope": (_check_scope, False), "seed": (_seed, False),
-    **dict.fromkeys(("nsamples", "seqlen", "windows", "window", "utterances", "examples", "sentences",
-                     "tokens", "repeats", "reps", "steps"), (_positive, False)),
+    "method": (sparsify.check_method, False), "methods": (sparsify.check_method, True),
+    "sparsity": (sparsify.check_sparsity_ratio, False), "sparsities": (sparsify.check_sparsity_ratio, True),
+    "pattern": (sparsify.parse_pattern, False), "patterns": (sparsify.parse_pattern, True),
+    "scope": (sparsify.check_scope, False), "formats": (core_formats.parse_format, True),
 }
+# Whole numbers, by the last word of the name: the smallest allowed.
+WHOLE = {"seed": 0, **dict.fromkeys(("nsamples", "seqlen", "windows", "window", "utterances", "examples",
+                                     "sentences", "tokens", "repeats", "reps", "steps"), 1)}
 
 
 def validate_value(name: str, value, check_hub: bool = True) -> None:
@@ -194,36 +157,29 @@ def validate_value(name: str, value, check_hub: bool = True) -> None:
     _check_renamed(name)
     kind = name.split("_")[-1]
     if name == "executor":  # local | serial | a scheduler address or scheduler file
-        try:
-            ex.check_executor(value)
-        except ValueError as e:
-            raise ParamError(str(e)) from None
+        _lower(name, ex.check_executor, value)
     elif name in ("device", "dtype"):  # checked as a pair: float16 is refused on the CPU only
         _check_device(value if name == "device" else "cpu", value if name == "dtype" else "auto")
     elif name == "zeroshot_tasks":  # lm-eval task names; asking whether the hub answers only for a hub task
         tasks = _as_list(name, value)
-        try:
-            zeroshot.check_tasks(tasks, hub_available=not check_hub or set(tasks) <= set(zeroshot.OFFLINE_TASKS)
-                                 or hub_reachable()[0])
-        except ValueError as e:
-            raise ParamError(f"{name}: {e}") from None
+        hub = not check_hub or set(tasks) <= set(zeroshot.OFFLINE_TASKS) or hub_reachable()[0]
+        _lower(name, zeroshot.check_tasks, tasks, hub_available=hub)
     elif name == "protocol":
-        try:
-            protocols.get(value)
-        except ValueError as e:
-            raise ParamError(str(e)) from None
+        _lower(name, protocols.get, value)
     elif name in PROTOCOL_OVERRIDES:  # 0: the protocol's own
         whole_number(f"{name}:", value, minimum=protocols.FROM_PROTOCOL, error=ParamError)
+    elif kind in WHOLE:  # "nsamples: must be a positive integer, got 0"
+        whole_number(f"{name}:", value, minimum=WHOLE[kind], error=ParamError)
     elif kind in ("model", "models"):
         names = _as_list(name, value) if kind == "models" else [value]
         if not names:
             raise ParamError(f"{name}: [] names no model; give at least one (a preset, hub id or folder)")
         for v in names:
-            _check_model(name, v, check_hub)
+            _lower(name, resolve, v, check_hub=check_hub)
     elif kind in RULES:
         check, many = RULES[kind]
         for v in _as_list(name, value) if many else [value]:
-            check(name, v)
+            _lower(name, check, v)
 
 
 def validate(params: dict, check_hub: bool = True) -> None:
@@ -240,11 +196,8 @@ def validate(params: dict, check_hub: bool = True) -> None:
 
 
 def _check_device(device: str, dtype: str) -> None:
-    """A device torch sees here and a dtype it can run (one line naming what is allowed)."""
-    try:
-        describe_device(device, dtype)
-    except DeviceError as e:
-        raise ParamError(str(e)) from None  # it names the parameter and what is allowed
+    """A device torch sees here and a dtype it can run (its one line names what is allowed)."""
+    _lower("device", describe_device, device, dtype)
 
 
 def check_types(params: dict, declared: dict[str, dict], notebook: str) -> None:
@@ -272,7 +225,7 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
     if not quant_group_sizes:
         raise ParamError("quant_group_sizes: give at least one 4-bit group size, e.g. [32, 64]")
     for g in quant_group_sizes:
-        _positive("quant_group_sizes", g)
+        whole_number("quant_group_sizes:", g, error=ParamError)
         if g % 2:
             raise ParamError(f"quant_group_sizes: {g} must be even (two 4-bit codes per byte), e.g. 32")
     if not float(distill_temperature) > 0:
@@ -280,8 +233,8 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
     if not 0 <= float(distill_alpha) <= 1:
         raise ParamError(f"distill_alpha: {distill_alpha!r} must be in [0, 1] (the weight of the "
                          f"soft targets; 1 = soft targets only)")
-    _positive("moe_experts", moe_experts)
-    _positive("timing_reps", timing_reps)
+    whole_number("moe_experts:", moe_experts, error=ParamError)
+    whole_number("timing_reps:", timing_reps, error=ParamError)
     for f in moe_active_fractions:
         k = float(f) * moe_experts
         if not 0 < float(f) <= 1 or abs(k - round(k)) > 1e-9:
@@ -292,15 +245,9 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
 def _check_sweep(size_formats, owl, owl_method, owl_sparsity, nsamples, seqlen, seed, **_) -> None:
     """Notebook 03: the size table's formats (``nm`` needs an N:M pattern) and the OWL
     run's configuration, as the engine will check it."""
-    try:
-        core_formats.check_formats(size_formats)
-    except ValueError as e:
-        raise ParamError(f"size_formats: {e}") from None
+    _lower("size_formats", core_formats.check_formats, size_formats)
     if owl:
-        try:
-            PruneConfig(owl_method, owl_sparsity, owl=True, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        except ValueError as e:
-            raise ParamError(f"owl: {e}") from None
+        _lower("owl", PruneConfig, owl_method, owl_sparsity, owl=True, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
 
 def _lossless_formats(size_formats) -> tuple[str, ...]:
@@ -308,10 +255,7 @@ def _lossless_formats(size_formats) -> tuple[str, ...]:
     first, or () for none; a lossy format is refused: the files must hold the evaluated weights."""
     names = []
     for f in size_formats or ():
-        try:
-            fmt = core_formats.parse_format(f)
-        except ValueError as e:
-            raise ParamError(f"size_formats: {e}") from None
+        fmt = _lower("size_formats", core_formats.parse_format, f)
         if not fmt.lossless:
             raise ParamError(f"size_formats: {f!r} is lossy; the quality-vs-size figure compares files "
                              f"that hold exactly the evaluated weights (use e.g. 'bitmask+zstd')")
@@ -342,10 +286,7 @@ def benchmark_config(values: dict) -> benchmarks.BenchmarkConfig:
 
 def _check_protocol(values: dict) -> None:
     if "protocol" in values:
-        try:
-            protocols.resolve(values["protocol"], *(values.get(k, 0) for k in PROTOCOL_OVERRIDES))
-        except ValueError as e:
-            raise ParamError(str(e)) from None
+        _lower("protocol", protocols.resolve, values["protocol"], *(values.get(k, 0) for k in PROTOCOL_OVERRIDES))
 
 
 # Rules that span several parameters of one notebook, run after the per-name checks.
