@@ -12,9 +12,12 @@ import yaml
 
 from lab_utils.core import files, models
 from lab_utils.core.evaluation import asr, denoising, sentiment, zeroshot
+from lab_utils.core.evaluation.protocols import EvalConfig
 from lab_utils.engine import checkpoints
-from lab_utils.experiments import benchmarks
+from lab_utils.engine.config import PruneConfig
+from lab_utils.experiments import benchmarks, throughput
 from lab_utils.presentation import benchmarks_view
+from lab_utils.report import params
 
 
 @pytest.fixture()
@@ -81,8 +84,8 @@ def test_cosine_fidelity_known_values():
 def test_mean_pooling_ignores_padding(tiny_dirs):
     lm = models.load_model(str(tiny_dirs["bert"]))
     short, long = "good movie", "the plot of this long film was very bad and the acting was bad"
-    alone = sentiment.mean_pooled(lm.model, lm.tokenizer, [short], progress=False)
-    batched = sentiment.mean_pooled(lm.model, lm.tokenizer, [long, short], progress=False)
+    alone = sentiment.mean_pooled(lm.model, lm.tokenizer, [short])
+    batched = sentiment.mean_pooled(lm.model, lm.tokenizer, [long, short])
     np.testing.assert_allclose(alone[0], batched[1], atol=1e-5)
     assert not np.allclose(batched[0], batched[1])
 
@@ -90,9 +93,9 @@ def test_mean_pooling_ignores_padding(tiny_dirs):
 # --------------------------------------------------------------------------- zero-shot
 def test_zero_shot_benchmark_is_a_row_per_harness_task(tiny_dirs):
     lm = models.load_model(str(tiny_dirs["llama"]))
-    bp = benchmarks.BenchParams(sentiment_examples=8, seed=0, zeroshot_tasks=["lab_sentiment"])
+    bp = EvalConfig(sentiment_examples=8, seed=0, zeroshot_tasks=["lab_sentiment"])
     assert bp.zeroshot_tasks == ("lab_sentiment",)  # a list from a parameter file becomes a tuple
-    out = benchmarks.run_benchmark("zero-shot", lm, bp, progress=False)
+    out = benchmarks.run_benchmark("zero-shot", lm, bp)
     rows = benchmarks.metric_rows(out)
     assert [(r["metric"], r["task"], r["n"]) for r in rows] == [("zero-shot accuracy", "lab_sentiment", 8)]
     acc, n = rows[0]["value"], rows[0]["n"]
@@ -111,7 +114,7 @@ def test_zero_shot_benchmark_is_a_row_per_harness_task(tiny_dirs):
 
 def test_bad_zeroshot_tasks_fail_with_one_clear_line():
     with pytest.raises(ValueError, match="^zeroshot_tasks: no zero-shot task named"):
-        benchmarks.BenchParams(zeroshot_tasks=[])
+        EvalConfig(zeroshot_tasks=[])
 
 
 # --------------------------------------------------------------------------- speech
@@ -126,7 +129,7 @@ def test_normalizer_applies_the_same_rules_to_both_sides():
 def test_whisper_wer_path_on_the_tiny_model(tiny_dirs):
     lm = models.load_model(str(tiny_dirs["whisper"]))
     assert asr.decoder_prompt(lm.tokenizer, lm.model.config) == [lm.model.config.decoder_start_token_id]
-    out = asr.wer_benchmark(lm, n_utterances=2, max_new_tokens=8, progress=False)
+    out = asr.wer_benchmark(lm, n_utterances=2, max_new_tokens=8)
     assert out["n"] == 2 and out["reference_words"] > 0
     assert 0.0 <= out["wer"] < math.inf
 
@@ -138,8 +141,7 @@ def test_real_whisper_transcribes_a_synthesized_sentence():
     lm = models.load_model("whisper-tiny-en")
     assert asr.decoder_prompt(lm.tokenizer, lm.model.config) == [50257, 50362]
     text = "The government will publish the new budget next week."
-    hyp = asr.transcribe(lm.model, lm.feature_extractor, lm.tokenizer, data.speech([text], progress=False),
-                         progress=False)
+    hyp = asr.transcribe(lm.model, lm.feature_extractor, lm.tokenizer, data.speech([text]))
     assert asr.wer([text], hyp)["wer"] < 0.5, hyp
 
 
@@ -164,7 +166,7 @@ def test_denoising_on_the_tiny_bart(tiny_dirs):
 
     lm = models.load_model(str(tiny_dirs["bart"]))
     sents = [" ".join(WORDS[i:i + 12]) for i in range(0, 40, 5)]
-    out = denoising.denoising(lm.model, lm.tokenizer, sents, progress=False)
+    out = denoising.denoising(lm.model, lm.tokenizer, sents)
     assert out["tokens"] == sum(len(lm.tokenizer(s)["input_ids"]) for s in sents)
     assert out["masked_tokens"] == sum(round(0.3 * len(lm.tokenizer(s, add_special_tokens=False)["input_ids"]))
                                        for s in sents)
@@ -189,25 +191,24 @@ def test_settings_put_dense_first_and_nm_at_its_own_sparsity():
 def test_checkpoint_key_matches_the_pruning_engine(tiny_dirs, eval_cache, kind, method, seqlen):
     name = str(tiny_dirs[kind])
     spec = models.resolve(name)
+    cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=seqlen, seed=0)
     for setting in (benchmarks.Setting("dense", "unstructured", 0.0),
                     benchmarks.Setting(method, "unstructured", 0.5)):
         m = "magnitude" if setting.is_dense else setting.method
-        _, report = checkpoints.pruned_model(name, m, setting.sparsity, nsamples=2, seqlen=seqlen, seed=0,
-                                       progress=False)
-        assert benchmarks.checkpoint_key(spec, setting, 2, seqlen, 0) == report.key
+        _, report = checkpoints.pruned_model(name, PruneConfig(m, setting.sparsity, nsamples=2, seqlen=seqlen, seed=0))
+        assert benchmarks.checkpoint_key(spec, setting, cfg) == report.key
 
 
-SMALL = benchmarks.BenchParams(ppl_windows=2, ppl_seqlen=16, sentiment_examples=8, probe_train_examples=40,
-                               probe_test_examples=12, wer_utterances=2, denoise_sentences=4)
+SMALL = EvalConfig(eval_windows=2, eval_seqlen=16, sentiment_examples=8, probe_train_examples=40,
+                   probe_test_examples=12, wer_utterances=2, denoise_sentences=4)
 
 
 @pytest.mark.slow  # worker processes evaluate every setting (make test-fast leaves it out)
 def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny_dirs, eval_cache,
                                                                              monkeypatch):
     names = [str(tiny_dirs[k]) for k in ("llama", "bert", "bart")]
-    cfg = benchmarks.SweepConfig(nsamples=2, seqlen=16, bench=SMALL, size_formats=("dense", "bitmask+zstd"))
-    df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
-                                           cfg, progress=False)
+    cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL, size_formats=("dense", "bitmask+zstd"))
+    df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7], cfg)
     per_model = {"decoder-only": 2, "encoder-only": 3, "encoder-decoder": 2}  # metrics (tasks) per setting
     n_settings = 1 + 2 * 3
     for name in names:
@@ -222,7 +223,7 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
     assert np.allclose(sparse.actual_sparsity, sparse.requested_sparsity, atol=0.02)
     assert len(sizes) == n_settings * len(names)
     assert (sizes[sizes.requested_sparsity > 0].file_bytes < sizes[sizes.requested_sparsity > 0].dense_file_bytes).all()
-    path = benchmarks.write_csv(df)
+    path = files.write_csv(df, "benchmarks.csv", float_format="%.6g")
     assert pd.read_csv(path).shape == df.shape
 
     def no_loading(*a, **k):
@@ -230,7 +231,7 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
 
     monkeypatch.setattr(checkpoints, "pruned_model", no_loading)
     df2, sizes2 = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
-                                             cfg, progress=False)
+                                             cfg)
     pd.testing.assert_frame_equal(df, df2)
     pd.testing.assert_frame_equal(sizes, sizes2)
 
@@ -240,9 +241,8 @@ def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, 
     calls = []
     real = sentiment.train_probe
     monkeypatch.setattr(sentiment, "train_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = benchmarks.SweepConfig(nsamples=2, seqlen=16, bench=SMALL)
-    df, _ = benchmarks.benchmark_table([str(tiny_dirs["bert"])], ["magnitude"], ["unstructured"], [0.3, 0.6],
-                                       cfg, progress=False)
+    cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL)
+    df, _ = benchmarks.benchmark_table([str(tiny_dirs["bert"])], ["magnitude"], ["unstructured"], [0.3, 0.6], cfg)
     assert len(calls) == 1
     fid = df[df.metric == "embedding fidelity"].set_index("requested_sparsity").value
     assert fid[0.0] == pytest.approx(1.0) and fid[0.6] < 1.0
@@ -266,13 +266,15 @@ def test_hub_encoders_use_glue_sst2_train_and_validation(monkeypatch):
 
 
 def test_bad_benchmark_sizes_fail_with_one_clear_line():
-    with pytest.raises(ValueError, match="ppl_windows: 0"):
-        benchmarks.BenchParams(ppl_windows=0)
+    with pytest.raises(ValueError, match="^eval_windows must be a positive integer, got 0$"):
+        EvalConfig(eval_windows=0)
     with pytest.raises(ValueError, match="denoise_mask_ratio.*fraction"):
-        benchmarks.BenchParams(denoise_mask_ratio=1.0)
-    with pytest.raises(ValueError, match="lossy"):
-        benchmarks.check_size_formats(["bitmask-int8"])
-    assert benchmarks.check_size_formats(["bitmask+zstd"]) == ("dense", "bitmask+zstd")
+        EvalConfig(denoise_mask_ratio=1.0)
+    values = {"nsamples": 16, "seqlen": 256, "seed": 0}
+    with pytest.raises(params.ParamError, match="^size_formats: 'bitmask-int8' is lossy"):
+        params.benchmark_config({**values, "size_formats": ["bitmask-int8"]})
+    cfg = params.benchmark_config({**values, "size_formats": ["bitmask+zstd"]})
+    assert cfg.size_formats == ("dense", "bitmask+zstd")
 
 
 # --------------------------------------------------------------------------- summary
@@ -379,7 +381,8 @@ def test_speed_table_is_measured_once_then_read_back(tiny_dirs, eval_cache, monk
     from lab_utils.experiments import speed
 
     name = str(tiny_dirs["llama"])
-    first = benchmarks.speed_table(name, [0, 0.9], tokens=8, warmup=0, repeats=1, progress=False)
+    timing = speed.Timing(tokens=8, warmup=0, repeats=1)
+    first = throughput.speed_table(name, [0, 0.9], timing)
     assert list(first.sparsity) == [0.9]  # 0 is the dense model itself: nothing to time
     assert (first.sparse_aware_speedup > 0).all() and (first.layers == 14).all()
     assert first.fell_back.dtype == bool
@@ -389,7 +392,7 @@ def test_speed_table_is_measured_once_then_read_back(tiny_dirs, eval_cache, monk
 
     monkeypatch.setattr(speed, "forward_sweep", no_timing)
     monkeypatch.setattr(speed, "layer_speed", no_timing)
-    again = benchmarks.speed_table(name, [0.9, 0], tokens=8, warmup=0, repeats=1, progress=False)
+    again = throughput.speed_table(name, [0.9, 0], timing)
     pd.testing.assert_frame_equal(again, first)
 
 

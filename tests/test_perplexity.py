@@ -16,12 +16,12 @@ def test_batched_window_losses_equal_the_labels_loss(tiny_dirs, kind, batch_toke
     lm = load_model(str(tiny_dirs[kind]))
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(7, 60, (5, 16), generator=g)
-    got = P.window_losses(lm.model, windows, batch_tokens=batch_tokens, progress=False)
+    got = P.window_losses(lm.model, windows, batch_tokens=batch_tokens)
     with torch.no_grad():
         want = torch.stack([lm.model(input_ids=w[None], labels=w[None]).loss for w in windows])
     assert got.shape == (5,)
     assert torch.allclose(got, want, atol=1e-5)
-    assert P.perplexity(lm.model, windows, progress=False) == pytest.approx(math.exp(float(want.mean())), rel=1e-5)
+    assert P.perplexity(lm.model, windows) == pytest.approx(math.exp(float(want.mean())), rel=1e-5)
 
 
 def test_perplexity_is_exp_of_the_mean_window_loss():
@@ -35,28 +35,28 @@ def test_perplexity_is_exp_of_the_mean_window_loss():
             return type("Out", (), {"logits": logits.roll(-1, dims=1)})()
 
     windows = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 1]])
-    losses = P.window_losses(Fixed(), windows, progress=False)
+    losses = P.window_losses(Fixed(), windows)
     assert losses[0] != losses[1]
-    assert P.perplexity(Fixed(), windows, progress=False) == pytest.approx(math.exp(float(losses.mean())))
+    assert P.perplexity(Fixed(), windows) == pytest.approx(math.exp(float(losses.mean())))
 
 
 def test_evaluate_uses_the_nyt_windows_and_caches(tiny_dirs, cache_with_data):
     lm = load_model(str(tiny_dirs["llama"]))
-    r = P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k1", progress=False)
+    r = P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k1")
     assert r["corpus"] == "nyt" and r["windows"] == 3 and r["seqlen"] == 32
     windows = data.eval_windows(lm.tokenizer, 32, 3, "nyt")
-    assert r["perplexity"] == pytest.approx(P.perplexity(lm.model, windows, progress=False))
+    assert r["perplexity"] == pytest.approx(P.perplexity(lm.model, windows))
     assert r["perplexity"] > 1
     for p in lm.model.parameters():  # a changed model, same key: the cached number comes back
         p.data.zero_()
-    assert P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k1", progress=False) == r
-    assert P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k2", progress=False) != r
+    assert P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k1") == r
+    assert P.evaluate(lm, seqlen=32, n_windows=3, cache_key="k2") != r
 
 
 def test_perplexity_refuses_a_non_decoder(tiny_dirs):
     lm = load_model(str(tiny_dirs["bert"]))
     with pytest.raises(ValueError, match="decoder-only"):
-        P.evaluate(lm, seqlen=16, n_windows=2, progress=False)
+        P.evaluate(lm, seqlen=16, n_windows=2)
 
 
 def test_token_windows_are_tokenized_once_and_equal_the_protocol(tiny_dirs, cache_with_data, monkeypatch):
@@ -68,5 +68,5 @@ def test_token_windows_are_tokenized_once_and_equal_the_protocol(tiny_dirs, cach
     monkeypatch.setattr(data, "_token_ids", lambda *a: pytest.fail("tokenized again"))
     assert data.token_windows(lm.tokenizer, "eval", 3, 32, seed=7) is ev  # the seed is not an eval key
     assert data.token_windows(lm.tokenizer, "calibration", 4, 16, seed=1) is cal
-    r = P.evaluate(lm, seqlen=32, n_windows=3, progress=False)  # evaluation reads the same windows
-    assert r["perplexity"] == pytest.approx(P.perplexity(lm.model, ev, progress=False))
+    r = P.evaluate(lm, seqlen=32, n_windows=3)  # evaluation reads the same windows
+    assert r["perplexity"] == pytest.approx(P.perplexity(lm.model, ev))

@@ -29,7 +29,7 @@ def test_zero_takes_the_protocols_own_size_and_an_override_is_labelled():
 
 @pytest.mark.parametrize("name, value, ok", [
     ("protocol", "reference", True), ("protocol", "full", False), ("eval_windows", 0, True),
-    ("eval_windows", -2, False), ("ppl_seqlen", 64, True), ("ppl_seqlen", 1.5, False)])
+    ("eval_windows", -2, False), ("eval_seqlen", 64, True), ("eval_seqlen", 1.5, False)])
 def test_notebook_parameters_name_a_protocol_or_override_it(name, value, ok):
     if ok:
         params.validate_value(name, value)
@@ -44,7 +44,5 @@ def test_notebooks_03_and_04_measure_under_one_protocol_by_default():
     d3, d4 = params.declared("03_sparsification_and_sizes"), params.declared("04_benchmarks")
     assert d3["protocol"]["default"] == d4["protocol"]["default"] == '"sweep"'
     assert params.declared("01_concepts")["protocol"]["default"] == '"quick"'
-    from lab_utils.experiments import benchmarks
-
-    cfg = benchmarks.sweep_config({k: ast.literal_eval(v["default"]) for k, v in d4.items()})
-    assert (cfg.bench.ppl_windows, cfg.bench.ppl_seqlen) == protocols.resolve("sweep")
+    cfg = params.benchmark_config({k: ast.literal_eval(v["default"]) for k, v in d4.items()})
+    assert (cfg.bench.eval_windows, cfg.bench.eval_seqlen) == protocols.resolve("sweep")

@@ -150,7 +150,7 @@ def test_the_notebook_parameter_refuses_a_hub_task_without_the_hub(monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(params.ParamError, match="expected a list"):
         params.validate({"zeroshot_tasks": "lab_sentiment"})
-    # the notebook's default and the sweep config agree
-    cfg = benchmarks.sweep_config({"nsamples": 16, "seqlen": 256, "seed": 0, "size_formats": [],
+    # the notebook's default and the benchmarks' config agree
+    cfg = params.benchmark_config({"nsamples": 16, "seqlen": 256, "seed": 0, "size_formats": [],
                                    "zeroshot_tasks": ["lab_sentiment"]})
     assert cfg.bench.zeroshot_tasks == zeroshot.OFFLINE_TASKS

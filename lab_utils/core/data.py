@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io as _io
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -31,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lab_utils.core import files
 from lab_utils.core.models import hub_reachable
-from lab_utils.core.speech import synthesize
+from lab_utils.core.speech import SAMPLE_RATE, synthesize
 
 VADER_VERSION = "3.3.2"
 VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -44,6 +44,8 @@ NYT_FILE = "nytEditorialSnippets_GroundTruth.txt"
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 CORPUS_FILES = (NYT_FILE, MOVIE_FILE, "amazonReviewSnippets_GroundTruth.txt",
                 "tweets_GroundTruth.txt")
+WINDOW_S = 29.0  # Whisper hears 30 s; keep a margin
+GAP_S = 0.5  # silence between packed utterances
 
 
 class DataError(RuntimeError):
@@ -188,7 +190,6 @@ def speech_sentences(n: int, min_words: int = 6, max_words: int = 24) -> list[st
 
 # --------------------------------------------------------------------------- hub corpora
 def _require_hub(what: str) -> None:
-
     ok, reason = hub_reachable()
     if not ok:
         raise DataError(f"{what} comes from the Hugging Face hub, which is not reachable here "
@@ -336,14 +337,11 @@ def calibration_sentences(nsamples: int, seed: int = 0, min_words: int = 6,
 
 
 # --------------------------------------------------------------------------- speech
-def speech(texts: list[str], voice: str = "en-us", progress: bool = True) -> list[np.ndarray]:
+def speech(texts: list[str], voice: str = "en-us") -> list[np.ndarray]:
     """16 kHz float32 speech for each text, synthesized once and cached on disk."""
-    from tqdm.auto import tqdm
-
-
     folder = files.cache_dir() / "speech" / voice
     out = []
-    for text in tqdm(texts, desc="speech", disable=not progress, leave=False):
+    for text in tqdm(texts, desc="speech", leave=False):
         path = folder / f"{files.sha256_bytes(text.encode())[:24]}.npy"
         data = files.read_checked(path)
         if data is not None:
@@ -357,12 +355,31 @@ def speech(texts: list[str], voice: str = "en-us", progress: bool = True) -> lis
     return out
 
 
+def pack(texts: list[str], audio: list[np.ndarray], per_window: int, gap_s: float = GAP_S,
+         window_s: float = WINDOW_S) -> tuple[list[str], list[np.ndarray]]:
+    """Consecutive utterances joined into clips of at most ``per_window``
+    utterances and ``window_s`` seconds, ``gap_s`` of silence between them;
+    their texts joined by a space. ``per_window=1`` leaves them as they are."""
+    if per_window <= 1:
+        return list(texts), list(audio)
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)
+    limit = int(window_s * SAMPLE_RATE)
+    out_t, out_a, cur_t, cur_a = [], [], [], []
+    for t, a in zip(texts, audio, strict=True):
+        size = sum(len(x) for x in cur_a) + len(gap) * len(cur_a) + len(a)
+        if cur_a and (len(cur_a) >= per_window or size > limit):
+            out_t.append(" ".join(cur_t))
+            out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
+            cur_t, cur_a = [], []
+        cur_t.append(t)
+        cur_a.append(a)
+    if cur_a:
+        out_t.append(" ".join(cur_t))
+        out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
+    return out_t, out_a
+
+
 def clear_corpus_cache() -> None:
     """Forget the in-memory copies (after the files were rebuilt)."""
     nyt_sentences.cache_clear()
     _movie_rows.cache_clear()
-
-
-def remove_cached_corpus() -> None:
-    shutil.rmtree(files.cache_dir() / "data", ignore_errors=True)
-    clear_corpus_cache()

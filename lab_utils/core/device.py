@@ -6,8 +6,8 @@ picks the dtype of the forward passes (float32 on the CPU, bfloat16 on an
 accelerator, as the Wanda and SparseGPT reference code runs in half
 precision). :func:`synchronize` waits for a device's queued work, so a clock
 read after it measures the work and not its launch; :func:`peak_memory` reads
-a device's allocator high-water mark. :func:`block_footprint` is the
-arithmetic of what the layer-sequential engine holds on the device at once.
+a device's allocator high-water mark. (What fits on a GPU:
+:mod:`lab_utils.experiments.footprint`.)
 """
 
 from __future__ import annotations
@@ -189,64 +189,3 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return emb.weight.device
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")  # a parameterless stand-in
-
-
-# --------------------------------------------------------------------------- what fits
-def block_footprint(hidden: int, intermediate: int, kv_hidden: int | None = None, *, method: str = "sparsegpt",
-                    nsamples: int = 128, seqlen: int = 2048, act_bytes: int = 2,
-                    batch_tokens: int = 8192) -> dict[str, int]:
-    """Bytes the layer-sequential engine holds on the device at once, for a
-    Llama-shaped block (q, k, v, o; gate, up, down):
-
-    * ``weights``: one block in float32 (the mask math needs full precision);
-    * ``activations``: the calibration set at the block's input and output,
-      ``nsamples x seqlen x hidden x act_bytes``, twice;
-    * ``statistics``: Wanda one float32 vector per layer; SparseGPT one
-      float32 Hessian per layer, in x in (six hidden x hidden, one
-      intermediate x intermediate), all alive until the block is pruned;
-    * ``working``: one batch's forward temporaries (``batch_tokens`` x
-      intermediate, three of them, float32) plus SparseGPT's copies of the
-      largest Hessian and its inverse while one layer is pruned.
-    """
-    kv = hidden if kv_hidden is None else kv_hidden
-    weight_numel = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate
-    ins = [hidden] * 6 + [intermediate]  # q k v o gate up: hidden inputs; down: intermediate
-    if method == "sparsegpt":
-        stats = sum(n * n for n in ins) * 4
-        working = 2 * intermediate * intermediate * 4
-    elif method == "wanda":
-        stats = sum(ins) * 4
-        working = 0
-    else:
-        raise ValueError(f"method {method!r}: the footprint is computed for 'wanda' and 'sparsegpt'")
-    working += 3 * batch_tokens * intermediate * 4
-    parts = {"weights": weight_numel * 4, "activations": 2 * nsamples * seqlen * hidden * act_bytes,
-             "statistics": stats, "working": working}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-# Llama shapes (hidden, intermediate, key/value width, blocks) as their configs give them.
-LLAMA_SHAPES = {"Llama-2-7B": (4096, 11008, 4096, 32), "Llama-2-13B": (5120, 13824, 5120, 40),
-                "Llama-2-70B": (8192, 28672, 1024, 80)}
-
-
-def footprint_table(gpu_gib=(24, 80), shapes: dict | None = None, nsamples: int = 128, seqlen: int = 2048,
-                    act_bytes: int = 2, batch_tokens: int = 8192):
-    """Per model shape and method: what one block needs on the device (GiB),
-    the whole model's float32 weights (which stay in host memory), and
-    whether it fits each GPU size in ``gpu_gib``."""
-    import pandas as pd  # deferred: only this table needs pandas
-
-    gib = 1024 ** 3
-    rows = []
-    for name, (h, i, kv, n_blocks) in (shapes or LLAMA_SHAPES).items():
-        for method in ("wanda", "sparsegpt"):
-            p = block_footprint(h, i, kv, method=method, nsamples=nsamples, seqlen=seqlen,
-                                act_bytes=act_bytes, batch_tokens=batch_tokens)
-            row = {"model": name, "method": method, **{k: round(v / gib, 2) for k, v in p.items()},
-                   "host_weights_fp32": round(n_blocks * p["weights"] / gib, 1)}
-            for g in gpu_gib:
-                row[f"fits_{g}GiB"] = p["total"] <= g * gib
-            rows.append(row)
-    return pd.DataFrame(rows)

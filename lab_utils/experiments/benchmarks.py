@@ -23,10 +23,11 @@ encoder-decoder    ``wer`` for a speech model (:mod:`~lab_utils.core.evaluation.
 Caching: every evaluation is stored as checksummed JSON under
 ``cache_dir()/eval/`` keyed by (checkpoint key, benchmark, the benchmark's
 parameters, :data:`EVAL_VERSION`). The checkpoint key is the pruning engine's
-(:func:`lab_utils.engine.checkpoints.pruned_model`), computed here *without
+(:func:`lab_utils.engine.config.checkpoint_key`), computed here *without
 loading the model*, so a fully cached run never loads or prunes anything.
-Notebook 04's parameters become a :class:`SweepConfig` by :func:`sweep_config`;
-its speed table is :func:`speed_comparison`, a cached step keyed here.
+Notebook 04's settings travel whole as a :class:`BenchmarkConfig`
+(:func:`lab_utils.report.params.benchmark_config` makes it from the notebook's
+parameters).
 """
 
 from __future__ import annotations
@@ -34,21 +35,20 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
-from lab_utils.core import data, files, memo, sparsify
+from lab_utils.core import data, files, sparsify
 from lab_utils.core import formats as core_formats
-from lab_utils.core.device import resolved
-from lab_utils.core.evaluation import asr, denoising, perplexity, protocols, sentiment, zeroshot
+from lab_utils.core.evaluation import asr, denoising, perplexity, sentiment, zeroshot
+from lab_utils.core.evaluation.protocols import EvalConfig
 from lab_utils.core.models import DECODER_ONLY, ENCODER_ONLY, ModelSpec, resolve
 from lab_utils.engine import checkpoints
 from lab_utils.engine import config as engine_config
 from lab_utils.experiments import executor as ex
-from lab_utils.experiments import file_sizes, speed, sweep
+from lab_utils.experiments import file_sizes, sweep
 
 EVAL_VERSION = 1  # part of every cache key: bump when a benchmark's numbers change
 DENSE = "dense"
@@ -75,50 +75,19 @@ METRICS = {m.name: m for m in [
 
 
 @dataclass(frozen=True)
-class BenchParams:
-    """The size of every benchmark (what the notebook's parameters set).
+class BenchmarkConfig:
+    """Notebook 04's settings: the calibration of the pruned checkpoints (shared
+    with notebook 03), the size of every benchmark, the lossless formats whose
+    files are measured (None: no sizes) and where the work runs (resolved names:
+    :func:`lab_utils.core.device.resolved`)."""
 
-    Defaults are the notebook's fast configuration; every field is part of
-    the cache key of the benchmark that reads it.
-    """
-
-    ppl_windows: int = 8  # perplexity: non-overlapping windows of the evaluation text
-    ppl_seqlen: int = 256  # tokens per window
-    sentiment_examples: int = 128  # zero-shot: documents scored per task (a seeded sample)
-    zeroshot_tasks: tuple[str, ...] = zeroshot.OFFLINE_TASKS  # lm-eval task names
-    probe_train_examples: int = 2000  # probe head: training sentences (a seeded sample)
-    probe_test_examples: int = 500  # probe: test sentences (a seeded sample)
-    probe_max_length: int = 128  # tokens per sentence for the encoder
-    wer_utterances: int = 64  # Whisper: synthesized NYT sentences
-    wer_per_window: int = 1  # sentences packed into one 30 s clip (1: one clip per sentence)
-    wer_batch_size: int = 32
-    denoise_sentences: int = 64  # BART: sentences to reconstruct
-    denoise_mask_ratio: float = 0.3
-    denoise_poisson_lambda: float = 3.0
-    seed: int = 0  # data split and corruption seed
-
-    def __post_init__(self):
-        """One clear error for a size that cannot work (0 windows, a mask ratio of 1 ...)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            is_int = isinstance(value, int) and not isinstance(value, bool)
-            if f.name == "seed":
-                ok, want = is_int and value >= 0, "a non-negative integer"
-            elif f.name == "zeroshot_tasks":
-                # a tuple, also when it arrives as a list (a parameter file, a worker's job)
-                try:
-                    object.__setattr__(self, f.name, zeroshot.check_tasks(value, hub_available=True))
-                except ValueError as e:
-                    raise ValueError(f"{f.name}: {e}") from None
-                ok = True
-            elif isinstance(f.default, float):
-                ok = (is_int or isinstance(value, float)) and value > 0
-                ok, want = ok and (f.name != "denoise_mask_ratio" or value < 1), (
-                    "a fraction in (0, 1)" if f.name == "denoise_mask_ratio" else "a positive number")
-            else:
-                ok, want = is_int and value > 0, "a positive integer"
-            if not ok:
-                raise ValueError(f"{f.name}: {value!r} is not allowed; use {want}")
+    nsamples: int = 16
+    seqlen: int | None = 256
+    seed: int = 0
+    bench: EvalConfig = field(default_factory=EvalConfig)
+    size_formats: tuple[str, ...] | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -139,30 +108,26 @@ def settings(methods, patterns, sparsities) -> list[Setting]:
     return [Setting(*t) for t in sweep.settings(methods, patterns, sparsities)]
 
 
-def _config(spec: ModelSpec):
-    return engine_config.hf_config(spec)
-
-
 def benchmarks_for(spec: ModelSpec, config=None) -> list[str]:
     """The benchmarks of a model's family (Whisper: WER; BART-like: denoising)."""
     if spec.family == DECODER_ONLY:
         return ["perplexity", "zero-shot"]
     if spec.family == ENCODER_ONLY:
         return ["sentiment-probe"]
-    config = config or _config(spec)
+    config = config or engine_config.hf_config(spec)
     return ["wer"] if config.model_type == "whisper" else ["denoising"]
 
 
-def bench_params(benchmark: str, bp: BenchParams) -> dict:
+def bench_params(benchmark: str, bench: EvalConfig) -> dict:
     """The parameters a benchmark reads (its cache key)."""
-    keys = {"perplexity": ("ppl_windows", "ppl_seqlen"),
+    keys = {"perplexity": ("eval_windows", "eval_seqlen"),
             "zero-shot": ("sentiment_examples", "seed", "zeroshot_tasks"),
             "sentiment-probe": ("probe_train_examples", "probe_test_examples", "probe_max_length", "seed"),
             "wer": ("wer_utterances", "wer_per_window"),
             "denoising": ("denoise_sentences", "denoise_mask_ratio", "denoise_poisson_lambda", "seed")}[benchmark]
-    out = {k: getattr(bp, k) for k in keys}
+    out = {k: getattr(bench, k) for k in keys}
     if benchmark == "zero-shot":  # another harness version may score differently
-        out["zeroshot_tasks"] = list(bp.zeroshot_tasks)
+        out["zeroshot_tasks"] = list(bench.zeroshot_tasks)
         out["harness"] = zeroshot.harness_version()
     if benchmark == "wer":  # the decoding budget changes a looping model's WER
         out["max_new_tokens"] = asr.MAX_NEW_TOKENS
@@ -170,14 +135,18 @@ def bench_params(benchmark: str, bp: BenchParams) -> dict:
 
 
 # --------------------------------------------------------------------------- checkpoint keys
-def checkpoint_key(spec: ModelSpec, setting: Setting, nsamples: int, seqlen: int | None, seed: int,
-                   config=None, device: str = "cpu", dtype: str = "float32") -> str:
+def prune_config(setting: Setting, cfg: BenchmarkConfig) -> engine_config.PruneConfig:
+    """The pruning engine's config of one setting (the dense one: magnitude at 0)."""
+    if setting.is_dense:
+        return engine_config.PruneConfig("magnitude", 0.0, device=cfg.device, dtype=cfg.dtype)
+    return engine_config.PruneConfig(setting.method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
+                                     seqlen=cfg.seqlen, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype)
+
+
+def checkpoint_key(spec: ModelSpec, setting: Setting, cfg: BenchmarkConfig, config=None) -> str:
     """The key :func:`lab_utils.engine.checkpoints.pruned_model` gives this checkpoint,
     computed from the config alone (a test checks that they agree)."""
-    cfg = (engine_config.make_config("magnitude", 0.0, device=device, dtype=dtype) if setting.is_dense else
-           engine_config.make_config(setting.method, setting.sparsity, setting.pattern, None, nsamples, seqlen, seed,
-                                     device=device, dtype=dtype))
-    return engine_config.checkpoint_key(spec, cfg, config)
+    return engine_config.checkpoint_key(spec, prune_config(setting, cfg), config)
 
 
 def _eval_path(key: str, what: str, params: dict, suffix: str = ".json"):
@@ -197,12 +166,10 @@ def sentiment_splits(spec: ModelSpec, seed: int = 0):
 
 
 def subset(ds, n: int, seed: int = 0):
-    """``n`` examples drawn by a seeded permutation, kept in file order. (The
-    first ``n`` would not do: the review file lists positive sentences first.)"""
-    if n >= len(ds):
-        return ds
-    idx = np.random.default_rng(seed).permutation(len(ds))[:n]
-    return ds.select(sorted(idx.tolist()))
+    """``n`` examples drawn by the lab's seeded rule (:func:`~lab_utils.core.evaluation.zeroshot.subset_indices`),
+    kept in file order. (The first ``n`` would not do: the review file lists positive sentences first.)"""
+    idx = zeroshot.subset_indices(len(ds), n, seed)
+    return ds if idx is None else ds.select(idx)
 
 
 def _load_array(path) -> np.ndarray | None:
@@ -227,23 +194,22 @@ class ProbeContext:
     test_texts: list[str]
 
 
-def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=None,
-                  progress: bool = True) -> ProbeContext:
+def probe_context(spec: ModelSpec, dense_key: str, bench: EvalConfig, dense_lm=None) -> ProbeContext:
     """The dense head and test embeddings, from the cache or computed once
     (loading the dense model if ``dense_lm`` is not given)."""
-    params = bench_params("sentiment-probe", bp)
+    params = bench_params("sentiment-probe", bench)
     head_path = _eval_path(dense_key, "probe-head", params)
     feat_path = _eval_path(dense_key, "probe-dense-test", params, ".npy")
-    train, test = sentiment_splits(spec, bp.seed)
-    test = subset(test, bp.probe_test_examples, bp.seed)
+    train, test = sentiment_splits(spec, bench.seed)
+    test = subset(test, bench.probe_test_examples, bench.seed)
     head, dense_test = files.cached_json(head_path), _load_array(feat_path)
     if head is None or dense_test is None:
         if dense_lm is None:
-            dense_lm, _ = checkpoints.pruned_model(spec.name, "magnitude", 0.0, progress=progress)
-        feats = lambda texts: sentiment.mean_pooled(dense_lm.model, dense_lm.tokenizer, texts,  # noqa: E731
-                                                    bp.probe_max_length, progress=progress)
-        train = subset(train, bp.probe_train_examples, bp.seed)
-        head = sentiment.train_probe(feats(train["text"]), train["label"], seed=bp.seed)
+            dense_lm, _ = checkpoints.pruned_model(spec.name, engine_config.PruneConfig("magnitude", 0.0))
+        def feats(texts):
+            return sentiment.mean_pooled(dense_lm.model, dense_lm.tokenizer, texts, bench.probe_max_length)
+        train = subset(train, bench.probe_train_examples, bench.seed)
+        head = sentiment.train_probe(feats(train["text"]), train["label"], seed=bench.seed)
         dense_test = feats(test["text"])
         files.store_json(head_path, head)
         _store_array(feat_path, dense_test)
@@ -251,45 +217,38 @@ def probe_context(spec: ModelSpec, dense_key: str, bp: BenchParams, dense_lm=Non
 
 
 # --------------------------------------------------------------------------- one benchmark
-def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None = None,
-                  progress: bool = True, key: str | None = None) -> dict:
+def run_benchmark(benchmark: str, lm, bench: EvalConfig, ctx: ProbeContext | None = None,
+                  key: str | None = None) -> dict:
     """Run one benchmark on a loaded model: {"metrics": {name: value}, "details": {...}},
     or, for a benchmark with tasks (zero-shot), {"rows": [a row per task], ...}.
     ``key`` (the checkpoint's) lets the perplexity come from the cache that the
     pruning sweep of notebook 03 fills with the same protocol."""
     t0 = time.perf_counter()
     if benchmark == "perplexity":
-        r = perplexity.evaluate(lm, bp.ppl_seqlen, bp.ppl_windows, cache_key=key, progress=progress)
-        metrics = {"perplexity": r["perplexity"]}
+        r = perplexity.evaluate(lm, bench.eval_seqlen, bench.eval_windows, cache_key=key)
         # the seconds of the evaluation itself, also when it was read from the cache
-        return {"metrics": metrics, "details": r, "seconds": r["seconds"]}
-    elif benchmark == "zero-shot":
-        # lm-eval's own progress bars and log lines stay captured: the lab's bar over settings is enough
-        tasks = zeroshot.zeroshot_accuracy(lm.model, lm.tokenizer, bp.zeroshot_tasks,
-                                           n_examples=bp.sentiment_examples, seed=bp.seed,
-                                           device=str(next(lm.model.parameters()).device), progress=False)
+        return {"metrics": {"perplexity": r["perplexity"]}, "details": r, "seconds": r["seconds"]}
+    if benchmark == "zero-shot":
+        tasks = zeroshot.zeroshot_accuracy(lm.model, lm.tokenizer, bench.zeroshot_tasks,
+                                           n_examples=bench.sentiment_examples, seed=bench.seed)
         rows = [{"metric": "zero-shot accuracy", "task": t["task"], "value": t["accuracy"],
                  "stderr": t["stderr"], "n": t["n"], "harness_version": t["harness_version"]} for t in tasks]
-        return {"metrics": {}, "rows": rows, "details": {"tasks": tasks},
-                "seconds": time.perf_counter() - t0}
-    elif benchmark == "sentiment-probe":
+        return {"metrics": {}, "rows": rows, "details": {"tasks": tasks}, "seconds": time.perf_counter() - t0}
+    if benchmark == "sentiment-probe":
         if ctx is None:
             raise ValueError("the sentiment probe needs the dense head and embeddings (probe_context)")
-        X = sentiment.mean_pooled(lm.model, lm.tokenizer, ctx.test_texts, bp.probe_max_length,
-                                  progress=progress)
+        X = sentiment.mean_pooled(lm.model, lm.tokenizer, ctx.test_texts, bench.probe_max_length)
         r = sentiment.probe_scores(ctx.head, X, ctx.test_labels, ctx.dense_test)
         r["head_train_accuracy"] = ctx.head["train_accuracy"]
-        metrics = {"probe accuracy": r["accuracy"], "probe F1": r["f1"],
-                   "embedding fidelity": r["fidelity"]}
+        metrics = {"probe accuracy": r["accuracy"], "probe F1": r["f1"], "embedding fidelity": r["fidelity"]}
     elif benchmark == "wer":
-        r = asr.wer_benchmark(lm, bp.wer_utterances, bp.wer_batch_size, per_window=bp.wer_per_window,
-                              progress=progress)
+        r = asr.wer_benchmark(lm, bench.wer_utterances, bench.wer_batch_size, per_window=bench.wer_per_window)
         metrics = {"WER": r["wer"]}
     elif benchmark == "denoising":
         corpus = "wikitext2" if lm.spec.source == "hub" else "nyt"
-        sents = denoising.corpus_sentences(corpus, bp.denoise_sentences)
-        r = denoising.denoising(lm.model, lm.tokenizer, sents, bp.denoise_mask_ratio,
-                                bp.denoise_poisson_lambda, bp.seed, progress=progress)
+        sents = denoising.corpus_sentences(corpus, bench.denoise_sentences)
+        r = denoising.denoising(lm.model, lm.tokenizer, sents, bench.denoise_mask_ratio,
+                                bench.denoise_poisson_lambda, bench.seed)
         r["corpus"] = corpus
         metrics = {"denoising perplexity": r["perplexity"], "infill perplexity": r["infill_perplexity"]}
     else:
@@ -298,17 +257,6 @@ def run_benchmark(benchmark: str, lm, bp: BenchParams, ctx: ProbeContext | None 
 
 
 # --------------------------------------------------------------------------- sweeps
-@dataclass
-class SweepConfig:
-    nsamples: int = 16
-    seqlen: int | None = 256
-    seed: int = 0
-    bench: BenchParams = field(default_factory=BenchParams)
-    size_formats: tuple[str, ...] | None = None  # measure file sizes (experiments.file_sizes) when set
-    device: str = "cpu"  # where pruning and evaluation run (resolved: core.device.resolved)
-    dtype: str = "float32"  # the forward passes' dtype
-
-
 def _checkpoint_info(report) -> dict:
     return {"actual_sparsity": report.actual_sparsity, "actual_sparsity_total": report.actual_sparsity_total,
             "nm_verified": report.nm_verified, "prune_seconds": report.seconds}
@@ -328,7 +276,7 @@ def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) 
             and not (f == "dense" and dense_file_bytes is not None)]
     measured = {}
     if fmts:
-        table = file_sizes.model_sizes(lm.model, fmts, pattern=pattern, progress=False)
+        table = file_sizes.model_sizes(lm.model, fmts, pattern=pattern)
         measured = {str(f): int(b) for f, b in zip(table.format, table.file_bytes, strict=True)}
     if dense_file_bytes is not None:
         measured["dense"] = int(dense_file_bytes)
@@ -337,12 +285,8 @@ def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) 
             "formats": measured}
 
 
-def _storage_version() -> str:
-    return f"{core_formats.FILE_VERSION}"
-
-
-def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfig,
-                   progress: bool = True, workers: int | None = None, executor: str | ex.Executor = ex.LOCAL,
+def evaluate_model(model_name: str, setting_list: list[Setting], cfg: BenchmarkConfig,
+                   workers: int | None = None, executor: str | ex.Executor = ex.LOCAL,
                    resources: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:
     """All benchmarks of one model on every setting: (metric rows, size rows).
 
@@ -357,23 +301,21 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
     evaluation running beside it.
     """
     spec = resolve(model_name)
-    config = _config(spec)
+    config = engine_config.hf_config(spec)
     if not setting_list or not setting_list[0].is_dense:
         raise ValueError("the settings start with the dense baseline (see settings())")
-    _evaluate_setting(model_name, spec, setting_list[0], cfg, config, None, progress)
+    _evaluate_setting(model_name, setting_list[0], cfg, None)
     dense_bytes = _read_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
     todo = [s for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
-    job_cfg = {**asdict(cfg), "size_formats": list(cfg.size_formats or [])}
     try:
         evaluated = ex.run_jobs(
             evaluate_job,
-            [{"model_name": model_name, "setting": asdict(s), "cfg": job_cfg, "dense_file_bytes": dense_bytes}
-             for s in todo],
-            executor, workers=workers, progress=progress,
+            [{"model_name": model_name, "setting": s, "cfg": cfg, "dense_file_bytes": dense_bytes} for s in todo],
+            executor, workers=workers,
             resources=resources if resources is not None else ex.accelerator_resources(cfg.device),
             desc=f"{spec.label} settings",
-            describe=lambda j: f"evaluating {spec.label} ({j['setting']['method']}, {j['setting']['pattern']}, "
-                               f"{j['setting']['sparsity']:g})")
+            describe=lambda j: f"evaluating {spec.label} ({j['setting'].method}, {j['setting'].pattern}, "
+                               f"{j['setting'].sparsity:g})")
     except ex.JobError as e:
         raise RuntimeError(str(e)) from e
     returned = dict(zip(todo, evaluated, strict=True))  # what the jobs found in the cache they wrote
@@ -383,10 +325,10 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
         if not _complete(entries):
             raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
         info, size, results = entries
-        key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config, cfg.device, cfg.dtype)
         base = {"model": spec.name, "label": spec.label, "family": spec.family,
                 "method": setting.method, "pattern": setting.pattern,
                 "requested_sparsity": setting.sparsity, "actual_sparsity": info["actual_sparsity"]}
+        key = checkpoint_key(spec, setting, cfg, config)
         for b, result in results.items():
             for r in metric_rows(result):
                 rows.append({**base, "benchmark": b, **r, "seconds": result["seconds"],
@@ -397,17 +339,16 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: SweepConfi
     return rows, sizes
 
 
-def _paths(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+def _paths(spec: ModelSpec, setting: Setting, cfg: BenchmarkConfig, config) -> tuple:
     """(checkpoint key, info path, size path or None, {benchmark: path}) of one setting."""
-    key = checkpoint_key(spec, setting, cfg.nsamples, cfg.seqlen, cfg.seed, config, cfg.device, cfg.dtype)
-    bp = cfg.bench
-    paths = {b: _eval_path(key, b, bench_params(b, bp)) for b in benchmarks_for(spec, config)}
+    key = checkpoint_key(spec, setting, cfg, config)
+    paths = {b: _eval_path(key, b, bench_params(b, cfg.bench)) for b in benchmarks_for(spec, config)}
     size_path = _eval_path(key, "size", {"formats": list(cfg.size_formats or []),
-                                         "storage": _storage_version()}) if cfg.size_formats else None
+                                         "storage": f"{core_formats.FILE_VERSION}"}) if cfg.size_formats else None
     return key, _eval_path(key, "checkpoint", {}), size_path, paths
 
 
-def _read_entries(spec: ModelSpec, setting: Setting, cfg: SweepConfig, config) -> tuple:
+def _read_entries(spec: ModelSpec, setting: Setting, cfg: BenchmarkConfig, config) -> tuple:
     """(info, size, {benchmark: result}) of one setting as the cache has them,
     None for each one missing (size is {} when no sizes are measured)."""
     _, info_path, size_path, paths = _paths(spec, setting, cfg, config)
@@ -420,19 +361,16 @@ def _complete(entries: tuple) -> bool:
     return info is not None and size is not None and all(r is not None for r in results.values())
 
 
-def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: SweepConfig, config,
-                      dense_file_bytes: int | None, progress: bool) -> None:
+def _evaluate_setting(model_name: str, setting: Setting, cfg: BenchmarkConfig, dense_file_bytes: int | None) -> None:
     """Compute whatever the cache lacks for one setting, and store it."""
+    spec = resolve(model_name)
+    config = engine_config.hf_config(spec)
     key, info_path, size_path, paths = _paths(spec, setting, cfg, config)
     entries = _read_entries(spec, setting, cfg, config)
     if _complete(entries):
         return
     _, size, results = entries
-    bp = cfg.bench
-    method = "magnitude" if setting.is_dense else setting.method
-    lm, report = checkpoints.pruned_model(model_name, method, setting.sparsity, setting.pattern, nsamples=cfg.nsamples,
-                                          seqlen=cfg.seqlen, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                                          progress=progress)
+    lm, report = checkpoints.pruned_model(model_name, prune_config(setting, cfg))
     if cfg.device != "cpu":  # the engine returns the model in host memory; evaluate it on the device
         lm.model.to(cfg.device)
     if report.key != key:  # the engine changed its key: do not file results under a wrong one
@@ -444,22 +382,19 @@ def _evaluate_setting(model_name: str, spec: ModelSpec, setting: Setting, cfg: S
                                              None if setting.is_dense else dense_file_bytes))
     ctx = None
     if "sentiment-probe" in paths:
-        dense_key = checkpoint_key(spec, Setting(DENSE, sparsify.UNSTRUCTURED, 0.0), cfg.nsamples, cfg.seqlen,
-                                   cfg.seed, config, cfg.device, cfg.dtype)
-        ctx = probe_context(spec, dense_key, bp, lm if setting.is_dense else None, progress)
+        dense_key = checkpoint_key(spec, Setting(DENSE, sparsify.UNSTRUCTURED, 0.0), cfg, config)
+        ctx = probe_context(spec, dense_key, cfg.bench, lm if setting.is_dense else None)
     for b, p in paths.items():
         if results[b] is None:
-            files.store_json(p, run_benchmark(b, lm, bp, ctx, progress, key=key))
+            files.store_json(p, run_benchmark(b, lm, cfg.bench, ctx, key=key))
 
 
-def evaluate_job(model_name: str, setting: dict, cfg: dict, dense_file_bytes: int | None) -> tuple:
+def evaluate_job(model_name: str, setting: Setting, cfg: BenchmarkConfig, dense_file_bytes: int | None) -> tuple:
     """One setting of :func:`evaluate_model`, in a worker: the results go to the cache, and
     come back as the cache then holds them (:func:`_read_entries`)."""
+    _evaluate_setting(model_name, setting, cfg, dense_file_bytes)
     spec = resolve(model_name)
-    sweep = SweepConfig(**{**cfg, "bench": BenchParams(**cfg["bench"]),
-                           "size_formats": tuple(cfg["size_formats"]) or None})
-    _evaluate_setting(model_name, spec, Setting(**setting), sweep, _config(spec), dense_file_bytes, progress=False)
-    return _read_entries(spec, Setting(**setting), sweep, _config(spec))
+    return _read_entries(spec, setting, cfg, engine_config.hf_config(spec))
 
 
 COLUMNS = ["model", "label", "family", "method", "pattern", "requested_sparsity", "actual_sparsity",
@@ -493,98 +428,17 @@ def add_dense(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def benchmark_table(models, methods, patterns, sparsities, cfg: SweepConfig | None = None,
-                    progress: bool = True, workers: int | None = None,
+def benchmark_table(models, methods, patterns, sparsities, cfg: BenchmarkConfig | None = None,
+                    workers: int | None = None,
                     executor: str | ex.Executor = ex.LOCAL) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy benchmark table of every model (dense rows first per model)
     and, when ``cfg.size_formats`` is set, the file size of every checkpoint;
     the settings of a model are jobs on ``executor`` (see :func:`evaluate_model`)."""
-    cfg = cfg or SweepConfig()
+    cfg = cfg or BenchmarkConfig()
     setting_list = settings(methods, patterns, sparsities)
     rows, sizes = [], []
     for model_name in models:
-        r, s = evaluate_model(model_name, setting_list, cfg, progress, workers, executor)
+        r, s = evaluate_model(model_name, setting_list, cfg, workers, executor)
         rows += r
         sizes += s
-    df = add_dense(pd.DataFrame(rows))[COLUMNS]
-    return df, pd.DataFrame(sizes)
-
-
-def write_csv(df: pd.DataFrame, name: str = "benchmarks.csv"):
-    """Write a table under results/ atomically; returns its path."""
-    return files.write_csv(df, files.results_dir() / name, float_format="%.6g")
-
-
-# --------------------------------------------------------------------------- speed
-def speed_table(model_name: str, sparsities, tokens: int = 256, warmup: int = 1, repeats: int = 3,
-                margin: float = 0.1, progress: bool = True) -> pd.DataFrame:
-    """Whole-forward throughput, dense vs sparse-aware, at each sparsity
-    (:func:`lab_utils.experiments.speed.forward_sweep`: each prunable layer runs as CSR
-    where the measured per-shape crossover says it pays, dense elsewhere, and
-    the plan is kept only if it is faster end to end; medians after warm-up,
-    timed in turns). The weights come from magnitude pruning: a CSR matmul's
-    time depends on how many weights are kept, not on which, so one method
-    stands for all.
-
-    The table is cached by :func:`lab_utils.core.memo.cached` like every computed
-    step (a rerun shows the first run's measurement); delete
-    ``cache_dir()/steps/04-speed-*`` to time again.
-    """
-    sparsities = sorted({float(s) for s in sparsities if s > 0})
-    key = {"model": model_name, "sparsities": sparsities, "tokens": tokens, "warmup": warmup,
-           "repeats": repeats, "margin": margin, "threads": torch.get_num_threads(),
-           "kernel": speed.KERNEL_VERSION}
-
-    def measure() -> pd.DataFrame:
-        layers = speed.layer_speed(speed.model_shapes(model_name), sparsities, tokens=tokens, warmup=warmup,
-                                   repeats=repeats, progress=progress)
-        fwd = speed.forward_sweep(model_name, "magnitude", sparsities, layers, tokens=tokens, warmup=warmup,
-                                  repeats=repeats, margin=margin, all_csr=False, progress=progress)
-        fwd["dense_tokens_per_s"] = fwd.tokens / fwd.dense_s
-        fwd["sparse_aware_tokens_per_s"] = fwd.tokens / fwd.sparse_aware_s
-        return fwd[["model", "label", "sparsity", "tokens", "dense_tokens_per_s", "sparse_aware_tokens_per_s",
-                    "sparse_aware_speedup", "csr_layers", "layers", "checked_speedup", "fell_back",
-                    "flop_limit", "threads", "repeats", "load_avg"]].reset_index(drop=True)
-
-    return memo.cached("04-speed", key, measure)
-
-
-def check_size_formats(formats) -> tuple[str, ...]:
-    """The lossless storage formats to measure (:mod:`lab_utils.core.formats` names),
-    with one clear error for a bad or lossy one."""
-    out = []
-    for f in formats or ():
-        fmt = core_formats.parse_format(f)  # raises StorageError naming the allowed layouts
-        if not fmt.lossless:
-            raise ValueError(f"size_formats: {f!r} is lossy; the quality-vs-size figure compares files "
-                             f"that hold exactly the evaluated weights (use e.g. 'bitmask+zstd')")
-        out.append(fmt.name)
-    # the plain dense file is the baseline every size is compared with
-    return tuple(dict.fromkeys(["dense", *out])) if out else ()
-
-
-# --------------------------------------------------------------------------- notebook 04
-def sweep_config(params: dict) -> SweepConfig:
-    """The :class:`SweepConfig` of notebook 04's parameters (a dict by name, as
-    :func:`lab_utils.report.params.validate_notebook` returns them): every
-    :class:`BenchParams` field the notebook declares, the calibration and the
-    lossless ``size_formats`` (checked by :func:`check_size_formats`). The perplexity's
-    windows are the named ``protocol``'s (:mod:`lab_utils.core.evaluation.protocols`)
-    unless ``ppl_windows`` / ``ppl_seqlen`` override them (0: the protocol's)."""
-    params = dict(params)
-    if "protocol" in params:
-        params["ppl_windows"], params["ppl_seqlen"] = protocols.resolve(
-            params["protocol"], params.get("ppl_windows", 0), params.get("ppl_seqlen", 0))
-    bench = BenchParams(**{f.name: params[f.name] for f in fields(BenchParams) if f.name in params})
-    device, dtype = resolved(params.get("device", "auto"), params.get("dtype", "auto"))
-    return SweepConfig(nsamples=params["nsamples"], seqlen=params["seqlen"], seed=params["seed"], bench=bench,
-                       size_formats=check_size_formats(params["size_formats"]), device=device, dtype=dtype)
-
-
-def speed_comparison(models, methods, patterns, sparsities, tokens: int = 256, repeats: int = 3,
-                     progress: bool = True) -> pd.DataFrame:
-    """:func:`speed_table` of each of ``models`` at every sparsity the settings
-    of ``methods`` x ``patterns`` x ``sparsities`` reach (dense excluded)."""
-    speed_sparsities = sorted({s.sparsity for s in settings(methods, patterns, sparsities)} - {0.0})
-    return pd.concat([speed_table(m, speed_sparsities, tokens, repeats=repeats, progress=progress)
-                      for m in models], ignore_index=True)
+    return add_dense(pd.DataFrame(rows))[COLUMNS], pd.DataFrame(sizes)

@@ -2,7 +2,7 @@
 
 Everything here reads the tables that :mod:`lab_utils.experiments.benchmarks`
 returns (:func:`~lab_utils.experiments.benchmarks.benchmark_table`,
-:func:`~lab_utils.experiments.benchmarks.speed_comparison`) or the benchmark
+:func:`~lab_utils.experiments.throughput.speed_comparison`) or the benchmark
 data and parameters, and nothing else, so each sentence of the notebook's
 conclusions follows the numbers: if a method stops staying within tolerance,
 the paragraph says so on the next run.
@@ -17,7 +17,8 @@ import pandas as pd
 
 from lab_utils.core import files
 from lab_utils.core.evaluation import zeroshot
-from lab_utils.experiments.benchmarks import DENSE, METRICS, BenchParams
+from lab_utils.core.evaluation.protocols import EvalConfig
+from lab_utils.experiments.benchmarks import DENSE, METRICS
 from lab_utils.presentation import style
 from lab_utils.presentation.text import human_bytes, pct
 
@@ -45,7 +46,7 @@ def fmt_value(metric: str, value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if metric in PERCENT_METRICS:
-        return f"{100 * value:.1f}%"
+        return pct(value)
     if metric == "embedding fidelity":
         return f"{value:.3f}"
     return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
@@ -165,10 +166,6 @@ def summary_table(df: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame
 
 
 # --------------------------------------------------------------------------- figures
-def _save(fig, name: str):
-    return files.save_figure(fig, files.figs_dir() / name)
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
@@ -208,7 +205,7 @@ def metric_figure(df: pd.DataFrame, model: str, protocol: str | None = None):
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{label}: benchmarks vs sparsity")
     fig.tight_layout()
-    return _save(fig, f"benchmarks_{_slug(label)}.png")
+    return files.save_figure(fig, f"benchmarks_{_slug(label)}.png")
 
 
 def headline_metric(df: pd.DataFrame, model: str) -> str:
@@ -245,7 +242,7 @@ def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str, protocol: str
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, f"benchmarks_size_{_slug(label)}.png")
+    return files.save_figure(fig, f"benchmarks_size_{_slug(label)}.png")
 
 
 def wide_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -308,7 +305,7 @@ def data_sentence(nyt: pd.DataFrame, reviews) -> str:
             f"sentences, {pct(sum(test['label']) / len(test))} of the test sentences positive.")
 
 
-def protocol_sentence(bench: BenchParams) -> str:
+def protocol_sentence(bench: EvalConfig) -> str:
     """The zero-shot tasks (the lab's prompt and answers), the harness, and the
     number of examples of every benchmark."""
     own = [t for t in bench.zeroshot_tasks if t in zeroshot.OFFLINE_TASKS]
@@ -320,7 +317,7 @@ def protocol_sentence(bench: BenchParams) -> str:
             + (f"{', '.join(f'`{t}`' for t in others)} as lm-eval defines them" if others else "")
             + f"), {bench.sentiment_examples} documents per task; {bench.probe_train_examples} training and "
             f"{bench.probe_test_examples} test sentences for the probe, {bench.wer_utterances} utterances for "
-            f"Whisper ({bench.wer_per_window} per 30 s clip), {bench.ppl_windows} windows of {bench.ppl_seqlen} "
+            f"Whisper ({bench.wer_per_window} per 30 s clip), {bench.eval_windows} windows of {bench.eval_seqlen} "
             f"tokens for perplexity.")
 
 

@@ -24,20 +24,19 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lab_utils.core import data
 from lab_utils.core.device import model_device
 from lab_utils.core.metrics import load_metric
+from lab_utils.core.speech import SAMPLE_RATE
 
-SAMPLING_RATE = 16_000
 PROMPT_TOKENS = ("<|startoftranscript|>", "<|notimestamps|>")
 # Tokens decoded per sentence at most. The default 64 sentences (6-24 words)
 # take 19 tokens on average and 32 at most; 48 leaves half as much again, and
 # a pruned model that loops stops here instead of filling the decoder's 448
 # positions (a batch runs until its longest transcription ends).
 MAX_NEW_TOKENS = 48
-WINDOW_S = 29.0  # Whisper hears 30 s; keep a margin
-GAP_S = 0.5  # silence between packed utterances
 
 
 @lru_cache(maxsize=1)
@@ -68,11 +67,9 @@ def decoder_prompt(tokenizer, config) -> list[int]:
 
 @torch.no_grad()
 def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], batch_size: int = 16,
-               max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device | None = None,
-               progress: bool = True) -> list[str]:
+               max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device | None = None) -> list[str]:
     """Greedy transcriptions of 16 kHz clips (each under 30 s), computed on
     ``device`` (default: where the model reads its inputs)."""
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     model.eval()
@@ -85,9 +82,9 @@ def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], bat
         else GenerationConfig(**model.generation_config.to_dict())
     gen.update(max_new_tokens=budget, max_length=None, num_beams=1, do_sample=False)
     texts = []
-    for i in tqdm(range(0, len(audio), batch_size), desc="transcribe", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(audio), batch_size), desc="transcribe", leave=False):
         clips = audio[i:i + batch_size]
-        feats = feature_extractor(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+        feats = feature_extractor(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         start = torch.tensor([prompt] * len(clips), dtype=torch.long, device=device)
         out = model.generate(feats.to(device, dtype), decoder_input_ids=start, generation_config=gen)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -97,7 +94,6 @@ def transcribe(model, feature_extractor, tokenizer, audio: list[np.ndarray], bat
 def wer(references: list[str], hypotheses: list[str]) -> dict:
     """Corpus WER after normalizing both sides. A reference that normalizes to
     nothing (no words) is dropped with its hypothesis, and counted."""
-
     refs, hyps = [normalize(r) for r in references], [normalize(h) for h in hypotheses]
     keep = [i for i, r in enumerate(refs) if r.strip()]
     out = load_metric("wer").compute(predictions=[hyps[i] for i in keep], references=[refs[i] for i in keep])
@@ -105,33 +101,9 @@ def wer(references: list[str], hypotheses: list[str]) -> dict:
     return out
 
 
-def pack(texts: list[str], audio: list[np.ndarray], per_window: int, gap_s: float = GAP_S,
-         window_s: float = WINDOW_S) -> tuple[list[str], list[np.ndarray]]:
-    """Consecutive utterances joined into clips of at most ``per_window``
-    utterances and ``window_s`` seconds, ``gap_s`` of silence between them;
-    their texts joined by a space. ``per_window=1`` leaves them as they are."""
-    if per_window <= 1:
-        return list(texts), list(audio)
-    gap = np.zeros(int(gap_s * SAMPLING_RATE), dtype=np.float32)
-    limit = int(window_s * SAMPLING_RATE)
-    out_t, out_a, cur_t, cur_a = [], [], [], []
-    for t, a in zip(texts, audio, strict=True):
-        size = sum(len(x) for x in cur_a) + len(gap) * len(cur_a) + len(a)
-        if cur_a and (len(cur_a) >= per_window or size > limit):
-            out_t.append(" ".join(cur_t))
-            out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
-            cur_t, cur_a = [], []
-        cur_t.append(t)
-        cur_a.append(a)
-    if cur_a:
-        out_t.append(" ".join(cur_t))
-        out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
-    return out_t, out_a
-
-
 def wer_benchmark(lm, n_utterances: int = 64, batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
-                  per_window: int = 1, voice: str = "en-us", device: str | torch.device | None = None,
-                  progress: bool = True) -> dict:
+                  per_window: int = 1, voice: str = "en-us",
+                  device: str | torch.device | None = None) -> dict:
     """WER of a loaded Whisper model on ``n_utterances`` synthesized NYT sentences.
 
     ``per_window`` > 1 packs that many consecutive sentences into one clip
@@ -140,16 +112,15 @@ def wer_benchmark(lm, n_utterances: int = 64, batch_size: int = 16, max_new_toke
     once per clip instead of once per sentence. WER is pooled over all words
     either way; ``max_new_tokens`` applies per sentence.
     """
-
     if lm.feature_extractor is None:
         raise ValueError(f"{lm.spec.name} has no feature extractor: the WER benchmark needs a speech "
                          f"model (Whisper); a text encoder-decoder uses the denoising benchmark")
     texts = data.speech_sentences(n_utterances)
-    audio = data.speech(texts, voice=voice, progress=progress)
-    refs, clips = pack(texts, audio, per_window)
+    audio = data.speech(texts, voice=voice)
+    refs, clips = data.pack(texts, audio, per_window)
     t0 = time.perf_counter()
     hyps = transcribe(lm.model, lm.feature_extractor, lm.tokenizer, clips, batch_size,
-                      max_new_tokens * max(1, per_window), device, progress)
+                      max_new_tokens * max(1, per_window), device)
     out = wer(refs, hyps)
     out.update(n=len(texts), clips=len(clips), per_window=per_window, seconds=time.perf_counter() - t0,
                max_new_tokens=max_new_tokens,

@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from lab_utils.core import data
 from lab_utils.core.device import model_device
@@ -57,7 +58,6 @@ def split_sentences(text: str, min_words: int = 8, max_words: int = 48) -> list[
 
 def corpus_sentences(corpus: str, n: int) -> list[str]:
     """The first ``n`` sentences of ``corpus`` ("wikitext2" or "nyt")."""
-
     if corpus == "wikitext2":
         return split_sentences(data.wikitext2_text())[:n]
     if corpus == "nyt":
@@ -114,11 +114,9 @@ def special_wrapping(tokenizer, text: str) -> tuple[list[int], list[int], list[i
 @torch.no_grad()
 def token_losses(model, tokenizer, sentences: list[str], mask_ratio: float = MASK_RATIO,
                  poisson_lambda: float = POISSON_LAMBDA, seed: int = 0, batch_size: int = 16,
-                 device: str | torch.device | None = None, progress: bool = True) -> tuple[list[list[float]], list[list[float]]]:
+                 device: str | torch.device | None = None) -> tuple[list[list[float]], list[list[float]]]:
     """Per sentence: the loss of every target token, and of the masked-out ones
     (on ``device``; default: where the model reads its inputs)."""
-    from tqdm.auto import tqdm
-
     device = device or model_device(model)
     if tokenizer.mask_token_id is None:
         raise ValueError("text infilling needs a tokenizer with a mask token (BART's <mask>)")
@@ -134,7 +132,7 @@ def token_losses(model, tokenizer, sentences: list[str], mask_ratio: float = MAS
         is_masked[len(prefix):len(prefix) + len(ids)] = masked
         items.append((src, tgt, is_masked))
     all_losses, masked_losses = [], []
-    for b in tqdm(range(0, len(items), batch_size), desc="denoising", disable=not progress, leave=False):
+    for b in tqdm(range(0, len(items), batch_size), desc="denoising", leave=False):
         batch = items[b:b + batch_size]
         n_src = max(len(s) for s, _, _ in batch)
         n_tgt = max(len(t) for _, t, _ in batch)
@@ -159,12 +157,11 @@ def token_losses(model, tokenizer, sentences: list[str], mask_ratio: float = MAS
 
 def denoising(model, tokenizer, sentences: list[str], mask_ratio: float = MASK_RATIO,
               poisson_lambda: float = POISSON_LAMBDA, seed: int = 0, batch_size: int = 16,
-              device: str | torch.device | None = None, progress: bool = True) -> dict:
+              device: str | torch.device | None = None) -> dict:
     """Reconstruction loss and perplexity of ``sentences`` from their infilled copies."""
-
     t0 = time.perf_counter()
     all_l, masked_l = token_losses(model, tokenizer, sentences, mask_ratio, poisson_lambda, seed,
-                                   batch_size, device, progress)
+                                   batch_size, device)
     ppl = load_metric("perplexity")
     full = ppl.compute(losses=all_l)
     masked_only = [m for m in masked_l if m]

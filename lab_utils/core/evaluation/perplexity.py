@@ -32,7 +32,7 @@ BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) log
 
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
-                  device: str | torch.device | None = None, progress: bool = True) -> torch.Tensor:
+                  device: str | torch.device | None = None) -> torch.Tensor:
     """Loss of every window (K,), each the mean over its seqlen-1 predicted tokens;
     the windows go to ``device`` (default: where the model reads its inputs)."""
     model.eval()
@@ -40,7 +40,7 @@ def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS
     K, seqlen = windows.shape
     bs = max(1, batch_tokens // seqlen)
     out = []
-    for i in tqdm(range(0, K, bs), desc="perplexity", disable=not progress, leave=False):
+    for i in tqdm(range(0, K, bs), desc="perplexity", leave=False):
         w = windows[i:i + bs].to(device)
         logits = model(input_ids=w, use_cache=False).logits.float()
         # the same shift as model(labels=w): token t predicts token t+1
@@ -52,9 +52,9 @@ def window_losses(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS
 
 
 def perplexity(model, windows: torch.Tensor, batch_tokens: int = BATCH_TOKENS,
-               device: str | torch.device | None = None, progress: bool = True) -> float:
+               device: str | torch.device | None = None) -> float:
     """exp of the mean window loss."""
-    return math.exp(float(window_losses(model, windows, batch_tokens, device, progress).mean()))
+    return math.exp(float(window_losses(model, windows, batch_tokens, device).mean()))
 
 
 def default_corpus(spec) -> str:
@@ -68,7 +68,7 @@ def default_seqlen(lm) -> int:
 
 
 def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: str | None = None,
-             cache_key: str | None = None, progress: bool = True) -> dict:
+             cache_key: str | None = None) -> dict:
     """Perplexity of a loaded decoder-only model as a dict (perplexity, seqlen,
     windows, corpus, seconds). With a ``cache_key`` (e.g. a PruneReport's
     key) the result is cached on disk and reused."""
@@ -85,7 +85,7 @@ def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: 
             return hit
     windows = data.token_windows(lm.tokenizer, "eval", n_windows, seqlen, corpus=corpus)
     t0 = time.perf_counter()
-    ppl = perplexity(lm.model, windows, progress=progress)
+    ppl = perplexity(lm.model, windows)
     result = {"model": lm.spec.name, "perplexity": ppl, "seqlen": seqlen,
               "windows": int(windows.shape[0]), "corpus": corpus,
               "seconds": time.perf_counter() - t0}

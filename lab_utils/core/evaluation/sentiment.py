@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lab_utils.core.device import model_device
 from lab_utils.core.metrics import load_metric
@@ -66,20 +67,17 @@ def _pad_id(tokenizer) -> int:
 # --------------------------------------------------------------------------- encoder probe
 @torch.no_grad()
 def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_tokens: int = 8192,
-                device: str | torch.device | None = None, progress: bool = True) -> np.ndarray:
+                device: str | torch.device | None = None) -> np.ndarray:
     """Sentence embeddings: the last hidden state averaged over the real
     tokens (padding masked out), as all-MiniLM-L6-v2 was trained to be used.
     Computed on ``device`` (default: where the model reads its inputs).
     Returns float32 (n, hidden)."""
-    from tqdm.auto import tqdm
-
     model.eval()
     device = device or model_device(model)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     pad = _pad_id(tokenizer)
-    for idx in tqdm(_batches([len(e) for e in enc], batch_tokens, max_batch=256), desc="features",
-                    disable=not progress, leave=False):
+    for idx in tqdm(_batches([len(e) for e in enc], batch_tokens, max_batch=256), desc="features", leave=False):
         ids, mask = _pad([enc[i] for i in idx], pad)
         hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
         m = mask.to(hidden.device).unsqueeze(-1).float()
@@ -134,7 +132,6 @@ def cosine_fidelity(X: np.ndarray, X_dense: np.ndarray) -> float:
 
 def probe_scores(probe: dict, X: np.ndarray, labels, X_dense: np.ndarray | None = None) -> dict:
     """Accuracy and F1 of the head on features X, plus fidelity to X_dense."""
-
     pred = probe_predict(probe, X).tolist()
     labels = [int(v) for v in labels]
     out = {"accuracy": load_metric("accuracy").compute(predictions=pred, references=labels)["accuracy"],

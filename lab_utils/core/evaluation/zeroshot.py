@@ -21,8 +21,8 @@ Two kinds of task:
 permutation of the task's documents, kept in document order), handed to
 lm-eval as its ``samples`` selection; ``None`` scores every document.
 
-lm-eval's loggers and Python warnings are silenced for the call, and with
-``progress=False`` whatever it prints is captured. Its request cache and
+lm-eval's loggers and Python warnings are silenced for the call, and whatever
+it prints is captured (the lab's own bar over settings is enough). Its request cache and
 response database stay off, and the lab's task builds its documents in memory,
 so an offline run writes no file; a hub task's data go wherever ``datasets``
 keeps its downloads.
@@ -108,20 +108,17 @@ def subset_indices(n_docs: int, n_examples: int | None, seed: int = 0) -> list[i
 
 
 @contextlib.contextmanager
-def quiet_harness(progress: bool = False):
-    """lm-eval's loggers at ERROR and Python warnings off for the duration;
-    without ``progress`` its prints and progress bars are captured too (they
-    would otherwise land in a rendered notebook). Levels are restored after."""
+def quiet_harness():
+    """lm-eval's loggers at ERROR, Python warnings off, and its prints and
+    progress bars captured (they would otherwise land in a rendered notebook).
+    Levels are restored after."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
-            if not progress:
-                stack.enter_context(contextlib.redirect_stdout(sink))
-                stack.enter_context(contextlib.redirect_stderr(sink))
             yield sink
     finally:
         logger.setLevel(level)
@@ -188,8 +185,7 @@ def accuracy_rows(results: dict, tasks) -> list[dict]:
 
 
 def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None = None,
-                seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "cpu",
-                hub_available: bool | None = None, progress: bool = False,
+                seed: int = 0, batch_size: int = BATCH_SIZE, hub_available: bool | None = None,
                 log_samples: bool = False) -> dict:
     """lm-eval's own results dict for ``tasks`` on ``model`` (see
     :func:`zeroshot_accuracy` for the arguments); ``log_samples`` adds every
@@ -200,8 +196,8 @@ def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None
     if hub_available is None and any(t not in OFFLINE_TASKS for t in names):
         hub_available = hub_reachable()[0]
     names = check_tasks(names, bool(hub_available))
-    with quiet_harness(progress):
-        lm = wrap_model(model, tokenizer, batch_size=batch_size, device=device)
+    with quiet_harness():
+        lm = wrap_model(model, tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
         loaded = task_manager(names, split_seed=seed).load(list(names))
         _prepare(loaded, seed=seed)
         samples = {name: idx for name, task in loaded["tasks"].items()
@@ -214,8 +210,7 @@ def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None
 
 
 def zeroshot_accuracy(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None = None,
-                      seed: int = 0, batch_size: int = BATCH_SIZE, device: str = "cpu",
-                      hub_available: bool | None = None, progress: bool = False) -> list[dict]:
+                      seed: int = 0, batch_size: int = BATCH_SIZE, hub_available: bool | None = None) -> list[dict]:
     """Zero-shot accuracy of ``model`` on each task through lm-eval.
 
     Rows (one per task, in the order asked): task, accuracy ("acc") and its
@@ -225,10 +220,8 @@ def zeroshot_accuracy(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int 
     the lab's corpus and the subset of ``n_examples`` documents (None: all).
     ``hub_available`` None asks :func:`lab_utils.core.models.hub_reachable`,
     and only when a hub task is requested; a hub task without the hub raises
-    ValueError before anything is loaded. The model must already be on
-    ``device``.
+    ValueError before anything is loaded. The model is evaluated where it sits.
     """
     results = run_harness(model, tokenizer, tasks, n_examples=n_examples, seed=seed,
-                          batch_size=batch_size, device=device, hub_available=hub_available,
-                          progress=progress)
+                          batch_size=batch_size, hub_available=hub_available)
     return accuracy_rows(results, tasks)
