@@ -5,7 +5,11 @@
    parameters (target: the increase stays below 2x; each model is loaded once
    beforehand so that the one-time import of its model code is not counted),
    and the seconds of the streaming statistics pass against loading the model.
-2. With ``--notebook``: the whole notebook under its default parameters,
+2. The peak-memory probe itself: nested probes in a fresh process (the
+   kernel's high-water mark is per process), each against the block it
+   allocated: the inner probe must see its own block, the outer one the
+   larger block freed before the inner probe reset the mark.
+3. With ``--notebook``: the whole notebook under its default parameters,
    executed by papermill into a temporary output folder: wall time against
    the 3-minute target, and the worst memory ratio it recorded.
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 
 from lab_utils.core import files
 from lab_utils.core import measure as core_measure
+from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import weight_stats, weights
 
 NOTEBOOK_SECONDS = 180
@@ -47,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def measure(name: str, sparsity: float, method: str | None, dense=None) -> dict:
     t0 = time.perf_counter()
-    ws = weights.model_stats(name, sparsity, method, progress=False, cache=False,
-                           bins=dense.bins if dense else None, reuse=dense)
+    prune = PruneConfig(method, sparsity) if method else None
+    ws = weights.model_stats(name, prune, cache=False, bins=dense.bins if dense else None, reuse=dense)
     total = time.perf_counter() - t0
     i = ws.info
     return {"ws": ws, "model": ws.label, "sparsity": sparsity, "method": method or "",
@@ -60,8 +67,34 @@ def measure(name: str, sparsity: float, method: str | None, dense=None) -> dict:
 
 def stats_seconds(ws: weight_stats.WeightStats, model) -> float:
     t0 = time.perf_counter()
-    weight_stats.weight_stats(model, label=ws.label, bins=ws.bins, progress=False)
+    weight_stats.weight_stats(model, label=ws.label, bins=ws.bins)
     return time.perf_counter() - t0
+
+
+NESTED_PROBES = """
+import torch
+from lab_utils.core.measure import PeakMemory
+with PeakMemory() as outer:
+    block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched, freed before the inner probe
+    block += 1
+    del block
+    with PeakMemory() as inner:  # resets the kernel's mark: the outer one must keep its own
+        small = torch.ones(48 * 2**20 // 4)  # mmap-sized: fresh pages, not reused heap
+        small += 1
+    del small
+print(inner.peak - inner.start, outer.peak - outer.start)
+"""
+
+
+def nested_probes() -> pd.DataFrame:
+    """The nested probes' increases against what each block allocated."""
+    out = subprocess.run([sys.executable, "-c", NESTED_PROBES], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    inner, outer = (int(v) / 2 ** 20 for v in out)
+    return pd.DataFrame([{"probe": "inner", "allocated MiB": 48, "increase MiB": inner,
+                          "sees its block": 40 <= inner < 100},
+                         {"probe": "outer", "allocated MiB": 128, "increase MiB": outer,
+                          "sees its block": outer >= 100}])
 
 
 def run_notebook(threads: int) -> dict:
@@ -98,7 +131,7 @@ def main(argv=None) -> int:
     for name in args.models:
         del_me = load_model(name)
         del del_me
-    core_measure._release_freed_memory()
+    core_measure.release_freed_memory()
     rows = []
     for name in args.models:
         dense = measure(name, 0.0, None)
@@ -121,7 +154,9 @@ def main(argv=None) -> int:
                            "stats / load": secs / load, "ns per parameter": 1e9 * secs / n})
         del lm
     print(pd.DataFrame(ratio_rows).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    status = int(not table["memory target met"].all())
+    probes = nested_probes()
+    print(probes.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    status = int(not table["memory target met"].all() or not probes["sees its block"].all())
     if args.notebook:
         nb = run_notebook(args.threads)
         print(nb["memory"].to_string(index=False, float_format=lambda x: f"{x:.3g}"))

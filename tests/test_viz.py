@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_stats import GROWING, Synthetic
+from test_stats import GROWING, SMALL_CHUNKS, Synthetic
 
+from lab_utils.core import files
 from lab_utils.experiments import weight_stats, weights
 from lab_utils.presentation import weights_view
 
@@ -30,14 +31,13 @@ def test_figure_names_follow_the_seed():
 def pair():
     """Dense synthetic stats and a magnitude-pruned copy measured on the same bins."""
     model = Synthetic(GROWING)
-    dense = weight_stats.weight_stats(model, label="Synthetic", chunk=4096, sample_size=20000, progress=False)
+    dense = weight_stats.weight_stats(model, SMALL_CHUNKS, label="Synthetic")
     with torch.no_grad():  # half of every matrix, the embedding too: a spike at zero
         for W in (model.embed_tokens.weight, *(m.weight for b in model.layers
                                               for m in (b.q_proj, b.up_proj, b.down_proj))):
             W[W.abs() < W.abs().median()] = 0
-    pruned = weight_stats.weight_stats(model, label="Synthetic", bins=dense.bins, chunk=4096,
-                                sample_size=20000, progress=False, reuse=dense,
-                                info={"sparsity": 0.5, "method": "magnitude"})
+    pruned = weight_stats.weight_stats(model, SMALL_CHUNKS, label="Synthetic", bins=dense.bins, reuse=dense,
+                                       info={"sparsity": 0.5, "method": "magnitude"})
     return dense, pruned
 
 
@@ -48,8 +48,8 @@ def test_saving_the_same_figure_twice_gives_identical_bytes(pair, tmp_output):
                                                 {"a": weights.depth_distances(dense, "tensor")})}
     for kind, make in makers.items():
         name = weights_view.figure_name("Synthetic", 0.5, "magnitude", kind=kind)
-        first = weights_view.save_figure(make(), name).read_bytes()
-        second = weights_view.save_figure(make(), name).read_bytes()
+        first = files.save_figure(make(), name).read_bytes()
+        second = files.save_figure(make(), name).read_bytes()
         assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 10_000
         assert first == second, kind
         assert (tmp_output / "figs" / name).is_file()
@@ -125,8 +125,8 @@ def test_captions_follow_the_numbers(pair):
             W = block.down_proj.weight
             W[W.abs() < W.abs().median()] = 0
             W *= 1.05  # survivors updated, as SparseGPT does
-    moved = weight_stats.weight_stats(moved_model, label="Synthetic", bins=dense.bins, chunk=4096,
-                               progress=False, info={"sparsity": 0.5, "method": "sparsegpt"})
+    moved = weight_stats.weight_stats(moved_model, weight_stats.StatsConfig(chunk=4096), label="Synthetic",
+                                      bins=dense.bins, info={"sparsity": 0.5, "method": "sparsegpt"})
     assert "changed value (they moved" in weights_view.caption_pruned(moved, dense)
     dist = weights.depth_distances(dense)
     assert "rises with depth" in weights_view.caption_layers(dense, dist)
@@ -142,7 +142,7 @@ def test_claims_are_worded_by_the_data(pair):
     assert "holds for no model" in near or "holds for every" in near
     dist = {"Synthetic": weights.depth_distances(dense)}
     layers = weights_view.claim_layers([dense], dist)
-    rising = weights_view.depth_table(dist).query("ρ > 0 and p < 0.05")
+    rising = weights.depth_table(dist).query("ρ > 0 and p < 0.05")
     assert (f"rises significantly with depth (Spearman, α = 0.05) in {len(rising)}") in layers
     assert "none of them arrives sparsified" in weights_view.claim_presparsified([dense])
     pruned.label = "Pruned"
@@ -155,11 +155,11 @@ def test_claims_are_worded_by_the_data(pair):
 
 def test_the_claims_tables_hold_the_numbers_the_sentences_leave_out(pair):
     dense, _ = pair
-    t = weights_view.claims_table([dense]).iloc[0]
+    t = weights.claims_table([dense]).iloc[0]
     s = weights.summarize(dense)
     assert t["within ±0.05"] == s["frac_abs_lt_0.05"] and t["median |w|"] == s["abs_median"]
     assert t["exact zeros, prunable"] + t["exact zeros, elsewhere"] == s["exact_zeros"]
-    d = weights_view.depth_table({"Synthetic": weights.depth_distances(dense)})
+    d = weights.depth_table({"Synthetic": weights.depth_distances(dense)})
     assert (d["KS min"] <= d["KS max"]).all() and set(d.columns) >= {"ρ", "p", "farthest block"}
 
 

@@ -2,7 +2,8 @@
 
 One of each: :func:`num_threads` pins torch's intra-op threads,
 :func:`time_calls` times functions interleaved, :class:`Stopwatch` times a
-block, :class:`PeakMemory` measures a block's peak resident memory.
+block, :class:`PeakMemory` measures a block's peak resident memory,
+:func:`process_usage` this process's time and the machine's load so far.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def _load_average() -> float:
         return float("nan")
 
 
+def process_usage() -> dict:
+    """This process so far: ``elapsed_s`` since it started, ``cpu_s`` (user +
+    system), and the machine's ``load_average`` (1 minute) and ``cores``."""
+    proc = psutil.Process()
+    return {"elapsed_s": time.time() - proc.create_time(), "cpu_s": sum(proc.cpu_times()[:2]),
+            "load_average": _load_average(), "cores": os.cpu_count()}
+
+
 # --------------------------------------------------------------------------- threads and timing
 @contextlib.contextmanager
 def num_threads(threads: int | None):
@@ -69,15 +78,12 @@ def num_threads(threads: int | None):
 
 def time_calls(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7,
                threads: int | None = None, device: str | torch.device | None = None) -> pd.DataFrame:
-    """Seconds per call of each function: ``warmup`` untimed rounds, then
-    ``repeats`` rounds in which every function runs once, in an order that
-    rotates from round to round, so that a burst of load on a shared machine
-    hits every candidate alike. One row per (name, repeat): wall ``seconds``
-    and ``cpu_seconds`` (all threads of this process; it does not count the
-    time other processes hold the cores, so it is the steadier of the two on
-    a busy machine). On an accelerator (``device``) the queued work is waited
-    for before each clock read: a GPU call returns when its kernels are
-    launched, not when they finish."""
+    """Seconds per call of each function, one row per (name, repeat): wall
+    ``seconds`` and ``cpu_seconds`` (the steadier on a busy machine: it does not
+    count the time other processes hold the cores). After ``warmup`` untimed
+    rounds, every round runs each function once in an order that rotates, so
+    a burst of load hits every candidate alike. On an accelerator (``device``)
+    the queued work is waited for before each clock read."""
     names = list(fns)
     sync = (lambda: synchronize(device)) if device is not None else (lambda: None)
     rows = []
@@ -102,7 +108,7 @@ def median_seconds(times: pd.DataFrame, column: str = "seconds") -> pd.Series:
     return times.groupby("name", sort=False)[column].median()
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS: glibc keeps them otherwise, and
     the next model's "before" would include this one's leftovers."""
     try:
@@ -142,13 +148,17 @@ class PeakMemory:
         text = Path("/proc/self/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) * 1024
 
+    @staticmethod
+    def _reset_vmhwm() -> None:
+        Path("/proc/self/clear_refs").write_text("5")
+
     def __enter__(self):
         self.start = self.peak = self.rss()
         try:
             mark = self._vmhwm()
             for outer in self._open:
                 outer.peak = max(outer.peak, mark)
-            Path("/proc/self/clear_refs").write_text("5")
+            self._reset_vmhwm()
             self._hwm = True
         except (OSError, AttributeError):
             self._hwm = False

@@ -1,4 +1,30 @@
-"""Streaming weight statistics: moments, histograms and samples of every tensor, in fixed memory."""
+"""Streaming weight statistics of one model in memory, in fixed memory.
+
+A model with hundreds of millions of floats must not go into one array, so
+every number is accumulated tensor by tensor, in flat chunks of at most
+:attr:`StatsConfig.chunk` values:
+
+* counts (exact zeros, ``|w| < 1e-3, 1e-2, 5e-2``) by comparison;
+* mean, std, skewness and kurtosis from central moments per chunk, merged
+  across chunks and tensors with Pébay's pairwise update in float64, so a
+  norm weight near 1 and an embedding near 0 combine without cancellation;
+* histograms with ``torch.histc`` on bin edges fixed for the whole model: a
+  fine *core* histogram over ``[-core, core]`` (core = the 99.99% quantile of
+  ``|w|``), with the counts below and above it, and a coarse *outer* one over
+  the full range ``[-max|w|, max|w|]`` for the tails (the values beyond the
+  core are binned exactly; those inside go to the outer bin of their fine
+  bin's centre, which saves a second pass of ``histc`` over every value). Bin
+  counts are odd, so zero sits in the middle of a bin and the spike of exact
+  zeros is one bar. Histograms of a layer, a block or a component are sums of
+  per-tensor rows;
+* quantiles from a seeded sample (with replacement, allocated to tensors in
+  proportion to their size): :data:`SAMPLE_SIZE` values give a quantile's rank
+  to within about ``sqrt(q (1 - q) / n)``, i.e. +/-0.05% at the median.
+
+This module only measures (a model in, a :class:`WeightStats` out) and stores
+the result; loading models and the tables derived from the statistics are
+:mod:`lab_utils.experiments.weights`.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +41,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lab_utils.core import memo
+from lab_utils.core.checks import whole_number
 from lab_utils.core.measure import num_threads
 from lab_utils.core.models import component_of, prunable_layers, transformer_blocks
 
 CHUNK = 1 << 20  # values per chunk: each worker's temporaries stay near 4 MB each
-
-
 SMALL = (1e-3, 1e-2, 5e-2)  # thresholds of the "near zero" fractions (strict |w| < t)
-
-
 CORE_BINS = 8193  # odd: zero is the centre of a bin
-
-
 OUTER_BINS = 2049
-
-
 SAMPLE_SIZE = 1 << 20
-
-
 CORE_QUANTILE = 0.9999  # the fine histogram covers |w| up to this quantile
-
 
 # Display order of the parameter groups (weights by component, then the rest).
 GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
@@ -45,6 +61,24 @@ GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
 
 class StatsError(ValueError):
     """Bad input to a statistic, in one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What a statistics pass computes with: the seeded sample (``sample_size``
+    values drawn with ``seed``), the chunk length and the device of the pass
+    (both change how sums round, so they belong to the result's key)."""
+
+    sample_size: int = SAMPLE_SIZE
+    seed: int = 0
+    chunk: int = CHUNK
+    device: str = "cpu"
+
+    def __post_init__(self):
+        whole_number("chunk", self.chunk, error=StatsError)
+
+
+DEFAULT_STATS = StatsConfig()
 
 
 # --------------------------------------------------------------------------- moments
@@ -142,19 +176,7 @@ class BinSpec:
         return 2 * self.core / self.core_bins
 
 
-def _centres(edges: np.ndarray) -> np.ndarray:
-    return (edges[:-1] + edges[1:]) / 2
-
-
 # --------------------------------------------------------------------------- the parameter table
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
 def _side_of(name: str) -> str:
     parts = name.split(".")
     for side in ("encoder", "decoder"):
@@ -192,9 +214,9 @@ def param_table(model: nn.Module) -> pd.DataFrame:
                     break
             if isinstance(module, nn.Embedding):
                 component = "embedding"
-            elif _is_norm(module):
+            elif "norm" in type(module).__name__.lower():
                 component = "norm"
-            elif _is_linear(module):
+            elif isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
                 component = (component_of(inner) if block is not None
                              else "pooler" if "pooler" in mname else "head")
             elif isinstance(module, nn.Conv1d | nn.Conv2d):
@@ -213,7 +235,7 @@ def param_table(model: nn.Module) -> pd.DataFrame:
     return df
 
 
-def _parameters(model: nn.Module) -> list[torch.Tensor]:
+def parameters(model: nn.Module) -> list[torch.Tensor]:
     """Parameters in the order of :func:`param_table` (tied tensors once)."""
     out, seen = [], set()
     for _, module in model.named_modules():
@@ -279,7 +301,7 @@ def default_bins(model: nn.Module, *, sample_size: int = SAMPLE_SIZE, seed: int 
                  core_quantile: float = CORE_QUANTILE) -> BinSpec:
     """Edges from the data: the outer range is max |w| (exact, streamed); the
     core is the ``core_quantile`` of |w| in a seeded sample."""
-    params = _parameters(model)
+    params = parameters(model)
     if not params:
         raise StatsError("the model has no parameters")
     absmax = max(max(-float(lo), float(hi)) for lo, hi in
@@ -408,11 +430,9 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None = None,
-                 sample_size: int = SAMPLE_SIZE, seed: int = 0, chunk: int = CHUNK,
-                 device: str | torch.device = "cpu", progress: bool = True,
-                 info: dict | None = None, reuse: WeightStats | None = None,
-                 workers: int | None = None) -> WeightStats:
+def weight_stats(model: nn.Module, config: StatsConfig = DEFAULT_STATS, *, label: str = "model",
+                 bins: BinSpec | None = None, info: dict | None = None,
+                 reuse: WeightStats | None = None, workers: int | None = None) -> WeightStats:
     """Stream once over every parameter of ``model`` (tied tensors once).
 
     ``bins``: pass the dense model's :class:`BinSpec` when measuring a pruned
@@ -425,10 +445,9 @@ def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None
     Memory beyond the model: a few temporaries of one chunk per worker plus
     the per-tensor histograms.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-        raise StatsError(f"chunk must be a positive integer, got {chunk!r}")
+    sample_size, seed, chunk, device = config.sample_size, config.seed, config.chunk, config.device
     table = param_table(model)
-    params = _parameters(model)
+    params = parameters(model)
     if not params:
         raise StatsError("the model has no parameters")
     if reuse is not None and bins is not None and reuse.bins != bins:
@@ -453,7 +472,7 @@ def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None
                 acc.copy_row(i, reuse, j)
         tasks = [(i, part) for i in todo for part in params[i].detach().reshape(-1).split(chunk)]
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=len(tasks), desc=f"stats {label}", disable=not progress, leave=False) as bar:
+                tqdm(total=len(tasks), desc=f"stats {label}", leave=False) as bar:
             for i, c in pool.map(lambda t: (t[0], _chunk_stats(t[1], bins, device)), tasks):
                 acc.add(i, c)  # pool.map yields in task order: deterministic merging
                 bar.update()
@@ -468,7 +487,8 @@ def weight_stats(model: nn.Module, *, label: str = "model", bins: BinSpec | None
                 del z
     # values inside the core go to the outer bin of their fine bin's centre (the
     # outer bins are >= 4 fine bins wide, so this moves nothing visibly)
-    centre_to_outer = np.clip(np.floor((_centres(bins.core_edges) + bins.outer)
+    edges = bins.core_edges
+    centre_to_outer = np.clip(np.floor(((edges[:-1] + edges[1:]) / 2 + bins.outer)
                                        / (2 * bins.outer) * bins.outer_bins), 0,
                               bins.outer_bins - 1).astype(np.int64)
     targets, starts = np.unique(centre_to_outer, return_index=True)  # monotone: runs of bins

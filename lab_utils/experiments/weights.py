@@ -1,26 +1,11 @@
-"""Weight statistics of whole models: is most of a model close to zero, and do
-higher layers deviate from the overall distribution?
+"""Notebook 02's weight statistics of whole models: is most of a model close to
+zero, and do higher layers deviate from the overall distribution?
 
-The streaming pass itself lives in :mod:`lab_utils.experiments.weight_stats`:
-a model with hundreds of millions of floats must not go into one array, so
-every number is accumulated tensor by tensor, in flat chunks of at most
-:data:`~lab_utils.experiments.weight_stats.CHUNK` values:
-
-* counts (exact zeros, ``|w| < 1e-3, 1e-2, 5e-2``) by comparison;
-* mean, std, skewness and kurtosis from central moments per chunk, merged
-  across chunks and tensors with Pébay's pairwise update in float64, so a
-  norm weight near 1 and an embedding near 0 combine without cancellation;
-* histograms with ``torch.histc`` on bin edges fixed for the whole model: a
-  fine *core* histogram over ``[-core, core]`` (core = the 99.99% quantile of
-  ``|w|``), with the counts below and above it, and a coarse *outer* one over
-  the full range ``[-max|w|, max|w|]`` for the tails (the values beyond the
-  core are binned exactly; those inside go to the outer bin of their fine
-  bin's centre, which saves a second pass of ``histc`` over every value). Bin counts are odd, so
-  zero sits in the middle of a bin and the spike of exact zeros is one bar.
-  Histograms of a layer, a block or a component are sums of per-tensor rows;
-* quantiles from a seeded sample (with replacement, allocated to tensors in
-  proportion to their size): :data:`SAMPLE_SIZE` values give a quantile's rank
-  to within about ``sqrt(q (1 - q) / n)``, i.e. +/-0.05% at the median.
+Each model is loaded (or pruned), measured by the streaming pass of
+:mod:`lab_utils.experiments.weight_stats`, cached, and let go; the tables are
+derived from the statistics alone: summaries, per-block distances, depth
+correlation, storage precision, memory. Figures and sentences live in
+:mod:`lab_utils.presentation.weights_view`.
 
 Distance of a layer to the whole-model distribution is the Kolmogorov-Smirnov
 statistic ``max |F_layer - F_model|`` evaluated on the shared core bin edges
@@ -28,18 +13,12 @@ statistic ``max |F_layer - F_model|`` evaluated on the shared core bin edges
 and below it by at most the mass of one fine bin; it is bounded in [0, 1],
 needs no choice of scale, and values beyond the core range cannot dominate it
 (Wasserstein-1 would be driven by a few layer-norm weights near 10).
-
-This module loads (or prunes) each model, measures it with that pass, caches
-the result, and derives the tables: per-block distances, depth correlation,
-storage precision, memory. Everything returns dataclasses or pandas tables;
-figures and sentences live in :mod:`lab_utils.presentation.weights_view`.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,19 +26,21 @@ import torch
 from torch import nn
 
 from lab_utils.core import files, memo
-from lab_utils.core.measure import PeakMemory, _release_freed_memory
+from lab_utils.core.measure import PeakMemory, release_freed_memory
 from lab_utils.core.models import load_model, prunable_layers
 from lab_utils.engine import checkpoints
+from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments.weight_stats import (
+    DEFAULT_STATS,
     GROUP_ORDER,
-    SAMPLE_SIZE,
     SMALL,
     BinSpec,
     Moments,
+    StatsConfig,
     StatsError,
     WeightStats,
-    _parameters,
     merge_moments,
+    parameters,
     stats_bytes,
     stats_from_bytes,
     weight_stats,
@@ -231,14 +212,11 @@ FOUR_BIT_LEVELS = 16  # distinct values a 4-bit code can take
 
 @torch.no_grad()
 def levels_per_block(model: nn.Module, block: int = 32, rows: int | None = None, seed: int = 0) -> dict:
-    """How many distinct values each block of ``block`` consecutive weights of
-    a row holds, over the complete blocks of every prunable layer (``rows``:
-    only that many rows per layer, drawn with ``seed``). A model stored in a
-    4-bit block format (GGUF's Q4_1 stores 32 weights on 16 levels) has at most
-    16 in every block; fp16/fp32 weights have about ``block``.
-
-    Returns ``group_size`` (= block), ``max_levels`` (the most in any block)
-    and ``fraction_on_4bit_grid`` (blocks with at most 16; nan if none)."""
+    """Distinct values in each run of ``block`` weights of a row, over every
+    prunable layer (``rows``: that many rows per layer, drawn with ``seed``):
+    ``max_levels`` (the most in any block) and ``fraction_on_4bit_grid``
+    (blocks with at most 16; nan if none). A 4-bit block format (GGUF's Q4_1:
+    32 weights on 16 levels) has at most 16; fp16/fp32 weights about ``block``."""
     g = torch.Generator().manual_seed(seed)
     worst = on_grid = blocks = 0
     for pl in prunable_layers(model):
@@ -257,17 +235,15 @@ def levels_per_block(model: nn.Module, block: int = 32, rows: int | None = None,
             "fraction_on_4bit_grid": on_grid / blocks if blocks else float("nan")}
 
 
-def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
-                bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
-                progress: bool = True, sample_size: int = SAMPLE_SIZE, cache: bool = True,
-                **prune_kw) -> WeightStats:
+def model_stats(name: str, prune: PruneConfig | None = None, config: StatsConfig = DEFAULT_STATS, *,
+                bins: BinSpec | None = None, reuse: WeightStats | None = None,
+                cache: bool = True) -> WeightStats:
     """:func:`measure_model`, cached: the statistics of a model (and of each
-    pruned version) are computed once per parameters and code version, and
+    pruned version) are computed once per arguments and code version, and
     read back in a fraction of a second (checksummed; a damaged entry is
-    recomputed)."""
-    key = {"name": name, "sparsity": float(sparsity), "method": method, "seed": seed,
-           "sample_size": sample_size, "prune": prune_kw,
-           "bins": None if bins is None else [bins.core, bins.outer, bins.core_bins, bins.outer_bins]}
+    recomputed). The entry is an .npz, not :mod:`~lab_utils.core.memo`'s JSON,
+    so its key is built here, from the arguments (``reuse`` only saves time)."""
+    key = memo.key_value({"name": name, "prune": prune, "config": config, "bins": bins})
     path = memo.step_path("weight-stats", key).with_suffix(".npz")
     if cache:
         data = files.read_checked(path)
@@ -276,18 +252,17 @@ def model_stats(name: str, sparsity: float = 0.0, method: str | None = None, *,
                 return stats_from_bytes(data)
             except (ValueError, KeyError, OSError):
                 pass  # unreadable despite its checksum (another version's layout): recompute
-    ws = measure_model(name, sparsity, method, bins=bins, reuse=reuse, seed=seed, progress=progress,
-                       sample_size=sample_size, **prune_kw)
+    ws = measure_model(name, prune, config, bins=bins, reuse=reuse)
     if cache:
         files.write_checked(path, stats_bytes(ws))
     return ws
 
 
-def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *,
-                  bins: BinSpec | None = None, reuse: WeightStats | None = None, seed: int = 0,
-                  progress: bool = True, sample_size: int = SAMPLE_SIZE, **prune_kw) -> WeightStats:
-    """Load (or prune, through :func:`lab_utils.engine.checkpoints.pruned_model`) one model,
-    stream its statistics, and let the model go: only the statistics stay.
+def measure_model(name: str, prune: PruneConfig | None = None, config: StatsConfig = DEFAULT_STATS, *,
+                  bins: BinSpec | None = None, reuse: WeightStats | None = None) -> WeightStats:
+    """Load (or prune with ``prune``, through
+    :func:`lab_utils.engine.checkpoints.pruned_model`) one model, stream
+    its statistics, and let the model go: only the statistics stay.
 
     ``info`` records the family, source, preset note, in-memory size of the
     parameters, the distinct values per group of 32 weights (storage
@@ -295,35 +270,32 @@ def measure_model(name: str, sparsity: float = 0.0, method: str | None = None, *
     a pruned model the engine's report (actual sparsity, cache hit). For a
     pruned model pass the dense statistics as ``reuse`` (and their bins).
     """
+    sparsity = prune.sparsity if prune is not None else 0.0
     with PeakMemory() as mem:
-        if float(sparsity) > 0:
-            if method is None:
-                raise StatsError(f"sparsity {sparsity}: name the method that pruned it, e.g. 'magnitude'")
+        if sparsity > 0:
             # A missing Wanda/SparseGPT checkpoint is built in a child process:
             # calibration activations are the engine's memory, not this step's
             # (the engine's peak is reported next to this step's).
-            lm, report = checkpoints.pruned_model(name, method, sparsity, seed=seed, progress=progress,
-                                            separate_process=True, **prune_kw)
+            lm, report = checkpoints.pruned_model(name, prune, separate_process=True)
         else:
             lm, report = load_model(name), None
         model = lm.model
-        params = _parameters(model)
+        params = parameters(model)
         info = {"name": name, "family": lm.spec.family, "source": lm.spec.source,
                 "note": lm.spec.preset.note if lm.spec.preset else "",
                 "model_bytes": sum(p.numel() * p.element_size() for p in params),
-                "levels_per_block": levels_per_block(model, rows=8, seed=seed)["max_levels"],
-                "sparsity": float(sparsity), "method": method if float(sparsity) > 0 else None}
+                "levels_per_block": levels_per_block(model, rows=8, seed=config.seed)["max_levels"],
+                "sparsity": float(sparsity), "method": prune.method if sparsity > 0 else None}
         if report is not None:
             info.update(actual_sparsity=report.actual_sparsity,
                         actual_sparsity_total=report.actual_sparsity_total,
                         from_cache=report.from_cache, prune_seconds=report.seconds,
                         prune_peak_bytes=report.peak_memory_bytes)
         del params
-        ws = weight_stats(model, label=lm.label, bins=bins, seed=seed, progress=progress,
-                          sample_size=sample_size, info=info, reuse=reuse)
+        ws = weight_stats(model, config, label=lm.label, bins=bins, info=info, reuse=reuse)
         del lm, model
         gc.collect()
-        _release_freed_memory()
+        release_freed_memory()
     ws.info.update(rss_before=mem.start, rss_peak=mem.peak, rss_after=mem.end)
     return ws
 
@@ -375,9 +347,46 @@ def models_table(all_stats) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def save_csv(table: pd.DataFrame, name: str) -> Path:
-    """Write a table to ``results/<name>`` atomically (the write-up reads it from there)."""
-    return files.write_csv(table, files.results_dir() / name)
+NEAR = 0.05  # "close to 0": |w| < 0.05, the scale of the original lab's GPT-2 histogram
+
+
+def prunable_zeros(ws: WeightStats) -> tuple[int, int, int]:
+    """(exact zeros in the prunable weights, their number, exact zeros elsewhere)."""
+    mp = ws.mask(prunable=True)
+    return (int(ws.tensors.loc[mp, "zeros"].sum()), int(ws.tensors.loc[mp, "numel"].sum()),
+            int(ws.tensors.loc[~mp, "zeros"].sum()))
+
+
+def claims_table(all_stats) -> pd.DataFrame:
+    """One row per model: the numbers behind claims 1 and 3 and under each
+    model's histogram (fractions as fractions; the write-up formats them)."""
+    rows = []
+    for ws in all_stats:
+        s = summarize(ws)
+        z, n, other = prunable_zeros(ws)
+        rows.append({"model": ws.label, "parameters": int(ws.n),
+                     "within ±0.001": s["frac_abs_lt_0.001"], "within ±0.01": s["frac_abs_lt_0.01"],
+                     f"within ±{NEAR:g}": s[f"frac_abs_lt_{NEAR:g}"], "median |w|": s["abs_median"],
+                     "std": s["std"], "excess kurtosis": s["excess_kurtosis"],
+                     "exact zeros, prunable": z, "exact zero fraction, prunable": z / n if n else 0.0,
+                     "exact zeros, elsewhere": other, "all-zero rows": int(ws.tensors["zero_rows"].sum()),
+                     "most distinct values in 32 weights": ws.info.get("levels_per_block")})
+    return pd.DataFrame(rows)
+
+
+def depth_table(distances: dict) -> pd.DataFrame:
+    """One row per block stack (a model's decoder or encoder): the range of its
+    blocks' KS distances to the whole model, the farthest block, and the
+    Spearman correlation of distance with depth."""
+    rows = []
+    for label, dist in distances.items():
+        for r in depth_correlation(dist).itertuples():
+            part = dist[dist["side"] == r.side]
+            far = part.loc[part["ks"].idxmax()]
+            rows.append({"model": label, "stack": r.side, "blocks": int(r.n), "KS min": part["ks"].min(),
+                         "KS max": part["ks"].max(), "farthest block": int(far.block), "ρ": r.rho, "p": r.p,
+                         "p exact": r.n <= EXACT_N})
+    return pd.DataFrame(rows)
 
 
 def memory_table(all_stats) -> pd.DataFrame:

@@ -1,58 +1,48 @@
-"""Figures of weight distributions, drawn from :class:`lab_utils.experiments.weight_stats.WeightStats`.
+"""Figures and sentences of weight distributions, drawn from
+:class:`lab_utils.experiments.WeightStats` and the tables of
+:mod:`lab_utils.experiments.weights`.
 
-Nothing here touches a model: every figure is drawn from the streamed
-histograms, so drawing GPT-2 medium costs what drawing MiniLM costs. Figures
-are written into ``figs/`` through :func:`lab_utils.core.files.atomic_path` with
-``metadata={"Software": None}``, so the same statistics give the same bytes."""
+Nothing here touches a model or measures anything: every figure is drawn from
+the streamed histograms, so drawing GPT-2 medium costs what drawing MiniLM
+costs. Saved with :func:`lab_utils.core.files.save_figure`, the same
+statistics give the same bytes."""
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import matplotlib
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 import matplotlib.ticker
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
+import numpy as np
+import seaborn as sns
 
-from lab_utils.core import files  # noqa: E402
-from lab_utils.experiments import weight_stats
 from lab_utils.experiments import weights as st
-from lab_utils.experiments.weights import ALPHA, EXACT_N, depth_correlation, summarize
+from lab_utils.experiments.weight_stats import WeightStats
+from lab_utils.experiments.weights import ALPHA, EXACT_N, FOUR_BIT_LEVELS, NEAR
 from lab_utils.presentation import style
-from lab_utils.presentation.text import human_bytes
+from lab_utils.presentation.text import human_bytes, pct
 
 matplotlib.use("Agg")  # files, not windows; the notebook shows the saved file
 
-
-
 DISPLAY_BINS = 241  # bars across the zoomed window (odd: zero is the centre of a bar)
 SPIKE_RATIO = 5.0  # the zero bar is a spike when it is this many times its neighbours
-FOUR_BIT_LEVELS = 16  # <= 16 distinct values per group of 32 weights: stored at <= 4 bits
 
 
 # --------------------------------------------------------------------------- names and files
 def sparsity_percent(sparsity: float) -> str:
     """0.5 -> '50', 0 -> '0', 0.625 -> '62.5' (an integer when whole)."""
-    pct = round(100 * float(sparsity), 6)
-    return str(int(pct)) if pct == int(pct) else f"{pct:g}"
+    p = round(100 * float(sparsity), 6)
+    return str(int(p)) if p == int(p) else f"{p:g}"
 
 
 def figure_name(label: str, sparsity: float = 0.0, method: str | None = None,
                 kind: str = "all_params") -> str:
-    """The file name of a figure, following the original lab's
-    ``vis_all_params_GPT2-medium_sparsity_0%.png``.
-
-    Rule: ``vis_{kind}_{Label}_sparsity_{S}%[_{method}].png`` where S is the
-    sparsity in percent (an integer when whole: ``50``, else ``62.5``). A dense
-    figure (S = 0) carries no method, since every method starts from the same
-    dense model; a sparsified one always carries its method, because methods
-    that reach the same sparsity leave different weights (SparseGPT updates the
-    survivors, magnitude keeps them). Characters other than letters, digits,
-    ``.``, ``_`` and ``-`` in the label become ``-``.
-    """
+    """``vis_{kind}_{Label}_sparsity_{S}%[_{method}].png``, as the original lab's
+    ``vis_all_params_GPT2-medium_sparsity_0%.png``. Only a sparsified figure
+    carries its method: methods reaching the same sparsity leave different
+    weights, while every one starts from the same dense model."""
     if not re.fullmatch(r"[a-z_]+", kind):
         raise ValueError(f"figure kind {kind!r}: use lowercase letters and underscores, e.g. 'all_params'")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", str(label)).strip("-") or "model"
@@ -61,13 +51,8 @@ def figure_name(label: str, sparsity: float = 0.0, method: str | None = None,
     return f"vis_{kind}_{safe}_sparsity_{s}%{suffix}.png"
 
 
-def save_figure(fig, name: str, folder: str | Path | None = None) -> Path:
-    """Save atomically into figs/ (or ``folder``) with deterministic bytes; close the figure."""
-    return files.save_figure(fig, Path(folder or files.figs_dir()) / name)
-
-
 # --------------------------------------------------------------------------- binning helpers
-def display_window(ws: weight_stats.WeightStats, quantile: float = 0.999) -> float:
+def display_window(ws: WeightStats, quantile: float = 0.999) -> float:
     """Half-width of the zoomed window: the ``quantile`` of |w| over the
     prunable weight matrices (all parameters if there are none). Not over all
     parameters: Whisper's sinusoidal position table (1.5% of its parameters,
@@ -79,7 +64,7 @@ def display_window(ws: weight_stats.WeightStats, quantile: float = 0.999) -> flo
     return min(max(w, 4 * ws.bins.core_width), ws.bins.core)
 
 
-def rebin(ws: weight_stats.WeightStats, counts: np.ndarray, window: float,
+def rebin(ws: WeightStats, counts: np.ndarray, window: float,
           bars: int = DISPLAY_BINS) -> tuple[np.ndarray, np.ndarray]:
     """Merge core bins into about ``bars`` bars covering [-window, window];
     zero stays the centre of the middle bar. Returns (edges, counts)."""
@@ -105,7 +90,7 @@ def zero_spike(counts: np.ndarray) -> bool:
     return bool(counts[c] > SPIKE_RATIO * max(1.0, float(near.mean()) if len(near) else 0.0))
 
 
-def _stored_note(ws: weight_stats.WeightStats) -> str | None:
+def _stored_note(ws: WeightStats) -> str | None:
     levels = ws.info.get("levels_per_block")
     if levels is not None and levels <= FOUR_BIT_LEVELS:
         return (f"weights were stored 4-bit (at most {levels} distinct values in any group of "
@@ -114,7 +99,7 @@ def _stored_note(ws: weight_stats.WeightStats) -> str | None:
 
 
 # --------------------------------------------------------------------------- the original lab's figure
-def all_params_figure(ws: weight_stats.WeightStats, *, dense: weight_stats.WeightStats | None = None,
+def all_params_figure(ws: WeightStats, *, dense: WeightStats | None = None,
                       cut: float | None = None, sparsity: float | None = None,
                       method: str | None = None):
     """Histogram of every parameter: zoomed window (left) and full range on a
@@ -216,7 +201,7 @@ def _ridge(ax, rows: list[tuple[str, np.ndarray, np.ndarray]], reference=None, r
     ax.grid(axis="y", visible=False)
 
 
-def layers_figure(ws: weight_stats.WeightStats, distances=None):
+def layers_figure(ws: WeightStats, distances=None):
     """Per-block distributions, one row per block (encoder and decoder in
     separate panels), with the whole model's distribution dotted on every row
     and each block's KS distance to it on the right."""
@@ -248,7 +233,7 @@ def layers_figure(ws: weight_stats.WeightStats, distances=None):
     return fig
 
 
-def components_figure(ws: weight_stats.WeightStats):
+def components_figure(ws: WeightStats):
     """Per-component distributions: weight matrices by role (attention q/k/v/o,
     cross-attention, MLP, embeddings, conv, head) in the main window; norms and
     biases, whose values sit elsewhere, on their own axis."""
@@ -335,10 +320,6 @@ def depth_figure(per_model: dict, tensor_level: dict | None = None):
 
 
 # --------------------------------------------------------------------------- captions
-def _pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f}%"
-
-
 def _tails(kurtosis: float) -> str:
     if math.isnan(kurtosis):
         return "undefined"
@@ -349,22 +330,22 @@ def _tails(kurtosis: float) -> str:
     return "close to a normal distribution's"
 
 
-def caption_all_params(ws: weight_stats.WeightStats) -> str:
+def caption_all_params(ws: WeightStats) -> str:
     """The sentence under a model's all-parameters figure, from its numbers."""
     s = st.summarize(ws)
-    text = (f"{_pct(s['frac_abs_lt_0.05'])} of {ws.label}'s {_count(ws.n)} parameters lie within "
-            f"±0.05 ({_pct(s['frac_abs_lt_0.01'])} within ±0.01, {_pct(s['frac_abs_lt_0.001'])} "
+    text = (f"{pct(s['frac_abs_lt_0.05'])} of {ws.label}'s {_count(ws.n)} parameters lie within "
+            f"±0.05 ({pct(s['frac_abs_lt_0.01'])} within ±0.01, {pct(s['frac_abs_lt_0.001'])} "
             f"within ±0.001); the median |w| is {s['abs_median']:.3g} and the standard deviation "
             f"{s['std']:.3g}. Excess kurtosis {s['excess_kurtosis']:.3g}: "
             f"{_tails(s['excess_kurtosis'])}. {s['exact_zeros']:,} parameters "
-            f"({_pct(s['exact_zero_frac'], 4)}) are exactly zero.")
+            f"({pct(s['exact_zero_frac'], 4)}) are exactly zero.")
     note = _stored_note(ws)
     if note:
         text += f" Note: {ws.label}'s {note}."
     return text
 
 
-def caption_layers(ws: weight_stats.WeightStats, distances) -> str:
+def caption_layers(ws: WeightStats, distances) -> str:
     parts = []
     for r in st.depth_correlation(distances).itertuples():
         part = distances[distances["side"] == r.side]
@@ -384,19 +365,19 @@ def caption_depth(per_model: dict) -> str:
     return "; ".join(parts) + "."
 
 
-def caption_components(ws: weight_stats.WeightStats) -> str:
+def caption_components(ws: WeightStats) -> str:
     t = st.group_table(ws, "group")
     w = t[~t["group"].isin(["norm", "bias"])]
     wide, narrow = w.loc[w["std"].idxmax()], w.loc[w["std"].idxmin()]
     big = w.loc[w["params"].idxmax()]
     heavy = w.loc[w["excess_kurtosis"].idxmax()]
-    return (f"In {ws.label}, {big.group} holds the most parameters ({_pct(big.share)}). The widest "
+    return (f"In {ws.label}, {big.group} holds the most parameters ({pct(big.share)}). The widest "
             f"weight component is {wide.group} (std {wide['std']:.3g}), the narrowest "
             f"{narrow.group} (std {narrow['std']:.3g}); the heaviest tails are in {heavy.group} "
             f"(excess kurtosis {heavy.excess_kurtosis:.3g}).")
 
 
-def caption_pruned(ws: weight_stats.WeightStats, dense: weight_stats.WeightStats) -> str:
+def caption_pruned(ws: WeightStats, dense: WeightStats) -> str:
     """What pruning did to the distribution: zeros, and whether survivors moved."""
     info = ws.info
     method, s = info.get("method"), info.get("sparsity", 0.0)
@@ -406,19 +387,17 @@ def caption_pruned(ws: weight_stats.WeightStats, dense: weight_stats.WeightStats
     survivors = ws.tensors.loc[mp, "numel"].sum() - ws.tensors.loc[mp, "zeros"].sum()
     prunable_zero = 1 - survivors / ws.tensors.loc[mp, "numel"].sum()
     text = (f"After {method} pruning of {ws.label} to {sparsity_percent(s)}%, "
-            f"{_pct(prunable_zero)} of the prunable weights and {_pct(after['exact_zero_frac'])} of "
-            f"all parameters are exactly zero (before: {_pct(before['exact_zero_frac'], 4)}). ")
+            f"{pct(prunable_zero)} of the prunable weights and {pct(after['exact_zero_frac'])} of "
+            f"all parameters are exactly zero (before: {pct(before['exact_zero_frac'], 4)}). ")
     if moved > 0.001:
-        text += (f"At least {_pct(moved)} of the surviving prunable weights changed value (they "
+        text += (f"At least {pct(moved)} of the surviving prunable weights changed value (they "
                  f"moved to another bin of width {ws.bins.core_width:.1e}): the method updates the "
                  f"weights it keeps.")
     else:
-        text += (f"No surviving weight changed value ({_pct(moved, 2)} of the survivors left their "
+        text += (f"No surviving weight changed value ({pct(moved, 2)} of the survivors left their "
                  f"bin): the method only removes weights, and the histogram outside the zero bar "
                  f"is the dense one minus what was removed.")
     return text
-
-
 
 
 def describe_correlation(rho: float, p: float, n: int, alpha: float = ALPHA) -> str:
@@ -440,14 +419,7 @@ def describe_correlation(rho: float, p: float, n: int, alpha: float = ALPHA) -> 
 
 
 # --------------------------------------------------------------------------- the original lab's claims
-NEAR = 0.05  # "close to 0": |w| < 0.05, the scale of the original lab's GPT-2 histogram
-
-
 SIMILAR_KS = 0.1  # a block "looks like" the whole model when its KS distance is below this
-
-
-def _pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f}%"
 
 
 def _verdict(yes: list[str], no: list[str]) -> str:
@@ -460,8 +432,8 @@ def _verdict(yes: list[str], no: list[str]) -> str:
 
 def claim_near_zero(all_stats) -> str:
     """The original lab's "most parameters are close to 0", measured per model
-    (the numbers: :func:`claims_table`)."""
-    fracs = {ws.label: summarize(ws)[f"frac_abs_lt_{NEAR:g}"] for ws in all_stats}
+    (the numbers: :func:`~lab_utils.experiments.weights.claims_table`)."""
+    fracs = {ws.label: st.summarize(ws)[f"frac_abs_lt_{NEAR:g}"] for ws in all_stats}
     yes = [m for m, f in fracs.items() if f > 0.5]
     return (f"**Claim 1, most parameters are close to 0** (more than half within ±{NEAR:g}): it "
             f"{_verdict(yes, [m for m in fracs if m not in yes])}.")
@@ -469,8 +441,8 @@ def claim_near_zero(all_stats) -> str:
 
 def claim_layers(all_stats, distances: dict) -> str:
     """The original lab's "each layer looks like the whole, higher layers deviate"
-    (the numbers: :func:`depth_table`)."""
-    t = depth_table(distances)
+    (the numbers: :func:`~lab_utils.experiments.weights.depth_table`)."""
+    t = st.depth_table(distances)
     similar = int((t["KS max"] < SIMILAR_KS).sum())
     rising = t[(t["ρ"] > 0) & (t["p"] < ALPHA)]
     stacks = ", ".join(f"{r.model} {r.stack}" for r in rising.itertuples())
@@ -487,92 +459,43 @@ def _count(n: int) -> str:
 PRESPARSIFIED = 0.01  # exact zeros in >= 1% of the prunable weights: sparsified before release
 
 
-def _prunable_zeros(ws) -> tuple[int, int, int]:
-    """(exact zeros in the prunable weights, their number, exact zeros elsewhere)."""
-    mp = ws.mask(prunable=True)
-    return (int(ws.tensors.loc[mp, "zeros"].sum()), int(ws.tensors.loc[mp, "numel"].sum()),
-            int(ws.tensors.loc[~mp, "zeros"].sum()))
-
-
 def claim_presparsified(all_stats) -> str:
     """The original lab's "billion-parameter models come partly sparsified": what our
     models can and cannot say about it. Exact zeros are counted in the
     prunable weight matrices (what a developer's pruning would zero) and
-    elsewhere (zero-initialized biases, padding rows) apart (:func:`claims_table`)."""
+    elsewhere (zero-initialized biases, padding rows) apart (:func:`~lab_utils.experiments.weights.claims_table`)."""
     fracs = {}
     for ws in all_stats:
-        z, n, _ = _prunable_zeros(ws)
+        z, n, _ = st.prunable_zeros(ws)
         fracs[ws.label] = z / n if n else 0.0
     flagged = [m for m, f in fracs.items() if f >= PRESPARSIFIED]
     top = max(fracs, key=fracs.get)
     biggest = max(ws.n for ws in all_stats)
     if flagged:
         verdict = (f"{', '.join(flagged)} arrive{'s' if len(flagged) == 1 else ''} with at least "
-                   f"{_pct(PRESPARSIFIED, 0)} of the prunable weights exactly zero, a sign of sparsification "
+                   f"{pct(PRESPARSIFIED, 0)} of the prunable weights exactly zero, a sign of sparsification "
                    f"before release (or of a quantizer that rounds small weights to 0)")
     else:
-        verdict = (f"none of them arrives sparsified (at most {_pct(fracs[top], 4)} of the prunable weights "
-                   f"exactly zero, {top}; the threshold is {_pct(PRESPARSIFIED, 0)})")
+        verdict = (f"none of them arrives sparsified (at most {pct(fracs[top], 4)} of the prunable weights "
+                   f"exactly zero, {top}; the threshold is {pct(PRESPARSIFIED, 0)})")
     scale = (f"with at most {_count(biggest)} parameters, these models cannot confirm or refute the claim "
              f"about billion-parameter models" if biggest < 1e9 else
              "at least one model measured has a billion parameters or more")
     return f"**Claim 3, large models come pre-sparsified**: {verdict}; {scale}."
 
 
-def claims_table(all_stats):
-    """One row per model: the numbers behind claims 1 and 3 and under each
-    model's histogram (fractions as fractions; the write-up formats them)."""
-    import pandas as pd
-
-    rows = []
-    for ws in all_stats:
-        s = summarize(ws)
-        z, n, other = _prunable_zeros(ws)
-        rows.append({"model": ws.label, "parameters": int(ws.n),
-                     "within ±0.001": s["frac_abs_lt_0.001"], "within ±0.01": s["frac_abs_lt_0.01"],
-                     f"within ±{NEAR:g}": s[f"frac_abs_lt_{NEAR:g}"], "median |w|": s["abs_median"],
-                     "std": s["std"], "excess kurtosis": s["excess_kurtosis"],
-                     "exact zeros, prunable": z, "exact zero fraction, prunable": z / n if n else 0.0,
-                     "exact zeros, elsewhere": other, "all-zero rows": int(ws.tensors["zero_rows"].sum()),
-                     "most distinct values in 32 weights": ws.info.get("levels_per_block")})
-    return pd.DataFrame(rows)
-
-
-def depth_table(distances: dict):
-    """One row per block stack (a model's decoder or encoder): the range of its
-    blocks' KS distances to the whole model, the farthest block, and the
-    Spearman correlation of distance with depth."""
-    import pandas as pd
-
-    rows = []
-    for label, dist in distances.items():
-        for r in depth_correlation(dist).itertuples():
-            part = dist[dist["side"] == r.side]
-            far = part.loc[part["ks"].idxmax()]
-            rows.append({"model": label, "stack": r.side, "blocks": int(r.n), "KS min": part["ks"].min(),
-                         "KS max": part["ks"].max(), "farthest block": int(far.block), "ρ": r.rho, "p": r.p,
-                         "p exact": r.n <= EXACT_N})
-    return pd.DataFrame(rows)
-
-
-def resources_paragraph(memory) -> str:
-    """Notebook 02's resources paragraph from its :func:`memory_table` and this
-    process (the notebook's kernel): its run time, CPU time and load so far."""
-    import os
-    import time
-
-    import psutil
-
-
-    kernel = psutil.Process()
-    elapsed, cpu = time.time() - kernel.create_time(), sum(kernel.cpu_times()[:2])
+def resources_paragraph(memory, usage: dict) -> str:
+    """Notebook 02's resources paragraph from its :func:`~lab_utils.experiments.weights.memory_table` and the
+    kernel's run time, CPU time and load so far
+    (:func:`lab_utils.core.measure.process_usage`)."""
     later = memory.iloc[1:] if len(memory) > 1 else memory
     calibrated = memory[memory.method.isin(["wanda", "sparsegpt"]) & memory["pruning peak MiB"].notna()]
     engine_peak = (f" The pruning engine peaked at {human_bytes(calibrated['pruning peak MiB'].max() * 2**20)} "
                    f"while it built these checkpoints (in its own process, or in the run that cached them)."
                    if len(calibrated) else "")
-    return (f"This notebook ran for {elapsed:.0f} s until here ({cpu:.0f} s of CPU time in its kernel; load average "
-            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores). While a model was loaded and measured, resident "
+    return (f"This notebook ran for {usage['elapsed_s']:.0f} s until here ({usage['cpu_s']:.0f} s of CPU time in "
+            f"its kernel; load average {usage['load_average']:.1f} on {usage['cores']} cores). While a model was "
+            f"loaded and measured, resident "
             f"memory rose by at most {later['increase / model'].max():.2f}x the model's size "
             f"({'below' if later['increase / model'].max() < 2 else 'above'} the 2x target); the first load, which "
             f"also imports the model code, rose by {memory['increase / model'].iloc[0]:.2f}x. The process peaked at "
