@@ -68,9 +68,9 @@ def batches_of(tokens: torch.Tensor, batch_tokens: int = config.BATCH_TOKENS) ->
 def prune_copy(dense: LoadedModel, method: str, pattern: str, tokens: torch.Tensor, device: str = "cpu",
                dtype: str = "float32", offload: bool = False) -> tuple[LoadedModel, prune.PruneReport]:
     lm = LoadedModel(copy.deepcopy(dense.model), None, dense.spec)
-    cfg = config.make_config(method, 0.5, pattern, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
+    cfg = config.PruneConfig(method, 0.5, pattern, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
                              device=device, dtype=dtype)
-    report = prune.prune_model(lm, cfg, progress=False, offload=offload, batches=batches_of(tokens))
+    report = prune.prune_model(lm, cfg, offload=offload, batches=batches_of(tokens))
     return lm, report
 
 

@@ -171,10 +171,10 @@ def floors(lm, nsamples: int, seqlen: int, threads: int) -> dict:
 def profile_one(dense, method: str, args) -> tuple[pd.DataFrame, dict]:
     lm = copy.copy(dense)
     lm.model = copy.deepcopy(dense.model)
-    cfg = engine_config.make_config(method, args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+    cfg = engine_config.PruneConfig(method, args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                                     seed=args.seed, dtype=args.dtype)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        report = prune_model(lm, cfg, progress=False)  # its clock: the stages, not the report after them
+        report = prune_model(lm, cfg)  # its clock: the stages, not the report after them
     seconds, top = breakdown(prof.events(), report.seconds, method)
     table = pd.DataFrame({"seconds": pd.Series(seconds)})
     table["share"] = table.seconds / report.seconds

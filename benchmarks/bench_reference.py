@@ -176,9 +176,9 @@ def lab_prune(dense, method: str, args, dtype: str = "float32"):
     """The lab's engine on a fresh copy (no checkpoint cache: its seconds are this run's)."""
     lm = copy.copy(dense)
     lm.model = copy.deepcopy(dense.model)
-    cfg = config.make_config(method, args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
+    cfg = config.PruneConfig(method, args.sparsity, nsamples=args.nsamples, seqlen=args.seqlen,
                              seed=args.seed, dtype=dtype)
-    report = prune_model(lm, cfg, progress=False)
+    report = prune_model(lm, cfg)
     return lm, report
 
 
@@ -210,10 +210,10 @@ def main(argv=None) -> int:
         ref.model = copy.deepcopy(dense.model)
         ref_s = reference_prune(ref, method, args.sparsity, calibration, wrapper, sgpt)
         ref_masks = masks_of(ref.model)
-        ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows, progress=False)["perplexity"]
+        ref_ppl = perplexity.evaluate(ref, args.seqlen, args.windows)["perplexity"]
         del ref
         lab, report = lab_prune(dense, method, args)
-        lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows, progress=False)["perplexity"]
+        lab_ppl = perplexity.evaluate(lab, args.seqlen, args.windows)["perplexity"]
         rows.append({"method": method, "dtype": "float32", "reference_s": ref_s, "lab_s": report.seconds,
                      "speedup": ref_s / report.seconds, "floor_s": floor[method],
                      "lab/floor": report.seconds / floor[method],
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         extra = []
         for row in rows:
             lab, report = lab_prune(dense, row["method"], args, dtype="bfloat16")
-            ppl = perplexity.evaluate(lab, args.seqlen, args.windows, progress=False)["perplexity"]
+            ppl = perplexity.evaluate(lab, args.seqlen, args.windows)["perplexity"]
             extra.append({"method": row["method"], "dtype": f"bfloat16 ({bf16})", "lab_s": report.seconds,
                           "speedup_over_float32": row["lab_s"] / report.seconds,
                           "speedup_over_reference": row["reference_s"] / report.seconds,

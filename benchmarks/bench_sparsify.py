@@ -205,9 +205,9 @@ def block_forward_floor(lm, seqlen: int, threads: int, repeats: int = 9) -> dict
 
 
 def run_one(args, method: str, sparsity: float, pattern: str) -> dict:
-    kw = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=False)
-    lm, report = checkpoints.pruned_model(args.model, method, sparsity, pattern, rebuild=args.fresh, **kw)
-    ev = perplexity.evaluate(lm, args.seqlen, args.windows, cache_key=report.key, progress=False)
+    cfg = engine_config.PruneConfig(method, sparsity, pattern, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    lm, report = checkpoints.pruned_model(args.model, cfg, rebuild=args.fresh)
+    ev = perplexity.evaluate(lm, args.seqlen, args.windows, cache_key=report.key)
     return {"method": method, "pattern": pattern, "sparsity": sparsity,
             "actual_sparsity": report.actual_sparsity, "actual_total": report.actual_sparsity_total,
             "nm_ok": report.nm_verified, "perplexity": ev["perplexity"],
@@ -228,9 +228,8 @@ def main(argv=None) -> int:
           f"K={args.windows}, {args.threads} threads; load average at start {load[0]:.1f} on "
           f"{os.cpu_count()} cores (a busy machine inflates wall-clock seconds; CPU seconds less)",
           flush=True)
-    dense_lm, dense = checkpoints.pruned_model(args.model, "magnitude", 0.0)
-    dense_ev = perplexity.evaluate(dense_lm, args.seqlen, args.windows, cache_key=dense.key,
-                                   progress=False)
+    dense_lm, dense = checkpoints.pruned_model(args.model, engine_config.PruneConfig("magnitude", 0.0))
+    dense_ev = perplexity.evaluate(dense_lm, args.seqlen, args.windows, cache_key=dense.key)
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "actual_sparsity": dense.actual_sparsity,
              "actual_total": dense.actual_sparsity_total, "nm_ok": None,
              "perplexity": dense_ev["perplexity"], "prune_s": 0.0, "prune_cpu_s": 0.0,

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def size_targets(args) -> pd.DataFrame:
-    sizes = file_sizes.size_sweep(args.models, [args.method], args.sparsities, formats=LOSSLESS, progress=False)
+    sizes = file_sizes.size_sweep(file_sizes.SizeConfig(args.models, [args.method], args.sparsities, LOSSLESS))
     best = file_sizes.best_formats(sizes)
     plain = file_sizes.best_formats(sizes[~sizes.zstd])
     table = pd.DataFrame({
@@ -69,12 +69,10 @@ def size_targets(args) -> pd.DataFrame:
 
 def speed_targets(args) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     shapes = speed.prunable_shapes(load_model(args.speed_model).model)
-    layers = speed.layer_speed(shapes, args.sparsities, tokens=args.tokens, warmup=2, repeats=args.repeats,
-                               threads=args.threads, progress=False)
+    layers = speed.layer_speed(shapes, args.sparsities, speed.Timing(args.tokens, 2, args.repeats, args.threads))
     cross = speed.crossover(layers)
-    fwd = speed.forward_sweep(args.speed_model, args.method, args.sparsities, layers, tokens=args.tokens,
-                              warmup=1, repeats=args.forward_repeats, threads=args.threads,
-                              margin=args.margin, progress=False)
+    fwd = speed.forward_sweep(args.speed_model, args.method, args.sparsities, layers,
+                              speed.Timing(args.tokens, 1, args.forward_repeats, args.threads), margin=args.margin)
     fwd["target"] = [(r.sparse_aware_speedup >= NEVER_SLOWER)
                      and (r.sparsity != 0.9 or r.sparse_aware_speedup >= SPEEDUP_TARGET)
                      for r in fwd.itertuples()]

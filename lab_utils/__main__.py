@@ -9,7 +9,8 @@
 ``prune`` reuses the checkpoint cache (``from_cache`` says so) and, with
 ``--out``, also writes a complete model folder that ``perplexity --model DIR``
 (or ``load_model(DIR)``) reads. A bad argument prints one line to stderr and
-exits with status 2.
+exits with status 2. Progress bars go to stderr; ``TQDM_DISABLE=1`` switches
+them off (tqdm reads it itself).
 
 The commands import torch and the engine only once the arguments parse: a
 typo is answered at once, not after seconds of imports.
@@ -54,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--owl", action="store_true", help="outlier-weighted sparsity per block (OWL)")
     pr.add_argument("--out", default=None, help="also write the pruned model folder here")
     _device_arguments(pr)
-    pr.add_argument("--no-progress", action="store_true")
 
     pp = sub.add_parser("perplexity", help="decoder perplexity under the lab's reference protocol "
                         f"({REFERENCE.size()})")
@@ -64,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--windows", type=int, default=REFERENCE.eval_windows, help="first K non-overlapping windows")
     pp.add_argument("--corpus", default=None, help="nyt (default) or wikitext2 (hub models)")
     _device_arguments(pp)
-    pp.add_argument("--no-progress", action="store_true")
 
     sw = sub.add_parser("sweep", help="notebook 03's sparsity sweep (a row per setting) on a Dask executor")
     sw.add_argument("--models", nargs="+", required=True, help="presets, hub ids or folders")
@@ -78,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--eval-seqlen", type=int, default=256, help="tokens per perplexity window")
     sw.add_argument("--executor", default="local", help="local | serial | tcp://HOST:PORT | scheduler file")
     sw.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
-    sw.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -91,12 +89,13 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(a) -> dict:
     from lab_utils.engine import checkpoints  # deferred: see the module docstring
+    from lab_utils.engine.config import PruneConfig
 
     if a.out:
         checkpoints.check_output_dir(a.out)  # before minutes of pruning, not after
-    lm, report = checkpoints.pruned_model(a.model, a.method, a.sparsity, a.pattern, a.scope,
-                                          a.nsamples, a.seqlen, a.seed, a.owl, device=a.device, dtype=a.dtype,
-                                          progress=not a.no_progress, save=True)
+    cfg = PruneConfig(a.method, a.sparsity, a.pattern, a.scope, a.nsamples, a.seqlen, a.seed, a.owl,
+                      device=a.device, dtype=a.dtype)
+    lm, report = checkpoints.pruned_model(a.model, cfg, save=True)
     out = report.summary()
     out["output"] = report.checkpoint
     if a.out:
@@ -115,17 +114,17 @@ def cmd_perplexity(a) -> dict:
     # the model on the device when it is not the CPU (the default load otherwise, byte for byte)
     lm = load_model(a.model, **({} if a.device == "cpu" and a.dtype in ("auto", "float32") else
                                 {"device": a.device, "dtype": a.dtype}))
-    return perplexity.evaluate(lm, a.seqlen, a.windows, a.corpus, progress=not a.no_progress)
+    return perplexity.evaluate(lm, a.seqlen, a.windows, a.corpus)
 
 
 def cmd_sweep(a) -> dict:
     from lab_utils.experiments import executor, sweep  # deferred: see the module docstring
 
     name = executor.check_executor(a.executor)  # a typo fails before the models load
-    df = sweep.sparsity_sweep(a.models, a.methods, a.patterns, a.sparsities, nsamples=a.nsamples,
-                              seqlen=a.seqlen, seed=a.seed, eval_windows=a.eval_windows,
-                              eval_seqlen=a.eval_seqlen, progress=not a.no_progress, executor=name,
-                              workers=a.workers)
+    cfg = sweep.SweepConfig(a.models, a.methods, a.patterns, a.sparsities, a.nsamples, a.seqlen, a.seed,
+                            a.eval_windows, a.eval_seqlen)
+    # computed afresh (not the notebook's cached step); the checkpoints are cached
+    df = sweep.sparsity_sweep.compute(cfg, executor=name, workers=a.workers)
     return {"executor": name, "rows": json.loads(df.to_json(orient="records"))}  # NaN -> null
 
 

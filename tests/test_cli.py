@@ -24,8 +24,7 @@ def run_cli(*args):
 def test_prune_then_perplexity_end_to_end(tiny_dirs, tmp_path, cache_with_data, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dirs["llama"]), "--method", "wanda", "--sparsity", "0.5",
-                 "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32", "--out", str(out),
-                 "--no-progress"])
+                 "--pattern", "2:4", "--nsamples", "4", "--seqlen", "32", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and len(printed.strip().splitlines()) == 1
     result = json.loads(printed)

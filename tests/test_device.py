@@ -57,7 +57,8 @@ def test_cpu_float32_keeps_the_old_keys_and_other_devices_split_them():
     assert key == "6fdfa10039656e48"  # the key test_prune pins for these settings
     bf16 = config.PruneConfig("wanda", 0.5, "2:4", dtype="bfloat16")
     assert config.checkpoint_key(EMBEDDED, bf16, LLAMA) != key
-    cuda, cuda0 = copy.copy(base), copy.copy(base)  # a GPU this machine may lack: set, not checked
+    resolved = config.resolve_config(EMBEDDED, base, LLAMA)
+    cuda, cuda0 = copy.copy(resolved), copy.copy(resolved)  # a GPU this machine may lack: set, not checked
     object.__setattr__(cuda, "device", "cuda:1")
     object.__setattr__(cuda0, "device", "cuda")
     assert config.checkpoint_key(EMBEDDED, cuda, LLAMA) == config.checkpoint_key(EMBEDDED, cuda0, LLAMA) != key

@@ -18,12 +18,13 @@ from lab_utils.core.models import ModelSpec, load_model, prunable_layers
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine import calibration, checkpoints, config, prune
 
-CAL = dict(nsamples=4, seqlen=32, progress=False)
+CAL = dict(nsamples=4, seqlen=32)
+SGPT = config.PruneConfig("sparsegpt", 0.5, **CAL)
 
 
-def prune_as(lm, *args, progress=False, **settings):
-    """The engine on ``lm`` with the settings of ``make_config``."""
-    return prune.prune_model(lm, config.make_config(*args, **settings), progress=progress)
+def prune_as(lm, *args, **settings):
+    """The engine on ``lm`` with the settings of a ``PruneConfig``."""
+    return prune.prune_model(lm, config.PruneConfig(*args, **settings))
 
 
 def layer_sparsity(model):
@@ -60,7 +61,7 @@ def test_sparsegpt_nm_on_llama_is_verified(tiny_dirs):
 
 def test_global_magnitude_reaches_the_global_target(tiny_dirs):
     lm = load_model(str(tiny_dirs["gpt2"]))
-    report = prune_as(lm, "magnitude", 0.6, scope="global", progress=False)
+    report = prune_as(lm, "magnitude", 0.6, scope="global")
     total = sum(r["numel"] for r in report.layers)
     assert sum(r["zeros"] for r in report.layers) == int(total * 0.6)
     assert len({round(r["sparsity"], 3) for r in report.layers}) > 1  # not uniform per layer
@@ -92,7 +93,7 @@ def test_layers_reading_one_input_share_their_statistics_group(tiny_dirs):
     group = {name.split(".")[-1]: st["input"] for name, st in stats.items()}
     assert group["q_proj"] == group["k_proj"] == group["v_proj"] != group["o_proj"]
     assert group["gate_proj"] == group["up_proj"] not in (group["o_proj"], group["down_proj"])
-    cfg = config.make_config("sparsegpt", 0.5, nsamples=4, seqlen=16)
+    cfg = config.PruneConfig("sparsegpt", 0.5, nsamples=4, seqlen=16)
     alone, shared = copy.deepcopy(block), copy.deepcopy(block)
     inverses: dict = {}
     for i, name in enumerate(layers):
@@ -141,7 +142,7 @@ def test_encoder_decoder_prunes_both_sides_and_cross_attention_after_the_encoder
         return capture(model, block, batches, side)
 
     monkeypatch.setattr(prune, "capture_inputs", spy)
-    report = prune_as(lm, method, 0.5, nsamples=3, seqlen=32, progress=False)
+    report = prune_as(lm, method, 0.5, nsamples=3, seqlen=32)
     assert seen["encoder"] == 0.0 and seen["decoder"] >= 0.49
     table = report.layer_table()
     assert set(table.side) == {"encoder", "decoder"}
@@ -170,16 +171,16 @@ def test_whisper_calibrates_on_windows_of_packed_sentences(tiny_dirs):
 
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="wanda", sparsity_ratio=1.0), r"\[0, 1\)"),
-    (dict(method="wanda", sparsity_ratio=-0.2), r"\[0, 1\)"),
-    (dict(method="magnitude", sparsity_ratio=0.5, pattern="4:2"), "N < M"),
-    (dict(method="magnitude", sparsity_ratio=0.5, pattern="2:2"), "N < M"),
-    (dict(method="obs", sparsity_ratio=0.5), "unknown method"),
-    (dict(method="wanda", sparsity_ratio=0.5, nsamples=0), "nsamples"),
-    (dict(method="sparsegpt", sparsity_ratio=0.5, nsamples=0), "nsamples"),
-    (dict(method="magnitude", sparsity_ratio=0.5, owl=True, nsamples=0), "nsamples"),
-    (dict(method="wanda", sparsity_ratio=0.5, pattern="2:4", owl=True), "OWL"),
-    (dict(method="sparsegpt", sparsity_ratio=0.5, scope="row"), "scope"),
+    (dict(method="wanda", sparsity=1.0), r"\[0, 1\)"),
+    (dict(method="wanda", sparsity=-0.2), r"\[0, 1\)"),
+    (dict(method="magnitude", sparsity=0.5, pattern="4:2"), "N < M"),
+    (dict(method="magnitude", sparsity=0.5, pattern="2:2"), "N < M"),
+    (dict(method="obs", sparsity=0.5), "unknown method"),
+    (dict(method="wanda", sparsity=0.5, nsamples=0), "nsamples"),
+    (dict(method="sparsegpt", sparsity=0.5, nsamples=0), "nsamples"),
+    (dict(method="magnitude", sparsity=0.5, owl=True, nsamples=0), "nsamples"),
+    (dict(method="wanda", sparsity=0.5, pattern="2:4", owl=True), "OWL"),
+    (dict(method="sparsegpt", sparsity=0.5, scope="row"), "scope"),
 ])
 def test_bad_input_is_one_clear_error(tiny_dirs, kwargs, match):
     lm = load_model(str(tiny_dirs["llama"]))
@@ -191,36 +192,36 @@ def test_bad_input_is_one_clear_error(tiny_dirs, kwargs, match):
 
 def test_magnitude_needs_no_calibration(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]))
-    report = prune_as(lm, "magnitude", 0.5, nsamples=0, progress=False)
+    report = prune_as(lm, "magnitude", 0.5, nsamples=0)
     assert report.actual_sparsity == pytest.approx(0.5) and report.nsamples is None
 
 
 # --------------------------------------------------------------------------- the cache
 def test_pruned_model_caches_checkpoints(tiny_dirs, cache_with_data):
     name = str(tiny_dirs["llama"])
-    lm1, r1 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    lm1, r1 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL))
     assert not r1.from_cache and files.verify_dir(r1.checkpoint)
-    lm2, r2 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    lm2, r2 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL))
     assert r2.from_cache and r2.key == r1.key and r2.checkpoint == r1.checkpoint
     for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
         assert torch.equal(a.weight, b.weight)
     # every argument is in the key
-    _, r3 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", nsamples=4, seqlen=32, seed=1, progress=False)
+    _, r3 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", nsamples=4, seqlen=32, seed=1))
     assert r3.key != r1.key and not r3.from_cache
     # a damaged checkpoint is not reused
     weights = cache_with_data / "pruned" / os.path.basename(r1.checkpoint) / checkpoints.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-10])
-    _, r4 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    _, r4 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL))
     assert not r4.from_cache and files.verify_dir(r4.checkpoint)
     # rebuild prunes again and replaces the entry, with the new run's seconds
-    _, r5 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", rebuild=True, **CAL)
+    _, r5 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL), rebuild=True)
     assert not r5.from_cache and r5.checkpoint == r4.checkpoint and files.verify_dir(r5.checkpoint)
-    _, r6 = checkpoints.pruned_model(name, "wanda", 0.5, "2:4", **CAL)
+    _, r6 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL))
     assert r6.from_cache and r6.seconds == r5.seconds != r4.seconds
 
 
 def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):
-    lm, report = checkpoints.pruned_model(str(tiny_dirs["gpt2"]), "sparsegpt", 0.0, progress=False)
+    lm, report = checkpoints.pruned_model(str(tiny_dirs["gpt2"]), config.PruneConfig("sparsegpt", 0.0))
     assert report.actual_sparsity == 0.0 and report.checkpoint is None
     assert not (cache_with_data / "pruned").exists()
 
@@ -259,7 +260,7 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
     assert config.default_seqlen(lm) == lm.model.config.n_positions
     assert config.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
     with pytest.raises(DataError, match="hub"):  # offline here: a clear error, not a hang
-        prune_as(lm, "wanda", 0.5, nsamples=2, progress=False)
+        prune_as(lm, "wanda", 0.5, nsamples=2)
     with pytest.raises(SparsityError, match="exceeds the context"):
         calibration.calibration_batches(lm, 2, 4096, corpus="movie-reviews")
 
@@ -267,18 +268,18 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
 @pytest.mark.slow
 def test_separate_process_builds_the_same_checkpoint(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
     name = str(tiny_dirs["llama"])
-    lm1, r1 = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)
+    lm1, r1 = checkpoints.pruned_model(name, SGPT, separate_process=True)
     assert not r1.from_cache and files.verify_dir(r1.checkpoint) and r1.peak_memory_bytes > 0
     # cached now: loaded here, no child; rebuild=True reaches the child and prunes again
-    assert checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True)[1].from_cache
-    r1b = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL, separate_process=True, rebuild=True)[1]
+    assert checkpoints.pruned_model(name, SGPT, separate_process=True)[1].from_cache
+    r1b = checkpoints.pruned_model(name, SGPT, separate_process=True, rebuild=True)[1]
     assert not r1b.from_cache and r1b.seconds != r1.seconds
     # the same pruning in this process, into another cache, gives the same weights
     other = tmp_path / "other-cache"
     other.mkdir()
     os.symlink(cache_with_data / "data", other / "data")
     monkeypatch.setenv("LAB_CACHE_DIR", str(other))
-    lm2, r2 = checkpoints.pruned_model(name, "sparsegpt", 0.5, **CAL)
+    lm2, r2 = checkpoints.pruned_model(name, SGPT)
     assert r2.key == r1.key
     for a, b in zip(prunable_layers(lm1.model), prunable_layers(lm2.model), strict=True):
         assert torch.equal(a.weight, b.weight)
@@ -290,12 +291,12 @@ def test_separate_process_failure_names_the_pruning(tiny_dirs, cache_with_data, 
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
     with pytest.raises(SparsityError, match="wanda.*separate process failed: boom"):
-        checkpoints.pruned_model(str(tiny_dirs["llama"]), "wanda", 0.5, **CAL, separate_process=True)
+        checkpoints.pruned_model(str(tiny_dirs["llama"]), config.PruneConfig("wanda", 0.5, **CAL), separate_process=True)
 
 
 # --------------------------------------------------------------------------- the config and its key
-# Keys computed by the code before PruneConfig carried the OWL and batch settings (commit 021d917):
-# a checkpoint cached then must be found under the same name now.
+# Keys of ENGINE_VERSION 4 (derived from the whole PruneConfig): a change to the key function must
+# not move them, or every cached checkpoint would be rebuilt.
 EMBEDDED = ModelSpec("smollm2-135m", "decoder-only", "SmolLM2", "embedded", "perplexity", "smollm2-135m")
 HUB = ModelSpec("gpt2-medium", "decoder-only", "GPT-2", "hub", "perplexity", "gpt2-medium")
 LOCAL = ModelSpec("/tmp/some/model", "decoder-only", "m", "local", "perplexity", "/tmp/some/model")
@@ -304,44 +305,44 @@ WHISPER = types.SimpleNamespace(model_type="whisper", max_target_positions=448)
 
 
 @pytest.mark.parametrize("spec,hf,settings,key", [
-    (EMBEDDED, LLAMA, dict(method="wanda", sparsity_ratio=0.5, pattern="2:4"), "d85098f075a32804"),
-    (HUB, LLAMA, dict(method="wanda", sparsity_ratio=0.5, pattern="2:4"), "656a655517207665"),
-    (LOCAL, WHISPER, dict(method="sparsegpt", sparsity_ratio=0.6, nsamples=8, seqlen=128, seed=1),
-     "24c5f149a6c9593c"),
-    (HUB, LLAMA, dict(method="magnitude", sparsity_ratio=0.5), "4aba6d6f5e6f93ca"),
-    (LOCAL, LLAMA, dict(method="random", sparsity_ratio=0.3, scope="global", seed=3), "74fd71b2880ea665"),
-    (EMBEDDED, LLAMA, dict(method="wanda", sparsity_ratio=0.7, owl=True, nsamples=16, calibration="c4"),
-     "aff73bf0d11b925b"),
-    (HUB, WHISPER, dict(method="magnitude", sparsity_ratio=0.5, owl=True), "48f2a9fcfe403970"),
+    (EMBEDDED, LLAMA, dict(method="wanda", sparsity=0.5, pattern="2:4"), "6fdfa10039656e48"),
+    (HUB, LLAMA, dict(method="wanda", sparsity=0.5, pattern="2:4"), "2b48a1894ef2bb0d"),
+    (LOCAL, WHISPER, dict(method="sparsegpt", sparsity=0.6, nsamples=8, seqlen=128, seed=1),
+     "b5814e909dcec8a8"),
+    (HUB, LLAMA, dict(method="magnitude", sparsity=0.5), "7d929f764e52c0f7"),
+    (LOCAL, LLAMA, dict(method="random", sparsity=0.3, scope="global", seed=3), "d4f7068315d66cd7"),
+    (EMBEDDED, LLAMA, dict(method="wanda", sparsity=0.7, owl=True, nsamples=16, calibration="c4"),
+     "3f76e605f18304a2"),
+    (HUB, WHISPER, dict(method="magnitude", sparsity=0.5, owl=True), "d3ad4977177a4f38"),
     # the dense model: keyed by the name as written, also for a local folder
-    (HUB, LLAMA, dict(method="sparsegpt", sparsity_ratio=0.0), "8b8b120b010ad5c2"),
-    (LOCAL, LLAMA, dict(method="sparsegpt", sparsity_ratio=0.0), "540719465c8ee582"),
+    (HUB, LLAMA, dict(method="sparsegpt", sparsity=0.0), "6b3417ec76d8c1c1"),
+    (LOCAL, LLAMA, dict(method="sparsegpt", sparsity=0.0), "1b00d856a6e0ffcc"),
 ])
 def test_checkpoint_keys_are_the_keys_of_existing_caches(spec, hf, settings, key):
-    assert config.checkpoint_key(spec, config.make_config(**settings), hf) == key
-    assert config.ENGINE_VERSION == 3
+    assert config.checkpoint_key(spec, config.PruneConfig(**settings), hf) == key
+    assert config.ENGINE_VERSION == 4
 
 
 def test_non_default_owl_and_batch_settings_split_the_cache():
-    base = config.make_config("wanda", 0.5, owl=True, seqlen=64)
+    base = config.PruneConfig("wanda", 0.5, owl=True, seqlen=64)
     key = config.checkpoint_key(EMBEDDED, base, LLAMA)
-    same = config.make_config("wanda", 0.5, owl=True, seqlen=64, owl_lambda=config.OWL_LAMBDA,
+    same = config.PruneConfig("wanda", 0.5, owl=True, seqlen=64, owl_lambda=config.OWL_LAMBDA,
                               owl_m=config.OWL_M, batch_tokens=config.BATCH_TOKENS)
     assert config.checkpoint_key(EMBEDDED, same, LLAMA) == key
-    others = [config.make_config("wanda", 0.5, owl=True, seqlen=64, **kw)
+    others = [config.PruneConfig("wanda", 0.5, owl=True, seqlen=64, **kw)
               for kw in (dict(owl_lambda=0.1), dict(owl_m=7), dict(batch_tokens=4096))]
     assert len({key, *(config.checkpoint_key(EMBEDDED, c, LLAMA) for c in others)}) == 4
     # settings a method ignores are dropped, so they cannot split the cache
-    mag = config.make_config("magnitude", 0.5, owl_lambda=0.3, batch_tokens=64)
+    mag = config.PruneConfig("magnitude", 0.5, owl_lambda=0.3, batch_tokens=64)
     assert mag.owl_lambda is None and mag.owl_m is None and mag.batch_tokens is None
     with pytest.raises(SparsityError, match="owl_m"):
-        config.make_config("wanda", 0.5, owl=True, owl_m=0)
+        config.PruneConfig("wanda", 0.5, owl=True, owl_m=0)
     with pytest.raises(SparsityError, match="batch_tokens"):
-        config.make_config("wanda", 0.5, batch_tokens=0)
+        config.PruneConfig("wanda", 0.5, batch_tokens=0)
 
 
 def test_the_config_survives_the_trip_to_the_child_process():
-    cfg = config.resolve_config(EMBEDDED, config.make_config("wanda", 0.6, owl=True, owl_m=6.5), LLAMA)
+    cfg = config.resolve_config(EMBEDDED, config.PruneConfig("wanda", 0.6, owl=True, owl_m=6.5), LLAMA)
     back = config.PruneConfig(**json.loads(json.dumps(asdict(cfg))))
     assert back == cfg and config.checkpoint_key(EMBEDDED, back, LLAMA) == config.checkpoint_key(EMBEDDED, cfg, LLAMA)
 
@@ -357,14 +358,14 @@ def test_owl_settings_reach_the_engine(tiny_dirs):
 def test_pruned_model_from_a_loaded_model_prunes_a_copy(tiny_dirs, cache_with_data):
     name = str(tiny_dirs["llama"])
     dense = load_model(name)
-    assert checkpoints.pruned_model(dense, "magnitude", 0.0, progress=False)[0] is dense
-    lm, report = checkpoints.pruned_model(dense, "magnitude", 0.6, progress=False)
+    assert checkpoints.pruned_model(dense, config.PruneConfig("magnitude", 0.0))[0] is dense
+    lm, report = checkpoints.pruned_model(dense, config.PruneConfig("magnitude", 0.6))
     assert lm.model is not dense.model and report.actual_sparsity == pytest.approx(0.6, abs=0.01)
     assert all(sp.sparsity(pl.weight) == 0 for pl in prunable_layers(dense.model))  # untouched
     assert not (cache_with_data / "pruned").exists()  # magnitude: no checkpoint left behind
     # a calibrated pruning by name and from the loaded model: one checkpoint, the same weights
-    by_name, r1 = checkpoints.pruned_model(name, "wanda", 0.5, **CAL)
-    from_dense, r2 = checkpoints.pruned_model(dense, "wanda", 0.5, **CAL)
+    by_name, r1 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, **CAL))
+    from_dense, r2 = checkpoints.pruned_model(dense, config.PruneConfig("wanda", 0.5, **CAL))
     assert r2.from_cache and r2.key == r1.key
     for a, b in zip(prunable_layers(by_name.model), prunable_layers(from_dense.model), strict=True):
         assert torch.equal(a.weight, b.weight)

@@ -237,7 +237,7 @@ def test_num_threads_pins_and_restores():
 
 
 def test_layer_speed_table_shape():
-    t = speed.layer_speed([(16, 8), (8, 16)], [0.5, 0.9], tokens=4, warmup=0, repeats=1, progress=False)
+    t = speed.layer_speed([(16, 8), (8, 16)], [0.5, 0.9], speed.Timing(tokens=4, warmup=0, repeats=1))
     assert len(t) == 4 and set(t["shape"]) == {"16x8", "8x16"}
     assert (t.speedup == t.dense_ms / t.csr_ms).all()
     assert (t.drop_in_speedup == t.dense_ms / t.drop_in_ms).all()

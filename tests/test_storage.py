@@ -273,7 +273,7 @@ SMALL_FORMATS = ["dense", "csr", "bitmask", "bitmask+zstd", "dense-int8"]
 def sized(kind, sparsity_ratio, tmp_path):
     model = prune_random(build_tiny(kind), sparsity_ratio)
     folder = tmp_path / f"files-{sparsity_ratio}"
-    t = st.model_sizes(model, SMALL_FORMATS, folder=folder, progress=False)
+    t = st.model_sizes(model, SMALL_FORMATS, folder=folder)
     assert list(folder.iterdir()) == []  # measured, then removed
     t.insert(0, "model", kind)
     t.insert(1, "label", kind.upper())
@@ -328,46 +328,47 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
         spec = ModelSpec(name, "decoder-only", "Tiny", "local", "perplexity", name)
         return LoadedModel(build_tiny("llama"), None, spec)
 
-    def fake_pruned(lm, cfg, progress=True, **kw):
+    def fake_pruned(lm, cfg, **kw):
         calls.append((lm.spec.name, cfg.method, cfg.sparsity, cfg.pattern))
         return LoadedModel(prune_random(build_tiny("llama"), cfg.sparsity), None, lm.spec), None
 
     monkeypatch.setattr(st, "load_model", fake_dense)
-    monkeypatch.setattr(st.checkpoints, "pruned_from_config", fake_pruned)
-    args = (["tiny"], ["magnitude"], [0.5, 0.8])
+    monkeypatch.setattr(st.checkpoints, "pruned_model", fake_pruned)
+    cfg = st.SizeConfig(["tiny"], ["magnitude"], [0.5, 0.8], formats=["dense", "bitmask"])
     # workers=1: measured in this process, where the fake pruning is seen
-    first = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False, workers=1)
+    first = st.size_sweep(cfg, workers=1)
     assert calls == [("tiny", "magnitude", 0.5, "unstructured"), ("tiny", "magnitude", 0.8, "unstructured")]
     assert len(first) == 4 and set(first.label) == {"Tiny"}
     assert first.actual_sparsity.round(1).tolist() == [0.5, 0.5, 0.8, 0.8]
-    again = st.size_sweep(*args, formats=["dense", "bitmask"], progress=False)
+    again = st.size_sweep(cfg)
     assert len(calls) == 2  # read from the cache, nothing re-pruned or rewritten
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
     with pytest.raises(formats.StorageError, match="with a pattern such as"):
-        st.size_sweep(*args, formats=["nm"], progress=False)
+        st.size_sweep(st.SizeConfig(["tiny"], ["magnitude"], [0.5], formats=["nm"]))
 
 
 @pytest.mark.slow
 def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, tmp_path, monkeypatch):
-    args = ([str(tiny_dirs["llama"]), str(tiny_dirs["bert"])], ["magnitude"], [0.0, 0.5, 0.9])
+    cfg = st.SizeConfig([str(tiny_dirs["llama"]), str(tiny_dirs["bert"])], ["magnitude"], [0.0, 0.5, 0.9],
+                        formats=["dense", "csr", "bitmask+zstd"])
     tables = []
     for n_workers in (1, 2):
         monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / f"cache-{n_workers}"))
-        tables.append(st.size_sweep(*args, formats=["dense", "csr", "bitmask+zstd"], progress=False,
-                                    workers=n_workers))
+        tables.append(st.size_sweep(cfg, workers=n_workers))
     assert len(tables[0]) == 2 * 3 * 3
     pd.testing.assert_frame_equal(tables[0].drop(columns="save_s"), tables[1].drop(columns="save_s"))
 
 
 def test_sizes_keys_are_the_keys_of_existing_caches():
-    """The keys of ENGINE_VERSION 3 (before it, computed by the code of commit 021d917, before PruneConfig
-    carried the OWL and batch settings): a change to the key function must not move them."""
-    from lab_utils.engine.config import make_config
+    """The keys of ENGINE_VERSION 4 (derived from the whole PruneConfig): a change to the key
+    function must not move them."""
+    from lab_utils.engine.config import PruneConfig
 
-    wanda = make_config("wanda", 0.5, "unstructured", nsamples=8, seqlen=64, seed=0)
-    magnitude = make_config("magnitude", 0.7, "unstructured", nsamples=8)
-    assert st.sizes_key("smollm2-135m", wanda, ["dense", "bitmask"], 3) == "3140068b6bfafdf1"
-    assert st.sizes_key("smollm2-135m", magnitude, ["dense", "bitmask"], 3) == "56c885e10d1fd0b3"
+    size = st.SizeConfig(["smollm2-135m"], formats=["dense", "bitmask"], zstd_level=3)
+    wanda = PruneConfig("wanda", 0.5, "unstructured", nsamples=8, seqlen=64, seed=0)
+    magnitude = PruneConfig("magnitude", 0.7, "unstructured", nsamples=8)
+    assert st.sizes_key("smollm2-135m", wanda, size) == "79bbc46e73e13ceb"
+    assert st.sizes_key("smollm2-135m", magnitude, size) == "f762c6d0fb0c9408"
 
 
 def test_size_conclusions_follow_the_numbers(tmp_path):

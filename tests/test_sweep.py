@@ -7,13 +7,17 @@ import pytest
 from lab_utils.experiments import sweep
 from lab_utils.presentation import sweep_view
 
-SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
+SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16)
+
+
+def small(models, methods, patterns, sparsities, **kw) -> sweep.SweepConfig:
+    return sweep.SweepConfig(models, methods, patterns, sparsities, **{**SMALL, **kw})
 
 
 @pytest.mark.slow
 def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_output):
     models = [str(tiny_dirs["llama"]), str(tiny_dirs["bert"])]
-    df = sweep.sparsity_sweep(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6], **SMALL)
+    df = sweep.sparsity_sweep(small(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6]))
     # 2 dense rows + 2 models x 2 methods x (2 sparsities + one 2:4)
     assert len(df) == 2 + 2 * 2 * 3
     pruned = df[df.method != "dense"]
@@ -28,7 +32,7 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     assert path.name == f"perplexity_vs_sparsity_{llama.model.iloc[0]}.png" and first[:4] == b"\x89PNG"
     assert sweep_view.plot_perplexity(df, llama.model.iloc[0]).read_bytes() == first  # deterministic
 
-    again = sweep.sparsity_sweep(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6], **SMALL)
+    again = sweep.sparsity_sweep(small(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6]))
     assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
     text = sweep_view.conclusions(df)
     assert "N:M" in text and "perplexity (sweep)" in text
@@ -41,26 +45,27 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
     from lab_utils.experiments import executor
 
     models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
-    args = (models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
-    side = sweep.sparsity_sweep(*args, **SMALL, workers=2)
+    cfg = small(models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
+    side = sweep.sparsity_sweep(cfg, workers=2)
     assert (side[side.method != "dense"].threads == 1).all()  # each built in a one-thread worker
     other = tmp_path / "other-cache"  # the same sweep in this process, into an empty cache
     other.mkdir()
     os.symlink(cache_with_data / "data", other / "data")
     monkeypatch.setenv("LAB_CACHE_DIR", str(other))
-    here = sweep.sparsity_sweep(*args, **SMALL, workers=1)
+    here = sweep.sparsity_sweep(cfg, workers=1)
     timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
     pd.testing.assert_frame_equal(side.drop(columns=timing), here.drop(columns=timing), rtol=1e-4)
     # a failed configuration is one error naming it
     with pytest.raises(executor.JobError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) "
                                                  r"failed: SparsityError: seqlen 4096 exceeds"):
-        sweep.sparsity_sweep(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5],
-                             **{**SMALL, "seqlen": 4096}, workers=2)
+        sweep.sparsity_sweep(small(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5], seqlen=4096),
+                             workers=2)
 
 
 @pytest.mark.slow
 def test_owl_comparison_and_heatmap(tiny_dirs, cache_with_data, tmp_output):
-    layers, summary = sweep.owl_comparison(str(tiny_dirs["llama"]), "wanda", 0.6, **SMALL)
+    cfg = small([str(tiny_dirs["bert"]), str(tiny_dirs["llama"])], ["wanda"], ["unstructured"], [0.6])
+    layers, summary = sweep.owl_comparison(cfg, "wanda", 0.6)  # on the first decoder-only model
     assert list(summary.allocation) == ["uniform", "OWL"]
     assert summary.actual.sub(0.6).abs().max() < 0.03
     uni = layers[layers.allocation == "uniform"].groupby("block").sparsity.mean()
@@ -106,3 +111,12 @@ def test_settings_put_the_dense_baseline_first_and_expand_patterns():
         sweep.settings(["nope"], ["unstructured"], [0.5])
     with pytest.raises(ValueError, match="outside"):
         sweep.settings(["magnitude"], ["unstructured"], [1.5])
+
+
+def test_the_sweep_is_keyed_by_its_config_not_by_where_it_runs():
+    cfg = small(["m"], ["wanda"], ["unstructured"], [0.5], device="auto", dtype="auto")
+    assert (cfg.device, cfg.dtype) == sweep.resolved("auto", "auto")  # resolved before the key
+    key = sweep.sparsity_sweep.key(cfg)
+    assert key == sweep.sparsity_sweep.key(cfg, executor="serial", workers=2)
+    assert key["cfg"]["device"] == cfg.device and key["cfg"]["models"] == ["m"]
+    assert sweep.sparsity_sweep.key(small(["m"], ["wanda"], ["unstructured"], [0.5], seed=1)) != key

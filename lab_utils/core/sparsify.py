@@ -74,11 +74,6 @@ def check_scope(scope: str) -> str:
     return scope
 
 
-def check_pattern(pattern) -> tuple[int, int]:
-    """Alias of :func:`parse_pattern` that reads like the other checks."""
-    return parse_pattern(pattern)
-
-
 # --------------------------------------------------------------------------- selecting weights
 def prune_count(numel: int, sparsity_ratio: float) -> int:
     """How many of ``numel`` weights a ratio removes: ``int(numel * ratio)``,

@@ -12,7 +12,6 @@ from torch.profiler import record_function
 
 from lab_utils.core import data, models, sparsify
 from lab_utils.core.device import model_device
-from lab_utils.core.evaluation import asr
 from lab_utils.core.models import (
     ENCODER_DECODER,
     LoadedModel,
@@ -47,8 +46,7 @@ def _model_kwargs(model: nn.Module) -> dict:
 
 
 def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int = 0,
-                        corpus: str | None = None, batch_tokens: int = BATCH_TOKENS,
-                        progress: bool = False) -> list[dict]:
+                        corpus: str | None = None, batch_tokens: int = BATCH_TOKENS) -> list[dict]:
     """Model inputs for calibration, in batches of about ``batch_tokens`` tokens.
 
     Each item is ``{"inputs": kwargs for model(...), "masks": {side: token mask}}``.
@@ -61,7 +59,7 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
 
     model = lm.model
     if getattr(model.config, "model_type", "") == "whisper":
-        return _speech_batches(lm, nsamples, seed, batch_tokens, progress)
+        return _speech_batches(lm, nsamples, seed, batch_tokens)
     ctx = models.context_length(model.config)
     if seqlen > ctx:
         raise SparsityError(f"seqlen {seqlen} exceeds the context of {lm.spec.name} ({ctx} tokens)")
@@ -91,14 +89,13 @@ def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:
     return out
 
 
-def _speech_batches(lm: LoadedModel, nsamples: int, seed: int, batch_tokens: int,
-                    progress: bool) -> list[dict]:
+def _speech_batches(lm: LoadedModel, nsamples: int, seed: int, batch_tokens: int) -> list[dict]:
     cfg = lm.model.config
     sentences = data.calibration_sentences(nsamples, seed)
     # Whisper's encoder always reads 30 s: one short sentence per window would
     # be mostly padding, so the statistics would come mostly from silence (and
     # cost four times the compute). Consecutive sentences share a window.
-    texts, audio = asr.pack(sentences, data.speech(sentences, progress=progress), SPEECH_PER_WINDOW)
+    texts, audio = data.pack(sentences, data.speech(sentences), SPEECH_PER_WINDOW)
     fe = lm.feature_extractor
     start = cfg.decoder_start_token_id
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id

@@ -1,7 +1,7 @@
 """Pruned checkpoints: the one way to get a pruned model.
 
 :func:`pruned_model` takes a model (a name, or a dense model already loaded)
-and the pruning settings, and returns the pruned model with its
+and a :class:`~lab_utils.engine.config.PruneConfig`, and returns the pruned model with its
 :class:`~lab_utils.engine.prune.PruneReport`: read from the checkpoint cache
 when the same pruning was done before, else pruned by the engine (in this
 process or in a child process) and, for the calibrated methods, saved. A
@@ -26,23 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab_utils.core import files
-from lab_utils.core.models import (
-    LoadedModel,
-    load_model,
-    prunable_layers,
-    resolve,
-)
+from lab_utils.core.models import LoadedModel, load_model, prunable_layers, resolve
 from lab_utils.core.sparsify import SparsityError
-from lab_utils.engine.config import (
-    BATCH_TOKENS,
-    DEFAULT_NSAMPLES,
-    OWL_LAMBDA,
-    OWL_M,
-    PruneConfig,
-    checkpoint_key,
-    make_config,
-    resolve_config,
-)
+from lab_utils.engine.config import PruneConfig, checkpoint_key, resolve_config
 from lab_utils.engine.prune import PruneReport, fill_report, prune_model
 
 
@@ -53,8 +39,6 @@ def checkpoint_dir(model_slug: str, cfg: PruneConfig, key: str) -> Path:
 
 
 WEIGHTS_FILE = "pruned.safetensors"
-
-
 REPORT_FILE = "report.json"
 
 
@@ -82,36 +66,19 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
         pl.set_weight(flat.view(W.shape))
 
 
-def pruned_model(model: str | LoadedModel, method: str, sparsity, pattern="unstructured",
-                 scope: str | None = None, nsamples: int | None = DEFAULT_NSAMPLES,
-                 seqlen: int | None = None, seed: int = 0, owl: bool = False,
-                 calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
-                 owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, device: str = "cpu",
-                 dtype: str = "auto", progress: bool = True, save: bool | None = None, rebuild: bool = False,
-                 separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
-    """A pruned model and its report: the settings (checked by
-    :func:`~lab_utils.engine.config.make_config`, which documents them) go
-    to :func:`pruned_from_config`."""
-    cfg = make_config(method, sparsity, pattern, scope, nsamples, seqlen, seed, owl, calibration,
-                      owl_lambda=owl_lambda, owl_m=owl_m, batch_tokens=batch_tokens, device=device,
-                      dtype=dtype)
-    return pruned_from_config(model, cfg, progress=progress, save=save, rebuild=rebuild,
-                              separate_process=separate_process)
-
-
-def pruned_from_config(model: str | LoadedModel, cfg: PruneConfig, *, progress: bool = True,
-                       save: bool | None = None, rebuild: bool = False,
-                       separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
-    """Load a model and prune it, or load the cached checkpoint of the same
-    pruning. Sparsity 0 returns the dense model (with its measured sparsity).
+def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | None = None,
+                 rebuild: bool = False, separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
+    """Load a model and prune it as ``cfg`` says, or load the cached
+    checkpoint of the same pruning. Sparsity 0 returns the dense model (with
+    its measured sparsity).
 
     ``model``: a name (preset, hub id or folder), loaded here, or the dense
     model of such a name already loaded (:func:`~lab_utils.core.models.load_model`),
     which is left untouched: a copy of it is pruned (no reloading between
     settings), and at sparsity 0 it is returned itself.
 
-    The checkpoint lives under ``cache_dir()/pruned/`` keyed by the model and
-    every pruning argument (plus the engine version); it is written atomically
+    The checkpoint lives under ``cache_dir()/pruned/`` named by
+    :func:`~lab_utils.engine.config.checkpoint_key`; it is written atomically
     with a checksum manifest, so a cut-short write is never reused. ``save``:
     None (default) checkpoints the calibrated methods only, because random and
     magnitude pruning take less time than reading a checkpoint back.
@@ -149,7 +116,7 @@ def pruned_from_config(model: str | LoadedModel, cfg: PruneConfig, *, progress: 
                                 f"in {folder}; run checkpoints.pruned_model(...) in this process to see why")
         load_checkpoint(lm.model, folder)
         return lm, PruneReport.from_json((folder / REPORT_FILE).read_text())
-    report = prune_model(lm, cfg, progress=progress)
+    report = prune_model(lm, cfg)
     report.key = key
     if not (cfg.calibrated if save is None else save):
         return lm, report
@@ -161,7 +128,7 @@ def pruned_from_config(model: str | LoadedModel, cfg: PruneConfig, *, progress: 
 
 
 def _build_in_child(model_name: str, cfg: PruneConfig, rebuild: bool = False) -> None:
-    """Run :func:`pruned_from_config` for ``cfg`` in a fresh Python process
+    """Run :func:`pruned_model` for ``cfg`` in a fresh Python process
     (same environment, cache and thread count), which writes the checkpoint."""
     payload = json.dumps({"model": model_name, "cfg": dataclasses.asdict(cfg), "rebuild": rebuild,
                           "threads": torch.get_num_threads()})
@@ -175,8 +142,7 @@ def _build_in_child(model_name: str, cfg: PruneConfig, rebuild: bool = False) ->
 def _child_main(payload: str) -> None:
     args = json.loads(payload)
     torch.set_num_threads(int(args["threads"]))
-    pruned_from_config(args["model"], PruneConfig(**args["cfg"]), progress=False, save=True,
-                       rebuild=args["rebuild"])
+    pruned_model(args["model"], PruneConfig(**args["cfg"]), save=True, rebuild=args["rebuild"])
 
 
 def check_output_dir(out: str | Path) -> Path:

@@ -1,40 +1,32 @@
 """The pruning configuration and its cache key.
 
-:class:`PruneConfig` holds every setting that changes the pruned weights
-(method, ``sparsity_ratio``, the N:M pattern, scope, calibration ``nsamples``
-and ``seqlen``, seed, OWL and its lambda and M, the calibration corpus and
-batch size). :func:`make_config` checks and normalizes it once; the engine,
-the checkpoint cache and the child process that builds a checkpoint all take
-that one object. :func:`resolve_config` fills in the defaults that depend on
-the model (calibration length and corpus), and :func:`checkpoint_key` is the
-one place that turns a model and a configuration into a cache key.
+:class:`PruneConfig` holds every setting that changes the pruned weights and
+checks and normalizes them when it is made; the engine, the checkpoint cache
+and the child process that builds a checkpoint all take that one object.
+:func:`resolve_config` fills in the defaults that depend on the model
+(calibration length and corpus), and :func:`checkpoint_key` turns a model and
+a configuration into a cache key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from lab_utils.core import files, models, sparsify
+from lab_utils.core.checks import whole_number
 from lab_utils.core.device import dtype_name, resolve_device, resolve_dtype
-from lab_utils.core.models import (
-    LoadedModel,
-    ModelSpec,
-    embedded_model_dir,
-)
+from lab_utils.core.models import LoadedModel, ModelSpec, embedded_model_dir
 from lab_utils.core.sparsify import SparsityError
 
-ENGINE_VERSION = 3  # part of every cache key: bump when pruning results change (2: packed speech windows;
-#   3: SparseGPT's shared inverse Hessian and X^T X from its upper blocks move its last bits)
-
+ENGINE_VERSION = 4  # part of every cache key: bump when pruning results change (2: packed speech windows;
+#   3: SparseGPT's shared inverse Hessian and X^T X from its upper blocks move its last bits;
+#   4: keys now derived from the config)
 
 DEFAULT_NSAMPLES = 64
-
-
-
-
 BATCH_TOKENS = 8192  # calibration tokens pushed through a block at once
 # On a CPU a block runs each batch in slices of this many tokens: the norms, rotary embeddings
 # and activations of a slice stay in the cache (a forward measured 17% faster in 1024-token
@@ -42,44 +34,53 @@ BATCH_TOKENS = 8192  # calibration tokens pushed through a block at once
 # and the statistics still sum over the whole batch, so the masks do not change. An accelerator
 # runs the whole batch at once.
 CPU_FORWARD_TOKENS = 1024
-
-
 SPEECH_PER_WINDOW = 4  # Whisper calibration: sentences packed into one 30 s window
-
-
 OWL_LAMBDA = 0.08  # OWL's defaults for LLaMA (Yin et al. 2023)
-
-
 OWL_M = 5.0
+NATURAL_SCOPE = {"random": "layer", "magnitude": "layer", "wanda": "row", "sparsegpt": None}
 
 
-# --------------------------------------------------------------------------- arguments
 @dataclass(frozen=True)
 class PruneConfig:
-    """Every argument that changes the pruned weights, checked and normalized:
-    arguments that a method ignores are set to None so that they do not split
-    the cache (magnitude does not depend on nsamples)."""
+    """Every setting that changes the pruned weights, checked and normalized
+    when the config is made (one :class:`SparsityError` naming the fix).
+
+    ``method``: random | magnitude | wanda | sparsegpt; ``sparsity``: the
+    ``sparsity_ratio`` in [0, 1); ``pattern``: "unstructured" or "N:M";
+    ``scope``: row | layer | global for magnitude and random (default layer),
+    row | layer for wanda (default row); ``owl``: non-uniform sparsity per
+    block from the activation outliers (unstructured only), with OWL's
+    ``owl_lambda`` and ``owl_m``. Calibrated methods use ``nsamples`` windows
+    of ``seqlen`` tokens (default: the model's context for hub presets, 512
+    otherwise) from ``calibration`` (default: C4 for hub presets, movie
+    reviews otherwise), ``batch_tokens`` at a time, block by block on
+    ``device`` (auto | cpu | cuda | cuda:N | mps) with forward passes in
+    ``dtype`` (auto: float32 on the CPU, bfloat16 on a GPU).
+
+    Settings that a method ignores are set to None so that they do not split
+    the cache (magnitude does not depend on nsamples); the uncalibrated methods
+    run on the host in float32 whatever ``device`` says. Normalizing twice
+    changes nothing, so a config survives ``PruneConfig(**asdict(cfg))``.
+    """
 
     method: str
     sparsity: float
-    pattern: str
-    scope: str | None
-    nsamples: int | None
-    seqlen: int | None
-    seed: int | None
-    owl: bool
-    calibration: str | None
-    # OWL's lambda and M (None without OWL) and the calibration tokens pushed through a block at
-    # once (None for the uncalibrated methods): in the cache key only when they differ from the
-    # defaults, so the keys of the default settings stay what they always were
-    owl_lambda: float | None = None
-    owl_m: float | None = None
-    batch_tokens: int | None = None
-    # where the blocks are pruned and the dtype of their forward passes: in the key only off the
-    # CPU/float32 defaults (a bfloat16 forward changes the statistics; a GPU's float32 kernels
-    # sum in another order, so even its float32 masks may differ in the last bits)
+    pattern: str = sparsify.UNSTRUCTURED
+    scope: str | None = None
+    nsamples: int | None = DEFAULT_NSAMPLES
+    seqlen: int | None = None
+    seed: int | None = 0
+    owl: bool = False
+    calibration: str | None = None
+    owl_lambda: float | None = OWL_LAMBDA
+    owl_m: float | None = OWL_M
+    batch_tokens: int | None = BATCH_TOKENS
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name, value in _normalized(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def prune_n(self) -> int:
@@ -93,32 +94,17 @@ class PruneConfig:
     def calibrated(self) -> bool:
         return self.method in sparsify.CALIBRATED or self.owl
 
+    def replace(self, **changes) -> PruneConfig:
+        return dataclasses.replace(self, **changes)
 
-NATURAL_SCOPE = {"random": "layer", "magnitude": "layer", "wanda": "row", "sparsegpt": None}
 
-
-def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str | None = None,
-                nsamples: int | None = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
-                owl: bool = False, calibration: str | None = None, *, owl_lambda: float = OWL_LAMBDA,
-                owl_m: float = OWL_M, batch_tokens: int = BATCH_TOKENS, device: str = "cpu",
-                dtype: str = "auto") -> PruneConfig:
-    """Check every argument; raise one :class:`SparsityError` naming the fix.
-
-    ``method``: random | magnitude | wanda | sparsegpt; ``pattern``:
-    "unstructured" or "N:M"; ``scope``: row | layer | global for magnitude
-    and random (default layer), row | layer for wanda (default row); ``owl``:
-    non-uniform sparsity per block from the activation outliers (unstructured
-    only), with OWL's ``owl_lambda`` and ``owl_m``. Calibrated methods use
-    ``nsamples`` windows of ``seqlen`` tokens (default: the model's context for
-    hub presets, 512 otherwise) from ``calibration`` (default: C4 for hub
-    presets, movie reviews otherwise), ``batch_tokens`` at a time, block by
-    block on ``device`` (auto | cpu | cuda | cuda:N | mps) with forward
-    passes in ``dtype`` (auto: float32 on the CPU, bfloat16 on a GPU).
-    """
+def _normalized(c: PruneConfig) -> dict:
+    """The fields of ``c`` checked and normalized (see :class:`PruneConfig`)."""
+    method = c.method
     sparsify.check_method(method)
-    s = sparsify.check_sparsity_ratio(sparsity_ratio)
-    prune_n, prune_m = sparsify.parse_pattern(pattern)
-    pattern = sparsify.pattern_name(prune_n, prune_m)
+    s = sparsify.check_sparsity_ratio(c.sparsity)
+    prune_n, prune_m = sparsify.parse_pattern(c.pattern)
+    scope = c.scope
     if scope is not None:
         sparsify.check_scope(scope)
     if method == "sparsegpt" and scope not in (None, "layer"):
@@ -132,41 +118,42 @@ def make_config(method: str, sparsity_ratio, pattern="unstructured", scope: str 
                             f"scope 'global' does not apply (leave scope unset)")
     # N:M picks inside each group of M; sparsegpt picks per block of columns
     scope = None if (prune_n or method == "sparsegpt") else (scope or NATURAL_SCOPE[method])
-    owl = bool(owl)
+    owl = bool(c.owl)
     if owl and prune_n:
         raise SparsityError("OWL allocates unstructured sparsity across layers; an N:M pattern is "
                             "the same in every layer (use owl=False or pattern='unstructured')")
     if owl and scope == "global":
         raise SparsityError("OWL sets one sparsity per block; scope 'global' already ranks all "
                             "layers together (use one of them)")
-    dev = resolve_device(device)  # checked before any work, also for the dense model
-    dt = dtype_name(resolve_dtype(dtype, dev))
+    dev = resolve_device(c.device)  # checked before any work, also for the dense model
+    dt = dtype_name(resolve_dtype(c.dtype, dev))
     if s == 0:  # the dense model: nothing else matters
-        return PruneConfig(method, 0.0, sparsify.UNSTRUCTURED, None, None, None, None, False, None)
+        return dict(sparsity=0.0, pattern=sparsify.UNSTRUCTURED, scope=None, nsamples=None, seqlen=None,
+                    seed=None, owl=False, calibration=None, owl_lambda=None, owl_m=None, batch_tokens=None,
+                    device="cpu", dtype="float32")
     calibrated = method in sparsify.CALIBRATED or owl
+    nsamples, seqlen, calibration, seed = c.nsamples, c.seqlen, c.calibration, c.seed
     if calibrated:
-        if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples <= 0:
-            raise SparsityError(f"{method}{' with OWL' if owl else ''} needs calibration data: "
-                                f"nsamples must be a positive integer, got {nsamples!r}")
-        if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int)
-                                   or seqlen <= 1):
-            raise SparsityError(f"seqlen must be an integer > 1, got {seqlen!r}")
+        try:
+            whole_number("nsamples", nsamples, error=SparsityError)
+        except SparsityError as e:
+            raise SparsityError(f"{method}{' with OWL' if owl else ''} needs calibration data: {e}") from None
+        if seqlen is not None:
+            whole_number("seqlen", seqlen, minimum=2, error=SparsityError)
+        whole_number("batch_tokens", c.batch_tokens, error=SparsityError)
     else:
         nsamples = seqlen = calibration = None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SparsityError(f"seed must be a non-negative integer, got {seed!r}")
-    if method == "magnitude" and not owl:
-        seed = None
-    if calibrated and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int)
-                       or batch_tokens <= 0):
-        raise SparsityError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
-    if owl and not (_number(owl_lambda) and owl_lambda >= 0 and _number(owl_m) and owl_m > 0):
-        raise SparsityError(f"OWL needs owl_lambda >= 0 and owl_m > 0, got {owl_lambda!r} and {owl_m!r}")
-    # the uncalibrated methods run on the host, so the device cannot split their cache
-    dev, dt = (str(dev), dt) if calibrated else ("cpu", "float32")
-    return PruneConfig(method, s, pattern, scope, nsamples, seqlen, seed, owl, calibration,
-                       owl_lambda=float(owl_lambda) if owl else None, owl_m=float(owl_m) if owl else None,
-                       batch_tokens=batch_tokens if calibrated else None, device=dev, dtype=dt)
+    drops_seed = method == "magnitude" and not owl
+    if not (drops_seed and seed is None):  # None: already dropped by an earlier normalization
+        whole_number("seed", seed, minimum=0, error=SparsityError)
+    if owl and not (_number(c.owl_lambda) and c.owl_lambda >= 0 and _number(c.owl_m) and c.owl_m > 0):
+        raise SparsityError(f"OWL needs owl_lambda >= 0 and owl_m > 0, got {c.owl_lambda!r} and {c.owl_m!r}")
+    return dict(sparsity=s, pattern=sparsify.pattern_name(prune_n, prune_m), scope=scope, nsamples=nsamples,
+                seqlen=seqlen, seed=None if drops_seed else seed, owl=owl, calibration=calibration,
+                owl_lambda=float(c.owl_lambda) if owl else None, owl_m=float(c.owl_m) if owl else None,
+                batch_tokens=c.batch_tokens if calibrated else None,
+                # the uncalibrated methods run on the host, so the device cannot split their cache
+                device=str(dev) if calibrated else "cpu", dtype=dt if calibrated else "float32")
 
 
 def _number(x) -> bool:
@@ -204,28 +191,16 @@ def resolve_config(spec: ModelSpec, cfg: PruneConfig, config) -> PruneConfig:
         return cfg
     seqlen = None if getattr(config, "model_type", "") == "whisper" else (
         cfg.seqlen or models.default_seqlen(spec, config))
-    return PruneConfig(**{**asdict(cfg), "seqlen": seqlen,
-                          "calibration": cfg.calibration or _default_calibration(spec)})
-
-
-# --------------------------------------------------------------------------- the cache
-KEY_FIELDS = ("method", "sparsity", "pattern", "scope", "nsamples", "seqlen", "seed", "owl", "calibration")
-
-_DEFAULTS = {"owl_lambda": OWL_LAMBDA, "owl_m": OWL_M, "batch_tokens": BATCH_TOKENS}
+    calibration = cfg.calibration or _default_calibration(spec)
+    if (seqlen, calibration) == (cfg.seqlen, cfg.calibration):
+        return cfg
+    return cfg.replace(seqlen=seqlen, calibration=calibration)
 
 
 def key_settings(cfg: PruneConfig) -> dict:
-    """The settings a cache key is made of: the nine that every key has always
-    held, plus OWL's lambda and M and the calibration batch where they differ
-    from the defaults (so existing keys stay valid)."""
-    out = {k: getattr(cfg, k) for k in KEY_FIELDS}
-    out.update({k: getattr(cfg, k) for k, default in _DEFAULTS.items()
-                if getattr(cfg, k) is not None and getattr(cfg, k) != default})
-    if cfg.dtype != "float32":
-        out["dtype"] = cfg.dtype
-    if torch.device(cfg.device).type != "cpu":  # the kind of device, not which one of them
-        out["device"] = torch.device(cfg.device).type
-    return out
+    """The settings a cache key is made of: every field of ``cfg``, the device
+    by its kind (cuda, not cuda:1: any GPU of a kind gives the same masks)."""
+    return {**dataclasses.asdict(cfg), "device": torch.device(cfg.device).type}
 
 
 def checkpoint_key(spec: ModelSpec, cfg: PruneConfig, config=None) -> str:
@@ -235,15 +210,9 @@ def checkpoint_key(spec: ModelSpec, cfg: PruneConfig, config=None) -> str:
     ``cfg`` is resolved first (:func:`resolve_config`, from ``config``, the
     model's Hugging Face config, read from its files when not given). A local
     folder is keyed by its absolute path, except the dense model (sparsity 0),
-    which has always been keyed by the name as written."""
+    which is keyed by the name as written."""
     if cfg.calibrated:
         cfg = resolve_config(spec, cfg, hf_config(spec) if config is None else config)
     local = spec.source == "local" and cfg.sparsity > 0
-    return _key(os.path.abspath(spec.location) if local else spec.name, cfg)
-
-
-def _key(model_name: str, cfg: PruneConfig) -> str:
-    extra = {k: v for k, v in key_settings(cfg).items() if k not in KEY_FIELDS}
-    return files.key_hash("pruned", ENGINE_VERSION, model_name, cfg.method, cfg.pattern, cfg.sparsity,
-                          cfg.scope, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.owl, cfg.calibration,
-                          *([extra] if extra else []))
+    name = os.path.abspath(spec.location) if local else spec.name
+    return files.key_hash("pruned", ENGINE_VERSION, name, key_settings(cfg))

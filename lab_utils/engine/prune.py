@@ -62,11 +62,10 @@ from lab_utils.engine.calibration import (
     collect_statistics,
     propagate,
 )
-from lab_utils.engine.config import (
-    KEY_FIELDS,
-    PruneConfig,
-    resolve_config,
-)
+from lab_utils.engine.config import PruneConfig, resolve_config
+
+# the settings every report holds (its first fields)
+REPORT_FIELDS = ("method", "sparsity", "pattern", "scope", "nsamples", "seqlen", "seed", "owl", "calibration")
 
 
 # --------------------------------------------------------------------------- pruning one layer
@@ -161,7 +160,7 @@ class PruneReport:
     @classmethod
     def of(cls, model: str, family: str, cfg: PruneConfig, **measured) -> PruneReport:
         """A report of ``cfg``: its keyed settings, as every report has held them."""
-        return cls(model, family, **{k: getattr(cfg, k) for k in KEY_FIELDS}, **measured)
+        return cls(model, family, **{k: getattr(cfg, k) for k in REPORT_FIELDS}, **measured)
 
 
 def sparsity_table(model: nn.Module) -> list[dict]:
@@ -207,14 +206,9 @@ def _sides_in_order(model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
     return [(s, *sides[s]) for s in order]
 
 
-def _block_layers(block: nn.Module) -> dict[str, nn.Module]:
-    return find_layers(block)
-
-
-def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True,
-                offload: bool = False, batches: list[dict] | None = None) -> PruneReport:
-    """Prune ``lm.model`` in place as ``cfg`` (from
-    :func:`~lab_utils.engine.config.make_config`) says and return what was done:
+def prune_model(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False,
+                batches: list[dict] | None = None) -> PruneReport:
+    """Prune ``lm.model`` in place as ``cfg`` says and return what was done:
     the measured sparsity per layer and overall, the N:M check, the time and
     the peak memory (host, and device on an accelerator). Calibration defaults
     that depend on the model are filled in first
@@ -238,8 +232,7 @@ def prune_model(lm: LoadedModel, cfg: PruneConfig, *, progress: bool = True,
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.sparsity > 0:
             with record_function("lab::prune"):
-                targets, report.block_sparsity = _prune(lm, cfg, progress=progress, offload=offload,
-                                                        batches=batches)
+                targets, report.block_sparsity = _prune(lm, cfg, offload=offload, batches=batches)
         devices.synchronize(device)
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - c0
@@ -285,8 +278,7 @@ def _placement(model: nn.Module, cfg: PruneConfig, offload: bool) -> tuple[torch
     return (home if same else device), home, offload or not same
 
 
-def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool = False,
-           batches: list[dict] | None = None) -> tuple[dict[str, float], dict]:
+def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches: list[dict] | None = None) -> tuple[dict[str, float], dict]:
     """Prune every block; return the target sparsity of each layer (by name)
     and OWL's sparsity per block and side (empty without OWL)."""
     model = lm.model
@@ -296,18 +288,16 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool =
     block_sparsity = {side: [cfg.sparsity] * len(blocks) for side, _, blocks in sides}
 
     if not cfg.calibrated:
-        return _prune_uncalibrated(model, cfg, progress=progress), {}
+        return _prune_uncalibrated(model, cfg), {}
 
     if batches is None:
         batches = calibration_batches(lm, cfg.nsamples, cfg.seqlen, cfg.seed or 0, cfg.calibration,
-                                      cfg.batch_tokens, progress)
+                                      cfg.batch_tokens)
     device, _home, offload = _placement(model, cfg, offload)
     dtype = devices.DTYPES[cfg.dtype]
     owl_sparsity: dict = {}
     if cfg.owl:
-        block_sparsity = owl_sparsity = _owl_allocation(
-            model, sides, batches, sparsity_ratio=cfg.sparsity, lam=cfg.owl_lambda, hyper_m=cfg.owl_m,
-            progress=progress, device=device, dtype=dtype, offload=offload)
+        block_sparsity = owl_sparsity = _owl_allocation(model, sides, batches, cfg, device, offload)
 
     targets: dict[str, float] = {}
     index = 0
@@ -317,9 +307,9 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool =
         with record_function("lab::copies"):
             chunks_to(chunks, device, dtype, copy=offload)
         desc = f"{cfg.method} {side}"
-        for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
+        for i, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
             with block_on(block, device, offload):
-                layers = _block_layers(block)
+                layers = find_layers(block)
                 s = block_sparsity[side][i]
                 stats = {}
                 if cfg.method in sparsify.CALIBRATED:
@@ -342,7 +332,7 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, progress: bool, offload: bool =
     return targets, owl_sparsity
 
 
-def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, *, progress: bool) -> dict[str, float]:
+def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig) -> dict[str, float]:
     """Random or magnitude pruning, layer by layer or over all layers at once
     (scope 'global'); returns the target sparsity of each layer."""
     targets: dict[str, float] = {}
@@ -359,33 +349,32 @@ def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig, *, progress: bool) -
             pl.weight.masked_fill_(W_mask, 0)
             targets[pl.name] = cfg.sparsity
         return targets
-    for index, pl in enumerate(tqdm(layers, desc=cfg.method, disable=not progress, leave=False)):
+    for index, pl in enumerate(tqdm(layers, desc=cfg.method, leave=False)):
         prune_layer(pl.module, cfg, cfg.sparsity, None, index)
         targets[pl.name] = cfg.sparsity
     return targets
 
 
-def _owl_allocation(model: nn.Module, sides: list[tuple[str, str, nn.ModuleList]], batches: list[dict], *,
-                    sparsity_ratio: float, lam: float, hyper_m: float, progress: bool,
-                    device: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                    offload: bool = False) -> dict[str, list[float]]:
+def _owl_allocation(model: nn.Module, sides: list[tuple[str, str, nn.ModuleList]], batches: list[dict],
+                    cfg: PruneConfig, device: torch.device, offload: bool = False) -> dict[str, list[float]]:
     """OWL: outlier ratio of every block of the dense model (Wanda scores above
-    ``hyper_m`` times their block mean), turned into per-block sparsities whose
-    mean is the requested one (per side for an encoder-decoder model)."""
+    ``cfg.owl_m`` times their block mean), turned into per-block sparsities whose
+    mean is ``cfg.sparsity`` (per side for an encoder-decoder model), spread by
+    ``cfg.owl_lambda``. The forward passes run on ``device`` in ``cfg.dtype``."""
+    dtype = devices.DTYPES[cfg.dtype]
     ratios: dict[str, list[float]] = {}
     for side, _prefix, blocks in sides:
         chunks = capture_inputs(model, blocks[0], batches, side)
-        device = device or devices.model_device(model)
         chunks_to(chunks, device, dtype, copy=offload)
         ratios[side] = []
-        for block in tqdm(blocks, desc=f"owl {side}", disable=not progress, leave=False):
+        for block in tqdm(blocks, desc=f"owl {side}", leave=False):
             with block_on(block, device, offload):
-                layers = _block_layers(block)
+                layers = find_layers(block)
                 with _forward(device, dtype):
                     stats = collect_statistics(block, layers, chunks, "norm", propagate=True)
                 metrics = [sparsify.wanda_metric(weight_out_in(m), stats[n]["sum"] / max(1, stats[n]["count"]))
                            for n, m in layers.items()]
-                ratios[side].append(sparsify.outlier_ratio(metrics, hyper_m))
+                ratios[side].append(sparsify.outlier_ratio(metrics, cfg.owl_m))
         del chunks
-    return {side: sparsify.owl_sparsities(r, sparsity_ratio, lam) for side, r in ratios.items()}
+    return {side: sparsify.owl_sparsities(r, cfg.sparsity, cfg.owl_lambda) for side, r in ratios.items()}
 

@@ -50,13 +50,13 @@ exactly :func:`quantized_weight` of the saved weight.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,7 @@ from lab_utils.core.sparse_file import (
     save_sparse,
 )
 from lab_utils.engine import checkpoints
-from lab_utils.engine.config import ENGINE_VERSION, PruneConfig, key_settings, make_config
+from lab_utils.engine.config import DEFAULT_NSAMPLES, ENGINE_VERSION, PruneConfig, key_settings
 from lab_utils.experiments import executor as ex
 
 SIZES_VERSION = 3  # part of the size cache key: bump when the size table changes
@@ -119,8 +119,7 @@ def size_row(path: str | os.PathLike, value_bits: int | None = None) -> dict:
 
 
 def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder: str | os.PathLike | None = None,
-                pattern: str = "unstructured", zstd_level: int = ZSTD_LEVEL, keep_files: bool = False,
-                progress: bool = True) -> pd.DataFrame:
+                pattern: str = "unstructured", zstd_level: int = ZSTD_LEVEL, keep_files: bool = False) -> pd.DataFrame:
     """Write ``model`` once per format, measure each file on disk
     (:func:`size_row`), then delete it unless ``keep_files``. One row per format,
     with the parameter counts (total, nonzero) and the seconds the write took."""
@@ -135,7 +134,7 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        for fmt in tqdm(formats, desc="formats", disable=not progress, leave=False):
+        for fmt in tqdm(formats, desc="formats", leave=False):
             path = folder / f"{fmt.replace('+', '_')}.lab"
             t0 = time.perf_counter()
             save_sparse(model, path, fmt, pattern=pattern, zstd_level=zstd_level)
@@ -159,14 +158,41 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     return pd.DataFrame(rows)
 
 
-def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterable[float],
-               formats: Iterable[str] = SIZE_FORMATS, pattern: str = "unstructured",
-               zstd_level: int = ZSTD_LEVEL, keep_files: bool = False, progress: bool = True,
-               executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
-               resources: dict[str, float] | None = None, **prune_kw) -> pd.DataFrame:
-    """Sizes for every model x method x sparsity: the pruned model comes from
-    :func:`lab_utils.engine.checkpoints.pruned_model` (``prune_kw``: the other
-    settings of :func:`~lab_utils.engine.config.make_config`), each format is
+@dataclass(frozen=True)
+class SizeConfig:
+    """The settings of the size table: ``models`` x ``methods`` x ``sparsities``
+    pruned (with ``pattern`` and the calibration ``nsamples``, ``seqlen`` and
+    ``seed`` of the calibrated methods), each written in every one of
+    ``formats`` with ``zstd_level``; ``keep_files`` keeps the files under
+    ``cache_dir()/sizes/files/``. The formats are checked when the config is
+    made."""
+
+    models: tuple
+    methods: tuple = ("magnitude",)
+    sparsities: tuple = (0.5,)
+    formats: tuple = SIZE_FORMATS
+    pattern: str = "unstructured"
+    zstd_level: int = ZSTD_LEVEL
+    keep_files: bool = False
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("models", "methods", "sparsities"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "formats", tuple(check_formats(self.formats, self.pattern)))
+
+    def prune_config(self, method: str, sparsity: float) -> PruneConfig:
+        """The pruning as the engine sees it (settings that do not apply to a method drop out)."""
+        return PruneConfig(method, sparsity, self.pattern, nsamples=self.nsamples, seqlen=self.seqlen,
+                           seed=self.seed)
+
+
+def size_sweep(cfg: SizeConfig, executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
+               resources: dict[str, float] | None = None) -> pd.DataFrame:
+    """Sizes for every model x method x sparsity of ``cfg``: the pruned model
+    comes from :func:`lab_utils.engine.checkpoints.pruned_model`, each format is
     written and measured by :func:`model_sizes`.
     Results are cached (checksummed JSON) per setting, so a re-run reads them
     instead of rewriting the files. The missing ones are jobs on ``executor``
@@ -174,22 +200,19 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
     processes of this machine on one thread each: writing a file is mostly
     one-core numpy and zstd work), so ``save_s`` is each write's own time with
     the other measurement running beside it."""
-    formats = check_formats(formats, pattern)
-    settings = [(m, meth, float(s)) for m in models for meth in methods for s in sparsities]
     paths, missing = [], []
-    for model_name, method, sparsity in settings:
-        # The pruning as the engine sees it (arguments that do not apply to a method drop out).
-        cfg = make_config(method, sparsity, pattern, **prune_kw)
-        path = files.cache_dir() / "sizes" / f"{sizes_key(model_name, cfg, formats, zstd_level)}.json"
-        paths.append(path)
-        if files.cached_json(path) is None:
-            missing.append({"model_name": model_name, "sparsity": sparsity, "pattern": pattern,
-                            "formats": list(formats), "zstd_level": zstd_level, "keep_files": keep_files,
-                            "cfg": dataclasses.asdict(cfg), "path": str(path)})
+    for model_name in cfg.models:
+        for method in cfg.methods:
+            for sparsity in cfg.sparsities:
+                prune_cfg = cfg.prune_config(method, float(sparsity))
+                path = files.cache_dir() / "sizes" / f"{sizes_key(model_name, prune_cfg, cfg)}.json"
+                paths.append(path)
+                if files.cached_json(path) is None:
+                    missing.append({"model_name": model_name, "cfg": prune_cfg, "size": cfg, "path": str(path)})
     try:
         measured = ex.run_jobs(
-            size_job, missing, executor, workers=workers, progress=progress, desc="sizes", resources=resources,
-            describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['cfg']['method']}, {j['sparsity']:g})")
+            size_job, missing, executor, workers=workers, desc="sizes", resources=resources,
+            describe=lambda j: f"measuring the sizes of {j['model_name']} ({j['cfg'].method}, {j['cfg'].sparsity:g})")
     except ex.JobError as e:
         raise StorageError(str(e)) from e
     finally:
@@ -204,11 +227,10 @@ def size_sweep(models: Iterable[str], methods: Iterable[str], sparsities: Iterab
     return pd.concat(frames, ignore_index=True)
 
 
-def sizes_key(model_name: str, cfg: PruneConfig, formats: list[str], zstd_level: int) -> str:
-    """The cache key of one setting's size table."""
-    # the trailing [] once held pruning arguments outside the config; kept so cached sizes stay valid
+def sizes_key(model_name: str, cfg: PruneConfig, size: SizeConfig) -> str:
+    """The cache key of one setting's size table: the pruning and what is written."""
     return files.key_hash("sizes", FILE_VERSION, SIZES_VERSION, ENGINE_VERSION, model_name, key_settings(cfg),
-                          formats, zstd_level, [])
+                          list(size.formats), size.zstd_level)
 
 
 _DENSE: dict = {}  # the dense model of the last size_job (a worker measures one model's rows in turn)
@@ -223,22 +245,20 @@ def _dense(model_name: str) -> LoadedModel:
     return _DENSE[model_name]
 
 
-def size_job(model_name: str, sparsity: float, pattern: str, formats: list[str], zstd_level: int,
-             keep_files: bool, cfg: dict, path: str) -> dict:
-    """Measure one row group of :func:`size_sweep` (``cfg``: the pruning, as a
-    dict), store it at ``path`` and return it as stored."""
-    cfg = PruneConfig(**cfg)
-    method = cfg.method
-    lm, _ = checkpoints.pruned_from_config(_dense(model_name), cfg, progress=False)
+def size_job(model_name: str, cfg: PruneConfig, size: SizeConfig, path: str) -> dict:
+    """Measure one row group of :func:`size_sweep` (the pruning ``cfg`` of
+    ``model_name``, written as ``size`` says), store it at ``path`` and return
+    it as stored."""
+    lm, _ = checkpoints.pruned_model(_dense(model_name), cfg)
     key = Path(path).stem
-    table = model_sizes(lm.model, formats, pattern=pattern, zstd_level=zstd_level,
-                        folder=(files.cache_dir() / "sizes" / "files" / key) if keep_files else None,
-                        keep_files=keep_files, progress=False)
+    table = model_sizes(lm.model, size.formats, pattern=size.pattern, zstd_level=size.zstd_level,
+                        folder=(files.cache_dir() / "sizes" / "files" / key) if size.keep_files else None,
+                        keep_files=size.keep_files)
     table.insert(0, "label", lm.label)
     table.insert(0, "model", model_name)
-    table.insert(2, "method", method)
-    table.insert(3, "sparsity", sparsity)
-    table.insert(4, "pattern", pattern)
+    table.insert(2, "method", cfg.method)
+    table.insert(3, "sparsity", cfg.sparsity)
+    table.insert(4, "pattern", size.pattern)
     table["actual_sparsity"] = 1 - table.nnz / table.prunable_numel
     # store_json sorts the keys: the column order is kept aside
     files.store_json(Path(path), {"columns": list(table.columns), "rows": table.to_dict(orient="records")})
@@ -326,20 +346,18 @@ def round_trip(lm, formats: Iterable[str], folder: str | os.PathLike | None = No
     return pd.DataFrame(rows)
 
 
-def write_csv(table: pd.DataFrame, name: str) -> Path:
-    """A table under results/ (atomically), for the write-up."""
-    return files.write_csv(table, files.results_dir() / name)
-
-
-def cached_round_trip(sizes: pd.DataFrame, method: str, sparsities, formats, progress: bool = True):
+def round_trip_check(sizes: pd.DataFrame, method: str, sparsities, formats):
     """:func:`round_trip` of the smallest model of a :func:`size_sweep` table
     (the check is the same for every model) at 50% sparsity (else the highest
-    measured), in its compressed formats and CSR; a cached step. Returns
-    (table, model label, sparsity)."""
+    measured), in its compressed formats and CSR (:func:`model_round_trip`, a
+    cached step). Returns (table, model label, sparsity)."""
     sparsity = 0.5 if 0.5 in sparsities else max(sparsities)
     smallest = sizes.loc[sizes.params.idxmin()]
     fmts = [f for f in formats if f.endswith("+zstd") or f == "csr"]
-    key = {"model": smallest.model, "method": method, "sparsity": sparsity, "formats": fmts}
-    table = memo.cached("03-round-trip", key, lambda: round_trip(
-        checkpoints.pruned_model(smallest.model, method, sparsity, progress=progress)[0], fmts))
-    return table, smallest.label, sparsity
+    return model_round_trip(smallest.model, method, sparsity, fmts), smallest.label, sparsity
+
+
+@memo.step("03-round-trip")
+def model_round_trip(model_name: str, method: str, sparsity: float, formats: list[str]) -> pd.DataFrame:
+    """:func:`round_trip` of ``model_name`` pruned with ``method`` at ``sparsity``."""
+    return round_trip(checkpoints.pruned_model(model_name, PruneConfig(method, sparsity))[0], formats)

@@ -37,6 +37,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -59,10 +60,23 @@ from lab_utils.core.models import (
     weight_out_in,
 )
 from lab_utils.engine import checkpoints
+from lab_utils.engine.config import PruneConfig
 
 # Part of every cache key for timings: bump it when the CSR kernel, the
 # module or the tuning changes, since cached timings measured the old code.
 KERNEL_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a timing is taken: on ``tokens`` input rows, ``warmup`` untimed
+    rounds then ``repeats`` timed ones (medians), on ``threads`` torch threads
+    (resolved when made: a cached timing is keyed by the threads it ran on)."""
+
+    tokens: int = 512
+    warmup: int = 1
+    repeats: int = 5
+    threads: int = field(default_factory=torch.get_num_threads)
 
 
 # --------------------------------------------------------------------------- layers
@@ -128,10 +142,9 @@ def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None =
     return y.reshape(*x.shape[:-1], W_csr.shape[0])
 
 
-def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], tokens: int = 512,
-                warmup: int = 2, repeats: int = 7, seed: int = 0, threads: int | None = None,
-                progress: bool = True) -> pd.DataFrame:
-    """Median time of ``x @ W.T`` (x: tokens x in) dense and CSR, per shape
+def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], timing: Timing | None = None,
+                seed: int = 0) -> pd.DataFrame:
+    """Median time of ``x @ W.T`` (x: ``timing.tokens`` x in) dense and CSR, per shape
     and sparsity, timed in turns so the ratios are measured under the same
     load. ``csr_ms`` is the CSR kernel on feature-major activations, as the
     sparse-aware model runs it (:class:`CSRLinear` shares one transpose among
@@ -140,26 +153,27 @@ def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], 
     transposes: one CSR layer alone in a dense model."""
     from tqdm.auto import tqdm
 
+    timing = timing or Timing(warmup=2, repeats=7)
     shapes = sorted({tuple(int(v) for v in s) for s in shapes})
     sparsities = sorted({float(s) for s in sparsities})
     rows = []
     g = torch.Generator().manual_seed(seed)
     jobs = [(s, sp) for s in shapes for sp in sparsities]
-    for shape, sp in tqdm(jobs, desc="layer timings", disable=not progress):
+    for shape, sp in tqdm(jobs, desc="layer timings"):
         W = sparse_weight(shape, sp, seed)
         W_csr = to_csr(W)
         load = os.getloadavg()[0]
-        x = torch.randn(tokens, shape[1], generator=g)
+        x = torch.randn(timing.tokens, shape[1], generator=g)
         xT = feature_major(x)
         med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
                                          "csr": lambda W_csr=W_csr, xT=xT: csr_matmul(W_csr, xT),
                                          "drop_in": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
-                                        warmup, repeats, threads))
+                                        timing.warmup, timing.repeats, timing.threads))
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
-                     "sparsity": sp, "tokens": tokens, "dense_ms": 1e3 * med["dense"],
+                     "sparsity": sp, "tokens": timing.tokens, "dense_ms": 1e3 * med["dense"],
                      "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"],
                      "drop_in_ms": 1e3 * med["drop_in"], "drop_in_speedup": med["dense"] / med["drop_in"],
-                     "threads": threads or torch.get_num_threads(), "load_avg": load})
+                     "threads": timing.threads, "load_avg": load})
     return pd.DataFrame(rows)
 
 
@@ -415,9 +429,9 @@ def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict
 
 
 def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
-                  tokens: int = 512, warmup: int = 1, repeats: int = 5, threads: int | None = None,
-                  margin: float = 0.1, all_csr: bool = True, progress: bool = True, **prune_kw) -> pd.DataFrame:
-    """Whole forward passes at each sparsity, timed interleaved: the pruned
+                  timing: Timing | None = None, margin: float = 0.1, all_csr: bool = True) -> pd.DataFrame:
+    """Whole forward passes at each sparsity (``method``'s pruning with the
+    engine's defaults), timed interleaved: the pruned
     model as it is (dense kernels), the sparse-aware model (CSR where the
     ``speed`` table says it pays and :func:`tune_sparse_aware`'s end-to-end
     check confirms it) and, with ``all_csr``, every prunable layer in CSR.
@@ -426,18 +440,19 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     ``fell_back`` says the plan lost it."""
     from tqdm.auto import tqdm
 
+    timing = timing or Timing()
     rows, dense = [], load_model(model_name)  # each sparsity prunes a copy (or reads its checkpoint into one)
-    for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings", disable=not progress):
-        lm, _ = checkpoints.pruned_model(dense, method, sparsity, progress=progress, **prune_kw)
-        inputs = forward_inputs(lm, tokens)
-        aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, warmup, repeats, threads)
+    for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings"):
+        lm, _ = checkpoints.pruned_model(dense, PruneConfig(method, sparsity))
+        inputs = forward_inputs(lm, timing.tokens)
+        aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, timing.warmup, timing.repeats, timing.threads)
         # With no layer in CSR, the sparse-aware model *is* the dense model:
         # timing it again would only measure the machine's noise.
         variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
         if all_csr:
             variants["all-csr"] = to_sparse_aware(lm.model, None, force=True)[0]
         load = os.getloadavg()[0]
-        t = forward_speed(variants, inputs, warmup, repeats, threads).set_index("model")
+        t = forward_speed(variants, inputs, timing.warmup, timing.repeats, timing.threads).set_index("model")
         if not plan.use_csr.any():
             t.loc["sparse-aware"] = t.loc["dense"]
         limit = flop_limit(lm.model, inputs)
@@ -449,7 +464,7 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
                "sparse_aware_is_dense": not plan.use_csr.any(),
                "checked_speedup": checked, "fell_back": bool(checked < 1.0),
                "flop_limit": limit["limit"], "unprunable_share": limit["unprunable_share"],
-               "threads": threads or torch.get_num_threads(), "repeats": repeats, "load_avg": load}
+               "threads": timing.threads, "repeats": timing.repeats, "load_avg": load}
         if all_csr:
             row.update(all_csr_s=t.loc["all-csr", "median_s"], all_csr_speedup=t.loc["all-csr", "speedup"])
         rows.append(row)
@@ -457,33 +472,20 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     return pd.DataFrame(rows)
 
 
-def _layer_speed_key(models, sparsities, tokens: int, repeats: int) -> tuple[list, dict]:
-    """The distinct prunable shapes of ``models`` and the cache key of their
-    timing: the thread count is part of it (timings on 1 and 2 threads differ)."""
+@memo.step("03-layer-speed")
+def models_layer_speed(models, sparsities, timing: Timing) -> pd.DataFrame:
+    """:func:`layer_speed` of every distinct prunable shape of ``models``, as a
+    cached step (a rerun shows the first run's times)."""
     shapes = sorted({shape for name in models for shape in model_shapes(name)})
-    return shapes, {"shapes": shapes, "sparsities": sparsities, "tokens": tokens, "repeats": repeats,
-                    "threads": torch.get_num_threads(), "kernel": KERNEL_VERSION}
+    return layer_speed(shapes, sparsities, timing)
 
 
-def cached_layer_speed(models, sparsities, *, tokens: int, repeats: int, progress: bool = True) -> pd.DataFrame:
-    """:func:`layer_speed` of every prunable shape of ``models``, as a cached
-    step (:func:`lab_utils.core.memo.cached`: a rerun shows the first run's times)."""
-
-    shapes, key = _layer_speed_key(models, sparsities, tokens, repeats)
-    return memo.cached("03-layer-speed", key, lambda: layer_speed(shapes, sparsities, tokens=tokens,
-                                                                  repeats=repeats, progress=progress))
-
-
-def cached_forward_speed(models, method: str, sparsities, *, layer_sparsities, tokens: int, layer_repeats: int,
-                         repeats: int, progress: bool = True) -> pd.DataFrame:
+@memo.step("03-forward-speed")
+def models_forward_speed(models, method: str, sparsities, timing: Timing, layer_sparsities,
+                         layer_timing: Timing) -> pd.DataFrame:
     """:func:`forward_sweep` of the first decoder-only model of ``models`` (the
-    first model without one), planned on :func:`cached_layer_speed`'s table
-    of the same ``layer_sparsities``, ``tokens`` and ``layer_repeats``; cached."""
-
+    first model without one), planned on :func:`models_layer_speed`'s table
+    of ``layer_sparsities`` timed as ``layer_timing``; a cached step."""
     model = next((m for m in models if resolve(m).family == DECODER_ONLY), models[0])
-    _, layer_key = _layer_speed_key(models, layer_sparsities, tokens, layer_repeats)
-    key = {"model": model, "method": method, "sparsities": sparsities, "repeats": repeats, "layer_speed": layer_key}
-    return memo.cached("03-forward-speed", key, lambda: forward_sweep(
-        model, method, sparsities,
-        cached_layer_speed(models, layer_sparsities, tokens=tokens, repeats=layer_repeats, progress=progress),
-        tokens=tokens, repeats=repeats, progress=progress))
+    speed = models_layer_speed(models, layer_sparsities, layer_timing)
+    return forward_sweep(model, method, sparsities, speed, timing)

@@ -12,18 +12,54 @@ Functions return tables; figures are drawn by :mod:`lab_utils.presentation.sweep
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
-from torch import device as torch_device
 
 from lab_utils.core import memo, sparsify
 from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import perplexity
 from lab_utils.core.models import DECODER_ONLY, resolve
 from lab_utils.engine import checkpoints, prune
+from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import executor as ex
 
 DENSE = "dense"  # the method of the baseline setting
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The settings of notebook 03's sweep and OWL comparison: which models,
+    methods, patterns and sparsities, the calibration (``nsamples`` windows of
+    ``seqlen`` tokens, ``seed``), the perplexity windows (``eval_windows`` of
+    ``eval_seqlen`` tokens) and where pruning runs. ``device`` and ``dtype``
+    are resolved when the config is made ("auto" becomes this machine's), so
+    a cached table is keyed by the hardware that computed it."""
+
+    models: tuple
+    methods: tuple = ("magnitude", "wanda", "sparsegpt")
+    patterns: tuple = (sparsify.UNSTRUCTURED,)
+    sparsities: tuple = (0.5,)
+    nsamples: int = 16
+    seqlen: int | None = 256
+    seed: int = 0
+    eval_windows: int = 8
+    eval_seqlen: int | None = 256
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("models", "methods", "patterns", "sparsities"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        device, dtype = resolved(self.device, self.dtype)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "dtype", dtype)
+
+    def prune_config(self, method: str, sparsity: float, pattern: str = sparsify.UNSTRUCTURED,
+                     owl: bool = False) -> PruneConfig:
+        """One setting of the sweep as the engine takes it."""
+        return PruneConfig(method, sparsity, pattern, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed,
+                           owl=owl, device=self.device, dtype=self.dtype)
 
 
 def settings(methods, patterns, sparsities) -> list[tuple[str, str, float]]:
@@ -47,24 +83,19 @@ def settings(methods, patterns, sparsities) -> list[tuple[str, str, float]]:
     return list(dict.fromkeys(out))
 
 
-def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstructured", *,
-            nsamples: int, seqlen: int | None, seed: int = 0, owl: bool = False,
-            eval_windows: int = 8, eval_seqlen: int | None = None, device: str = "cpu",
-            dtype: str = "float32", progress: bool = True) -> tuple[dict, prune.PruneReport]:
+def run_one(model_name: str, cfg: PruneConfig, sweep: SweepConfig) -> tuple[dict, prune.PruneReport]:
     """Prune (or load from the cache) and measure one configuration, on
-    ``device`` (the engine moves one block at a time there; the perplexity is
-    measured there too) with forward passes in ``dtype``."""
-    lm, report = checkpoints.pruned_model(model_name, method, sparsity, pattern, nsamples=nsamples,
-                                          seqlen=seqlen, seed=seed, owl=owl, device=device, dtype=dtype,
-                                          progress=progress)
+    ``cfg.device`` (the engine moves one block at a time there; the perplexity,
+    ``sweep.eval_windows`` of ``sweep.eval_seqlen`` tokens, is measured there too)."""
+    lm, report = checkpoints.pruned_model(model_name, cfg)
     ppl = math.nan
     if lm.family == DECODER_ONLY:
-        if device != "cpu":
-            lm.model.to(device)
-        ppl = perplexity.evaluate(lm, eval_seqlen, eval_windows, cache_key=report.key,
-                                  progress=progress)["perplexity"]
-    row = {"model": lm.label, "family": lm.family, "method": method if sparsity > 0 else "dense",
-           "pattern": pattern if sparsity > 0 else "-", "owl": owl, "requested": sparsity,
+        if sweep.device != "cpu":
+            lm.model.to(sweep.device)
+        ppl = perplexity.evaluate(lm, sweep.eval_seqlen, sweep.eval_windows, cache_key=report.key)["perplexity"]
+    pruned = cfg.sparsity > 0
+    row = {"model": lm.label, "family": lm.family, "method": cfg.method if pruned else DENSE,
+           "pattern": cfg.pattern if pruned else "-", "owl": cfg.owl, "requested": cfg.sparsity,
            "actual": report.actual_sparsity, "actual_total": report.actual_sparsity_total,
            "nm_ok": report.nm_verified, "seconds": report.seconds, "cpu_seconds": report.cpu_seconds,
            "threads": report.threads,
@@ -73,13 +104,12 @@ def run_one(model_name: str, method: str, sparsity: float, pattern: str = "unstr
     return row, report
 
 
-def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
-                   seqlen: int | None = 256, seed: int = 0, eval_windows: int = 8,
-                   eval_seqlen: int | None = 256, progress: bool = True,
-                   executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
-                   device: str = "auto", dtype: str = "auto") -> pd.DataFrame:
-    """One row per (model, method, pattern, sparsity), plus one dense row per
-    model; requested vs actual sparsity, seconds, peak memory, perplexity.
+@memo.step("03-sweep", ignore=("executor", "workers"))
+def sparsity_sweep(cfg: SweepConfig, executor: str | ex.Executor = ex.LOCAL,
+                   workers: int | None = None) -> pd.DataFrame:
+    """One row per (model, method, pattern, sparsity) of ``cfg``, plus one
+    dense row per model; requested vs actual sparsity, seconds, peak memory,
+    perplexity. A cached step (``sparsity_sweep.compute`` recomputes).
 
     The configurations are independent jobs on ``executor``
     (:func:`lab_utils.experiments.executor.run_jobs`: ``"local"`` runs them on
@@ -91,87 +121,43 @@ def sparsity_sweep(models, methods, patterns, sparsities, *, nsamples: int = 16,
     other configuration running beside it, and ``threads`` says so. The rows come
     back from the jobs; the checkpoints they write stay in the cache.
     """
-    device, dtype = resolved(device, dtype)
-    grid = settings(methods, patterns, sparsities)  # the dense baseline first
-    jobs = [(m, None, "-", 0.0) for m in models]
-    jobs += [(m, meth, pat, s) for m in models for meth, pat, s in grid[1:]]
+    grid = settings(cfg.methods, cfg.patterns, cfg.sparsities)  # the dense baseline first
+    jobs = [(m, "magnitude", sparsify.UNSTRUCTURED, 0.0) for m in cfg.models]
+    jobs += [(m, meth, pat, s) for m in cfg.models for meth, pat, s in grid[1:]]
     rows = ex.run_jobs(
-        sweep_job,
-        [{"model_name": m, "method": meth or "magnitude", "sparsity": s, "pattern": pat if s else "unstructured",
-          "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-          "eval_seqlen": eval_seqlen, "device": device, "dtype": dtype} for m, meth, pat, s in jobs],
-        executor, workers=workers, progress=progress, desc="sweep",
-        resources=ex.accelerator_resources(device),
-        describe=lambda j: f"pruning {j['model_name']} ({j['method']}, {j['pattern']}, {j['sparsity']:g})")
+        sweep_job, [{"model_name": m, "cfg": cfg.prune_config(meth, s, pat), "sweep": cfg}
+                    for m, meth, pat, s in jobs],
+        executor, workers=workers, desc="sweep", resources=ex.accelerator_resources(cfg.device),
+        describe=lambda j: f"pruning {j['model_name']} ({j['cfg'].method}, {j['cfg'].pattern}, {j['cfg'].sparsity:g})")
     df = pd.DataFrame(rows)
-    dense = df[df.method == "dense"].set_index("model").perplexity
+    dense = df[df.method == DENSE].set_index("model").perplexity
     df["ppl_vs_dense"] = df.perplexity / df.model.map(dense)
     return df
 
 
-def sweep_job(model_name: str, method: str, sparsity: float, pattern: str, **kw) -> dict:
+def sweep_job(model_name: str, cfg: PruneConfig, sweep: SweepConfig) -> dict:
     """One row of :func:`sparsity_sweep` (what a worker runs)."""
-    return run_one(model_name, method, sparsity, pattern, progress=False, **kw)[0]
+    return run_one(model_name, cfg, sweep)[0]
 
 
-def owl_comparison(model_name: str, method: str, sparsity: float, *, nsamples: int = 16,
-                   seqlen: int | None = 256, seed: int = 0, eval_windows: int = 8,
-                   eval_seqlen: int | None = 256, device: str = "auto", dtype: str = "auto",
-                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Uniform vs OWL allocation at the same mean sparsity.
+@memo.step("03-owl")
+def owl_comparison(cfg: SweepConfig, method: str, sparsity: float):
+    """Uniform vs OWL allocation at the same mean sparsity, on the first
+    decoder-only model of ``cfg.models``; a cached step.
 
     Returns (layers, summary): the actual sparsity of every prunable layer
     under both allocations (block, component, side), and one row per
-    allocation with its perplexity (decoder-only) and actual sparsity.
+    allocation with its perplexity and actual sparsity; (None, None) without
+    a decoder-only model.
     """
-    device, dtype = resolved(device, dtype)
+    model = next((m for m in cfg.models if resolve(m).family == DECODER_ONLY), None)
+    if model is None:
+        return None, None
     rows, tables = [], []
     for owl in (False, True):
-        row, report = run_one(model_name, method, sparsity, nsamples=nsamples, seqlen=seqlen,
-                              seed=seed, owl=owl, eval_windows=eval_windows,
-                              eval_seqlen=eval_seqlen, device=device, dtype=dtype, progress=progress)
+        row, report = run_one(model, cfg.prune_config(method, sparsity, owl=owl), cfg)
         row["allocation"] = "OWL" if owl else "uniform"
         rows.append(row)
         t = report.layer_table()[["name", "side", "block", "component", "numel", "sparsity"]]
         tables.append(t.assign(allocation=row["allocation"]))
     return pd.concat(tables, ignore_index=True), pd.DataFrame(rows)
-
-
-def cached_sweep(models, methods, patterns, sparsities, *, nsamples: int, seqlen: int | None, seed: int,
-                 eval_windows: int, eval_seqlen: int | None, progress: bool = True,
-                 executor: str = ex.LOCAL, device: str = "auto", dtype: str = "auto") -> pd.DataFrame:
-    """:func:`sparsity_sweep` as a cached step (:func:`lab_utils.core.memo.cached`),
-    keyed by every argument that changes the table (not ``executor``: where the
-    jobs run does not change their results)."""
-    key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-           "eval_seqlen": eval_seqlen, "methods": methods, "patterns": patterns, "sparsities": sparsities,
-           **_device_key(device, dtype)}
-    return memo.cached("03-sweep", key, lambda: sparsity_sweep(
-        models, methods, patterns, sparsities, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        eval_windows=eval_windows, eval_seqlen=eval_seqlen, progress=progress, executor=executor,
-        device=device, dtype=dtype))
-
-
-def _device_key(device: str, dtype: str) -> dict:
-    """The device part of a step key: empty for the CPU in float32 (the keys
-    of every CPU run stay what they were), else the device type and dtype."""
-    device, dtype = resolved(device, dtype)
-    if (device, dtype) == ("cpu", "float32"):
-        return {}
-    return {"device": torch_device(device).type, "dtype": dtype}
-
-
-def cached_owl(models, method: str, sparsity: float, *, nsamples: int, seqlen: int | None, seed: int,
-               eval_windows: int, eval_seqlen: int | None, progress: bool = True,
-               device: str = "auto", dtype: str = "auto"):
-    """:func:`owl_comparison` as a cached step on the first decoder-only model
-    of ``models``: (layers, summary), or (None, None) without one."""
-    model = next((m for m in models if resolve(m).family == DECODER_ONLY), None)
-    if model is None:
-        return None, None
-    key = {"models": models, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows,
-           "eval_seqlen": eval_seqlen, "model": model, "method": method, "sparsity": sparsity,
-           **_device_key(device, dtype)}
-    return memo.cached("03-owl", key, lambda: owl_comparison(
-        model, method, sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed, eval_windows=eval_windows,
-        eval_seqlen=eval_seqlen, device=device, dtype=dtype, progress=progress))

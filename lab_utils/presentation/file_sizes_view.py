@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
-from lab_utils.core import files
 from lab_utils.core.formats import parse_format
 from lab_utils.experiments.file_sizes import best_formats
+from lab_utils.presentation.text import pct
 
 
 # --------------------------------------------------------------------------- figures
-def save_figure(fig, name: str) -> Path:
-    """Save under figs/ atomically, with no timestamp: same data, same bytes."""
-    return files.save_figure(fig, files.figs_dir() / name)
-
-
 def size_figure(sizes: pd.DataFrame, label: str, method: str):
     """Two panels for one model and method: file size vs sparsity per format
     (the floor drawn for the whole file: floor of the prunable weights plus
@@ -62,10 +55,6 @@ def _ranges(points: list[tuple[float, str]]) -> list[tuple[str, float, float]]:
     return [tuple(r) for r in runs]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
 def size_conclusions(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95,
                      target: float = 1.05) -> str:
     """One sentence per model for the size table: which lossless format wins
@@ -96,7 +85,7 @@ def size_summary(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95) -> p
     nan = float("nan")
     for (label, method), b in best.groupby(["label", "method"], sort=False):
         b = b.sort_values("sparsity")
-        runs = ", ".join(f"**{f}** from {_pct(a)} to {_pct(z)}" if a != z else f"**{f}** at {_pct(a)}"
+        runs = ", ".join(f"**{f}** from {pct(a, 0)} to {pct(z, 0)}" if a != z else f"**{f}** at {pct(a, 0)}"
                          for f, a, z in _ranges(list(zip(b.sparsity, b.format, strict=True))))
         t = sizes[(sizes.label == label) & (sizes.method == method)]
         top = b.sparsity.max()

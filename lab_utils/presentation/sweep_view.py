@@ -12,10 +12,6 @@ from lab_utils.presentation import style
 
 
 # --------------------------------------------------------------------------- figures
-def _save(fig, name: str):
-    return files.save_figure(fig, files.figs_dir() / name, close=False)
-
-
 def plot_perplexity(df: pd.DataFrame, model_label: str, protocol: str = "sweep"):
     """Perplexity (under ``protocol``, its label) vs requested sparsity, one line
     per method (unstructured) and one marker per N:M pattern; the dense model as
@@ -41,9 +37,7 @@ def plot_perplexity(df: pd.DataFrame, model_label: str, protocol: str = "sweep")
     ax.set_ylabel(f"perplexity, {protocol} (log scale)")
     ax.set_title(f"{model_label}: perplexity vs sparsity")
     ax.legend(fontsize=8, ncol=2)
-    path = _save(fig, f"perplexity_vs_sparsity_{model_label}.png")
-    plt.close(fig)
-    return path
+    return files.save_figure(fig, f"perplexity_vs_sparsity_{model_label}.png")
 
 
 def plot_owl_heatmap(layers: pd.DataFrame, model_label: str, method: str, sparsity: float):
@@ -71,9 +65,7 @@ def plot_owl_heatmap(layers: pd.DataFrame, model_label: str, method: str, sparsi
     sns.heatmap(grid, ax=bottom, cmap="viridis", cbar_kws={"label": "layer sparsity (OWL)"})
     bottom.set_xlabel("block")
     bottom.set_ylabel("")
-    path = _save(fig, f"owl_layer_sparsity_{model_label}_{method}_{round(sparsity * 100)}%.png")
-    plt.close(fig)
-    return path
+    return files.save_figure(fig, f"owl_layer_sparsity_{model_label}_{method}_{round(sparsity * 100)}%.png")
 
 
 # --------------------------------------------------------------------------- prose
@@ -154,7 +146,7 @@ def save_tables(df: pd.DataFrame, owl_summary: pd.DataFrame | None = None, proto
     """Write the sweep (``results/sweep.csv``) and the OWL comparison
     (``results/owl.csv``) for the write-up, each row with its perplexity's
     protocol label."""
-    paths = [files.write_csv(df.assign(protocol=protocol), files.results_dir() / "sweep.csv")]
+    paths = [files.write_csv(df.assign(protocol=protocol), "sweep.csv")]
     if owl_summary is not None:
-        paths.append(files.write_csv(owl_summary.assign(protocol=protocol), files.results_dir() / "owl.csv"))
+        paths.append(files.write_csv(owl_summary.assign(protocol=protocol), "owl.csv"))
     return paths
