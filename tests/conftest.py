@@ -22,6 +22,16 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {k: save_tiny(k, root / k) for k in KINDS}
 
 
+@pytest.fixture(scope="session")
+def external(tmp_path_factory):
+    """A Dask cluster started as a user starts one (tests/dask_cluster.py), shared by the executor
+    tests of the whole session: its start is seconds of process spawns and imports."""
+    from dask_cluster import external_cluster
+
+    with external_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
+        yield cluster
+
+
 @pytest.fixture()
 def tmp_cache(tmp_path, monkeypatch) -> Path:
     """An empty cache folder (LAB_CACHE_DIR) for tests of fetching and rebuilding."""

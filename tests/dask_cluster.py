@@ -1,13 +1,18 @@
 """A Dask cluster started as a user starts one (``dask scheduler`` and ``dask worker`` processes on
-127.0.0.1), and what the executor tests look at: the workers' pids, this process's children."""
+127.0.0.1), and what the executor tests look at: the workers' pids, this process's children.
+
+The tests wait on events (a file a job writes, the scheduler's count of running jobs), never on a
+clock that a busy machine outruns; the timeouts here only bound a test that hangs."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +25,52 @@ DASK = Path(sys.executable).with_name("dask")  # the venv's CLI, as a user would
 TESTS = Path(__file__).parent
 
 
-def wait_for(condition, timeout: float = 60.0) -> None:
+HUNG_S = 600.0  # a wait this long is a hung test, not a slow machine
+
+
+def wait_for(condition, timeout: float = HUNG_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread in this process for the block, as on each worker: on some CPUs the
+    thread count changes the last bits of a matrix product."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def interrupted_when(condition) -> Iterator[None]:
+    """Send SIGINT to this process (the notebook's stop button) once ``condition()`` holds, for
+    as long as the block runs: KeyboardInterrupt then rises in the main thread, however long the
+    jobs took to start. Nothing is sent once the block has ended."""
+    done = threading.Event()
+
+    def send():
+        while not done.is_set():
+            if condition():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            done.wait(0.02)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def child_processes() -> dict[int, str]:
@@ -106,8 +151,8 @@ def external_cluster(folder: Path) -> Iterator[External]:
                 start("worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
                       "--nthreads", "1", "--no-dashboard", *extra)
             address = json.loads(scheduler_file.read_text())["address"]
-            with Client(address, set_as_default=False, timeout=30) as client:
-                client.wait_for_workers(2, timeout=60)
+            with Client(address, set_as_default=False, timeout=HUNG_S) as client:
+                client.wait_for_workers(2, timeout=HUNG_S)
             yield External(address=address, scheduler_file=str(scheduler_file), cache_dir=cache)
         finally:
             stop(procs)

@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from dask_cluster import child_processes, external_cluster, wait_for
+from dask_cluster import child_processes, interrupted_when, one_torch_thread, wait_for
+from distributed import Client
 from executor_jobs import attempt, attempt_pids, torch_threads, worker_pid
 
 from lab_utils.experiments import executor as ex
@@ -36,60 +37,51 @@ def prune_jobs() -> list[dict]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def external(tmp_path_factory):
-    with external_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
-        yield cluster
-
-
 # --- same results everywhere ----------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "address", "scheduler file"])
-def test_every_executor_gives_the_serial_results(where, request, tmp_path):
+def test_every_executor_gives_the_serial_results(where, request, tmp_cache):
     jobs = prune_jobs()
-    expected = ex.run_jobs(PRUNE, jobs, executor="serial", progress=False)
+    with one_torch_thread():
+        expected = ex.run_jobs(PRUNE, jobs, executor="serial")
     if where == "local":
         executor = "local"
     else:
         cluster = request.getfixturevalue("external")
         executor = cluster.address if where == "address" else cluster.scheduler_file
     before = child_processes()
-    got = ex.run_jobs(PRUNE, jobs, executor=executor, workers=2, progress=False,
-                      cache_dir=tmp_path)
+    got = ex.run_jobs(PRUNE, jobs, executor=executor, workers=2)
     assert len(got) == len(expected) == 4
     for (W, mask), (W_ref, mask_ref) in zip(got, expected, strict=True):
         assert torch.equal(W, W_ref) and torch.equal(mask, mask_ref)  # bit for bit
         assert float((W == 0).float().mean()) == 0.5  # pruned, not passed through
     assert child_processes() == before  # the local cluster is closed, its workers gone
-    assert not list(tmp_path.glob(".executor-probe-*"))  # the cache probe cleaned up after
+    assert not list(tmp_cache.glob(".executor-probe-*"))  # the cache probe cleaned up after
 
 
 @pytest.mark.slow
-def test_workers_run_torch_on_the_threads_asked_for(external, tmp_path):
-    kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
-    assert ex.run_jobs(torch_threads, [{}, {}], threads=2, **kw) == [2, 2]
-    assert ex.run_jobs(torch_threads, [{}, {}], **kw) == [1, 1]
+def test_workers_run_torch_on_the_threads_asked_for(external, tmp_cache):
+    assert ex.run_jobs(torch_threads, [{}, {}], external.address, threads=2) == [2, 2]
+    assert ex.run_jobs(torch_threads, [{}, {}], external.address) == [1, 1]
     here = torch.get_num_threads()
-    assert ex.run_jobs(torch_threads, [{}, {}], executor="serial", progress=False) == [here] * 2
+    assert ex.run_jobs(torch_threads, [{}, {}], executor="serial") == [here] * 2
 
 
 @pytest.mark.slow
-def test_jobs_that_ask_for_a_gpu_go_to_the_worker_that_offers_one(external, tmp_path):
+def test_jobs_that_ask_for_a_gpu_go_to_the_worker_that_offers_one(external, tmp_cache):
     gpu = {pid for pid, w in external.worker_pids().items() if w["resources"].get("GPU")}
-    kw = {"executor": external.address, "progress": False, "cache_dir": tmp_path}
     assert len(gpu) == 1
-    assert set(ex.run_jobs(worker_pid, [{}] * 3, resources={"GPU": 1}, **kw)) == gpu
+    assert set(ex.run_jobs(worker_pid, [{}] * 3, external.address, resources={"GPU": 1})) == gpu
     with pytest.raises(ex.ExecutorError, match="no Dask worker offers TPU=1"):
-        ex.run_jobs(worker_pid, [{}] * 2, resources={"TPU": 1}, **kw)
+        ex.run_jobs(worker_pid, [{}] * 2, external.address, resources={"TPU": 1})
 
 
 @pytest.mark.slow
 def test_the_dashboard_link_is_printed_once(external, tmp_path, capsys):
     with ex.open_executor(external.address, cache_dir=tmp_path) as opened:
         for _ in range(2):
-            assert ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=opened,
-                               progress=False) == [0.5, 0.5]
+            assert ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=opened) == [0.5, 0.5]
     out = capsys.readouterr().out
     assert out.count("Dask dashboard: http://127.0.0.1:") == 1
 
@@ -97,54 +89,47 @@ def test_the_dashboard_link_is_printed_once(external, tmp_path, capsys):
 # --- faults ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_killed_worker_costs_a_rerun_on_the_other_worker_not_the_batch(external, tmp_path):
+def test_a_killed_worker_costs_a_rerun_on_the_other_worker_not_the_batch(external, tmp_path,
+                                                                         tmp_cache):
     jobs = [{"x": x, "folder": str(tmp_path), "hold": (0,)} for x in range(4)]
     workers = external.worker_pids()
     killed = []
 
-    def kill_the_worker_holding_job_0():
-        # once the other jobs are done, so that the other worker is free to take it at once
-        wait_for(lambda: all(attempt_pids(tmp_path, x) for x in range(4)))
-        time.sleep(0.3)
-        killed.append(attempt_pids(tmp_path, 0)[0])
-        os.kill(killed[0], signal.SIGKILL)
+    with Client(external.address, set_as_default=False, timeout=10) as client:
 
-    killer = threading.Thread(target=kill_the_worker_holding_job_0, daemon=True)
-    killer.start()
-    results = ex.run_jobs(attempt, jobs, executor=external.address, progress=False,
-                          cache_dir=tmp_path)
-    killer.join(timeout=10)
+        def kill_the_worker_holding_job_0():
+            # once it is the only job left, so that the other worker is free to take it at once
+            wait_for(lambda: all(attempt_pids(tmp_path, x) for x in range(4))
+                     and sum(map(len, client.processing().values())) == 1)
+            killed.append(attempt_pids(tmp_path, 0)[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_the_worker_holding_job_0, daemon=True)
+        killer.start()
+        try:
+            results = ex.run_jobs(attempt, jobs, executor=external.address)
+        finally:
+            (tmp_path / "release").touch()  # on a failure, job 0 must not hold a worker
+            killer.join(timeout=10)
     assert results == [{"x": x, "square": x * x} for x in range(4)]
     first, again = attempt_pids(tmp_path, 0)
     assert killed == [first] and first in workers  # a worker that the scheduler knew
     assert again in set(workers) - {first}  # the other one
     assert all(len(attempt_pids(tmp_path, x)) == 1 for x in (1, 2, 3))  # finished: not redone
-    wait_for(lambda: len(external.worker_pids()) == 2, timeout=30)  # the nanny restarted it
+    wait_for(lambda: len(external.worker_pids()) == 2)  # the nanny restarted it
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["serial", "external"])
-def test_a_failing_job_is_one_error_naming_it(where, request, tmp_path):
+def test_a_failing_job_is_one_error_naming_it(where, request, tmp_cache):
     executor = "serial" if where == "serial" else request.getfixturevalue("external").address
     jobs = [{"sparsity_ratio": s} for s in (0.5, 1.2, 0.25)]
     with pytest.raises(ex.JobError) as info:
-        ex.run_jobs(RATIO, jobs, executor=executor, progress=False, cache_dir=tmp_path,
+        ex.run_jobs(RATIO, jobs, executor=executor,
                     describe=lambda job: f"ratio {job['sparsity_ratio']}")
     assert str(info.value) == ("ratio 1.2 failed: SparsityError: sparsity 1.2 is outside [0, 1): "
                                "it is the fraction of weights set to zero, e.g. 0.5 for half")
     assert type(info.value.__cause__).__name__ == "SparsityError"  # the original, chained
-
-
-def interrupt_when(condition) -> threading.Thread:
-    """A thread that sends SIGINT to this process (the notebook's stop button) once
-    ``condition()`` holds; KeyboardInterrupt then rises in the main thread."""
-    def send():
-        wait_for(condition)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.mark.slow
@@ -159,10 +144,11 @@ def test_an_interrupt_closes_the_local_cluster_and_leaves_no_process(tmp_path):
             during.update(child_processes())
         return held
 
-    thread = interrupt_when(both_held)
-    with pytest.raises(KeyboardInterrupt):
-        ex.run_jobs(attempt, jobs, executor="local", workers=2, progress=False)
-    thread.join(timeout=10)
+    try:
+        with interrupted_when(both_held), pytest.raises(KeyboardInterrupt):
+            ex.run_jobs(attempt, jobs, executor="local", workers=2)
+    finally:
+        (tmp_path / "release").touch()
     workers = {attempt_pids(tmp_path, 0)[0], attempt_pids(tmp_path, 1)[0]}
     assert workers <= set(during) - set(before)  # the jobs ran in the cluster's processes
     assert not any(psutil.pid_exists(pid) for pid in set(during) - set(before))
@@ -181,27 +167,26 @@ def test_an_interrupt_while_the_local_cluster_starts_still_closes_it(tmp_path):
                          if pid not in before and "spawn_main" in cmd})
         return bool(starting)
 
-    thread = interrupt_when(a_worker_process_started)
-    with pytest.raises(KeyboardInterrupt):
-        ex.run_jobs(attempt, jobs, executor="local", workers=2, progress=False)
-    thread.join(timeout=10)
+    with interrupted_when(a_worker_process_started), pytest.raises(KeyboardInterrupt):
+        ex.run_jobs(attempt, jobs, executor="local", workers=2)
     assert starting and not any(psutil.pid_exists(pid) for pid in starting)
     assert child_processes() == before
     assert not any(attempt_pids(tmp_path, x) for x in range(2))  # it stopped before any job
 
 
 @pytest.mark.slow
-def test_an_interrupt_cancels_the_jobs_on_an_open_cluster(external, tmp_path):
+def test_an_interrupt_cancels_the_jobs_on_an_open_cluster(external, tmp_path, tmp_cache):
     jobs = [{"x": x, "folder": str(tmp_path), "hold": (0, 1)} for x in range(6)]
-    with ex.open_executor(external.address, cache_dir=tmp_path, announce=False) as opened:
-        thread = interrupt_when(lambda: all(attempt_pids(tmp_path, x) for x in (0, 1)))
-        with pytest.raises(KeyboardInterrupt):
-            ex.run_jobs(attempt, jobs, executor=opened, progress=False)
-        thread.join(timeout=10)
-        (tmp_path / "release").touch()  # the two held jobs end; the four others must not start
+    with ex.open_executor(external.address, announce=False) as opened:
+        try:
+            with (interrupted_when(lambda: all(attempt_pids(tmp_path, x) for x in (0, 1))),
+                  pytest.raises(KeyboardInterrupt)):
+                ex.run_jobs(attempt, jobs, executor=opened)
+        finally:
+            (tmp_path / "release").touch()  # the two held jobs end; the four others must not start
         after = [{"x": 9, "folder": str(tmp_path)}, {"x": 10, "folder": str(tmp_path)}]
-        assert ex.run_jobs(attempt, after, executor=opened, progress=False)[0]["square"] == 81
-        wait_for(lambda: not opened.client.futures, timeout=10)  # nothing left submitted
+        assert ex.run_jobs(attempt, after, executor=opened)[0]["square"] == 81
+        wait_for(lambda: not opened.client.futures)  # nothing left submitted
     assert not any(attempt_pids(tmp_path, x) for x in range(2, 6))
 
 
@@ -212,13 +197,14 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_an_unreachable_scheduler_is_one_line_in_seconds(tmp_path):
+def test_an_unreachable_scheduler_is_one_line_in_seconds(tmp_cache):
     address = f"tcp://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(ex.ExecutorError) as info:
-        ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=address, progress=False,
-                    cache_dir=tmp_path)
-    assert time.monotonic() - start < 10
+        ex.run_jobs(RATIO, [{"sparsity_ratio": 0.5}] * 2, executor=address)
+    # the message names the executor's own timeout; the clock only tells it from Dask's 30 s
+    assert f"within {ex.CONNECT_TIMEOUT_S:g} s" in str(info.value)
+    assert time.monotonic() - start < 25
     assert address in str(info.value) and "\n" not in str(info.value)
     assert "executor='local'" in str(info.value)  # says what to do
 
@@ -282,4 +268,4 @@ def test_a_bad_executor_value_is_one_line(value, tmp_path):
 
 def test_a_bad_function_name_fails_before_any_job():
     with pytest.raises(ValueError, match="not an importable 'package.module:function'"):
-        ex.run_jobs("lab_utils.core.sparsify:no_such_function", [{}, {}], progress=False)
+        ex.run_jobs("lab_utils.core.sparsify:no_such_function", [{}, {}])

@@ -11,6 +11,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.colors import to_hex
 from matplotlib.lines import Line2D
 
+from lab_utils.core import files
 from lab_utils.experiments import benchmarks
 from lab_utils.presentation import benchmarks_view, concepts_figures, style, sweep_view
 
@@ -24,12 +25,11 @@ def drawn(monkeypatch, tmp_output):
     """The figures the view modules save, kept open for inspection."""
     figs = []
 
-    def keep(fig, name):
+    def keep(fig, name, close=True):
         figs.append(fig)
         return tmp_output / name
 
-    for module in (sweep_view, benchmarks_view, concepts_figures):
-        monkeypatch.setattr(module, "_save", keep)
+    monkeypatch.setattr(files, "save_figure", keep)  # every view saves through files.save_figure
     return figs
 
 

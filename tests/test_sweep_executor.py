@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +16,7 @@ import dask
 import pandas as pd
 import psutil
 import pytest
-import torch
-from dask_cluster import child_processes, external_cluster, wait_for
+from dask_cluster import child_processes, interrupted_when, one_torch_thread, wait_for
 from distributed import Client
 from executor_jobs import hook_engine, job_name, prune_pids, unhook_engine
 
@@ -28,7 +25,7 @@ from lab_utils.experiments import executor as ex
 from lab_utils.experiments import sweep
 from lab_utils.report import params
 
-SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16, progress=False)
+SMALL = dict(nsamples=2, seqlen=16, eval_windows=2, eval_seqlen=16)
 METHODS, PATTERNS, SPARSITIES = ["wanda", "sparsegpt"], ["unstructured"], [0.5]
 TIMING = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]  # differ from run to run
 REAL_DATA = files.cache_dir() / "data"  # the corpora, shared by symlink: nothing is downloaded
@@ -58,27 +55,17 @@ def checkpoint_bytes(cache: Path) -> dict[str, bytes]:
 def run_sweep(tiny_dirs, executor, cache: Path, **kw) -> pd.DataFrame:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_CACHE_DIR", str(cache))
-        return sweep.sparsity_sweep(models(tiny_dirs), METHODS, PATTERNS, SPARSITIES, **SMALL,
-                                    executor=executor, **kw)
+        cfg = sweep.SweepConfig(models(tiny_dirs), METHODS, PATTERNS, SPARSITIES, **SMALL)
+        return sweep.sparsity_sweep.compute(cfg, executor=executor, **kw)  # uncached: every run prunes
 
 
 @pytest.fixture(scope="module")
 def serial(tiny_dirs, tmp_path_factory) -> tuple[pd.DataFrame, dict[str, bytes]]:
     """The sweep in this process on one thread, as each worker runs it: (table, checkpoints)."""
     cache = empty_cache(tmp_path_factory.mktemp("serial-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         table = run_sweep(tiny_dirs, "serial", cache)
-    finally:
-        torch.set_num_threads(threads)
     return table, checkpoint_bytes(cache)
-
-
-@pytest.fixture(scope="module")
-def external(tmp_path_factory):
-    with external_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
-        yield cluster
 
 
 def same_as_serial(table: pd.DataFrame, cache: Path, serial) -> None:
@@ -138,6 +125,7 @@ def test_a_worker_killed_while_it_prunes_costs_a_rerun_not_the_sweep(tiny_dirs, 
         try:
             table = run_sweep(tiny_dirs, external.address, cache)
         finally:
+            (tmp_path / "release").touch()  # on a failure, the held pruning must not hold a worker
             killer.join(timeout=10)
             client.run(unhook_engine)
     same_as_serial(table, cache, serial)
@@ -146,7 +134,7 @@ def test_a_worker_killed_while_it_prunes_costs_a_rerun_not_the_sweep(tiny_dirs, 
     assert again in workers - {first}  # the other worker pruned it again
     pruned = [job_name(m, meth, s) for m in models(tiny_dirs) for meth in METHODS for s in SPARSITIES]
     assert all(len(prune_pids(tmp_path, name)) == 1 for name in pruned if name != last)  # not redone
-    wait_for(lambda: len(external.worker_pids()) == 2, timeout=60)  # the nanny restarted it
+    wait_for(lambda: len(external.worker_pids()) == 2)  # the nanny restarted it
 
 
 @pytest.mark.slow  # worker processes (make test-fast leaves it out)
@@ -185,16 +173,10 @@ def test_an_interrupt_cancels_the_sweep_and_closes_the_local_cluster(tiny_dirs, 
             during.update(child_processes())
         return held
 
-    def interrupt():
-        wait_for(two_prunings_held, timeout=90)
-        os.kill(os.getpid(), signal.SIGINT)  # the notebook's stop button
-
-    thread = threading.Thread(target=interrupt, daemon=True)
-    thread.start()
-    with dask.config.set({"distributed.worker.preload": ["executor_jobs"]}):  # hooked from the start
-        with pytest.raises(KeyboardInterrupt):
-            run_sweep(tiny_dirs, "local", cache, workers=2)
-    thread.join(timeout=10)
+    # hooked from the start; the notebook's stop button once two prunings are held
+    with (dask.config.set({"distributed.worker.preload": ["executor_jobs"]}),
+          interrupted_when(two_prunings_held), pytest.raises(KeyboardInterrupt)):
+        run_sweep(tiny_dirs, "local", cache, workers=2)
     started = set(during) - set(before)
     assert started and not any(psutil.pid_exists(pid) for pid in started)  # no stray process
     assert child_processes() == before
@@ -218,16 +200,20 @@ def test_an_unreachable_scheduler_is_one_line_in_seconds(tiny_dirs, tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.slow  # a Python process that imports the lab
-def test_the_command_line_sweep_says_so_in_one_line(tiny_dirs, tmp_path):
+def test_the_command_line_sweep_says_so_in_one_line(tiny_dirs, tmp_path, monkeypatch, capsys):
+    # the entry point in this process (test_cli starts it in a fresh interpreter)
+    import torch
+
+    from lab_utils.__main__ import main
+
     address = f"tcp://127.0.0.1:{free_port()}"
-    proc = subprocess.run([sys.executable, "-m", "lab_utils", "sweep", "--models", *models(tiny_dirs),
-                           "--methods", "wanda", "--executor", address, "--no-progress"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "LAB_CACHE_DIR": str(empty_cache(tmp_path / "cache"))})
-    assert proc.returncode == 2 and not proc.stdout
-    assert proc.stderr.startswith(f"error: no Dask scheduler answers at {address} within ")
-    assert proc.stderr.count("\n") == 1
+    monkeypatch.setenv("LAB_CACHE_DIR", str(empty_cache(tmp_path / "cache")))
+    monkeypatch.setenv("LAB_THREADS", str(torch.get_num_threads()))  # main sets torch's threads
+    code = main(["sweep", "--models", *models(tiny_dirs), "--methods", "wanda", "--executor", address])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out
+    assert err.startswith(f"error: no Dask scheduler answers at {address} within ")
+    assert err.count("\n") == 1
 
 
 # --- the parameter --------------------------------------------------------------------------------

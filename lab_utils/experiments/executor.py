@@ -319,8 +319,7 @@ def resolve_function(func: str | Callable) -> Callable:
 
 def run_jobs(func: str | Callable, jobs: Sequence[dict], executor: str | Executor = LOCAL, *,
              workers: int | None = None, threads: int = 1, describe: Callable[[dict], str] = str,
-             progress: bool = True, desc: str = "jobs", resources: dict[str, float] | None = None,
-             cache_dir: str | os.PathLike | None = None) -> list:
+             desc: str = "jobs", resources: dict[str, float] | None = None) -> list:
     """``func(**job)`` for every job, on ``executor``; the results in the order of ``jobs``.
 
     ``executor`` is a value for :func:`check_executor` or an :class:`Executor` already open.
@@ -328,19 +327,21 @@ def run_jobs(func: str | Callable, jobs: Sequence[dict], executor: str | Executo
     ``{"GPU": 1}``) sends jobs only to workers started with them. With the local executor and
     one job, or ``workers=1``, the jobs run here (a cluster would only add its start). A job that
     raises stops the batch: the rest are cancelled and one :class:`JobError` names the job
-    (``describe(job)``) and its error.
+    (``describe(job)``) and its error. The progress bar (``desc``) and the dashboard link follow
+    tqdm's own switch (``TQDM_DISABLE``, which the report runner sets).
     """
     function = resolve_function(func)
     jobs = list(jobs)
     if isinstance(executor, Executor):
-        return _run_on(executor, function, jobs, threads=threads, describe=describe,
-                       progress=progress, desc=desc, resources=resources)
+        return _run_on(executor, function, jobs, threads=threads, describe=describe, desc=desc,
+                       resources=resources)
     name = check_executor(executor)
     if name == SERIAL or (name == LOCAL and (len(jobs) <= 1 or workers == 1)):
-        return _run_here(function, jobs, describe=describe, progress=progress, desc=desc)
-    with open_executor(name, workers=workers, cache_dir=cache_dir, announce=progress) as opened:
-        return _run_on(opened, function, jobs, threads=threads, describe=describe,
-                       progress=progress, desc=desc, resources=resources)
+        return _run_here(function, jobs, describe=describe, desc=desc)
+    # tqdm reads its switch as a bool of the text: any value switches the bars off
+    with open_executor(name, workers=workers, announce=not os.environ.get("TQDM_DISABLE")) as opened:
+        return _run_on(opened, function, jobs, threads=threads, describe=describe, desc=desc,
+                       resources=resources)
 
 
 def _failure(what: str, error: BaseException) -> str:
@@ -352,11 +353,11 @@ def _failure(what: str, error: BaseException) -> str:
 
 
 def _run_here(function: Callable, jobs: list[dict], describe: Callable[[dict], str],
-              progress: bool, desc: str) -> list:
+              desc: str) -> list:
     from tqdm.auto import tqdm
 
     results = []
-    for job in tqdm(jobs, desc=desc, disable=not progress or not jobs):
+    for job in tqdm(jobs, desc=desc) if jobs else ():  # no disable=: it would override tqdm's own
         try:
             results.append(function(**job))
         except Exception as e:  # the same one error as on a cluster, the traceback chained
@@ -393,20 +394,18 @@ def _check_resources(client: Client, resources: dict[str, float] | None) -> None
 
 
 def _run_on(executor: Executor, function: Callable, jobs: list[dict], threads: int,
-            describe: Callable[[dict], str], progress: bool, desc: str,
-            resources: dict[str, float] | None) -> list:
+            describe: Callable[[dict], str], desc: str, resources: dict[str, float] | None) -> list:
     from tqdm.auto import tqdm
 
     client = executor.client
     if client is None:
-        return _run_here(function, jobs, describe=describe, progress=progress, desc=desc)
+        return _run_here(function, jobs, describe=describe, desc=desc)
     if not jobs:
         return []
     _check_resources(client, resources)
     results: list = [None] * len(jobs)
     pending: dict[str, tuple[int, Future]] = {}
-    bar = tqdm(total=len(jobs), desc=f"{desc} ({len(client.nthreads())} workers)",
-               disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"{desc} ({len(client.nthreads())} workers)")
     name = getattr(function, "__name__", "job")
     try:
         # one call for the batch (the scheduler runs the jobs in this order); an interrupt
