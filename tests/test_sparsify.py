@@ -257,5 +257,9 @@ def test_selection_masks_equal_a_stable_sort(make, s):
 def test_gram_from_the_upper_blocks_equals_the_full_product(cols):
     X = torch.randn(200, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
     G = sp.gram(X)
-    assert torch.equal(G, G.T)
+    # below the diagonal blocks, G holds exact copies of the blocks above; a diagonal block is
+    # one BLAS product, symmetric or not to the last bit depending on the CPU's kernel
+    edges = [cols * i // 4 for i in range(5)] if cols >= 8 else [0, cols]
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        assert torch.equal(G[b:, a:b], G[a:b, b:].T)
     assert torch.allclose(G, X.T @ X, rtol=1e-12, atol=1e-12)
