@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from tiny_models import build_tiny
 from transformers import AutoModelForCausalLM
 
+from lab_utils.core import sparse_file, sparsify
 from lab_utils.core.models import count_parameters, load_model, prunable_layers, weight_out_in
 from lab_utils.engine import checkpoints
+from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import weights
 from lab_utils.experiments.concepts import costs, distill, moe, quantize, sparsification, structured
+from lab_utils.experiments.concepts.decoder import Decoder, baseline
 
 IDS = torch.randint(7, 60, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -72,7 +75,7 @@ def test_removing_neurons_that_never_fire_leaves_the_output_unchanged(kind):
     with torch.no_grad():
         weight_out_in(mlp.output)[:, :16] = 0  # neurons 0..15 contribute nothing
     ref = _logits(model)
-    scores = structured.calibrated_scores(model, IDS, progress=False)
+    scores = structured.calibrated_scores(model, IDS)
     assert len(scores) == 2 and scores[0].shape == (mlp.width,)
     assert (scores[0][:16] == 0).all() and (scores[0][16:] > 0).all()
     structured.remove_neurons_(mlp, structured.keep_indices(scores[0], 16 / mlp.width))
@@ -101,9 +104,9 @@ def _weights():
 
 def test_int8_per_channel_error_within_half_a_step():
     W = _weights()
-    q, scale = quantize.int8_per_channel(W)
+    q, scale = sparse_file.quantize_int8(W)  # the int8 codec of the file formats and of QuantLinear
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    err = (quantize.dequant_int8(q, scale) - W).abs()
+    err = (sparse_file.dequantize_int8(q, scale) - W).abs()
     assert (err <= scale[:, None] / 2 * (1 + 1e-6)).all()
     assert scale[3] == 0 and err[3].max() == 0
     # the bound is tight: some weight lands close to half a step away
@@ -145,6 +148,8 @@ def test_bad_group_size_names_the_fix():
         quantize.int4_groups(torch.zeros(2, 48), 32)
     with pytest.raises(quantize.QuantError, match="even"):
         quantize.int4_groups(torch.zeros(2, 48), 3)
+    with pytest.raises(quantize.QuantError, match="group_size"):
+        quantize.int4_groups(torch.zeros(2, 48), True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -192,17 +197,46 @@ def test_model_bytes_counts_tied_weights_once_and_zeros_are_counted(tmp_cache):
 
 def test_sparsification_keeps_parameters_and_dense_file_size_and_adds_zeros(tiny_dirs, tmp_cache):
     lm = load_model(str(tiny_dirs["llama"]))
-    sparse, report = checkpoints.pruned_model(lm, "magnitude", 0.5, progress=False)
+    sparse, report = checkpoints.pruned_model(lm, PruneConfig("magnitude", 0.5))
     assert report.actual_sparsity == pytest.approx(0.5, abs=0.01)
     assert costs.count_zeros(lm.model)["prunable_zeros"] == 0  # the dense model is untouched
     windows = torch.randint(7, 60, (2, 16), generator=torch.Generator().manual_seed(0))
-    table = sparsification.compare(lm.model, sparse.model, windows, windows[:1], reps=1,
-                                   progress=False).set_index("model")
+    table = sparsification.compare(lm.model, sparse.model, windows, windows[:1], reps=1).set_index("model")
     assert table.parameters["dense"] == table.parameters["sparsified"]
     assert table.dense_file_bytes["dense"] == table.dense_file_bytes["sparsified"]
     assert table.memory_bytes["dense"] == table.memory_bytes["sparsified"]
     assert table.prunable_zero_fraction["sparsified"] == pytest.approx(0.5, abs=0.01)
     assert table.bitmask_file_bytes["sparsified"] < table.bitmask_file_bytes["dense"]
+
+
+def test_mask_table_reports_row_sparsity_and_overlap_of_the_layer_masks():
+    # notebook 01's cells on one layer: magnitude, Wanda and 2:4 masks from core.sparsify
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 8, generator=g)
+    act_norm_sq = torch.tensor([1e4, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-4])  # input 0 loud, input 7 quiet
+    masks = {"magnitude": sparsify.magnitude_mask(W, 0.5), "wanda": sparsify.wanda_mask(W, act_norm_sq, 0.5),
+             "2:4": sparsify.wanda_mask(W, act_norm_sq, 0.5, prune_n=2, prune_m=4)}
+    t = sparsification.mask_table(masks).set_index("mask")
+    assert (t.sparsity == 0.5).all() and (t.row_sparsity_min == 0.5).all() and (t.row_sparsity_max == 0.5).all()
+    assert t.share_pruned_by_magnitude["magnitude"] == 1.0
+    assert not masks["wanda"][:, 0].any() and masks["wanda"][:, 7].all()  # Wanda keeps the loud input
+    shared = (masks["wanda"] & masks["magnitude"]).sum() / masks["wanda"].sum()
+    assert t.share_pruned_by_magnitude["wanda"] == pytest.approx(float(shared)) and shared < 1
+
+
+def test_decoder_demos_are_keyed_by_the_settings_and_run_on_a_tiny_model(tiny_dirs, tmp_cache):
+    d = Decoder(str(tiny_dirs["llama"]), seqlen=16, eval_windows=2, eval_seqlen=16, nsamples=2,
+                        seed=0, timing_reps=1)
+    key = structured.demo.key(d, [0.5])
+    assert key == {"decoder": {"model": str(tiny_dirs["llama"]), "seqlen": 16, "eval_windows": 2,
+                               "eval_seqlen": 16, "nsamples": 2, "seed": 0, "timing_reps": 1},
+                   "sparsities": [0.5]}
+    assert "lm" not in d.__dict__  # keying loads nothing
+    table, timing = structured.demo(d, [0.5])
+    assert table.neurons_removed.tolist() == [0.0, 0.5] and timing["demo"] == "2 structured pruning"
+    assert table.perplexity[0] == baseline(d)[0]  # the dense row is the baseline
+    again, timing_again = structured.demo(d, [0.5])  # read back, with the times of the run that computed it
+    assert again.equals(table) and timing_again == timing
 
 
 # --------------------------------------------------------------------------- distillation
@@ -252,10 +286,11 @@ def test_head_from_probe_predicts_what_the_probe_predicts_and_distilled_student_
     y = [1, 0, 1, 0, 1, 0] * 4
     student = distill.SentenceClassifier(build_tiny("bert"), torch.nn.Linear(32, 2))
     teacher_logits = torch.tensor([[-2.0, 2.0] if v else [2.0, -2.0] for v in y])
-    before = distill.predict_logits(student, tok, texts, progress=False)
-    distill.train_student(student, tok, texts, y, teacher_logits, steps=30, batch_size=8, lr=3e-3,
-                          progress=False)
-    after = distill.predict_logits(student, tok, texts, progress=False)
+    before = distill.predict_logits(student, tok, texts)
+    distill.train_student(student, tok, texts, y, teacher_logits, distill.DistillConfig(steps=30, batch_size=8, lr=3e-3))
+    after = distill.predict_logits(student, tok, texts)
+    with pytest.raises(distill.DistillError, match="distill_steps"):
+        distill.train_student(student, tok, texts, y, teacher_logits, distill.DistillConfig(steps=0))
     assert (after - teacher_logits).norm() < (before - teacher_logits).norm()
 
 
@@ -263,7 +298,7 @@ def test_head_from_probe_predicts_what_the_probe_predicts_and_distilled_student_
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_moefication_with_every_expert_active_reproduces_the_dense_model(kind):
     model = build_tiny(kind)
-    experts = moe.split_experts(model, 4, progress=False)
+    experts = moe.split_experts(model, 4)
     ref = _logits(model)
     with moe.moefied(model, experts, top_k=4) as captured:
         out = _logits(model)
@@ -300,6 +335,8 @@ def test_balanced_kmeans_gives_equal_experts_and_finds_separated_groups():
         assert len(set(labels[8 * i : 8 * i + 8].tolist())) == 1
     with pytest.raises(moe.MoEError, match="divisor"):
         moe.balanced_kmeans(X, 5)
+    with pytest.raises(moe.MoEError, match="moe_experts"):
+        moe.balanced_kmeans(X, True)
 
 
 def test_linear_router_recovers_a_linear_target_and_top_k_recall():
@@ -321,7 +358,7 @@ def test_active_fraction_must_be_whole_experts():
 
 def test_moefied_model_has_the_same_parameters():
     model = build_tiny("llama")
-    experts = moe.split_experts(model, 4, progress=False)
+    experts = moe.split_experts(model, 4)
     before = copy.deepcopy(model.state_dict())
     with moe.moefied(model, experts, top_k=2):
         assert sum(p.numel() for p in model.parameters()) == count_parameters(model)
@@ -344,7 +381,6 @@ def test_levels_per_block_detects_a_4bit_grid():
             W_l.copy_(W.repeat(W_l.shape[0] // 8 + 1, W_l.shape[1] // 64 + 1)[: W_l.shape[0], : W_l.shape[1]])
     levels = weights.levels_per_block(model, 32)
     assert levels["fraction_on_4bit_grid"] == 1 and levels["max_levels"] <= 16
-    assert quantize.levels_per_block is weights.levels_per_block  # notebook 01 reaches it there
 
 
 # --------------------------------------------------------------------------- generated prose

@@ -1,4 +1,4 @@
-"""The five concepts side by side, and the two figures of notebook 01.
+"""The five concepts side by side, and the figures of notebook 01.
 
 Every cell of the side-by-side table is written from the demo tables: a
 ratio to the dense model, the measured quality, or "unchanged" when the
@@ -90,17 +90,11 @@ def side_by_side(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataF
     return pd.DataFrame(rows)
 
 
-def _save(fig, name: str):
-    return files.save_figure(fig, files.figs_dir() / name, close=False)
-
-
 def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
                          label: str, method: str | None = None, protocol: str = "quick"):
-    """The figure of :func:`quality_vs_file_figure`, not saved: perplexity vs
-    file size of every model variant of the first three demos. Point labels are
-    moved apart by adjustText (with a fixed number of iterations, so the same
-    data gives the same picture) and never overlap; the legend sits outside the
-    axes, where no label can reach it."""
+    """The figure of :func:`quality_vs_file_figure`, not saved. adjustText moves
+    the point labels apart (a fixed number of iterations: the same data gives
+    the same picture); the legend sits outside the axes, where no label can reach it."""
     import matplotlib.pyplot as plt
     from adjustText import adjust_text
 
@@ -139,20 +133,14 @@ def draw_quality_vs_file(sparse: pd.DataFrame, structured: pd.DataFrame, quant: 
 
 def quality_vs_file_figure(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataFrame,
                            label: str, method: str | None = None, protocol: str = "quick"):
-    """Perplexity vs file size: every model variant of the first three demos
-    (``method``: the sparsification demo's method, named in the legend).
-    Written to ``figs/concepts_quality_vs_file_<label>.png``."""
-    import matplotlib.pyplot as plt
-
+    """Perplexity vs file size of every model variant of the first three demos
+    (``method``: the sparsification demo's), as ``figs/concepts_quality_vs_file_<label>.png``."""
     fig = draw_quality_vs_file(sparse, structured, quant, label, method, protocol)
-    path = _save(fig, f"concepts_quality_vs_file_{label}.png")
-    plt.close(fig)
-    return path
+    return files.save_figure(fig, f"concepts_quality_vs_file_{label}.png")
 
 
 def moe_figure(table: pd.DataFrame, label: str, protocol: str = "quick"):
-    """Perplexity (under ``protocol``) and captured MLP output vs the fraction of
-    MLP neurons active; colours and markers from :mod:`lab_utils.presentation.style`."""
+    """Perplexity and captured MLP output vs the fraction of MLP neurons active."""
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -169,14 +157,25 @@ def moe_figure(table: pd.DataFrame, label: str, protocol: str = "quick"):
     a.set_ylabel(f"perplexity, {protocol} (log scale)")
     b.set_ylabel("fraction of the MLP output captured")
     fig.suptitle(f"{label}: MoEfication")
-    path = _save(fig, f"concepts_moe_{label}.png")
-    plt.close(fig)
-    return path
+    return files.save_figure(fig, f"concepts_moe_{label}.png")
 
 
-def save_tables(tables: dict[str, pd.DataFrame]) -> list:
-    """Write each table as ``results/concepts/<name>.csv`` (atomically)."""
-    paths = []
-    for name, t in tables.items():
-        paths.append(files.write_csv(t, files.results_dir() / "concepts" / f"{name}.csv"))
-    return paths
+def layer_masks_figure(scores: dict, masks: dict, layer: str, label: str, corner: int = 16):
+    """The ``corner`` x ``corner`` top-left weights of one layer: each score
+    (a heatmap) and each mask (black: pruned). Written to
+    ``figs/concepts_layer_masks_<label>.png``."""
+    import matplotlib.pyplot as plt
+
+    panels = list(scores.items()) + list(masks.items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0))
+    for ax, (name, t) in zip(axes, panels, strict=True):
+        is_mask = not t.dtype.is_floating_point
+        im = ax.imshow(t[:corner, :corner].float().numpy(), cmap="Greys" if is_mask else "viridis",
+                       vmin=0 if is_mask else None, vmax=1 if is_mask else None)
+        ax.set_title(f"{name} mask" if is_mask else name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not is_mask:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{label}, {layer}: rows (outputs) x columns (inputs) {corner} x {corner}; black = pruned")
+    return files.save_figure(fig, f"concepts_layer_masks_{label}.png")

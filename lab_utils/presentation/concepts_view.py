@@ -11,6 +11,8 @@ import math
 
 import pandas as pd
 
+from lab_utils.presentation.text import pct
+
 MB = 1e6
 
 
@@ -68,6 +70,20 @@ def sparsification(t: pd.DataFrame, method: str, protocol: str = "quick") -> str
             f"{_faster(s, d).split(' (')[0]}; only the `{fmt.removesuffix('_file_bytes')}` format shrinks the file "
             f"({_x(s[fmt], s.dense_file_bytes)}), and perplexity ({protocol}) is "
             f"{_ppl_change(s.perplexity, d.perplexity)}.")
+
+
+def layer_masks(t: pd.DataFrame, layer: str) -> str:
+    """What the masks of one layer share (the table of
+    :func:`lab_utils.experiments.concepts.sparsification.mask_table`)."""
+    m = t.set_index("mask")
+    col = next(c for c in t.columns if c.startswith("share_pruned_by_"))
+    ref = col.removeprefix("share_pruned_by_")
+    shares = ", ".join(f"{name} {pct(v)}" for name, v in m[col].drop(ref).items())
+    rows = ("every mask prunes the same fraction of every output row, because each ranks the weights "
+            "within a row" if (m.row_sparsity_min == m.row_sparsity_max).all() else
+            f"the sparsity of a row ranges from {pct(m.row_sparsity_min.min())} to {pct(m.row_sparsity_max.max())}")
+    return (f"In `{layer}`, the share of each mask's pruned weights that {ref} pruning removes too: {shares}; "
+            f"{rows}.")
 
 
 def structured(t: pd.DataFrame, protocol: str = "quick") -> str:

@@ -1,12 +1,8 @@
 """What every concept demo measures: zeros, bytes in memory and on disk, seconds.
 
-Sizes are counted from the tensors a model really holds (quantized weights
-included) and from files really written; times are medians of
-:func:`lab_utils.core.measure.time_calls` (interleaved, after a warm-up), so
-that one slow repetition on a shared machine does not decide a ratio.
-Perplexity is :func:`lab_utils.core.evaluation.perplexity.perplexity`; dense
-checkpoints are what ``save_pretrained`` writes, sparse-format files come from
-:mod:`lab_utils.core.sparse_file`.
+Sizes come from the tensors a model really holds and from files really
+written; times are medians of interleaved calls after a warm-up, so that one
+slow repetition on a shared machine does not decide a ratio.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import torch
 from torch import nn
 
 from lab_utils.core import files, sparse_file
-from lab_utils.core.evaluation.perplexity import perplexity as lab_perplexity
 from lab_utils.core.measure import median_seconds, time_calls
 from lab_utils.core.models import prunable_layers
 
@@ -114,11 +109,6 @@ def dense_file_bytes(model: nn.Module) -> int:
 def sparse_file_bytes(model: nn.Module, format: str = "bitmask") -> int:
     """Bytes of the model in one of :mod:`lab_utils.core.sparse_file`'s formats."""
     return file_bytes(lambda folder: sparse_file.save_sparse(model, folder / "model.safetensors", format))
-
-
-def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> float:
-    """The lab's perplexity protocol (:mod:`lab_utils.core.evaluation.perplexity`)."""
-    return lab_perplexity(model, windows, progress=progress)
 
 
 def timing_table(rows: list[dict]):

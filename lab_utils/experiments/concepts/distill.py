@@ -1,13 +1,10 @@
 """Distillation: train a small student on a teacher's soft targets.
 
-The teacher is a sentence classifier: an encoder (mean-pooled last hidden
-state) and the sentiment probe of the benchmarks notebook
-(:mod:`lab_utils.core.evaluation.sentiment`: a logistic regression fitted on the
-encoder's frozen features), turned into a linear head. The student is the
-same encoder truncated to its first few blocks, with the same kind of probe
-fitted on its own frozen features as its starting head. Two students start
-from these same weights, see the same batches in the same order and take the same number of
-steps; only the loss differs:
+The teacher is an encoder (mean-pooled) with the sentiment probe of notebook 04
+(:mod:`lab_utils.core.evaluation.sentiment`) as a linear head; the student is
+the encoder cut to its first blocks, with a probe fitted on its own features.
+Two students start from the same weights and see the same batches; only the
+loss differs:
 
 * **distilled**: ``alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) +
   (1 - alpha) * CE(s, y)`` (Hinton et al. 2015; the T^2 keeps the soft-target
@@ -18,6 +15,7 @@ steps; only the loss differs:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -25,15 +23,36 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
+from lab_utils.core import data, memo, models
+from lab_utils.core.checks import whole_number
 from lab_utils.core.evaluation import sentiment
 from lab_utils.core.models import transformer_blocks
+from lab_utils.experiments import benchmarks
 from lab_utils.experiments.concepts import costs
 
 
 class DistillError(ValueError):
     """Bad distillation input, in one line that names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The distillation demo's settings (notebook 01's ``distill_*`` parameters)."""
+
+    encoder_model: str = "minilm-l6"
+    train_size: int = 1024  # movie-review training sentences (teacher head and students)
+    test_size: int = 1024  # test sentences for the accuracies
+    steps: int = 48  # AdamW steps of each student
+    temperature: float = 2.0
+    alpha: float = 1.0  # weight of the soft targets; 0 trains on the labels alone
+    student_layers: int = 2  # blocks the student keeps from the teacher
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 1e-4
+    max_length: int = 64  # tokens per sentence
+    freeze_embeddings: bool = True  # the embedding layer keeps the teacher's weights
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -130,12 +149,12 @@ def head_from_probe(probe: dict) -> nn.Linear:
 
 @torch.no_grad()
 def predict_logits(model: SentenceClassifier, tokenizer, texts, batch_size: int = 64,
-                   max_length: int = 64, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+                   max_length: int = 64, device: str = "cpu") -> torch.Tensor:
     model.eval()
     out = []
     n = (len(texts) + batch_size - 1) // batch_size
     for ids, mask in tqdm(_batches(tokenizer, texts, batch_size, max_length), total=n,
-                          desc="predict", leave=False, disable=not progress):
+                          desc="predict", leave=False):
         out.append(model(ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(out)
 
@@ -145,42 +164,37 @@ def accuracy(logits: torch.Tensor, labels) -> float:
 
 
 def train_student(student: SentenceClassifier, tokenizer, texts, labels,
-                  teacher_logits: torch.Tensor | None, steps: int, batch_size: int = 32,
-                  lr: float = 1e-4, temperature: float = 2.0, alpha: float = 1.0,
-                  max_length: int = 64, seed: int = 0, freeze_embeddings: bool = True,
-                  device: str = "cpu", progress: bool = True) -> list[float]:
-    """Train ``student`` in place for ``steps`` AdamW steps; return the loss per step.
-
-    The batches are a seeded shuffle of the training set, so two students
-    trained with the same seed see the same sentences in the same order.
-    With ``freeze_embeddings`` the embedding layer keeps the teacher's weights.
+                  teacher_logits: torch.Tensor | None, cfg: DistillConfig, device: str = "cpu") -> list[float]:
+    """Train ``student`` in place for ``cfg.steps`` AdamW steps on the loss
+    :func:`distillation_loss` with ``cfg``'s temperature and alpha; return the
+    loss per step. The batches are a seeded shuffle of the training set, so two
+    students trained with the same seed see the same sentences in the same order.
     """
-    if steps <= 0:
-        raise DistillError(f"distill_steps={steps!r} must be a positive integer")
-    if alpha > 0 and teacher_logits is None:
+    steps, batch_size = whole_number("distill_steps", cfg.steps, error=DistillError), cfg.batch_size
+    if cfg.alpha > 0 and teacher_logits is None:
         raise DistillError("alpha > 0 distils from the teacher: pass teacher_logits")
     labels = torch.as_tensor(labels)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)  # dropout draws, if the encoder has any
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout draws, if the encoder has any
     student.to(device).train()
-    if freeze_embeddings:
+    if cfg.freeze_embeddings:
         # the token table is most of a small student's parameters and the same
         # for every student: training only the blocks and the head keeps a step cheap
         for name, p in student.named_parameters():
             if "embeddings" in name:
                 p.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=0.01)
     order = np.concatenate([rng.permutation(len(texts))
                             for _ in range(steps * batch_size // len(texts) + 1)])
     losses = []
-    for step in tqdm(range(steps), desc="train", leave=False, disable=not progress):
+    for step in tqdm(range(steps), desc="train", leave=False):
         idx = order[step * batch_size : (step + 1) * batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+                        max_length=cfg.max_length, return_tensors="pt")
         logits = student(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         t = teacher_logits[idx].to(device) if teacher_logits is not None else None
-        loss = distillation_loss(logits, t, labels[idx].to(device), temperature, alpha)
+        loss = distillation_loss(logits, t, labels[idx].to(device), cfg.temperature, cfg.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -190,19 +204,30 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
 
 
 # --------------------------------------------------------------------------- the demo
-def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int = 2,
-               steps: int = 100, batch_size: int = 32, lr: float = 1e-4,
-               temperature: float = 2.0, alpha: float = 1.0, max_length: int = 64,
-               seed: int = 0, progress: bool = True):
+@memo.step("01-distillation", timed_as="4 distillation")
+def demo(cfg: DistillConfig):
+    """((table, losses, test sentences), timing row) of :func:`experiment` on
+    movie-review sentences; the encoder and the sentences are loaded only when
+    the cache lacks the result."""
+    enc = models.load_model(cfg.encoder_model)
+    reviews = data.movie_reviews(test_fraction=0.2, seed=cfg.seed)
+    train = benchmarks.subset(reviews["train"], cfg.train_size, cfg.seed)
+    test = benchmarks.subset(reviews["test"], cfg.test_size, cfg.seed)
+    table, losses = experiment(enc.model, enc.tokenizer, train, test, cfg)
+    return table, losses, len(test)
+
+
+def experiment(encoder: nn.Module, tokenizer, train, test, cfg: DistillConfig):
     """Teacher, the truncated student with its probe head (before any training),
     the distilled student and the label-only student.
 
     Returns (table, losses): one row per model (layers, parameters, bytes,
     test accuracy, seconds of training), and the per-step training losses.
     """
+    student_layers, max_length, seed = cfg.student_layers, cfg.max_length, cfg.seed
     t0 = time.perf_counter()
-    f_train = sentiment.mean_pooled(encoder, tokenizer, train["text"], max_length, progress=progress)
-    f_test = sentiment.mean_pooled(encoder, tokenizer, test["text"], max_length, progress=progress)
+    f_train = sentiment.mean_pooled(encoder, tokenizer, train["text"], max_length)
+    f_test = sentiment.mean_pooled(encoder, tokenizer, test["text"], max_length)
     head = head_from_probe(sentiment.train_probe(f_train, train["label"], seed=seed))
     with torch.no_grad():
         teacher_train, teacher_test = head(torch.from_numpy(f_train)), head(torch.from_numpy(f_test))
@@ -219,24 +244,22 @@ def experiment(encoder: nn.Module, tokenizer, train, test, student_layers: int =
     # The truncated encoder's features live elsewhere than the teacher's: its
     # starting head is the same probe, fitted on its own frozen features.
     truncated = truncate_blocks(encoder, student_layers)
-    f_student = sentiment.mean_pooled(truncated, tokenizer, train["text"], max_length, progress=progress)
+    f_student = sentiment.mean_pooled(truncated, tokenizer, train["text"], max_length)
     start = SentenceClassifier(truncated, head_from_probe(
         sentiment.train_probe(f_student, train["label"], seed=seed)))
-    logits = predict_logits(start, tokenizer, test["text"], max_length=max_length, progress=progress)
+    logits = predict_logits(start, tokenizer, test["text"], max_length=max_length)
     rows.append({"model": "student, probe only", "layers": student_layers,
                  "parameters": size(start), "accuracy": accuracy(logits, test["label"]),
                  "train_s": 0.0, "agreement_with_teacher": float(
                      (logits.argmax(-1) == teacher_test.argmax(-1)).float().mean())})
     losses = {}
-    for name, a in (("student, distilled", alpha), ("student, labels only", 0.0)):
+    for name, a in (("student, distilled", cfg.alpha), ("student, labels only", 0.0)):
         student = copy.deepcopy(start)
         t0 = time.perf_counter()
         losses[name] = train_student(student, tokenizer, train["text"], train["label"],
-                                     teacher_train, steps, batch_size, lr, temperature, a,
-                                     max_length, seed, progress=progress)
+                                     teacher_train, dataclasses.replace(cfg, alpha=a))
         seconds = time.perf_counter() - t0
-        logits = predict_logits(student, tokenizer, test["text"], max_length=max_length,
-                                progress=progress)
+        logits = predict_logits(student, tokenizer, test["text"], max_length=max_length)
         rows.append({"model": name, "layers": student_layers, "parameters": size(student),
                      "accuracy": accuracy(logits, test["label"]), "train_s": seconds,
                      "agreement_with_teacher": float((logits.argmax(-1) == teacher_test.argmax(-1))

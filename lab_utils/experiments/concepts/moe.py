@@ -1,26 +1,14 @@
 """MoEfication (Zhang et al. 2022): split a dense MLP into experts, run a few per token.
 
-The MLP's ``width`` neurons are partitioned into K experts of equal size by
-**balanced k-means over the neurons' weight vectors** (the paper's parameter
-clustering split): neuron j is described by its rows in the input projections
-(gate and up in Llama, concatenated and normalized), so neurons that read
-similar directions of x land in the same expert.
-
-Each token then keeps the top-k experts and zeroes the other neurons' h before
-the output projection. Two ways to choose them:
-
-* ``oracle``: the experts with the largest sum of |h_j| * ||down[:, j]|| over
-  their neurons (the size of what each neuron adds to the output), computed
-  from the token's true activations: an upper bound for any router, since it
-  needs the dense computation it is meant to save;
-* ``linear``: a linear router, fitted by ridge regression on calibration
-  tokens, that predicts those expert sums from the MLP input x.
-
-With all K experts active the output equals the dense MLP's (up to float
-rounding: the same products, computed through the same masked path). The
-implementation here masks h (the dense products still run), which measures
-quality exactly; a real MoE kernel computes only the active neurons, so the
-MLP's multiply-adds scale with the active fraction (plus the router's d x K).
+The MLP's neurons are split into K experts of equal size by **balanced
+k-means over the neurons' weight vectors** (their rows of the input
+projections, normalized: the paper's parameter clustering). Each token keeps
+its top-k experts by the sum of |h_j| * ||down[:, j]|| over their neurons,
+either computed from its true activations (``oracle``: an upper bound, since it
+needs the dense MLP) or predicted from the MLP input by a ridge-regression
+``linear`` router. The other neurons' h is zeroed before the output projection:
+that measures quality exactly, while a real MoE kernel would also skip their
+multiply-adds.
 """
 
 from __future__ import annotations
@@ -33,10 +21,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
+from lab_utils.core import memo
+from lab_utils.core.checks import whole_number
+from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import set_module, weight_out_in
-from lab_utils.experiments.concepts import costs
+from lab_utils.experiments.concepts.decoder import Decoder, baseline
 from lab_utils.experiments.concepts.structured import MLP, mlps
 
 ROUTERS = ("oracle", "linear")
@@ -78,8 +69,7 @@ def balanced_kmeans(X: torch.Tensor, n_clusters: int, n_iter: int = 10,
                     seed: int = 0) -> torch.Tensor:
     """Labels (n,) of a k-means on the rows of X with every cluster of size n / K."""
     n = X.shape[0]
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1 \
-            or n % n_clusters:
+    if n % whole_number("moe_experts", n_clusters, error=MoEError):
         raise MoEError(f"moe_experts={n_clusters!r} must be a positive divisor of the MLP "
                        f"width {n} (e.g. 8, 16 or 32 for 1536)")
     X = X.float()
@@ -98,11 +88,10 @@ def balanced_kmeans(X: torch.Tensor, n_clusters: int, n_iter: int = 10,
     return labels
 
 
-def split_experts(model: nn.Module, n_experts: int, seed: int = 0,
-                  progress: bool = True) -> list[torch.Tensor]:
+def split_experts(model: nn.Module, n_experts: int, seed: int = 0) -> list[torch.Tensor]:
     """Expert labels of every neuron, one tensor per MLP."""
     return [balanced_kmeans(neuron_vectors(m), n_experts, seed=seed)
-            for m in tqdm(mlps(model), desc="k-means", leave=False, disable=not progress)]
+            for m in tqdm(mlps(model), desc="k-means", leave=False)]
 
 
 def expert_sums(h: torch.Tensor, labels: torch.Tensor, n_experts: int,
@@ -126,7 +115,7 @@ def output_norms(mlp: MLP) -> torch.Tensor:
 # --------------------------------------------------------------------------- routers
 @torch.no_grad()
 def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windows: torch.Tensor,
-                            batch_size: int = 4, device: str = "cpu", progress: bool = True):
+                            batch_size: int = 4, device: str = "cpu"):
     """Per MLP: (inputs x: tokens x d_model, expert sums of |h|: tokens x K) on calibration text."""
     layers = mlps(model)
     K = int(experts[0].max()) + 1
@@ -150,8 +139,7 @@ def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windo
         handles.append(m.inputs[0].register_forward_pre_hook(keep_x(i)))
         handles.append(m.output.register_forward_pre_hook(keep_s(i)))
     try:
-        for s in tqdm(range(0, len(windows), batch_size), desc="router data", leave=False,
-                      disable=not progress):
+        for s in tqdm(range(0, len(windows), batch_size), desc="router data", leave=False):
             model(input_ids=windows[s : s + batch_size].to(device))
     finally:
         for h in handles:
@@ -299,16 +287,16 @@ def active_top_k(fraction: float, n_experts: int) -> int:
 
 # --------------------------------------------------------------------------- the demo
 def fit_routers(model: nn.Module, experts: list[torch.Tensor], calibration: torch.Tensor,
-                ks=(1,), ridge: float = 1e-3, progress: bool = True):
+                ks=(1,), ridge: float = 1e-3):
     """Linear routers fitted on the first 3/4 of the calibration windows, and
     their top-k recall of the true experts on the held-out last quarter
     ({k: recall}, empty with a single window)."""
     n_fit = max(1, (3 * len(calibration)) // 4)
-    fit = calibration_activations(model, experts, calibration[:n_fit], progress=progress)
+    fit = calibration_activations(model, experts, calibration[:n_fit])
     routers = [fit_linear_router(x, s, ridge) for x, s in fit]
     recalls = {}
     if n_fit < len(calibration):
-        held = calibration_activations(model, experts, calibration[n_fit:], progress=progress)
+        held = calibration_activations(model, experts, calibration[n_fit:])
         for k in sorted(set(ks)):
             recalls[k] = float(np.mean([top_k_recall(x @ W + b, s, k)
                                         for (x, s), (W, b) in zip(held, routers, strict=True)]))
@@ -320,32 +308,35 @@ def mlp_macs_per_token(mlp: MLP) -> int:
     return sum(weight_out_in(m).numel() for m in mlp.inputs) + weight_out_in(mlp.output).numel()
 
 
-def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor, n_experts: int,
-          fractions=(0.125, 0.25, 0.5, 1.0), routers=ROUTERS, dense_ppl: float | None = None,
-          seed: int = 0, progress: bool = True):
-    """Perplexity and captured MLP output vs the fraction of neurons active per token.
+@memo.step("01-moe", timed_as="5 MoEfication")
+def demo(decoder: Decoder, n_experts: int, active_fractions=(0.125, 0.25, 0.5, 1.0),
+         routers=ROUTERS) -> pd.DataFrame:
+    """(table, timing row): perplexity and captured MLP output vs the fraction
+    of neurons active per token.
 
     One row per router x active fraction: perplexity, the captured fraction
     of the MLP output, the MLP multiply-adds a real MoE kernel would run
     (linear router, router included; the oracle needs the dense MLP to route)
     and the linear router's held-out recall of the true top-k experts.
     """
-    ks = [active_top_k(f, n_experts) for f in fractions]
-    experts = split_experts(model, n_experts, seed=seed, progress=progress)
+    model = decoder.lm.model
+    dense_ppl, _ = baseline(decoder)
+    ks = [active_top_k(f, n_experts) for f in active_fractions]
+    experts = split_experts(model, n_experts, seed=decoder.seed)
     layers = mlps(model)
     mlp_macs = mlp_macs_per_token(layers[0])
     d_model = weight_out_in(layers[0].inputs[0]).shape[1]
     fitted, recalls = None, {}
     if "linear" in routers:
-        fitted, recalls = fit_routers(model, experts, calibration, ks, progress=progress)
+        fitted, recalls = fit_routers(model, experts, decoder.calibration, ks)
     rows, every = [], None
     for router in routers:
-        for f, k in zip(fractions, ks, strict=True):
+        for f, k in zip(active_fractions, ks, strict=True):
             if k == n_experts and every is not None:
                 ppl, captured = every  # every expert active: the same model whatever the router
             else:
                 with moefied(model, experts, k, router, fitted) as captured:
-                    ppl = costs.perplexity(model, windows, progress=progress)
+                    ppl = perplexity(model, decoder.windows)
                 if k == n_experts:
                     every = ppl, captured
             router_macs = d_model * n_experts if router == "linear" and k < n_experts else 0
@@ -356,6 +347,5 @@ def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor, n_
                          "router_recall": recalls.get(k, float("nan")) if router == "linear"
                          else 1.0})
     table = pd.DataFrame(rows)
-    if dense_ppl is not None:
-        table["dense_perplexity"] = dense_ppl
+    table["dense_perplexity"] = dense_ppl
     return table

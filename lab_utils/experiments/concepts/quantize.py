@@ -1,27 +1,16 @@
-"""Quantization: fewer bits per weight.
+"""Quantization: fewer bits per weight, each weight within half a step of its grid.
 
-Three schemes, each a pair of pure functions (quantize, dequantize) on one
-weight W (out x in), with the rounding error bounded by half a step:
+* **int8 per channel** (weight-only): one fp32 scale per output row, the codec
+  of the ``int8`` file formats (:func:`lab_utils.core.sparse_file.quantize_int8`);
+* **4-bit round-to-nearest in groups** (weight-only): ``group_size`` weights of
+  a row share an fp16 step and minimum, two codes per byte (llama.cpp's Q4_1
+  layout, the format SmolLM2's embedded weights were stored in);
+* **torch dynamic int8**: int8 weights and activations quantized on the fly,
+  so the products run in int8 kernels on the CPU.
 
-* **int8 per channel, symmetric** (weight-only): one fp32 scale per output row,
-  ``scale = max|W_row| / 127``, ``q = round(W / scale)`` in [-127, 127] (the
-  codec of the ``int8`` file formats in :mod:`lab_utils.core.formats`). Every
-  weight is reconstructed within ``scale / 2``.
-* **4-bit round-to-nearest in groups** (weight-only): every ``group_size``
-  consecutive weights of a row share an fp16 step d and an fp16 minimum m,
-  ``d = (max - m) / 15``, ``q = round((W - m) / d)`` in [0, 15], two codes per
-  byte. This is the layout of llama.cpp's Q4_1 (the format SmolLM2's embedded
-  weights were stored in). Every weight is reconstructed within ``d / 2``.
-* **torch dynamic int8** (``torch.ao.quantization.quantize_dynamic``): int8
-  weights per output channel and activations quantized to int8 on the fly,
-  per batch, so the matrix products run in int8 kernels on the CPU.
-
-The weight-only schemes keep the integers in memory and dequantize a layer's
-weight when it runs (:class:`QuantLinear`): memory shrinks, but without a
-fused low-bit kernel the CPU still multiplies in fp32, after paying for the
-dequantization. That is measured, not assumed. Whether a model was stored in
-a 4-bit block format shows in its weights:
-:func:`lab_utils.experiments.weights.levels_per_block`.
+The weight-only schemes dequantize a layer's weight when it runs
+(:class:`QuantLinear`): memory shrinks, but without a fused low-bit kernel the
+CPU still multiplies in fp32, after paying for the dequantization.
 """
 
 from __future__ import annotations
@@ -34,15 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab_utils.core import sparse_file
+from lab_utils.core import memo, sparse_file
+from lab_utils.core.checks import whole_number
+from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import _conv1d_type, prunable_layers, set_module, weight_out_in
 from lab_utils.experiments.concepts import costs
-from lab_utils.experiments.weights import (
-    levels_per_block as levels_per_block,  # notebook 01 calls it here
-)
+from lab_utils.experiments.concepts.decoder import Decoder, baseline
 
 SCHEMES = ("int8", "int4")
-INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
 
 
@@ -50,23 +38,9 @@ class QuantError(ValueError):
     """Bad quantization input, in one line that names the fix."""
 
 
-# --------------------------------------------------------------------------- int8 per channel
-def int8_per_channel(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 out x in, scale fp32 per row) with W ~= q * scale, |error| <= scale / 2.
-
-    The same codec as the ``int8`` file formats of :mod:`lab_utils.experiments.file_sizes`.
-    """
-    return sparse_file.quantize_int8(W)
-
-
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return sparse_file.dequantize_int8(q, scale)
-
-
 # --------------------------------------------------------------------------- 4-bit groups
 def _check_groups(W: torch.Tensor, group_size: int) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 \
-            or group_size % 2:
+    if whole_number("group_size", group_size, minimum=2, error=QuantError) % 2:
         raise QuantError(f"group_size {group_size!r} must be an even integer >= 2, e.g. 32 or 64")
     if W.shape[1] % group_size:
         raise QuantError(f"group_size {group_size} does not divide the {W.shape[1]} inputs of a "
@@ -129,7 +103,7 @@ class QuantLinear(nn.Module):
         self.scheme, self.group_size = scheme, group_size
         self.in_features, self.out_features = W.shape[1], W.shape[0]
         if scheme == "int8":
-            q, scale = int8_per_channel(W)
+            q, scale = sparse_file.quantize_int8(W)
             self.register_buffer("qweight", q)
             self.register_buffer("scale", scale)
         else:
@@ -141,7 +115,7 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         if self.scheme == "int8":
-            return dequant_int8(self.qweight, self.scale)
+            return sparse_file.dequantize_int8(self.qweight, self.scale)
         return dequant_int4(unpack4(self.qweight), self.scale, self.minimum)
 
     def half_step(self) -> torch.Tensor:
@@ -276,29 +250,31 @@ def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
     return nbytes, numel
 
 
-def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
-            group_sizes=(32, 64), dense_ppl: float | None = None, reps: int = 5,
-            dense_file: int | None = None, progress: bool = True):
-    """fp32, int8 per channel, torch dynamic int8 and 4-bit in groups, side by side.
+@memo.step("01-quantization", timed_as="3 quantization")
+def demo(decoder: Decoder, group_sizes=(32, 64)) -> pd.DataFrame:
+    """(table, timing row): fp32, int8 per channel, torch dynamic int8 and 4-bit
+    in groups of each size, side by side.
 
     One row per scheme: bits per quantized weight, memory, file, relative
     weight error, the largest error over its analytical bound, forward time
     and perplexity. Embeddings, norms and the tied head stay fp32 throughout.
     """
+    model = decoder.lm.model
+    dense_ppl, dense_file = baseline(decoder)
     variants, errors = {"fp32": model}, {}
     variants["int8 per channel"], errors["int8 per channel"] = quantize_weights(model, "int8")
     variants["dynamic int8 (torch)"], errors["dynamic int8 (torch)"] = dynamic_int8(model)
     for g in group_sizes:
         name = f"4-bit RTN g{g}"
         variants[name], errors[name] = quantize_weights(model, "int4", group_size=g)
-    speed = costs.forward_seconds_each(variants, time_ids, reps)
+    speed = costs.forward_seconds_each(variants, decoder.time_ids, decoder.timing_reps)
     n_weights = sum(pl.numel for pl in prunable_layers(model))
     rows = []
     for name, m in variants.items():
         if name == "fp32":
             qbytes, err = 4 * n_weights, {"rel_error": 0.0, "max_abs_err": 0.0,
                                           "max_err_over_bound": float("nan")}
-            file = dense_file if dense_file is not None else costs.dense_file_bytes(m)
+            file = dense_file
         else:
             qbytes, numel = quantized_layer_bytes(m)
             assert numel == n_weights, f"{name}: {numel} quantized weights, expected {n_weights}"
@@ -309,6 +285,5 @@ def compare(model: nn.Module, windows: torch.Tensor, time_ids: torch.Tensor,
         rows.append({"scheme": name, "bits_per_weight": 8 * qbytes / n_weights,
                      "layer_bytes": qbytes, "memory_bytes": costs.model_bytes(m),
                      "file_bytes": file, **err, **speed[name],
-                     "perplexity": dense_ppl if name == "fp32" and dense_ppl is not None
-                     else costs.perplexity(m, windows, progress=progress)})
+                     "perplexity": dense_ppl if name == "fp32" else perplexity(m, decoder.windows)})
     return pd.DataFrame(rows)

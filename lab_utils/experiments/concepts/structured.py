@@ -1,22 +1,13 @@
 """Structured pruning: remove whole MLP neurons, so that the tensors really shrink.
 
-A transformer MLP maps x to ``down(h)`` with a hidden vector h of
-``intermediate_size`` neurons (``h = act(gate(x)) * up(x)`` in Llama,
-``h = act(c_fc(x))`` in GPT-2 and BERT). Neuron j owns row j of every input
-projection and column j of the output projection: removing it deletes
-``(number of input projections) * d_model + d_model`` weights (plus a bias
-entry), and the rest of the network never notices, because h is summed away
-by ``down``.
-
-Which neurons to remove is decided by a score measured on calibration text::
-
-    score_j = mean over tokens of |h_j|  *  ||down[:, j]||_2
-
-the average size of neuron j's contribution to the MLP output (the same
-"weight times activation" idea as Wanda, lifted from one weight to one
-neuron). In every MLP the lowest-scored ``sparsity_ratio`` of the neurons are
-removed, the same number per layer, so ``config.intermediate_size`` stays one
-number and the pruned model saves and reloads with ``from_pretrained``.
+Neuron j of an MLP (``down(h)``, ``h = act(gate(x)) * up(x)`` in Llama,
+``act(c_fc(x))`` in GPT-2 and BERT) owns row j of every input projection and
+column j of the output projection; removing it changes nothing else, because h
+is summed away by ``down``. Its score on calibration text,
+``mean over tokens of |h_j| * ||down[:, j]||_2``, is Wanda's "weight times
+activation" lifted from one weight to one neuron. Every MLP loses the same
+number of neurons, so ``config.intermediate_size`` stays one number and the
+pruned model reloads with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -27,11 +18,14 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
+from lab_utils.core import memo
+from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
 from lab_utils.core.sparsify import SparsityError, check_sparsity_ratio
 from lab_utils.experiments.concepts import costs
+from lab_utils.experiments.concepts.decoder import Decoder, baseline
 
 # config attributes that hold the MLP width, by architecture
 _WIDTH_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
@@ -82,12 +76,9 @@ def neuron_scores(mean_abs_h: torch.Tensor, W_down: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                     device: str = "cpu", progress: bool = True) -> list[torch.Tensor]:
-    """Mean |h_j| of every MLP neuron over the calibration tokens, one tensor per MLP.
-
-    h is read where it enters the output projection, so the same hook serves
-    every architecture.
-    """
+                     device: str = "cpu") -> list[torch.Tensor]:
+    """Mean |h_j| of every MLP neuron over the calibration tokens, one tensor per
+    MLP (read where h enters the output projection, in every architecture)."""
     layers = mlps(model)
     sums = [torch.zeros(m.width, dtype=torch.float64) for m in layers]
     count = [0]
@@ -102,8 +93,7 @@ def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 
 
     handles = [m.output.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
     try:
-        for s in tqdm(range(0, len(windows), batch_size), desc="calibration", leave=False,
-                      disable=not progress):
+        for s in tqdm(range(0, len(windows), batch_size), desc="calibration", leave=False):
             model(input_ids=windows[s : s + batch_size].to(device))
     finally:
         for h in handles:
@@ -112,9 +102,9 @@ def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 
 
 
 def calibrated_scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
-                      device: str = "cpu", progress: bool = True) -> list[torch.Tensor]:
+                      device: str = "cpu") -> list[torch.Tensor]:
     """The score of every neuron of every MLP, from activations on ``calibration``."""
-    acts = hidden_abs_means(model, calibration, batch_size, device, progress)
+    acts = hidden_abs_means(model, calibration, batch_size, device)
     return [neuron_scores(a, weight_out_in(m.output)) for a, m in zip(acts, mlps(model), strict=True)]
 
 
@@ -171,12 +161,9 @@ def expected_removed(mlp: MLP, n_removed: int) -> int:
 
 
 def prune_neurons_(model: nn.Module, scores: list[torch.Tensor], sparsity_ratio: float) -> dict:
-    """Remove the lowest-scored ``sparsity_ratio`` of the neurons of every MLP, in place.
-
-    Updates the config's MLP width so that ``save_pretrained`` /
-    ``from_pretrained`` round-trip. Returns {"removed": parameters removed,
-    "width": new MLP width}.
-    """
+    """Remove the lowest-scored ``sparsity_ratio`` of the neurons of every MLP,
+    in place, and set the config's MLP width to match. Returns {"removed":
+    parameters removed, "width": new MLP width}."""
     layers = mlps(model)
     if len(scores) != len(layers):
         raise SparsityError(f"{len(scores)} score vectors for {len(layers)} MLPs")
@@ -199,28 +186,29 @@ def prune_neurons_(model: nn.Module, scores: list[torch.Tensor], sparsity_ratio:
 
 
 # --------------------------------------------------------------------------- the demo
-def sweep(model: nn.Module, calibration: torch.Tensor, windows: torch.Tensor,
-          time_ids: torch.Tensor, sparsities, dense_ppl: float | None = None, reps: int = 5,
-          dense_file: int | None = None, progress: bool = True):
-    """Prune copies of ``model`` at each ratio of MLP neurons; one row per model
-    (the dense one first): parameters, MLP width, file, memory, forward time, perplexity."""
-    scores = calibrated_scores(model, calibration, progress=progress)
+@memo.step("01-structured", timed_as="2 structured pruning")
+def demo(decoder: Decoder, sparsities) -> pd.DataFrame:
+    """(table, timing row): copies of the decoder with each fraction of the MLP
+    neurons removed; one row per model (the dense one first): parameters, MLP
+    width, file, memory, forward time, perplexity."""
+    model = decoder.lm.model
+    dense_ppl, dense_file = baseline(decoder)
+    scores = calibrated_scores(model, decoder.calibration)
     variants = {"dense": (0.0, model, 0)}
     for s in sparsities:
         pruned = copy.deepcopy(model)
         rep = prune_neurons_(pruned, scores, s)
         variants[f"{s:g}"] = (s, pruned, rep["removed"])
-    speed = costs.forward_seconds_each({k: v[1] for k, v in variants.items()}, time_ids, reps)
+    speed = costs.forward_seconds_each({k: v[1] for k, v in variants.items()}, decoder.time_ids,
+                                       decoder.timing_reps)
     rows = []
     for name, (s, m, removed) in variants.items():
         rows.append({
             "neurons_removed": s, "mlp_width": mlps(m)[0].width,
             "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
-            "file_bytes": dense_file if s == 0 and dense_file is not None
-            else costs.dense_file_bytes(m),
+            "file_bytes": dense_file if s == 0 else costs.dense_file_bytes(m),
             "memory_bytes": costs.model_bytes(m),
             **speed[name],
-            "perplexity": dense_ppl if s == 0 and dense_ppl is not None
-            else costs.perplexity(m, windows, progress=progress),
+            "perplexity": dense_ppl if s == 0 else perplexity(m, decoder.windows),
         })
     return pd.DataFrame(rows)
