@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lab_utils.core import files
 from lab_utils.core.models import hub_reachable
+from lab_utils.core.progress import tqdm
 from lab_utils.core.speech import SAMPLE_RATE, synthesize
 
 VADER_VERSION = "3.3.2"

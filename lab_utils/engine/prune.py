@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from torch.profiler import record_function
-from tqdm.auto import tqdm
 
 from lab_utils.core import device as devices
 from lab_utils.core import sparsify
@@ -54,6 +53,7 @@ from lab_utils.core.models import (
     transformer_blocks,
     weight_out_in,
 )
+from lab_utils.core.progress import tqdm
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.calibration import (
     calibration_batches,

@@ -63,7 +63,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lab_utils.core import files, memo
 from lab_utils.core.data import forward_inputs
@@ -79,6 +78,7 @@ from lab_utils.core.formats import (
     value_entropy_floor_bytes,
 )
 from lab_utils.core.models import LoadedModel, count_parameters, load_model, prunable_layers
+from lab_utils.core.progress import tqdm
 from lab_utils.core.sparse_file import (
     _dtype,
     file_table,

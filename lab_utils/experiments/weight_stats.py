@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lab_utils.core import memo
 from lab_utils.core.checks import whole_number
 from lab_utils.core.measure import num_threads
 from lab_utils.core.models import component_of, prunable_layers, transformer_blocks
+from lab_utils.core.progress import tqdm
 
 CHUNK = 1 << 20  # values per chunk: each worker's temporaries stay near 4 MB each
 SMALL = (1e-3, 1e-2, 5e-2)  # thresholds of the "near zero" fractions (strict |w| < t)

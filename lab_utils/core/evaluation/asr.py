@@ -24,11 +24,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lab_utils.core import data
 from lab_utils.core.device import model_device
 from lab_utils.core.metrics import load_metric
+from lab_utils.core.progress import tqdm
 from lab_utils.core.speech import SAMPLE_RATE
 
 PROMPT_TOKENS = ("<|startoftranscript|>", "<|notimestamps|>")

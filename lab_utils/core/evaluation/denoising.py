@@ -32,11 +32,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lab_utils.core import data
 from lab_utils.core.device import model_device
 from lab_utils.core.metrics import load_metric
+from lab_utils.core.progress import tqdm
 
 MASK_RATIO = 0.3
 POISSON_LAMBDA = 3.0

@@ -20,12 +20,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lab_utils.core import data, files
 from lab_utils.core.device import model_device
 from lab_utils.core.models import DECODER_ONLY
 from lab_utils.core.models import default_seqlen as _default_seqlen
+from lab_utils.core.progress import tqdm
 
 BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) logits
 

@@ -22,10 +22,10 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lab_utils.core.device import model_device
 from lab_utils.core.metrics import load_metric
+from lab_utils.core.progress import tqdm
 
 
 # --------------------------------------------------------------------------- batching

@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
 from lab_utils.core import data, memo, models
 from lab_utils.core.checks import whole_number
 from lab_utils.core.evaluation import sentiment
 from lab_utils.core.models import transformer_blocks
+from lab_utils.core.progress import tqdm
 from lab_utils.experiments import benchmarks
 from lab_utils.experiments.concepts import costs
 

@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
 from lab_utils.core import memo
 from lab_utils.core.checks import whole_number
 from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import set_module, weight_out_in
+from lab_utils.core.progress import tqdm
 from lab_utils.experiments.concepts.decoder import Decoder, baseline
 from lab_utils.experiments.concepts.structured import MLP, mlps
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm  # std tqdm: tqdm.auto's notebook bars ignore TQDM_DISABLE
 
 from lab_utils.core import memo
 from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import _conv1d_type, prunable_layers, weight_out_in
+from lab_utils.core.progress import tqdm
 from lab_utils.core.sparsify import SparsityError, check_sparsity_ratio
 from lab_utils.experiments.concepts import costs
 from lab_utils.experiments.concepts.decoder import Decoder, baseline
