@@ -68,22 +68,89 @@ def cache_with_data(tmp_path, monkeypatch) -> Path:
 
 
 REPO = Path(__file__).resolve().parent.parent
+SMOKE_PARAMS = "params/smoke.yaml"
+BACKGROUND = "LAB_TEST_BACKGROUND"  # in the environment of the smoke report's processes
 
 
-def run_report(out_dir: Path, params: str = "params/smoke.yaml", *extra: str, timeout: int = 1500):
-    """Run the report runner in a subprocess with its outputs under ``out_dir``."""
+def report_command(params: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lab_utils.report", "--params", params, "--no-progress", *extra]
+
+
+def run_report(out_dir: Path, params: str = SMOKE_PARAMS, *extra: str, timeout: int = 1500,
+               cache: Path | None = None):
+    """Run the report runner in a subprocess with its outputs under ``out_dir`` (and its cache
+    in ``cache``, when given)."""
     import subprocess
 
-    env = dict(os.environ, LAB_OUTPUT_DIR=str(out_dir))
-    return subprocess.run([sys.executable, "-m", "lab_utils.report", "--params", params,
-                           "--no-progress", *extra], cwd=REPO, env=env, capture_output=True,
+    env = dict(os.environ, LAB_OUTPUT_DIR=str(out_dir), **({"LAB_CACHE_DIR": str(cache)} if cache else {}))
+    return subprocess.run(report_command(params, *extra), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
+def smoke_cache(out: Path) -> Path:
+    """The cache of the smoke report whose output root is ``out`` (a cold one of its own)."""
+    return out.parent / "cache"
+
+
+def _uses_the_smoke_report(item) -> bool:
+    return "smoke_report" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items):
+    # The tests that read the smoke report run last: the report runs in the background
+    # (_smoke_report_in_the_background) while every other test runs.
+    items.sort(key=_uses_the_smoke_report)  # stable: the order within each part is kept
+
+
+def _kill_family(pid: int) -> None:
+    """A process and every process under it (the runner's kernel runs in a session of its own,
+    its Dask workers under the kernel)."""
+    import contextlib
+
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(family, timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smoke_report_in_the_background(request, tmp_path_factory):
+    """Start the smoke report at the start of the session when a selected test reads it: the
+    cold run takes minutes, mostly in its own processes, and the other tests run meanwhile.
+    It has a cache of its own, so it and the tests never write the same entry."""
+    import subprocess
+
+    if not any(_uses_the_smoke_report(item) for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    smoke_cache(out).mkdir(parents=True)
+    log = out.parent / "report.log"
+    env = dict(os.environ, LAB_OUTPUT_DIR=str(out), LAB_CACHE_DIR=str(smoke_cache(out)), **{BACKGROUND: "1"})
+    with log.open("w") as stdout, (out.parent / "report.err").open("w") as stderr:
+        proc = subprocess.Popen(report_command(SMOKE_PARAMS), cwd=REPO, env=env, stdout=stdout,
+                                stderr=stderr, text=True)
+    try:
+        yield out, proc
+    finally:
+        _kill_family(proc.pid)  # a run the session did not wait for (a failure, -x) ends with it
+
+
 @pytest.fixture(scope="session")
-def smoke_report(tmp_path_factory):
+def smoke_report(_smoke_report_in_the_background):
     """One run of every notebook under params/smoke.yaml, shared by the tests
     that check what it produced: (output root, completed process)."""
-    out = tmp_path_factory.mktemp("smoke")
-    proc = run_report(out)
-    return out, proc
+    import subprocess
+
+    out, proc = _smoke_report_in_the_background
+    try:
+        returncode = proc.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        _kill_family(proc.pid)
+        raise
+    return out, subprocess.CompletedProcess(proc.args, returncode, (out.parent / "report.log").read_text(),
+                                            (out.parent / "report.err").read_text())

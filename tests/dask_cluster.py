@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from conftest import BACKGROUND
 from distributed import Client
 
 DASK = Path(sys.executable).with_name("dask")  # the venv's CLI, as a user would start a cluster
@@ -75,11 +76,13 @@ def interrupted_when(condition) -> Iterator[None]:
 
 def child_processes() -> dict[int, str]:
     """This process's descendants, pid: command line, but multiprocessing's resource tracker
-    (started with the first local cluster, it lives as long as this process, by design)."""
+    (started with the first local cluster, it lives as long as this process, by design) and the
+    smoke report that runs in the background (conftest), with its kernel and workers."""
     found = {}
     for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            found[p.pid] = " ".join(p.cmdline())
+        with contextlib.suppress(psutil.Error):
+            if BACKGROUND not in p.environ():
+                found[p.pid] = " ".join(p.cmdline())
     return {pid: cmd for pid, cmd in found.items() if "resource_tracker" not in cmd}
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_report
+from conftest import REPO, run_report, smoke_cache
 
 # Both run the smoke report (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def _outputs(root: Path) -> dict[str, bytes]:
 def test_two_runs_give_byte_identical_tables_and_figures(smoke_report, tmp_path):
     first_root, proc = smoke_report
     assert proc.returncode == 0, proc.stderr[-2000:]
-    second = run_report(tmp_path / "again")
+    second = run_report(tmp_path / "again", cache=smoke_cache(first_root))
     assert second.returncode == 0, second.stderr[-2000:]
     a, b = _outputs(first_root), _outputs(tmp_path / "again")
     assert a.keys() == b.keys() and len(a) > 20

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import dask
@@ -192,11 +191,11 @@ def free_port() -> int:
 
 def test_an_unreachable_scheduler_is_one_line_in_seconds(tiny_dirs, tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
-    start = time.monotonic()
     with pytest.raises(ex.ExecutorError) as info:
         run_sweep(tiny_dirs, address, empty_cache(tmp_path / "cache"))
-    assert time.monotonic() - start < 10
-    assert str(info.value).startswith(f"no Dask scheduler answers at {address} within ")
+    # the executor's own connect timeout (test_executor checks it is kept), not Dask's 30 s
+    assert str(info.value).startswith(f"no Dask scheduler answers at {address} within "
+                                      f"{ex.CONNECT_TIMEOUT_S:g} s")
     assert "\n" not in str(info.value)
 
 
