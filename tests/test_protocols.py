@@ -1,6 +1,8 @@
 """The named evaluation protocols: defined once, looked up by name, labelled honestly."""
 
 import ast
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +48,10 @@ def test_notebooks_03_and_04_measure_under_one_protocol_by_default():
     assert params.declared("01_concepts")["protocol"]["default"] == '"quick"'
     cfg = params.benchmark_config({k: ast.literal_eval(v["default"]) for k, v in d4.items()})
     assert (cfg.bench.eval_windows, cfg.bench.eval_seqlen) == protocols.resolve("sweep")
+
+
+def test_the_protocols_import_without_torch():
+    """The CLI reads them before parsing its arguments: a typo must not wait for torch."""
+    code = "import sys, lab_utils.core.evaluation.protocols; print('torch' in sys.modules, 'tqdm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -1,33 +1,21 @@
 """Run every family's benchmarks on a model's dense and pruned checkpoints.
 
-One tidy table comes out: a row per (model, setting, metric, task) with the
-model, family, method, pattern, requested and actual sparsity, metric, task
-(a zero-shot row's lm-eval task, else empty), value, its standard error, n
-and harness version (zero-shot rows), the dense model's value, the relative
-change and the seconds the evaluation took. The dense baseline is the first
-setting of every model.
-
-Benchmarks per family (each in its own module of :mod:`lab_utils.core.evaluation`):
+One tidy table comes out (:data:`COLUMNS`): a row per model, setting, metric
+and zero-shot task, with the dense model's value (the first setting of every
+model) and the relative change. Benchmarks per family, each in its module of
+:mod:`lab_utils.core.evaluation`:
 
 =================  ==========================================================
-decoder-only       ``perplexity`` (the pruning engine's protocol) and
-                   ``zero-shot``: accuracy and standard error per lm-eval task
-                   (:mod:`~lab_utils.core.evaluation.zeroshot`), a row per task
+decoder-only       ``perplexity`` and ``zero-shot`` (a row per lm-eval task)
 encoder-only       ``sentiment-probe``: a head trained once on the dense
                    encoder, accuracy/F1 of every encoder, embedding fidelity
-encoder-decoder    ``wer`` for a speech model (:mod:`~lab_utils.core.evaluation.asr`),
-                   ``denoising`` (text infilling,
-                   :mod:`~lab_utils.core.evaluation.denoising`) for a text model
+encoder-decoder    ``wer`` for a speech model, ``denoising`` for a text model
 =================  ==========================================================
 
-Caching: every evaluation is stored as checksummed JSON under
-``cache_dir()/eval/`` keyed by (checkpoint key, benchmark, the benchmark's
-parameters, :data:`EVAL_VERSION`). The checkpoint key is the pruning engine's
-(:func:`lab_utils.engine.config.checkpoint_key`), computed here *without
-loading the model*, so a fully cached run never loads or prunes anything.
-Notebook 04's settings travel whole as a :class:`BenchmarkConfig`
-(:func:`lab_utils.report.params.benchmark_config` makes it from the notebook's
-parameters).
+Every evaluation is cached as checksummed JSON under ``cache_dir()/eval/``,
+keyed by the checkpoint key (the pruning engine's, computed here *without
+loading the model*, so a fully cached run loads nothing), the benchmark, its
+parameters and :data:`EVAL_VERSION`.
 """
 
 from __future__ import annotations
@@ -245,7 +233,7 @@ def run_benchmark(benchmark: str, lm, bench: EvalConfig, ctx: ProbeContext | Non
         r = asr.wer_benchmark(lm, bench.wer_utterances, bench.wer_batch_size, per_window=bench.wer_per_window)
         metrics = {"WER": r["wer"]}
     elif benchmark == "denoising":
-        corpus = "wikitext2" if lm.spec.source == "hub" else "nyt"
+        corpus = perplexity.default_corpus(lm.spec)
         sents = denoising.corpus_sentences(corpus, bench.denoise_sentences)
         r = denoising.denoising(lm.model, lm.tokenizer, sents, bench.denoise_mask_ratio,
                                 bench.denoise_poisson_lambda, bench.seed)
@@ -257,11 +245,6 @@ def run_benchmark(benchmark: str, lm, bench: EvalConfig, ctx: ProbeContext | Non
 
 
 # --------------------------------------------------------------------------- sweeps
-def _checkpoint_info(report) -> dict:
-    return {"actual_sparsity": report.actual_sparsity, "actual_sparsity_total": report.actual_sparsity_total,
-            "nm_verified": report.nm_verified, "prune_seconds": report.seconds}
-
-
 def _size_entry(lm, pattern: str, formats, dense_file_bytes: int | None = None) -> dict:
     """The smallest lossless file among ``formats``, each written and measured
     on disk by :func:`lab_utils.experiments.file_sizes.model_sizes`.
@@ -290,15 +273,13 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: BenchmarkC
                    resources: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:
     """All benchmarks of one model on every setting: (metric rows, size rows).
 
-    Loads (and prunes) a checkpoint only when one of its results is missing
+    A checkpoint is loaded (and pruned) only when one of its results is missing
     from the cache. The dense setting (the first) is evaluated here first: its
-    file size is every other setting's baseline and the encoder probe's head
-    is trained on it. The settings with something missing are then jobs on
-    ``executor`` (:func:`lab_utils.experiments.executor.run_jobs`; by default
-    ``workers`` processes of this machine on one thread each: much of an
-    evaluation - Whisper's token-by-token decoding, writing the files - runs on
-    one core), so each result's ``seconds`` is its own wall time with the other
-    evaluation running beside it.
+    file size is every other's baseline and the probe's head is trained on it.
+    The other settings are jobs on ``executor`` (by default ``workers``
+    processes of one thread each: much of an evaluation, such as Whisper's
+    token-by-token decoding, runs on one core), so each result's ``seconds`` is
+    its wall time with the other evaluations running beside it.
     """
     spec = resolve(model_name)
     config = engine_config.hf_config(spec)
@@ -376,7 +357,9 @@ def _evaluate_setting(model_name: str, setting: Setting, cfg: BenchmarkConfig, d
     if report.key != key:  # the engine changed its key: do not file results under a wrong one
         raise RuntimeError(f"checkpoint key {report.key} of the pruning engine differs from "
                            f"{key} computed here; update benchmarks.checkpoint_key")
-    files.store_json(info_path, _checkpoint_info(report))
+    files.store_json(info_path, {"actual_sparsity": report.actual_sparsity,
+                                 "actual_sparsity_total": report.actual_sparsity_total,
+                                 "nm_verified": report.nm_verified, "prune_seconds": report.seconds})
     if size is None:
         files.store_json(size_path, _size_entry(lm, setting.pattern, cfg.size_formats,
                                              None if setting.is_dense else dense_file_bytes))

@@ -1,19 +1,11 @@
 """Small helpers that keep notebook cells to one-liners (the report floor).
 
-* :func:`setup` fixes seeds and threads and styles the figures (progress bars
-  follow tqdm's own ``TQDM_DISABLE``, which the report runner sets).
-* :func:`md` displays generated prose: a sentence that states a result is
-  built from the computed values, never typed in; with a key it is also
-  recorded (:func:`record`) for the write-up.
-* :func:`show_figure` displays a figure file that a presentation module saved.
-* :func:`show_parameters` opens a rendered notebook with every effective
-  parameter: its value and whether the notebook default or the parameter file
-  set it.
-* :func:`show_table` displays a table with sparsities and accuracies as
-  percentages and other floats to four significant digits (the CSVs under
-  results/ keep full precision).
-
-Parameters are checked by :func:`lab_utils.report.params.validate_notebook`.
+:func:`setup` fixes seeds, threads and the figure style; :func:`md` displays
+generated prose (a sentence stating a result is built from the computed
+values, never typed in) and, with a key, records it for the write-up;
+:func:`show_parameters` opens a rendered notebook with every effective
+parameter and who set it; :func:`show_table` shows fractions as percentages and
+other floats to four significant digits (the CSVs keep full precision).
 """
 
 from __future__ import annotations

@@ -1,26 +1,15 @@
 """Parameter files: load, check against the notebooks, validate values.
 
 A parameter file is YAML: top-level keys go to every notebook that declares
-them; an optional ``notebooks:`` mapping holds per-notebook overrides::
-
-    models: [smollm2-135m, whisper-tiny-en, minilm-l6]
-    sparsities: [0.5, 0.7]
-    notebooks:
-      02_visualization:
-        sparsities: [0.0, 0.5]
+them; an optional ``notebooks:`` mapping holds per-notebook overrides
+(``notebooks: {02_visualization: {sparsities: [0.0, 0.5]}}``).
 
 Papermill only *warns* about a parameter that a notebook does not declare, so
 a typo would silently run the defaults. Here it is an error, as is any value
-outside what the lab accepts; :func:`check_file` catches both before any work
-starts (``--check`` and the runner), with one line naming the parameter, the
-value and what is allowed. The rules themselves are the lower floors' checks
-(:mod:`lab_utils.core.sparsify`, :mod:`lab_utils.core.formats`, the engine's
-:class:`~lab_utils.engine.config.PruneConfig` ...), called from here.
-
-A notebook checks its own parameters cell in one call,
-``params.validate_notebook(globals(), "02_visualization")``: the names come
-from the notebook's ``parameters`` cell (papermill's ``inspect_notebook``), so
-a parameter added there is checked without being named a second time.
+the lab refuses: :func:`check_file` catches both before any work starts, in
+one line naming the parameter, the value and what is allowed, through the
+lower floors' own checks. A notebook checks its parameters cell in one call,
+``params.validate_notebook(globals(), "02_visualization")``.
 """
 
 from __future__ import annotations
@@ -83,12 +72,12 @@ def split_params(data: dict, notebooks: list[str]) -> dict[str, dict]:
     for nb in notebooks:
         per = dict(shared)
         for key, val in overrides.items():
-            if nb == key or nb.startswith(str(key)):
+            if nb.startswith(str(key)):
                 if not isinstance(val, dict):
                     raise ParamError(f"notebooks.{key} must be a mapping of parameters")
                 per.update(val)
         out[nb] = per
-    unknown = [k for k in overrides if not any(nb == k or nb.startswith(str(k)) for nb in notebooks)]
+    unknown = [k for k in overrides if not any(nb.startswith(str(k)) for nb in notebooks)]
     if unknown:
         raise ParamError(f"notebooks: {unknown[0]!r} is not a notebook; choose one of {', '.join(notebooks)}")
     return out
@@ -114,7 +103,7 @@ def check_declared(data: dict, declared: dict[str, dict]) -> None:
                              f"({', '.join(declared)}); known parameters: {', '.join(sorted(every))}")
     for nb_key, per in (data.get("notebooks") or {}).items():
         for nb, decl in declared.items():
-            if nb == nb_key or nb.startswith(str(nb_key)):
+            if nb.startswith(str(nb_key)):
                 for key in per:
                     _check_renamed(key)
                     if key not in decl:

@@ -2,17 +2,13 @@
 
     python -m lab_utils.report --params params/default.yaml
 
-1. Load the parameter file; reject a key that no notebook declares (papermill
-   only warns) and any invalid value, before any work starts.
-2. Execute ``notebooks/01_*.ipynb`` ... ``04_*.ipynb`` in order into
-   ``build/notebooks/`` with a per-cell timeout.
-3. Render each executed notebook to ``report/<name>.html`` (cells tagged
-   ``remove-input`` / ``remove-cell`` / ``remove-output`` honoured, images
-   embedded, nothing loaded from a CDN), then the lab write-up and
-   ``report/index.html``.
-
+The parameters are checked first (a key no notebook declares, any invalid
+value: exit 2). ``notebooks/01_*`` ... ``04_*`` then run in order into
+``build/notebooks/``, each rendered to ``report/<name>.html`` (cells tagged
+``remove-input`` / ``remove-cell`` / ``remove-output`` honoured, images
+embedded, nothing from a CDN), then the write-up and ``report/index.html``.
 A failing notebook stops the run: the runner names the notebook and the cell,
-still renders what ran, and exits 1. Bad parameters exit 2.
+still renders what ran, and exits 1.
 """
 
 from __future__ import annotations
@@ -218,8 +214,8 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     t_all = time.perf_counter()
     runs = [NotebookRun(p.stem) for p in paths]
-    bar = tqdm(list(zip(paths, runs, strict=True)), desc="notebooks", unit="nb", disable=not progress)
-    for path, r in bar:
+    bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress)
+    for i, path in enumerate(bar):
         bar.set_postfix_str(path.stem)
         executed = build_dir() / "notebooks" / path.name
         os.environ["LAB_NOTEBOOK"] = path.stem  # findings are recorded per notebook
@@ -228,9 +224,7 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         os.environ[nbk.PARAMS_KEYS_ENV] = json.dumps(sorted(per_nb[path.stem]))
         findings = files.results_dir() / "findings" / f"{path.stem}.json"
         findings.unlink(missing_ok=True)
-        result = execute(path, per_nb[path.stem], executed, timeout)
-        r.seconds, r.status, r.error_cell, r.error = (result.seconds, result.status,
-                                                       result.error_cell, result.error)
+        r = runs[i] = execute(path, per_nb[path.stem], executed, timeout)
         if executed.exists():
             r.html = render_html(executed, report_dir() / f"{path.stem}.html").name
         if r.status != "ok":
@@ -269,7 +263,3 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"params": args.params, "ok": True}))
         return 0
     return run(args.params, only=args.only, timeout=args.timeout, progress=not args.no_progress)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,12 @@
 """The lab write-up, regenerated: ``report/LAB4.md`` and ``report/LAB4.html``.
 
-It opens with "What we found" (each line linking to its section), says once
-what the perplexity protocols are, then follows the original lab's section
-order (Concepts, Model Selection, Model Visualization, Model Sparsification &
-Sizes, Results on Benchmarks). Nothing in it is typed in: the Jinja2 template
-(``templates/LAB4.md.j2``) arranges
-
-* the sentences the notebooks generated and recorded as findings
-  (``results/findings/<notebook>.json``, see ``notebook.md(text, key=...)``):
-  a conclusion of one or two sentences each,
-* next to each, the compact table of its numbers, read from ``results/*.csv``,
-* figures from ``figs/``, copied next to the report so it can be served or
-  zipped as one folder; every link is URL-encoded (the original lab's figure names
-  contain ``%``).
+It opens with "What we found", says once what the perplexity protocols are,
+then follows the original lab's section order. Nothing in it is typed in: the
+template (``templates/LAB4.md.j2``) arranges the sentences the notebooks
+recorded as findings (``results/findings/<notebook>.json``), the compact
+tables of their numbers from ``results/*.csv``, and figures copied from
+``figs/`` next to the report (links URL-encoded: the original lab's figure
+names contain ``%``).
 """
 
 from __future__ import annotations
@@ -86,7 +80,7 @@ class Figures:
     """Figures copied into ``report/figs`` on first use; returns the encoded link."""
 
     def __init__(self, src: Path, dst: Path):
-        self.src, self.dst, self.used = src, dst, []
+        self.src, self.dst = src, dst
 
     def link(self, name: str | None) -> str | None:
         if not name:
@@ -98,7 +92,6 @@ class Figures:
         self.dst.mkdir(parents=True, exist_ok=True)
         with files.atomic_path(self.dst / name) as tmp:
             shutil.copyfile(path, tmp)
-        self.used.append(name)
         return url(f"figs/{name}")
 
     def matching(self, pattern: str) -> list[str]:
@@ -139,21 +132,11 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
     params = params or {}
     weight_stats, bench = read_csv("weight_stats.csv"), read_csv("benchmarks.csv")
     sizes, speed_layers = read_csv("sizes.csv"), read_csv("speed_layers.csv")
-    labels = []
-    if params.get("models"):
-
-        labels = [models.resolve(m, check_hub=False).label for m in params["models"]]
+    labels = [models.resolve(m, check_hub=False).label for m in params.get("models") or []]
     findings = Findings(files.results_dir() / "findings")
     context = {
-        "findings": findings,
-        "figures": figures,
-        "csv": read_csv,
-        "params": params,
-        "runs": list(runs),
-        "labels": labels,
-        "sections": SECTIONS,
-        "protocol": {nb: findings[nb].get("protocol", "") for nb in findings.by_notebook},
-        "protocols_paragraph": protocols_paragraph(findings),
+        "findings": findings, "figures": figures, "csv": read_csv, "runs": list(runs), "labels": labels,
+        "sections": SECTIONS, "protocols_paragraph": protocols_paragraph(findings),
         "table": lambda df, **kw: md_table(shown(df, **kw)) if df is not None and len(df) else "",
         "model_table": model_selection(params.get("models", []), weight_stats),
         "size_table": size_table(sizes),
@@ -183,7 +166,6 @@ def model_selection(model_names, weight_stats=None):
     ``weight_stats.csv``) and the benchmark it is scored on."""
     import pandas as pd
 
-
     counted = {}
     if weight_stats is not None and len(weight_stats):
         dense = weight_stats[weight_stats.sparsity == 0]
@@ -207,7 +189,7 @@ def model_selection(model_names, weight_stats=None):
     return pd.DataFrame(rows)
 
 
-def size_table(sizes, method: str | None = None):
+def size_table(sizes):
     """File size in MiB per model and sparsity (rows) and format (columns),
     with the floor: the fewest bytes any lossless encoding of the kept fp32
     values and their positions can take, plus the unpruned tensors."""
@@ -215,29 +197,25 @@ def size_table(sizes, method: str | None = None):
 
     if sizes is None or len(sizes) == 0:
         return pd.DataFrame()
-    t = sizes if method is None else sizes[sizes.method == method]
-    table = t.pivot_table(index=["label", "method", "sparsity"], columns="format",
-                          values="file_bytes", sort=False) / 2**20
-    table = table[list(dict.fromkeys(t.format))]
-    native = t[t.precision == "native"].groupby(["label", "method", "sparsity"], sort=False).first()
+    table = sizes.pivot_table(index=["label", "method", "sparsity"], columns="format",
+                              values="file_bytes", sort=False) / 2**20
+    table = table[list(dict.fromkeys(sizes.format))]
+    native = sizes[sizes.precision == "native"].groupby(["label", "method", "sparsity"], sort=False).first()
     table["floor"] = (native.floor_bytes + native.other_bytes) / 2**20
     table = table.reset_index()
     table["sparsity"] = table.sparsity.map(lambda s: f"{s:.0%}")
     return table.rename(columns={"label": "model"})
 
 
-def benchmark_table(df, protocol: str | None = None, metrics=None):
+def benchmark_table(df, protocol: str | None = None):
     """The headline metric of every model: one row per model and metric (and
     zero-shot task), one column per setting (dense, then method @ sparsity or
     pattern), formatted; a value with a standard error shows it (± one)."""
     import pandas as pd
 
-
     if df is None or len(df) == 0:
         return pd.DataFrame()
-    metrics = metrics or benchmarks_view.HEADLINE
-    t = df[df.metric.isin(metrics)].copy()
-
+    t = df[df.metric.isin(benchmarks_view.HEADLINE)].copy()
     t["setting"] = [sweep_view.setting_name(m, p, s) for m, p, s in
                     zip(t.method, t.pattern, t.requested_sparsity, strict=True)]
     stderr = t["stderr"] if "stderr" in t else pd.Series(math.nan, index=t.index)

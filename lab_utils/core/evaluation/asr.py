@@ -1,20 +1,13 @@
 """Word error rate of Whisper on synthesized NYT prose.
 
-* Text: the first ``n_utterances`` NYT editorial sentences of 6-24 words in
-  reading order (:func:`lab_utils.core.data.speech_sentences`), spoken by
-  espeak-ng (:func:`lab_utils.core.data.speech`, 16 kHz, cached). The NYT text is
-  the lab's evaluation text; the calibration speech of the pruning engine is
-  drawn from the movie reviews, so the two never overlap.
-* Decoding: greedy (``num_beams=1``, no sampling) through ``generate``, with
-  the tiny.en prompt ``<|startoftranscript|><|notimestamps|>``: English only,
-  no timestamps, no language or task token (an ``.en`` model has none).
-* Scoring: reference and hypothesis go through the same normalizer, the
-  English normalizer of the Whisper paper as transformers ships it
-  (``EnglishTextNormalizer``: lower case, punctuation and filler words
-  removed, numbers and contractions standardized); its British-to-American
-  spelling table lives on the hub, so it is used with an empty table (NYT
-  prose is American already). Then jiwer's corpus WER
-  (:mod:`lab_utils.core.metrics` ``wer``): errors over all reference words.
+* Text: the first NYT editorial sentences of 6-24 words, spoken by espeak-ng
+  (:func:`lab_utils.core.data.speech`, 16 kHz, cached); the engine calibrates
+  on movie-review speech, so the two never overlap.
+* Decoding: greedy through ``generate`` from ``<|startoftranscript|><|notimestamps|>``
+  (an ``.en`` model has no language or task token).
+* Scoring: both sides through the Whisper paper's English normalizer as
+  transformers ships it (its British-to-American table lives on the hub, so it
+  is empty here: NYT prose is American already), then jiwer's corpus WER.
 """
 
 from __future__ import annotations

@@ -1,27 +1,18 @@
 """Denoising benchmark for text encoder-decoders (BART): text infilling.
 
 BART was pre-trained to rebuild a text from a corrupted copy; the benchmark
-asks the same of a (pruned) model and measures how well it still does it.
+asks the same of a (pruned) model. Corruption is BART's text infilling (Lewis
+et al. 2020, section 2.2): 30% of a sentence's tokens are masked in spans of
+Poisson(3) lengths (a span of 0 inserts a ``<mask>``), and every run of masked
+tokens becomes a *single* ``<mask>``, so the model must also infer how many
+are missing. The draws come from ``default_rng(seed + sentence index)``: the
+same corruption for every model, dense or pruned.
 
-Corruption (BART's text infilling, Lewis et al. 2020, section 2.2):
-
-* 30% of a sentence's tokens are masked (``mask_ratio``), in spans whose
-  lengths are drawn from Poisson(lambda=3); a span of length 0 inserts a
-  ``<mask>`` without removing anything;
-* every contiguous run of masked tokens becomes a *single* ``<mask>``, so the
-  model must also infer how many tokens are missing;
-* the draws come from ``numpy.random.default_rng(seed + sentence index)``: the
-  same corruption for every model, dense or pruned.
-
-Score: the decoder reads the original sentence (teacher forcing) and the loss
-is the cross-entropy of each original token given the corrupted input.
-Reported over all target tokens (BART's training loss, ``perplexity``) and
-over the tokens that were masked out only (``infill_perplexity``: the part
-that cannot be copied from the input), both through the lab's ``perplexity``
-metric.
-
-Text: WikiText-2 raw test sentences for a hub model such as BART-large, NYT editorial sentences for a local model; sentences of 8-48 words,
-headings (`` = Title = ``) skipped, in reading order.
+Score: the decoder reads the original sentence (teacher forcing); the
+perplexity of every target token (BART's training loss) and of the masked-out
+tokens only (``infill_perplexity``: what cannot be copied from the input).
+Text: sentences of 8-48 words in reading order, from WikiText-2 (raw test) for
+a hub model, the NYT editorials for a local one.
 """
 
 from __future__ import annotations

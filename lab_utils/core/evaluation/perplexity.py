@@ -1,16 +1,11 @@
 """Decoder perplexity under the protocol of the Wanda and SparseGPT papers.
 
-* The evaluation text is tokenized once, without special tokens, and cut into
-  non-overlapping windows of ``seqlen`` tokens from the start; the first K are
-  kept (:func:`lab_utils.core.data.eval_windows`, remembered per tokenizer by
-  :func:`lab_utils.core.data.token_windows`).
-* Each window's loss is the mean next-token cross-entropy that
-  ``model(input_ids=w, labels=w)`` reports.
-* Perplexity = exp(mean over windows of the window losses).
-
-Windows are pushed through the model in batches (same numbers, fewer calls).
-Embedded models read the NYT editorials; hub presets read WikiText-2 (raw,
-test split) with ``seqlen`` = the model's context.
+The evaluation text, tokenized once without special tokens, is cut into
+non-overlapping windows of ``seqlen`` tokens and the first K are kept
+(:func:`lab_utils.core.data.token_windows`); each window's loss is the mean
+next-token cross-entropy that ``model(input_ids=w, labels=w)`` reports, and
+perplexity = exp(mean window loss). Embedded models read the NYT editorials,
+hub presets WikiText-2 (raw, test split) with ``seqlen`` = the model's context.
 """
 
 from __future__ import annotations
@@ -23,8 +18,7 @@ import torch.nn.functional as F
 
 from lab_utils.core import data, files
 from lab_utils.core.device import model_device
-from lab_utils.core.models import DECODER_ONLY
-from lab_utils.core.models import default_seqlen as _default_seqlen
+from lab_utils.core.models import DECODER_ONLY, default_seqlen
 from lab_utils.core.progress import tqdm
 
 BATCH_TOKENS = 2048  # tokens per forward: bounds the (batch, seqlen, vocab) logits
@@ -62,11 +56,6 @@ def default_corpus(spec) -> str:
     return "wikitext2" if spec.source == "hub" else "nyt"
 
 
-def default_seqlen(lm) -> int:
-    """The calibration length: the model's context for hub presets, else 512 capped by it."""
-    return _default_seqlen(lm.spec, lm.model.config)
-
-
 def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: str | None = None,
              cache_key: str | None = None) -> dict:
     """Perplexity of a loaded decoder-only model as a dict (perplexity, seqlen,
@@ -75,7 +64,7 @@ def evaluate(lm, seqlen: int | None = None, n_windows: int | None = 64, corpus: 
     if lm.family != DECODER_ONLY:
         raise ValueError(f"perplexity is defined here for decoder-only models; {lm.spec.name} is "
                          f"{lm.family} (its benchmark is {lm.spec.benchmark!r})")
-    seqlen = seqlen or default_seqlen(lm)
+    seqlen = seqlen or default_seqlen(lm.spec, lm.model.config)
     corpus = corpus or default_corpus(lm.spec)
     path = None
     if cache_key is not None:

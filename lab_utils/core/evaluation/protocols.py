@@ -1,9 +1,9 @@
 """Named evaluation protocols: how many windows of how many tokens a perplexity reads.
 
-A perplexity depends on the text it is measured on: 4 windows of 256 tokens
-and 64 windows of 512 give different numbers for the same model, both right.
-The lab measures under three protocols, chosen by how many models a step
-evaluates and how long it may take:
+4 windows of 256 tokens and 64 of 512 give different numbers for the same
+model, both right, so every perplexity is labelled with its protocol
+(:func:`label`; "quick, overridden: 2 x 64" when a parameter changed the size)
+and two numbers compare only when their labels match:
 
 =========  =======  ======  ==============================================
 name       windows  tokens  used by
@@ -13,14 +13,9 @@ sweep            8     256  notebooks 03 and 04 (every pruned checkpoint)
 reference       64     512  ``python -m benchmarks``, ``python -m lab_utils perplexity``
 =========  =======  ======  ==============================================
 
-A number is labelled with its protocol's name (:func:`label`), and with the
-actual size when a parameter overrode it ("quick, overridden: 2 x 64"), so two
-numbers compare only when their labels match. Calibration (``nsamples`` x
-``seqlen``) is not part of a protocol: it belongs to the pruned checkpoint,
-which any protocol can measure.
-
-:class:`EvalConfig` is the one evaluation config: the size of every benchmark
-(the perplexity's windows among them), passed whole to the benchmarks.
+Calibration (``nsamples`` x ``seqlen``) belongs to the pruned checkpoint, not
+to a protocol. :class:`EvalConfig` is the one evaluation config: the size of
+every benchmark, passed whole to the benchmarks.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Sentiment of an encoder: a linear probe on frozen features, and embedding fidelity.
 
-(A decoder's zero-shot sentiment is an lm-evaluation-harness task:
-:mod:`lab_utils.core.evaluation.zeroshot`.)
-
 A sentence encoder has no answer to score, so a logistic-regression head is
-trained once, on the *dense* encoder's frozen mean-pooled features of the
-training split, and then applied unchanged to the features every sparsified
-encoder produces on the test split: the head is the same for all, so accuracy
-and F1 measure how much of the sentiment information the pruned features still
-carry in the place the head expects it. Embedding fidelity, the mean cosine
-similarity between a sparse and the dense sentence embedding of the same
-sentence, needs no labels at all.
-
-The functions take a model and data and return numbers; caching and the choice
-of data split live in :mod:`lab_utils.experiments.benchmarks`.
+trained once on the *dense* encoder's mean-pooled features and applied
+unchanged to every sparsified encoder's features of the test split: accuracy
+and F1 measure how much sentiment information the pruned features still carry
+where the head expects it. Embedding fidelity (mean cosine similarity to the
+dense embedding of the same sentence) needs no labels. A decoder's zero-shot
+sentiment is an lm-eval task (:mod:`lab_utils.core.evaluation.zeroshot`).
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ from lab_utils.core.metrics import load_metric
 from lab_utils.core.progress import tqdm
 
 
-# --------------------------------------------------------------------------- batching
 def _batches(lengths: list[int], batch_tokens: int, max_batch: int = 64) -> list[list[int]]:
     """Indices grouped by similar length (less padding), each batch at most
     ``batch_tokens`` padded tokens; the order inside is deterministic."""
@@ -57,14 +49,6 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def _pad_id(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
-# --------------------------------------------------------------------------- encoder probe
 @torch.no_grad()
 def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_tokens: int = 8192,
                 device: str | torch.device | None = None) -> np.ndarray:
@@ -76,7 +60,7 @@ def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch
     device = device or model_device(model)
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    pad = _pad_id(tokenizer)
+    pad = next(int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     for idx in tqdm(_batches([len(e) for e in enc], batch_tokens, max_batch=256), desc="features", leave=False):
         ids, mask = _pad([enc[i] for i in idx], pad)
         hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()

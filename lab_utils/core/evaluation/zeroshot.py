@@ -1,31 +1,16 @@
 """Zero-shot accuracy of a loaded decoder through EleutherAI's lm-evaluation-harness.
 
-The harness the pruning literature reports with (Wanda, SparseGPT,
-llm-compressor) scores a multiple-choice task by the log-likelihood of each
-answer after the prompt and picks the likeliest. Here it receives the lab's
-already-loaded (possibly pruned) ``transformers`` model and its tokenizer, on
-the device the model sits on, with a batch size the lab chooses.
+The harness (the one Wanda, SparseGPT and llm-compressor report with) scores a
+multiple-choice task by the log-likelihood of each answer after the prompt. It
+receives the lab's already-loaded (possibly pruned) model, where it sits.
 
-Two kinds of task:
+* :data:`OFFLINE_TASKS`: the lab's own task YAML in ``lm_eval_tasks/``;
+  ``lab_sentiment`` reads the movie reviews from the lab's cache (no hub).
+* :data:`HUB_SUITE`: the seven tasks the pruning papers report; their data come
+  from the hub, so :func:`check_tasks` refuses them up front without it.
 
-* :data:`OFFLINE_TASKS`: the lab's own, shipped as lm-eval task YAML in
-  ``lm_eval_tasks/`` next to this module and registered through lm-eval's
-  ``TaskManager(include_path=...)``. ``lab_sentiment`` reads the movie-review
-  test split from the lab's cache (no hub) and scores the prompt
-  ``"Review: <text>\\nSentiment:"`` with the answers " negative" / " positive".
-* :data:`HUB_SUITE`: the seven tasks the pruning papers report, lm-eval's own
-  definitions; their data come from the Hugging Face hub, so
-  :func:`check_tasks` refuses them up front when the hub is unreachable.
-
-``n_examples`` draws the same seeded subset as the lab's other benchmarks (a
-permutation of the task's documents, kept in document order), handed to
-lm-eval as its ``samples`` selection; ``None`` scores every document.
-
-lm-eval's loggers and Python warnings are silenced for the call, and whatever
-it prints is captured (the lab's own bar over settings is enough). Its request cache and
-response database stay off, and the lab's task builds its documents in memory,
-so an offline run writes no file; a hub task's data go wherever ``datasets``
-keeps its downloads.
+lm-eval's logs, warnings and prints are silenced for the call, and its request
+cache and response database stay off, so an offline run writes no file.
 """
 
 from __future__ import annotations
@@ -40,15 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lab_utils.core.models import hub_reachable
-
 OFFLINE_TASKS = ("lab_sentiment",)
 HUB_SUITE = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 # Requests per forward pass. lm-eval computes the full-vocabulary logits of
 # every position: for 32 short reviews that is a few hundred MB, not more.
 BATCH_SIZE = 32
-COLUMNS = ["task", "accuracy", "stderr", "accuracy_norm", "stderr_norm", "n", "harness_version"]
 
 
 def harness_version() -> str:
@@ -97,9 +79,8 @@ def task_prompt(task: str) -> tuple[str, list[str]]:
 
 
 def subset_indices(n_docs: int, n_examples: int | None, seed: int = 0) -> list[int] | None:
-    """Indices of ``n_examples`` documents drawn by a seeded permutation and
-    kept in document order (the rule of the lab's benchmark subsets), or None
-    for all of them."""
+    """Indices of ``n_examples`` documents drawn by a seeded permutation, in
+    document order (the rule of every benchmark subset of the lab), or None for all."""
     if n_examples is None or n_examples >= n_docs:
         return None
     if n_examples < 1:
@@ -137,11 +118,8 @@ def task_manager(tasks: tuple[str, ...], *, split_seed: int = 0):
 
 
 def wrap_model(model, tokenizer, *, batch_size: int = BATCH_SIZE, device: str = "cpu"):
-    """lm-eval's Hugging Face wrapper around an already-loaded model.
-
-    The wrapper evaluates a model instance where it sits, so the model must
-    already be on ``device`` (moving the caller's model here would be a
-    surprise side effect)."""
+    """lm-eval's Hugging Face wrapper around an already-loaded model, which must
+    already be on ``device`` (moving the caller's model would be a surprise)."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -172,7 +150,7 @@ def _metric(task_results: dict, name: str) -> float:
 
 
 def accuracy_rows(results: dict, tasks) -> list[dict]:
-    """One row per task (:data:`COLUMNS`) from :func:`run_harness`'s results."""
+    """One row per task (see :func:`zeroshot_accuracy`) from :func:`run_harness`'s results."""
     version = harness_version()
     rows = []
     for name in task_names(tasks):
@@ -191,6 +169,8 @@ def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None
     :func:`zeroshot_accuracy` for the arguments); ``log_samples`` adds every
     document's requests and log-likelihoods under ``"samples"``."""
     from lm_eval.evaluator import evaluate
+
+    from lab_utils.core.models import hub_reachable  # here: importing this module needs no torch
 
     names = task_names(tasks)
     if hub_available is None and any(t not in OFFLINE_TASKS for t in names):
@@ -211,16 +191,13 @@ def run_harness(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None
 
 def zeroshot_accuracy(model, tokenizer, tasks=OFFLINE_TASKS, *, n_examples: int | None = None,
                       seed: int = 0, batch_size: int = BATCH_SIZE, hub_available: bool | None = None) -> list[dict]:
-    """Zero-shot accuracy of ``model`` on each task through lm-eval.
+    """Zero-shot accuracy of ``model`` (where it sits) on each task through lm-eval.
 
-    Rows (one per task, in the order asked): task, accuracy ("acc") and its
-    standard error, length-normalized accuracy ("acc_norm", NaN where the task
-    has none) and its standard error, n (documents scored) and the harness
-    version. ``seed`` is the lab's data seed: it fixes the train/test split of
-    the lab's corpus and the subset of ``n_examples`` documents (None: all).
-    ``hub_available`` None asks :func:`lab_utils.core.models.hub_reachable`,
-    and only when a hub task is requested; a hub task without the hub raises
-    ValueError before anything is loaded. The model is evaluated where it sits.
+    A row per task, in the order asked: task, accuracy ("acc"), stderr,
+    accuracy_norm ("acc_norm", NaN where the task has none), stderr_norm, n
+    (documents scored) and harness_version. ``seed`` fixes the lab corpus's
+    train/test split and the subset of ``n_examples`` documents (None: all).
+    ``hub_available`` None asks the hub, only when a hub task is requested.
     """
     results = run_harness(model, tokenizer, tasks, n_examples=n_examples, seed=seed,
                           batch_size=batch_size, hub_available=hub_available)

@@ -1,13 +1,9 @@
 """Metric modules in the ``evaluate`` format, shipped with the lab.
 
-``evaluate.load("accuracy")`` and every other hub metric fail offline: their
-scripts live on the Hugging Face hub. ``evaluate.load(<folder>)`` loads a
-local module, so the lab carries its own (each ``<name>/<name>.py`` holds one
-``evaluate.Metric``):
-
-* ``accuracy`` and ``f1``: scikit-learn's ``accuracy_score`` / ``f1_score``;
-* ``wer``: jiwer's word alignment (corpus-level word error rate);
-* ``perplexity``: exp of the mean per-token loss, from losses a model produced.
+``evaluate.load("accuracy")`` and every other hub metric fail offline (their
+scripts live on the hub), so the lab carries its own, loaded by path: each
+``<name>/<name>.py`` holds one ``evaluate.Metric`` wrapping scikit-learn
+(accuracy, f1) or jiwer (wer), or computing exp(mean loss) (perplexity).
 
     >>> from lab_utils.core.metrics import load_metric
     >>> load_metric("f1").compute(predictions=[1, 0], references=[1, 1])["f1"]
@@ -30,11 +26,8 @@ def metric_path(name: str) -> Path:
 
 
 def load_metric(name: str, **kwargs):
-    """The ``evaluate`` module of a shipped metric, loaded by path.
-
-    ``keep_in_memory=True`` by default: the inputs stay in memory instead of an
-    Arrow file under ``~/.cache/huggingface`` (one small evaluation at a time).
-    """
+    """The ``evaluate`` module of a shipped metric, loaded by path; by default its
+    inputs stay in memory instead of an Arrow file under ``~/.cache/huggingface``."""
     import evaluate
 
     kwargs.setdefault("keep_in_memory", True)

@@ -6,12 +6,7 @@ from lab_utils.core import data
 
 
 def movie_review_splits(split_seed: int = 0, **_metadata):
-    """The lab's movie-review ``DatasetDict`` (train/test), built in memory
-    from the corpus in the lab's cache.
-
-    lm-eval calls this with the task's metadata as keyword arguments (its
-    version, where the config came from, and whatever the TaskManager was
-    given); only ``split_seed`` matters here, the rest is ignored.
-    """
-
+    """The lab's movie-review ``DatasetDict`` (train/test), built in memory from
+    the lab's cache. lm-eval passes the task's metadata as keyword arguments;
+    only ``split_seed`` (given to the TaskManager) matters here."""
     return data.movie_reviews(seed=int(split_seed))

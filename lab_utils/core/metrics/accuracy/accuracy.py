@@ -1,9 +1,4 @@
-"""Accuracy: the fraction of predictions equal to their reference.
-
-A local copy of the metric in the ``evaluate`` format, because the hub's
-``evaluate.load("accuracy")`` needs the network. The arithmetic is
-scikit-learn's ``accuracy_score`` (wrapped, not rewritten).
-"""
+"""Accuracy: the fraction of predictions equal to their reference (scikit-learn's ``accuracy_score``)."""
 
 import datasets
 import evaluate

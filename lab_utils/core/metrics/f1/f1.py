@@ -1,9 +1,7 @@
-"""F1: the harmonic mean of precision and recall.
+"""F1: the harmonic mean of precision and recall (scikit-learn's ``f1_score``).
 
-A local copy of the metric in the ``evaluate`` format (the hub's
-``evaluate.load("f1")`` needs the network), computed by scikit-learn's
-``f1_score`` (wrapped, not rewritten). For binary labels it is the F1 of the
-positive class (``pos_label=1``); ``average="macro"`` averages the classes.
+For binary labels it is the F1 of the positive class (``pos_label=1``);
+``average="macro"`` averages the classes.
 """
 
 import datasets

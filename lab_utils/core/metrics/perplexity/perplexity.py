@@ -1,15 +1,9 @@
-"""Perplexity from per-token losses (or log-likelihoods) already computed.
+"""Perplexity = exp(mean negative log-likelihood per token), from losses a model produced.
 
 The hub's ``perplexity`` metric loads a model by name and runs it; this one
-takes the numbers a model produced, so it works for any model, offline:
-
-    perplexity = exp(mean over all tokens of the negative log-likelihood)
-
-Each input row is one sequence: the list of its per-token losses in nats
-(cross-entropy, -log p), or of its log-likelihoods with
-``kind="log_likelihood"``. With sequences of equal length (the evaluation
-windows of the Wanda/SparseGPT protocol) the token mean equals the mean of the
-window losses, so this matches ``exp(mean window loss)``.
+takes each sequence's per-token losses in nats (or log-likelihoods with
+``kind="log_likelihood"``), so it works for any model, offline. With sequences
+of equal length it equals ``exp(mean window loss)`` of the Wanda/SparseGPT protocol.
 """
 
 import math

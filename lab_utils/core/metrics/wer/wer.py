@@ -1,10 +1,7 @@
-"""Word error rate, computed by jiwer (wrapped, not rewritten).
+"""Word error rate by jiwer, pooled over the whole corpus (it can exceed 1).
 
-WER = (substitutions + deletions + insertions) / words in the references,
-pooled over the whole corpus (not averaged per sentence). It can exceed 1
-when the hypotheses insert many words. The text is compared as given: apply
-the same normalization to predictions and references before calling this
-(``lab_utils.core.evaluation.asr.normalize`` does it for the Whisper benchmark).
+The text is compared as given: normalize predictions and references first
+(:func:`lab_utils.core.evaluation.asr.normalize` does it for Whisper).
 """
 
 import datasets
