@@ -98,12 +98,16 @@ def _check_address(address: str) -> str:
     return address
 
 
+def _file_address(path: str | os.PathLike) -> str | None:
+    """The scheduler address that a scheduler file holds, or None."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        address = json.loads(Path(path).read_text()).get("address")
+        return address if isinstance(address, str) else None
+    return None
+
+
 def _check_scheduler_file(path: Path) -> str:
-    try:
-        address = json.loads(path.read_text()).get("address")
-    except (OSError, ValueError, AttributeError):
-        address = None
-    if not isinstance(address, str):
+    if _file_address(path) is None:
         raise ValueError(f"executor {str(path)!r} is not a scheduler file: it has no 'address' "
                          f"(dask scheduler --scheduler-file writes one)")
     return str(path)
@@ -220,7 +224,7 @@ def _start_local_cluster(workers: int | None) -> LocalCluster:
 
 def _connect(name: str, timeout: float) -> Client:
     is_address = name.startswith(PROTOCOLS)
-    where = name if is_address else f"{_scheduler_address(name)} (from {name})"
+    where = name if is_address else f"{_file_address(name) or '?'} (from {name})"
     target = {"address": name} if is_address else {"scheduler_file": name}
     try:
         return Client(**target, timeout=timeout, set_as_default=False)
@@ -228,12 +232,6 @@ def _connect(name: str, timeout: float) -> Client:
         raise ExecutorError(f"no Dask scheduler answers at {where} within {timeout:g} s: start "
                             f"one (dask scheduler, or dask-jobqueue) and give its address or "
                             f"scheduler file, or use executor='local'") from None
-
-
-def _scheduler_address(scheduler_file: str) -> str:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return str(json.loads(Path(scheduler_file).read_text()).get("address"))
-    return "?"
 
 
 def _wait_for_workers(client: Client, name: str, timeout: float) -> None:
