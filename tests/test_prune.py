@@ -255,9 +255,11 @@ def test_hub_models_calibrate_on_c4_at_their_context(tiny_dirs):
 
     lm = load_model(str(tiny_dirs["gpt2"]))
     assert config.default_calibration(lm) == "movie-reviews" and perplexity.default_corpus(lm.spec) == "nyt"
-    assert config.default_seqlen(lm) == 128  # 512, capped by the tiny model's context
+    seqlen = config.resolve_config(lm.spec, config.PruneConfig("wanda", 0.5), lm.model.config).seqlen
+    assert seqlen == 128  # 512, capped by the tiny model's context
     lm.spec.source = "hub"  # the same model as if it came from the hub (gpt2-medium's path)
-    assert config.default_seqlen(lm) == lm.model.config.n_positions
+    seqlen = config.resolve_config(lm.spec, config.PruneConfig("wanda", 0.5), lm.model.config).seqlen
+    assert seqlen == lm.model.config.n_positions
     assert config.default_calibration(lm) == "c4" and perplexity.default_corpus(lm.spec) == "wikitext2"
     with pytest.raises(DataError, match="hub"):  # offline here: a clear error, not a hang
         prune_as(lm, "wanda", 0.5, nsamples=2)

@@ -30,7 +30,7 @@ def test_csr_linear_matches_dense(bias):
     lin.weight.data = speed.sparse_weight((10, 24), 0.6)
     csr = speed.CSRLinear.from_module(lin)
     assert csr.nnz == int((lin.weight != 0).sum())
-    assert torch.equal(csr.dense_weight(), lin.weight.data)
+    assert torch.equal(csr.weight_csr.to_dense(), lin.weight.data)
     x = torch.randn(2, 3, 24)
     y = csr(x)
     assert y.shape == (2, 3, 10) and y.is_contiguous()

@@ -15,14 +15,8 @@ from torch.profiler import record_function
 from lab_utils.core.measure import num_threads
 
 METHODS = ("random", "magnitude", "wanda", "sparsegpt")
-
-
 CALIBRATED = ("wanda", "sparsegpt")  # methods that need calibration data
-
-
 SCOPES = ("row", "layer", "global")
-
-
 UNSTRUCTURED = "unstructured"
 
 
@@ -407,7 +401,3 @@ def nm_violations(W: torch.Tensor, prune_n: int, prune_m: int) -> int:
         return 0
     zeros = (W[:, :full] == 0).view(rows, -1, prune_m).sum(dim=2)
     return int((zeros < prune_n).sum())
-
-
-def verify_nm(W: torch.Tensor, prune_n: int, prune_m: int) -> bool:
-    return nm_violations(W, prune_n, prune_m) == 0

@@ -1,4 +1,4 @@
-"""Calibration for the engine: the calibration batches (text windows, or packed speech for Whisper) and the
+"""Calibration for the engine: the batches (text windows, or packed speech for Whisper) and the
 layer-sequential plumbing (inputs captured per block, input statistics per layer, propagation)."""
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from torch.profiler import record_function
 
 from lab_utils.core import data, models, sparsify
 from lab_utils.core.device import model_device
-from lab_utils.core.models import (
-    ENCODER_DECODER,
-    LoadedModel,
-)
+from lab_utils.core.models import ENCODER_DECODER, LoadedModel
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.config import (
     BATCH_TOKENS,
@@ -63,7 +60,8 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
     ctx = models.context_length(model.config)
     if seqlen > ctx:
         raise SparsityError(f"seqlen {seqlen} exceeds the context of {lm.spec.name} ({ctx} tokens)")
-    windows = _windows(lm.tokenizer, nsamples, seqlen, seed, corpus or default_calibration(lm))
+    corpus = corpus or default_calibration(lm)
+    windows = data.token_windows(lm.tokenizer, "calibration", nsamples, seqlen, seed, corpus)
     bs = max(1, batch_tokens // seqlen)
     out = []
     for i in range(0, windows.shape[0], bs):
@@ -73,11 +71,6 @@ def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int =
             inputs["decoder_input_ids"] = _shift_right(w, model.config)
         out.append({"inputs": inputs, "masks": {}})
     return out
-
-
-def _windows(tokenizer, nsamples: int, seqlen: int, seed: int, corpus: str) -> torch.Tensor:
-    """Calibration windows, remembered per tokenizer (:func:`lab_utils.core.data.token_windows`)."""
-    return data.token_windows(tokenizer, "calibration", nsamples, seqlen, seed, corpus)
 
 
 def _shift_right(ids: torch.Tensor, config) -> torch.Tensor:
@@ -161,16 +154,21 @@ def _block_output(out):
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def to_device(obj, device: torch.device, *, copy: bool = False):
-    """``obj`` with every tensor inside it (tuples, lists, dicts) on ``device``;
-    ``copy=True`` copies even a tensor already there (the offload path on the CPU)."""
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor inside it (tuples, lists, dicts)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, copy=copy)
+        return fn(obj)
     if isinstance(obj, tuple | list):
-        return type(obj)(to_device(x, device, copy=copy) for x in obj)
+        return type(obj)(_map_tensors(x, fn) for x in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device, copy=copy) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def to_device(obj, device: torch.device, *, copy: bool = False):
+    """``obj`` with every tensor inside it on ``device``; ``copy=True`` copies
+    even a tensor already there (the offload path on the CPU)."""
+    return _map_tensors(obj, lambda t: t.to(device, copy=copy))
 
 
 def chunks_to(chunks: list[Chunk], device: torch.device, dtype: torch.dtype, *, copy: bool = False) -> None:
@@ -209,13 +207,7 @@ def _batch_slice(obj, a: int, b: int, batch: int):
     """``obj`` with every tensor that has a batch dimension (2-D or more, ``batch`` rows
     first: attention masks, encoder states) cut to rows a:b; shared tensors (position
     embeddings with one row, 1-D positions) as they are."""
-    if isinstance(obj, torch.Tensor):
-        return obj[a:b] if obj.dim() >= 2 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple | list):
-        return type(obj)(_batch_slice(x, a, b, batch) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _batch_slice(v, a, b, batch) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda t: t[a:b] if t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 def slices(c: Chunk, forward_tokens: int | None = None) -> list[Chunk]:
@@ -240,24 +232,18 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: list[Chunk],
-                       kind: str, propagate: bool = False,
-                       forward_tokens: int | None = None) -> dict[str, dict]:
+                       kind: str, propagate: bool = False) -> dict[str, dict]:
     """Input statistics of each layer of ``block`` over every calibration token.
 
-    ``kind="norm"``: per-input-feature sums of squares (Wanda);
-    ``kind="hessian"``: sums of x x^T (SparseGPT). Layers that read the same
-    input tensor (q/k/v, gate/up) share one computation. With
-    ``propagate=False`` the forward stops once every layer has been seen (the
-    outputs are recomputed by the pruned block anyway), which skips the last
-    layer's matmul; with ``propagate=True`` the chunks' hidden states are
-    replaced by the block's outputs.
+    ``kind="norm"``: per-input-feature sums of squares (Wanda); ``kind="hessian"``: sums of
+    x x^T (SparseGPT). Layers that read the same input tensor (q/k/v, gate/up) share one
+    computation. Without ``propagate`` the forward stops once every layer has been seen (the
+    pruned block recomputes the outputs anyway); with it, the chunks' hidden states are
+    replaced by the block's outputs. Each chunk runs in :func:`slices`, whose inputs are joined
+    again before the statistic, so the sums are those of one call, bit for bit.
 
-    The block runs each chunk in :func:`slices`; a layer's inputs from the
-    slices are joined again before its statistic is taken, so the sums are
-    those of one call on the whole chunk, bit for bit.
-    Returns ``{name: {"sum": tensor, "count": tokens, "input": i}}``, where
-    layers with the same ``i`` read the same input (so their statistics are
-    equal, and so is anything computed from them alone).
+    Returns ``{name: {"sum": tensor, "count": tokens, "input": i}}``; layers with the same
+    ``i`` read the same input (so their statistics are equal).
     """
     stats = {name: {"sum": None, "count": 0, "input": None} for name in layers}
     # per chunk: each input's tensors from the slices ("pieces", by number in call order) and
@@ -283,7 +269,7 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
     try:
         for c in chunks:
             state["pieces"], state["inputs_of"], outputs = [], {}, []
-            for k, part in enumerate(slices(c, forward_tokens)):
+            for k, part in enumerate(slices(c)):
                 state.update(ids={}, seen=set(), slice=k)
                 try:
                     with record_function("lab::statistics_pass"):
@@ -309,10 +295,10 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, chunks: list[Chunk], forward_tokens: int | None = None) -> None:
+def propagate(block: nn.Module, chunks: list[Chunk]) -> None:
     """Replace each chunk's hidden states by the block's outputs (computed in :func:`slices`)."""
     for c in chunks:  # kept in the activations' dtype (an autocast block may return float32)
         with record_function("lab::propagate"):
             outs = [_block_output(block(p.hidden, *p.args, **p.kwargs)).to(c.hidden.dtype)
-                    for p in slices(c, forward_tokens)]
+                    for p in slices(c)]
             c.hidden = _joined(outs)

@@ -1,14 +1,8 @@
-"""Pruned checkpoints: the one way to get a pruned model.
+"""Pruned checkpoints: :func:`pruned_model` is the one way to get a pruned model (from the
+checkpoint cache, else from the engine); :func:`save_pretrained` writes a complete model folder.
 
-:func:`pruned_model` takes a model (a name, or a dense model already loaded)
-and a :class:`~lab_utils.engine.config.PruneConfig`, and returns the pruned model with its
-:class:`~lab_utils.engine.prune.PruneReport`: read from the checkpoint cache
-when the same pruning was done before, else pruned by the engine (in this
-process or in a child process) and, for the calibrated methods, saved. A
-checkpoint stores the prunable weights as a packed bit mask plus the kept
-values, is written atomically with a checksum manifest, and is named by
-:func:`~lab_utils.engine.config.checkpoint_key`. :func:`save_pretrained` writes
-a complete model folder that loads like any other.
+A checkpoint stores the prunable weights as a packed bit mask plus the kept values, written
+atomically with a checksum manifest and named by :func:`~lab_utils.engine.config.checkpoint_key`.
 """
 
 from __future__ import annotations
@@ -68,27 +62,17 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
 
 def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | None = None,
                  rebuild: bool = False, separate_process: bool = False) -> tuple[LoadedModel, PruneReport]:
-    """Load a model and prune it as ``cfg`` says, or load the cached
-    checkpoint of the same pruning. Sparsity 0 returns the dense model (with
-    its measured sparsity).
+    """Load a model and prune it as ``cfg`` says, or load the cached checkpoint of the same
+    pruning (under ``cache_dir()/pruned/``). Sparsity 0 returns the dense model.
 
-    ``model``: a name (preset, hub id or folder), loaded here, or the dense
-    model of such a name already loaded (:func:`~lab_utils.core.models.load_model`),
-    which is left untouched: a copy of it is pruned (no reloading between
-    settings), and at sparsity 0 it is returned itself.
-
-    The checkpoint lives under ``cache_dir()/pruned/`` named by
-    :func:`~lab_utils.engine.config.checkpoint_key`; it is written atomically
-    with a checksum manifest, so a cut-short write is never reused. ``save``:
-    None (default) checkpoints the calibrated methods only, because random and
-    magnitude pruning take less time than reading a checkpoint back.
-    ``rebuild=True`` prunes again and replaces the cached checkpoint (and the
-    seconds it records: a benchmark on a quiet machine measures afresh).
-    ``separate_process=True`` builds a missing calibrated checkpoint in a child
-    Python process and then loads it: the calibration activations, Hessians
-    and allocator caches of pruning never enter this process (notebook 02 keeps
-    its memory near the model's size that way). The engine's own peak is in the
-    report either way (``peak_memory_bytes``).
+    ``model``: a name (preset, hub id or folder), or the dense model of such a name already
+    loaded, which is left untouched (a copy is pruned; at sparsity 0 it is returned itself).
+    ``save``: None (default) checkpoints the calibrated methods only, because random and
+    magnitude pruning take less time than reading a checkpoint back. ``rebuild=True`` prunes
+    again and replaces the checkpoint (and the seconds it records).
+    ``separate_process=True`` builds a missing calibrated checkpoint in a child process and
+    loads it, so pruning's activations, Hessians and allocator caches never enter this process
+    (notebook 02 keeps its memory near the model's size that way).
     """
     if isinstance(model, LoadedModel):
         spec = model.spec
@@ -97,6 +81,7 @@ def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | Non
         spec = resolve(model)
         lm = load_model(spec)
     cfg = resolve_config(spec, cfg, lm.model.config)
+    save = cfg.calibrated if save is None else save
     key = checkpoint_key(spec, cfg, lm.model.config)
     if cfg.sparsity == 0:
         report = PruneReport.of(spec.name, spec.family, cfg)
@@ -109,7 +94,7 @@ def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | Non
         report = PruneReport.from_json((folder / REPORT_FILE).read_text())
         report.from_cache = True
         return lm, report
-    if separate_process and cfg.calibrated and (cfg.calibrated if save is None else save):
+    if separate_process and cfg.calibrated and save:
         _build_in_child(spec.name, cfg, rebuild)
         if not files.verify_dir(folder):
             raise SparsityError(f"the child process that pruned {spec.name} left no valid checkpoint "
@@ -118,7 +103,7 @@ def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | Non
         return lm, PruneReport.from_json((folder / REPORT_FILE).read_text())
     report = prune_model(lm, cfg)
     report.key = key
-    if not (cfg.calibrated if save is None else save):
+    if not save:
         return lm, report
     report.checkpoint = str(folder)
     with files.atomic_dir(folder) as tmp:

@@ -1,35 +1,17 @@
 """The pruning engine: a :class:`~lab_utils.engine.config.PruneConfig` in, a pruned model and a
-:class:`PruneReport` out, with layer-sequential calibration for all three families.
+:class:`PruneReport` out; the mask math is :mod:`lab_utils.core.sparsify`.
 
-The mask math lives in :mod:`lab_utils.core.sparsify`; this module feeds it. For a
-calibrated method (Wanda, SparseGPT) the calibration samples go through the
-model one transformer block at a time, as in the reference code of both
-papers, but batched:
+Calibrated methods run layer-sequentially, as in both papers' reference code but batched:
+capture block 0's inputs (hidden states and every keyword argument: attention masks, rotary
+embeddings, encoder states), then per block collect its layers' input statistics from the
+dense block, prune its layers, and run the pruned block to get the next block's inputs. An
+encoder-decoder model does its encoder first, so cross-attention calibrates on what the pruned
+encoder produces. Memory stays at the model plus one block's activations.
 
-1. capture the inputs of block 0 (hidden states plus every keyword argument
-   the block receives: attention masks, rotary position embeddings, encoder
-   hidden states for cross-attention);
-2. run block i once with hooks on its prunable layers to collect their input
-   statistics (squared input norms for Wanda, the Hessian 2XX^T/n for
-   SparseGPT), all from the dense block;
-3. prune every layer of block i;
-4. run the pruned block i to get the inputs of block i+1.
-
-An encoder-decoder model does its encoder first; the decoder's inputs are then
-captured by running the model with the already pruned encoder, so its
-cross-attention layers are calibrated on what the pruned encoder produces.
-Memory stays at the model plus one block's activations for the calibration set.
-
-On an accelerator (``cfg.device``) the model stays in host memory, as the
-reference code keeps it: each block, its calibration activations and its
-statistics go to the device, the block is pruned there and its weights are
-copied back (:func:`block_on`). The forward passes run in ``cfg.dtype``
-(autocast); the statistics and the mask math stay in float32. The same
-offload path can be forced on the CPU (``prune_model(..., offload=True)``),
-where it must give the in-place path's masks bit for bit.
-
-:func:`prune_model` prunes a loaded model in place;
-:func:`lab_utils.engine.checkpoints.pruned_model` adds the checkpoint cache.
+On an accelerator the model stays in host memory and each block goes there and back
+(:func:`block_on`); forward passes run in ``cfg.dtype`` (autocast), statistics and mask math
+in float32. ``prune_model(..., offload=True)`` takes that path on the CPU too, with the same
+masks bit for bit. :func:`lab_utils.engine.checkpoints.pruned_model` adds the checkpoint cache.
 """
 
 from __future__ import annotations
@@ -76,16 +58,14 @@ def _layer_seed(seed: int | None, index: int) -> int:
 @torch.no_grad()
 @record_function("lab::prune_layer")  # a named stage for `python -m benchmarks profile`; free otherwise
 def prune_layer(module: nn.Module, cfg: PruneConfig, sparsity_ratio: float, stat: dict | None,
-                index: int = 0, W_mask: torch.Tensor | None = None, inverses: dict | None = None) -> None:
+                index: int = 0, inverses: dict | None = None) -> None:
     """Prune one linear layer in place with the configured method.
 
     ``inverses``: SparseGPT's inverse Hessians by ``stat["input"]``, filled
     and reused across the layers of one block that read the same input."""
     W = weight_out_in(module)
     n, m = cfg.prune_n, cfg.prune_m
-    if W_mask is not None:
-        pass
-    elif cfg.method == "random":  # host-side generator: the same draw on every device
+    if cfg.method == "random":  # host-side generator: the same draw on every device
         W_mask = sparsify.random_mask(W, sparsity_ratio, n, m, cfg.scope,
                                       _layer_seed(cfg.seed, index)).to(W.device)
     elif cfg.method == "magnitude" or stat is None or stat["count"] == 0:
@@ -163,23 +143,16 @@ class PruneReport:
         return cls(model, family, **{k: getattr(cfg, k) for k in REPORT_FIELDS}, **measured)
 
 
-def sparsity_table(model: nn.Module) -> list[dict]:
-    """Actual sparsity of every prunable layer (zeros counted in the weights)."""
+def fill_report(report: PruneReport, model: nn.Module, targets: dict[str, float] | None = None) -> None:
+    """Measure what the pruning did: sparsity per layer (zeros counted in the weights), over
+    the prunable layers and over all parameters, and the N:M check."""
     rows = []
     for pl in prunable_layers(model):
         W = pl.weight
         rows.append({"name": pl.name, "side": pl.side, "block": pl.block,
                      "component": pl.component, "numel": W.numel(),
-                     "zeros": W.numel() - int(torch.count_nonzero(W)), "sparsity": sparsify.sparsity(W)})
-    return rows
-
-
-def fill_report(report: PruneReport, model: nn.Module, targets: dict[str, float] | None = None) -> None:
-    """Measure what the pruning did: sparsity per layer, over the prunable
-    layers and over all parameters, and the N:M check."""
-    rows = sparsity_table(model)
-    for r in rows:
-        r["target"] = (targets or {}).get(r["name"], report.sparsity)
+                     "zeros": W.numel() - int(torch.count_nonzero(W)), "sparsity": sparsify.sparsity(W),
+                     "target": (targets or {}).get(pl.name, report.sparsity)})
     report.layers = rows
     report.prunable_params = sum(r["numel"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
@@ -208,18 +181,14 @@ def _sides_in_order(model: nn.Module) -> list[tuple[str, str, nn.ModuleList]]:
 
 def prune_model(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False,
                 batches: list[dict] | None = None) -> PruneReport:
-    """Prune ``lm.model`` in place as ``cfg`` says and return what was done:
-    the measured sparsity per layer and overall, the N:M check, the time and
-    the peak memory (host, and device on an accelerator). Calibration defaults
-    that depend on the model are filled in first
-    (:func:`~lab_utils.engine.config.resolve_config`).
+    """Prune ``lm.model`` in place as ``cfg`` (resolved first) says and return the measured
+    sparsity per layer and overall, the N:M check, the time and the peak memory.
 
-    The blocks are pruned on ``cfg.device``: when the model sits elsewhere
-    (in host memory), each block goes there and back in turn. ``offload=True``
-    takes that path even when the model is already on the device.
-    ``batches`` replaces the calibration batches drawn from ``cfg`` (items
-    as :func:`~lab_utils.engine.calibration.calibration_batches` makes them:
-    a model built from its configuration has no tokenizer)."""
+    The blocks are pruned on ``cfg.device``, each moved there and back when the model sits
+    elsewhere; ``offload=True`` takes that path even when it is already there. ``batches``
+    replaces the calibration batches drawn from ``cfg`` (as
+    :func:`~lab_utils.engine.calibration.calibration_batches` makes them: a model built from
+    its configuration has no tokenizer)."""
     cfg = resolve_config(lm.spec, cfg, lm.model.config)
     report = PruneReport.of(lm.spec.name, lm.family, cfg, threads=torch.get_num_threads(),
                             device=cfg.device, dtype=cfg.dtype)

@@ -1,51 +1,27 @@
 """The file-size experiment: a pruned model written in every sparse format, each file measured on disk.
 
-"My pruned model file is not smaller": a pruned model saved as usual still
-stores every zero. This module takes a pruned model
-(:func:`lab_utils.engine.checkpoints.pruned_model`), writes it in formats that
-skip the zeros (:mod:`lab_utils.core.sparse_file` writes and reads them,
-:mod:`lab_utils.core.formats` predicts their bytes and the
-information-theoretic floor they are compared with), measures every file on
-disk (:func:`model_sizes`), caches the table of each setting
-(:func:`size_sweep`, which owns that cache key), condenses it
-(:func:`best_formats`, :func:`break_even_table`, :func:`bits_table`) and checks
-that a file gives the model back (:func:`round_trip`). Figures and sentences
-about these tables live in :mod:`lab_utils.presentation.file_sizes_view`.
+A pruned model saved as usual still stores every zero. This module writes a pruned model in
+formats that skip them (:mod:`lab_utils.core.sparse_file`), measures each file
+(:func:`model_sizes`) next to the floors of :mod:`lab_utils.core.formats`, caches the table of
+each setting (:func:`size_sweep`), condenses it (:func:`best_formats`,
+:func:`break_even_table`, :func:`bits_table`) and checks that a file gives the model back
+(:func:`round_trip`). Figures and sentences live in :mod:`lab_utils.presentation.file_sizes_view`.
 
-A format name is ``layout[-precision][+zstd]``:
+A format name is ``layout[-precision][+zstd]``. Layouts: ``dense`` (zeros included), ``csr``
+(kept values, row pointers, column indices in the smallest unsigned dtype that fits),
+``bitmask`` (one packed bit per weight, then the kept values), ``nm`` (N:M-pruned weights: the
+kept values of each group of M and their positions, ceil(log2 M) bits each). Precision: none
+(lossless), ``fp16``, or ``int8`` (per-row symmetric, one fp32 scale per row). ``+zstd``:
+each stored tensor compressed in its own frame, so each part's bytes stay measurable.
+Layout and precision apply to the prunable weights only; every other tensor is stored densely
+and losslessly in every format, so differences between formats are the prunable weights'.
 
-* layout ``dense`` (every weight, zeros included), ``csr`` (kept values, row
-  pointers, column indices in the smallest unsigned dtype that fits),
-  ``bitmask`` (one packed bit per weight, then the kept values) or ``nm``
-  (for N:M-pruned weights: the kept values of each group of M and their
-  positions inside the group, packed in ceil(log2 M) bits each);
-* precision: none (the weights' own dtype: lossless), ``fp16`` (values rounded
-  to half precision) or ``int8`` (per-row symmetric int8 with one fp32 scale
-  per output row: sparsity and quantization composing);
-* ``+zstd``: every stored tensor compressed with zstandard, one frame each, so
-  the bytes of each part of the file stay measurable.
-
-The precision and the layout apply to the prunable weights
-(:func:`lab_utils.core.models.prunable_layers`, seen as out x in whether the module
-is ``nn.Linear`` or GPT-2's ``Conv1D``). Every other tensor (embeddings, norms,
-biases, the head) is stored the same way in every format, densely and
-losslessly, in the same file: differences between formats are differences in
-the prunable weights alone.
-
-The container is safetensors (no pickle; the header lists every tensor with
-its byte range). Its metadata holds the model class and config, so
-:func:`load_sparse` rebuilds the model without a template, a description of
-each prunable weight, and a sha256 of every stored byte: a truncated or
-corrupted file fails with one :class:`StorageError`, never a silently wrong
-model. The ``dense`` and ``dense-fp16`` files are ordinary safetensors
-checkpoints (weights under their own names and layouts) that any tool reads.
-
-Round trip: a lossless format gives back every weight bit for bit, except that
-a pruned zero always reads back as +0.0 (a masked multiply leaves -0.0 behind
-for negative weights; a sparse layout records where the nonzeros are, not the
-sign of the zeros, and both zeros multiply the same), so the logits are
-identical. ``fp16`` and ``int8`` are lossy by design: what comes back is
-exactly :func:`quantized_weight` of the saved weight.
+The container is safetensors whose metadata holds the model class and config (:func:`load_sparse`
+needs no template) and a sha256 of every stored byte, so a damaged file fails with one
+:class:`StorageError`; ``dense`` and ``dense-fp16`` files are ordinary safetensors checkpoints
+that any tool reads. A lossless format gives back every weight bit for bit, except that a
+pruned zero reads back as +0.0 (both zeros multiply the same, so the logits are identical);
+``fp16`` and ``int8`` give back exactly :func:`quantized_weight` of the saved weight.
 """
 
 from __future__ import annotations
@@ -127,8 +103,9 @@ def model_sizes(model: nn.Module, formats: Iterable[str] = SIZE_FORMATS, folder:
     total = count_parameters(model)
     nonzero = sum(int(np.count_nonzero(p.detach().numpy())) for p in model.parameters())
     entropy_floor = value_entropy_floor_bytes(model)
-    shapes = [tuple(pl.shape) for pl in prunable_layers(model)]
-    native_bits = torch.finfo(prunable_layers(model)[0].weight.dtype).bits if shapes else 32
+    layers = prunable_layers(model)
+    shapes = [tuple(pl.shape) for pl in layers]
+    native_bits = torch.finfo(layers[0].weight.dtype).bits if layers else 32
     own = folder is None
     folder = Path(tempfile.mkdtemp(prefix="sizes-", dir=files.cache_dir())) if own else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,15 +168,11 @@ class SizeConfig:
 
 def size_sweep(cfg: SizeConfig, executor: str | ex.Executor = ex.LOCAL, workers: int | None = None,
                resources: dict[str, float] | None = None) -> pd.DataFrame:
-    """Sizes for every model x method x sparsity of ``cfg``: the pruned model
-    comes from :func:`lab_utils.engine.checkpoints.pruned_model`, each format is
-    written and measured by :func:`model_sizes`.
-    Results are cached (checksummed JSON) per setting, so a re-run reads them
-    instead of rewriting the files. The missing ones are jobs on ``executor``
-    (:func:`lab_utils.experiments.executor.run_jobs`; by default ``workers``
-    processes of this machine on one thread each: writing a file is mostly
-    one-core numpy and zstd work), so ``save_s`` is each write's own time with
-    the other measurement running beside it."""
+    """Sizes (:func:`model_sizes`) for every model x method x sparsity of ``cfg``, cached as
+    checksummed JSON per setting. The missing ones are jobs on ``executor``
+    (:func:`lab_utils.experiments.executor.run_jobs`; by default ``workers`` processes of one
+    thread each: writing a file is mostly one-core numpy and zstd work), so ``save_s`` is each
+    write's own time with the other measurements running beside it."""
     paths, missing = [], []
     for model_name in cfg.models:
         for method in cfg.methods:

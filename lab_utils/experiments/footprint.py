@@ -45,17 +45,15 @@ LLAMA_SHAPES = {"Llama-2-7B": (4096, 11008, 4096, 32), "Llama-2-13B": (5120, 138
                 "Llama-2-70B": (8192, 28672, 1024, 80)}
 
 
-def footprint_table(gpu_gib=(24, 80), shapes: dict | None = None, nsamples: int = 128, seqlen: int = 2048,
-                    act_bytes: int = 2, batch_tokens: int = 8192):
-    """Per model shape and method: what one block needs on the device (GiB),
-    the whole model's float32 weights (which stay in host memory), and
-    whether it fits each GPU size in ``gpu_gib``."""
+def footprint_table(gpu_gib=(24, 80)) -> pd.DataFrame:
+    """Per Llama shape and method, with the papers' 128 x 2048 calibration: what one block
+    needs on the device (GiB), the whole model's float32 weights (which stay in host memory),
+    and whether it fits each GPU size in ``gpu_gib``."""
     gib = 1024 ** 3
     rows = []
-    for name, (h, i, kv, n_blocks) in (shapes or LLAMA_SHAPES).items():
+    for name, (h, i, kv, n_blocks) in LLAMA_SHAPES.items():
         for method in ("wanda", "sparsegpt"):
-            p = block_footprint(h, i, kv, method=method, nsamples=nsamples, seqlen=seqlen,
-                                act_bytes=act_bytes, batch_tokens=batch_tokens)
+            p = block_footprint(h, i, kv, method=method)
             row = {"model": name, "method": method, **{k: round(v / gib, 2) for k, v in p.items()},
                    "host_weights_fp32": round(n_blocks * p["weights"] / gib, 1)}
             for g in gpu_gib:

@@ -1,33 +1,17 @@
 """Does sparsity buy time on a CPU? Dense vs ``torch.sparse`` CSR matmuls.
 
-A pruned layer that keeps its zeros runs exactly as fast as the dense one: the
-matmul multiplies the zeros too. A CSR layer skips them, but each kept weight
-costs far more than in a dense matmul (an index to read, scattered access,
-no blocking for the caches), so CSR only wins above some sparsity: the
-*crossover*. This module measures it per layer shape and uses it, timing every
-variant with :func:`lab_utils.core.measure.time_calls` (interleaved, medians):
+A pruned layer that keeps its zeros runs as fast as the dense one. A CSR layer skips them,
+but each kept weight costs far more (an index to read, scattered access, no cache blocking),
+so CSR only wins above some sparsity, the *crossover*, measured per shape by
+:func:`layer_speed`. :func:`to_sparse_aware` swaps :class:`CSRLinear` in where that pays;
+inside such a model the CSR layers work feature-major (torch multiplies a sparse matrix on
+the left only, so ``x @ W.T`` is ``(W @ x.T).T``), siblings sharing one transpose of their
+input. :func:`tune_sparse_aware` keeps the plan only if it is faster end to end;
+:func:`forward_speed` times whole models and :func:`flop_limit` bounds the speed-up.
 
-* :func:`layer_speed` times ``x @ W.T`` dense and CSR for each out x in shape
-  and sparsity, on a batch of ``tokens`` rows;
-* :class:`CSRLinear` is a drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` that
-  stores its weight as CSR; :func:`to_sparse_aware` swaps it in for the
-  layers whose measured speed-up at their sparsity clears a margin, and keeps
-  the others dense. Inside such a model the CSR layers work feature-major
-  (torch multiplies a sparse matrix on the left only, so ``x @ W.T`` is
-  computed as ``(W @ x.T).T``): siblings share one transpose of their input
-  and hand on transposed views where the next op reads them for free.
-  :func:`tune_sparse_aware` then times the plan end to end and falls back to
-  the dense model when it is not faster;
-* :func:`forward_speed` times whole forward passes, :func:`flop_limit` gives
-  the speed-up that counting multiply-adds allows (the dense parts, such as
-  the output head, bound it).
-
-Timings taken on a shared machine are noisy: compare ratios measured in one run.
-The CSR comparisons are CPU-only (torch's CSR kernels here are the CPU's; a
-GPU needs the 2:4 semi-structured kernels instead); :func:`forward_speed`
-times models wherever they sit and synchronizes their device before each
-clock read.
-Figures and sentences about these tables live in :mod:`lab_utils.presentation.speed_view`.
+Timings on a shared machine are noisy: compare ratios measured in one run (every variant is
+timed interleaved, medians). The CSR kernels are the CPU's; :func:`forward_speed` times models
+wherever they sit. Figures and sentences live in :mod:`lab_utils.presentation.speed_view`.
 """
 
 from __future__ import annotations
@@ -43,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lab_utils.core import memo
 from lab_utils.core.data import forward_inputs
@@ -52,7 +37,6 @@ from lab_utils.core.models import (
     DECODER_ONLY,
     _auto_class,
     _conv1d_type,
-    embedded_model_dir,
     load_model,
     prunable_layers,
     resolve,
@@ -60,11 +44,7 @@ from lab_utils.core.models import (
     weight_out_in,
 )
 from lab_utils.engine import checkpoints
-from lab_utils.engine.config import PruneConfig
-
-# Part of every cache key for timings: bump it when the CSR kernel, the
-# module or the tuning changes, since cached timings measured the old code.
-KERNEL_VERSION = 2
+from lab_utils.engine.config import PruneConfig, hf_config
 
 
 @dataclass(frozen=True)
@@ -144,15 +124,10 @@ def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None =
 
 def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], timing: Timing | None = None,
                 seed: int = 0) -> pd.DataFrame:
-    """Median time of ``x @ W.T`` (x: ``timing.tokens`` x in) dense and CSR, per shape
-    and sparsity, timed in turns so the ratios are measured under the same
-    load. ``csr_ms`` is the CSR kernel on feature-major activations, as the
-    sparse-aware model runs it (:class:`CSRLinear` shares one transpose among
-    the layers that read the same input and hands its output on transposed);
-    ``speedup`` = dense / that. ``drop_in_ms`` / ``drop_in_speedup`` add both
-    transposes: one CSR layer alone in a dense model."""
-    from tqdm.auto import tqdm
-
+    """Median time of ``x @ W.T`` (x: ``timing.tokens`` x in) dense and CSR, per shape and
+    sparsity, timed in turns under the same load. ``csr_ms`` is the CSR kernel on
+    feature-major activations, as the sparse-aware model runs it; ``speedup`` = dense / that.
+    ``drop_in_ms`` / ``drop_in_speedup`` add both transposes (one CSR layer in a dense model)."""
     timing = timing or Timing(warmup=2, repeats=7)
     shapes = sorted({tuple(int(v) for v in s) for s in shapes})
     sparsities = sorted({float(s) for s in sparsities})
@@ -280,9 +255,6 @@ class CSRLinear(nn.Module):
     def nnz(self) -> int:
         return int(self.weight_csr.values().numel())
 
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight_csr.to_dense()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xT = self.cache.feature_major(x) if self.cache is not None else None
         return csr_linear(x, self.weight_csr, self.bias, xT, self.token_major_out)
@@ -310,14 +282,14 @@ def sparse_plan(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.
 
 
 def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float = 0.1,
-                    force: bool = False, inplace: bool = False) -> tuple[nn.Module, pd.DataFrame]:
-    """A copy of ``model`` (or the model itself) with the layers that
+                    force: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+    """A copy of ``model`` with the layers that
     :func:`sparse_plan` picks replaced by :class:`CSRLinear`; returns
     (model, plan). ``force=True`` converts every prunable layer. The CSR
     layers share one :class:`TransposeCache` and hand on feature-major
     outputs except where an attention kernel reads them."""
     plan = sparse_plan(model, speed, margin, force)
-    target = model if inplace else copy.deepcopy(model)
+    target = copy.deepcopy(model)
     cache = TransposeCache()
     for r in plan[plan.use_csr].itertuples():
         set_module(target, r.name, CSRLinear.from_module(
@@ -327,10 +299,10 @@ def to_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, margin: float 
 
 # --------------------------------------------------------------------------- whole model
 def forward_speed(models: dict[str, nn.Module], inputs: dict, warmup: int = 1, repeats: int = 5,
-                  threads: int | None = None, baseline: str | None = None) -> pd.DataFrame:
+                  threads: int | None = None) -> pd.DataFrame:
     """Median seconds of a forward pass for each model (timed interleaved on
-    the same ``inputs``) and its speed-up over ``baseline`` (the first model)."""
-    baseline = baseline or next(iter(models))
+    the same ``inputs``) and its speed-up over the first model."""
+    baseline = next(iter(models))
     times = time_calls({name: (lambda m=m: m(**inputs)) for name, m in models.items()},
                        warmup, repeats, threads, device=model_device(next(iter(models.values()))))
     med = median_seconds(times)
@@ -394,11 +366,8 @@ def prunable_shapes(model: nn.Module) -> list[tuple[int, int]]:
 def model_shapes(model_name: str) -> list[tuple[int, int]]:
     """The distinct prunable shapes of a model, read from its config alone
     (the model is built on the meta device: no weights are loaded)."""
-    from transformers import AutoConfig
-
     spec = resolve(model_name)
-    location = embedded_model_dir(spec.name)[0] if spec.source == "embedded" else spec.location
-    config = AutoConfig.from_pretrained(location)
+    config = hf_config(spec)
     with torch.device("meta"):
         model = _auto_class(spec.family, config).from_config(config)
     return prunable_shapes(model)
@@ -407,17 +376,13 @@ def model_shapes(model_name: str) -> list[tuple[int, int]]:
 def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict, margin: float = 0.1,
                       warmup: int = 1, repeats: int = 3, threads: int | None = None
                       ) -> tuple[nn.Module, pd.DataFrame, float]:
-    """:func:`to_sparse_aware`, checked end to end on ``inputs``.
+    """:func:`to_sparse_aware`, checked end to end on ``inputs``: the per-layer table cannot
+    see what happens between layers (transposes, layouts a later op must copy), so the plan is
+    timed against the dense model and, if not faster, the dense model is returned.
 
-    The per-layer table cannot see what happens between layers (the
-    transposes, a layout that a later op must copy, caches shared by
-    several layers), so the CSR plan is timed against the dense model on the
-    real input (interleaved, medians); if it is not faster, the sparse-aware
-    model *is* the dense model. Returns (model, plan, checked speed-up), with
-    ``plan.use_csr`` cleared after a fall-back and nan as the speed-up when no
-    layer was worth converting (nothing to check). Time the returned model
-    again to report it: a check that happened to run on a quiet moment would
-    bias the ratio it selected."""
+    Returns (model, plan, checked speed-up), ``plan.use_csr`` cleared after a fall-back, nan
+    when no layer was worth converting. Time the returned model again to report it: the
+    check's own ratio is biased by the selection."""
     aware, plan = to_sparse_aware(model, speed, margin)
     if not plan.use_csr.any():
         return model, plan, math.nan
@@ -430,16 +395,11 @@ def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict
 
 def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
                   timing: Timing | None = None, margin: float = 0.1, all_csr: bool = True) -> pd.DataFrame:
-    """Whole forward passes at each sparsity (``method``'s pruning with the
-    engine's defaults), timed interleaved: the pruned
-    model as it is (dense kernels), the sparse-aware model (CSR where the
-    ``speed`` table says it pays and :func:`tune_sparse_aware`'s end-to-end
-    check confirms it) and, with ``all_csr``, every prunable layer in CSR.
-    Speed-ups are over dense; ``flop_limit`` is what counting multiply-adds
-    allows; ``checked_speedup`` is the check's own measurement and
-    ``fell_back`` says the plan lost it."""
-    from tqdm.auto import tqdm
-
+    """Whole forward passes at each sparsity (``method``'s pruning, engine defaults), timed
+    interleaved: the pruned model with dense kernels, the sparse-aware model
+    (:func:`tune_sparse_aware` on the ``speed`` table) and, with ``all_csr``, every prunable
+    layer in CSR. Speed-ups are over dense; ``checked_speedup`` is the check's own
+    measurement and ``fell_back`` says the plan lost it."""
     timing = timing or Timing()
     rows, dense = [], load_model(model_name)  # each sparsity prunes a copy (or reads its checkpoint into one)
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings"):

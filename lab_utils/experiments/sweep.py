@@ -1,12 +1,8 @@
-"""The sparsification sweep of notebook 03: prune every model with every method,
-pattern and sparsity; measure what was asked against what came out, the time it
-took and, for decoder-only models, the perplexity it cost.
-
-Everything is cached (pruned checkpoints by :func:`lab_utils.engine.checkpoints.pruned_model`,
-perplexities by :func:`lab_utils.core.evaluation.perplexity.evaluate`), so a rerun of
-the report takes seconds. :func:`settings` expands methods x patterns x
-sparsities into the settings an experiment runs (the benchmarks too).
-Functions return tables; figures are drawn by :mod:`lab_utils.presentation.sweep_view`.
+"""The sparsification sweep of notebook 03: prune every model with every method, pattern and
+sparsity; measure the sparsity asked and obtained, the time and, for decoder-only models, the
+perplexity. Checkpoints and perplexities are cached, so a rerun takes seconds.
+:func:`settings` expands methods x patterns x sparsities (for the benchmarks too); figures are
+drawn by :mod:`lab_utils.presentation.sweep_view`.
 """
 
 from __future__ import annotations
@@ -107,19 +103,15 @@ def run_one(model_name: str, cfg: PruneConfig, sweep: SweepConfig) -> tuple[dict
 @memo.step("03-sweep", ignore=("executor", "workers"))
 def sparsity_sweep(cfg: SweepConfig, executor: str | ex.Executor = ex.LOCAL,
                    workers: int | None = None) -> pd.DataFrame:
-    """One row per (model, method, pattern, sparsity) of ``cfg``, plus one
-    dense row per model; requested vs actual sparsity, seconds, peak memory,
-    perplexity. A cached step (``sparsity_sweep.compute`` recomputes).
+    """One row per (model, method, pattern, sparsity) of ``cfg``, plus one dense row per
+    model: requested vs actual sparsity, seconds, peak memory, perplexity. A cached step
+    (``sparsity_sweep.compute`` recomputes).
 
-    The configurations are independent jobs on ``executor``
-    (:func:`lab_utils.experiments.executor.run_jobs`: ``"local"`` runs them on
-    ``workers`` processes of this machine, one thread each; ``workers=1`` or
-    ``"serial"``: here, in turn; a scheduler address or file: on that cluster,
-    where a job on an accelerator ``device`` asks a worker for ``{"GPU": 1}``). Part of
-    pruning runs on one core whatever the thread count, so two side by side
-    finish sooner; each row's ``seconds`` is then its own wall time with the
-    other configuration running beside it, and ``threads`` says so. The rows come
-    back from the jobs; the checkpoints they write stay in the cache.
+    The settings are jobs on ``executor`` (:func:`lab_utils.experiments.executor.run_jobs`:
+    ``"local"``: ``workers`` processes of one thread each; ``"serial"``: here, in turn; a
+    scheduler address or file: that cluster, asking for ``{"GPU": 1}`` on an accelerator
+    ``device``). Part of pruning runs on one core, so two side by side finish sooner; each
+    row's ``seconds`` is then its own wall time with another job beside it.
     """
     grid = settings(cfg.methods, cfg.patterns, cfg.sparsities)  # the dense baseline first
     jobs = [(m, "magnitude", sparsify.UNSTRUCTURED, 0.0) for m in cfg.models]
