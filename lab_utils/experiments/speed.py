@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lab_utils.core import memo
 from lab_utils.core.data import forward_inputs
@@ -43,6 +42,7 @@ from lab_utils.core.models import (
     set_module,
     weight_out_in,
 )
+from lab_utils.core.progress import tqdm
 from lab_utils.engine import checkpoints
 from lab_utils.engine.config import PruneConfig, hf_config
 
