@@ -58,7 +58,7 @@ def test_hub_corpora_fail_clearly_without_hub():
 
 @pytest.mark.slow
 def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
-    data.clear_corpus_cache()
+    data.nyt_sentences.cache_clear()
     try:
         folder = data.corpus_dir()
         archive = files.cache_dir() / "data" / data.VADER_SDIST
@@ -69,11 +69,11 @@ def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
         assert not files.verify_dir(folder)
         folder2 = data.corpus_dir()
         assert files.sha256_file(archive) == data.VADER_SHA256
-        data.clear_corpus_cache()
+        data.nyt_sentences.cache_clear()
         assert len(data.nyt_sentences()) == 5190
         assert folder2 == folder
     finally:
-        data.clear_corpus_cache()
+        data.nyt_sentences.cache_clear()
 
 
 @pytest.mark.slow

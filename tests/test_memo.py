@@ -53,9 +53,16 @@ def test_computed_once_per_key_and_rebuilt_when_damaged(tmp_cache):
 
 
 def test_timed_reports_the_time_of_the_computation_that_made_the_result(tmp_cache):
-    out1, row1 = memo.timed("t", {}, lambda: sum(range(10_000)), "sum")
-    out2, row2 = memo.timed("t", {}, lambda: 0, "sum")
-    assert out1 == out2 == sum(range(10_000))
+    calls = []
+
+    @memo.step("t", timed_as="sum")
+    def total(n: int):
+        calls.append(n)
+        return sum(range(n))
+
+    out1, row1 = total(10_000)
+    out2, row2 = total(10_000)  # read back: the timing of the first run
+    assert out1 == out2 == sum(range(10_000)) and calls == [10_000]
     assert row1 == row2 and row1["demo"] == "sum" and row1["wall_s"] >= 0
 
 

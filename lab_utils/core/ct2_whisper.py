@@ -8,8 +8,6 @@ transformers cannot read. The format is simple (all little-endian):
 * each variable: string name, u8 rank, rank x u32 dims, u8 dtype, u32 byte
   count, raw bytes;
 * then u32 alias count and (alias, target) string pairs.
-
-The parsing is split from the renaming so each can be tested on its own.
 """
 
 from __future__ import annotations
@@ -86,26 +84,17 @@ def _t(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def _attention(prefix: str, v: dict, fused_qkv: str | None, q: str | None, kv: str | None, out: str):
-    """Split CTranslate2's fused projections into q/k/v/out (k has no bias)."""
-    sd = {}
-    if fused_qkv is not None:
-        w, b = v[f"{fused_qkv}/weight"], v[f"{fused_qkv}/bias"]
-        d = w.shape[0] // 3
-        parts = {"q_proj": slice(0, d), "k_proj": slice(d, 2 * d), "v_proj": slice(2 * d, 3 * d)}
-    else:
-        wq, bq = v[f"{q}/weight"], v[f"{q}/bias"]
-        wkv, bkv = v[f"{kv}/weight"], v[f"{kv}/bias"]
-        d = wq.shape[0]
-        w = np.concatenate([wq, wkv])
-        b = np.concatenate([bq, bkv])
-        parts = {"q_proj": slice(0, d), "k_proj": slice(d, 2 * d), "v_proj": slice(2 * d, 3 * d)}
-    for proj, rows in parts.items():
-        sd[f"{prefix}.{proj}.weight"] = _t(w[rows])
+def _attention(prefix: str, v: dict, qkv: list[str], out: str) -> dict:
+    """Split CTranslate2's fused projections (one q|k|v, or q and k|v) into
+    q/k/v/out (k has no bias)."""
+    w = np.concatenate([v[f"{src}/weight"] for src in qkv])
+    b = np.concatenate([v[f"{src}/bias"] for src in qkv])
+    d = w.shape[0] // 3
+    sd = _linear(f"{prefix}.out_proj", out, v)
+    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        sd[f"{prefix}.{proj}.weight"] = _t(w[i * d : (i + 1) * d])
         if proj != "k_proj":
-            sd[f"{prefix}.{proj}.bias"] = _t(b[rows])
-    sd[f"{prefix}.out_proj.weight"] = _t(v[f"{out}/weight"])
-    sd[f"{prefix}.out_proj.bias"] = _t(v[f"{out}/bias"])
+            sd[f"{prefix}.{proj}.bias"] = _t(b[i * d : (i + 1) * d])
     return sd
 
 
@@ -129,38 +118,29 @@ def whisper_state_dict(v: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     for i in (1, 2):
         sd.update(_linear(f"{enc}.conv{i}", f"encoder/conv{i}", v))
     sd[f"{enc}.embed_positions.weight"] = _t(v["encoder/position_encodings/encodings"])
-    for i in range(count_layers(v, "encoder")):
-        src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        sd.update(_attention(f"{dst}.self_attn", v, f"{src}/self_attention/linear_0", None, None,
-                             f"{src}/self_attention/linear_1"))
-        sd.update(_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm", v))
-        sd.update(_linear(f"{dst}.fc1", f"{src}/ffn/linear_0", v))
-        sd.update(_linear(f"{dst}.fc2", f"{src}/ffn/linear_1", v))
-        sd.update(_norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm", v))
-    sd.update(_norm(f"{enc}.layer_norm", "encoder/layer_norm", v))
-
     sd[f"{dec}.embed_tokens.weight"] = _t(v["decoder/embeddings/weight"])
-    sd[f"{dec}.embed_positions.weight"] = _t(v["decoder/position_encodings/encodings"])
-    for i in range(count_layers(v, "decoder")):
-        src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        sd.update(_attention(f"{dst}.self_attn", v, f"{src}/self_attention/linear_0", None, None,
-                             f"{src}/self_attention/linear_1"))
-        sd.update(_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm", v))
-        sd.update(_attention(f"{dst}.encoder_attn", v, None, f"{src}/attention/linear_0",
-                             f"{src}/attention/linear_1", f"{src}/attention/linear_2"))
-        sd.update(_norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm", v))
-        sd.update(_linear(f"{dst}.fc1", f"{src}/ffn/linear_0", v))
-        sd.update(_linear(f"{dst}.fc2", f"{src}/ffn/linear_1", v))
-        sd.update(_norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm", v))
-    sd.update(_norm(f"{dec}.layer_norm", "decoder/layer_norm", v))
+    for side, dst_side in (("encoder", enc), ("decoder", dec)):
+        sd[f"{dst_side}.embed_positions.weight"] = _t(v[f"{side}/position_encodings/encodings"])
+        for i in range(count_layers(v, side)):
+            src, dst = f"{side}/layer_{i}", f"{dst_side}.layers.{i}"
+            sd.update(_attention(f"{dst}.self_attn", v, [f"{src}/self_attention/linear_0"],
+                                 f"{src}/self_attention/linear_1"))
+            sd.update(_norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm", v))
+            if side == "decoder":  # cross-attention: q from the decoder, k|v from the encoder
+                sd.update(_attention(f"{dst}.encoder_attn", v, [f"{src}/attention/linear_0",
+                                     f"{src}/attention/linear_1"], f"{src}/attention/linear_2"))
+                sd.update(_norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm", v))
+            sd.update(_linear(f"{dst}.fc1", f"{src}/ffn/linear_0", v))
+            sd.update(_linear(f"{dst}.fc2", f"{src}/ffn/linear_1", v))
+            sd.update(_norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm", v))
+        sd.update(_norm(f"{dst_side}.layer_norm", f"{side}/layer_norm", v))
     return sd
 
 
-def whisper_config(v: dict[str, np.ndarray], extra: dict | None = None):
+def whisper_config(v: dict[str, np.ndarray], extra: dict):
     """A ``WhisperConfig`` sized from the variables themselves."""
     from transformers import WhisperConfig
 
-    extra = extra or {}
     vocab, d_model = v["decoder/embeddings/weight"].shape
     ffn = v["encoder/layer_0/ffn/linear_0/weight"].shape[0]
     eos = extra.get("eos_token_id", 50256)
@@ -184,13 +164,12 @@ def whisper_config(v: dict[str, np.ndarray], extra: dict | None = None):
     )
 
 
-def whisper_generation_config(config, extra: dict | None = None):
+def whisper_generation_config(config, extra: dict):
     """Greedy transcription settings of tiny.en: the prompt is
     <|startoftranscript|> <|notimestamps|>, and the token ids CTranslate2
     suppresses are suppressed here too."""
     from transformers import GenerationConfig
 
-    extra = extra or {}
     return GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
         eos_token_id=config.eos_token_id,

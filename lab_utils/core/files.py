@@ -1,6 +1,6 @@
 """Where things live, and how they are written without ever leaving half a file.
 
-Every file the lab writes goes through :func:`atomic_write` (a temporary file in
+Every file the lab writes goes through :func:`atomic_path` (a temporary file in
 the same folder, then ``os.replace``), so an interrupted run leaves either the
 old file or the new one, never a truncated mix. Cache entries carry a sha256
 manifest written last: an entry without a valid manifest is treated as absent
@@ -27,9 +27,7 @@ def cache_dir() -> Path:
 
     ``LAB_CACHE_DIR`` overrides the default ``<repo>/.cache``.
     """
-    path = Path(os.environ.get("LAB_CACHE_DIR", REPO_ROOT / ".cache"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _mkdir(Path(os.environ.get("LAB_CACHE_DIR", REPO_ROOT / ".cache")))
 
 
 def output_root() -> Path:
@@ -38,9 +36,7 @@ def output_root() -> Path:
     ``LAB_OUTPUT_DIR`` overrides the repository root; the smoke tests point it
     at a temporary folder so that they never touch the committed outputs.
     """
-    path = Path(os.environ.get("LAB_OUTPUT_DIR", REPO_ROOT))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _mkdir(Path(os.environ.get("LAB_OUTPUT_DIR", REPO_ROOT)))
 
 
 def figs_dir() -> Path:
@@ -76,31 +72,10 @@ def _publish(tmp: str | os.PathLike, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary sibling of ``path``; rename it over ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _publish(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path for a writer that wants a file name (savefig,
-    ``to_csv``, safetensors), then rename it over ``path``."""
+    """Yield a temporary sibling of ``path`` for a writer that wants a file
+    name (savefig, ``to_csv``, safetensors), then rename it over ``path``.
+    On any exception the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -113,6 +88,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """:func:`atomic_path`, opened in ``mode`` and flushed to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -181,17 +165,16 @@ def write_csv(table, path: str | os.PathLike, float_format: str | None = None) -
     return Path(path)
 
 
-def save_figure(fig, path: str | os.PathLike, close: bool = True) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     """A matplotlib figure as PNG, atomically and with no timestamp or software
     tag in its metadata: the same data gives the same bytes on every run.
     A bare name (``"sweep.png"``) goes to :func:`figs_dir`."""
     path = _under(figs_dir, path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-    if close:
-        import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
 
-        plt.close(fig)
+    plt.close(fig)
     return Path(path)
 
 

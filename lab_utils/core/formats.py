@@ -14,20 +14,10 @@ from lab_utils.core.models import prunable_layers
 from lab_utils.core.sparsify import parse_pattern
 
 FILE_VERSION = "1"
-
-
 LAYOUTS = ("dense", "csr", "bitmask", "nm")
-
-
 PRECISIONS = ("", "fp16", "int8")  # "" = the weights' own dtype (lossless)
-
-
 ZSTD_LEVEL = 3  # zstd's default: fast; higher levels gain little on masks and float values
-
-
 SCALE_DTYPE = torch.float32  # one int8 scale per output row
-
-
 SEP = "::"  # key of a stored part: "<state-dict name>::<component>"
 
 
@@ -67,17 +57,6 @@ def parse_format(name: str | Format) -> Format:
                            f"layout in {', '.join(LAYOUTS)} and precision in fp16, int8, "
                            f"e.g. 'csr', 'bitmask-int8+zstd', 'dense-fp16'")
     return Format(layout, precision, zstd)
-
-
-def all_formats(pattern: str = "unstructured", zstd: bool = True,
-                precisions: Iterable[str] = PRECISIONS) -> list[str]:
-    """Every format that applies to a model pruned with ``pattern`` (``nm``
-    needs an N:M pattern)."""
-    prune_n, _ = parse_pattern(pattern)
-    layouts = [lay for lay in LAYOUTS if lay != "nm" or prune_n]
-    out = [Format(lay, p, z).name for z in ((False, True) if zstd else (False,))
-           for p in precisions for lay in layouts]
-    return out
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -155,12 +134,6 @@ def nm_floor_bits(prune_n: int, prune_m: int, value_bits: int = 32) -> float:
     return (prune_m - prune_n) / prune_m * value_bits + math.log2(math.comb(prune_m, prune_n)) / prune_m
 
 
-def symbol_entropy(counts: np.ndarray) -> float:
-    """Shannon entropy, in bits per symbol, of a histogram."""
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
 def value_entropy_bits(values: torch.Tensor) -> float:
     """Bits per kept value that an entropy coder cannot avoid if the mantissa
     bits are incompressible: the measured entropy of the sign + exponent field
@@ -176,7 +149,8 @@ def value_entropy_bits(values: torch.Tensor) -> float:
     as_uint = {32: np.uint32, 16: np.uint16}[width]
     raw = values.detach().contiguous().reshape(-1).view(torch.uint8).numpy().view(as_uint)
     counts = np.bincount(raw >> mantissa, minlength=1 << (width - mantissa))
-    return symbol_entropy(counts) + mantissa
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum()) + mantissa
 
 
 def value_entropy_floor_bytes(model: nn.Module) -> float:
@@ -212,15 +186,13 @@ def break_even_sparsity(fmt: str | Format, shapes: Iterable[tuple[int, int]], va
     f = parse_format(fmt)
     ref = parse_format(against) if against else Format("dense", f.precision)
     shapes = list(shapes)
-    if f.layout == "nm":  # the N:M pattern fixes the sparsity
-        n, m = parse_pattern(pattern)
-        s = n / m
-        return s if _total(f, shapes, s, value_bits, pattern) < _total(ref, shapes, s, value_bits,
-                                                                       pattern) else math.nan
 
     def wins(s: float) -> bool:
         return _total(f, shapes, s, value_bits, pattern) < _total(ref, shapes, s, value_bits, pattern)
 
+    if f.layout == "nm":  # the N:M pattern fixes the sparsity
+        n, m = parse_pattern(pattern)
+        return n / m if wins(n / m) else math.nan
     if wins(0.0):
         return 0.0
     if not wins(1.0):

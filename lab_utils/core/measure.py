@@ -127,13 +127,13 @@ class PeakMemory:
     opened inside another (the pruning engine inside a step that measures a
     whole load-prune-measure cycle) resets the mark, so it first hands the mark
     so far to the probes still open. Elsewhere a thread samples the RSS every
-    ``interval`` seconds. Works on CPU, without tracemalloc.
+    :attr:`INTERVAL` seconds. Works on CPU, without tracemalloc.
     """
 
     _open: list[PeakMemory] = []  # probes inside their block, outermost first
+    INTERVAL = 0.005
 
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
+    def __init__(self):
         self.start = self.peak = self.end = 0
         self._stop = threading.Event()
         self._thread = None
@@ -168,7 +168,7 @@ class PeakMemory:
         return self
 
     def _sample(self):
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.INTERVAL):
             self.peak = max(self.peak, self.rss())
 
     def __exit__(self, *exc):

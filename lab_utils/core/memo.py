@@ -1,21 +1,11 @@
 """Results of a notebook step, computed once per key and reused afterwards.
 
-A rerun of ``make report`` with nothing changed should take seconds and give
-byte-identical tables and figures, and a run killed halfway should resume
-where it stopped. Each expensive step of the notebooks therefore goes through
-:func:`cached`: its result (pandas tables, numbers, strings, in any nesting of
-lists, tuples and dicts) is stored as JSON under
-``<cache>/steps/<step>-<key hash>.json`` with a checksum, written atomically.
-
-* The key is the step's parameters plus a hash of the ``lab_utils`` sources
-  that compute results: a change to that code invalidates them (a change to
-  the runner or the write-up does not).
-* Floats are stored with ``repr`` precision, so a stored table reads back
-  bit for bit; the first run also returns the table as read back, so the
-  first and the second run see exactly the same values.
-* A missing, truncated or edited entry fails its checksum and is recomputed.
-* Timings measured inside a step are part of its result: a warm run reports
-  the times of the computation that produced its numbers.
+Each expensive step (:func:`step`) stores its result (tables, numbers, strings,
+nested in lists, tuples and dicts) as checksummed JSON under
+``<cache>/steps/<step>-<key hash>.json``, so a rerun takes seconds and a killed
+run resumes. The key includes a hash of the sources that compute results.
+Floats keep ``repr`` precision and the first run returns the table as read
+back, so the first and every later run see the same values bit for bit.
 """
 
 from __future__ import annotations
@@ -145,20 +135,6 @@ def cached(step: str, key: dict, compute: Callable[[], object]):
     return decode(json.loads(text)["result"])
 
 
-def timed(step: str, key: dict, compute: Callable[[], object], label: str):
-    """:func:`cached`, plus the wall and CPU seconds of the computation as a
-    row (``demo``, ``wall_s``, ``cpu_s``, ``threads``, ``load_average``),
-    stored with the result: a warm run shows the times of the run that
-    produced its numbers, not the time it took to read them back."""
-    def run():
-        with Stopwatch() as sw:
-            result = compute()
-        return {"result": result, "timing": sw.row(label)}
-
-    out = cached(step, key, run)
-    return out["result"], out["timing"]
-
-
 # --------------------------------------------------------------------------- the step decorator
 def key_value(v):
     """An argument as a plain JSON value for a step key: a config object by its
@@ -182,9 +158,11 @@ def step(name: str, ignore: Iterable[str] = (), timed_as: str | None = None):
     The key is every argument after defaults are applied (config objects by
     their fields), less those in ``ignore`` (where the work runs, how it is
     shown: ``executor``, ``workers``). ``timed_as`` also stores the wall and
-    CPU seconds of the computation (see :func:`timed`) and returns
-    ``(result, timing)``. The undecorated function stays reachable as
-    ``fn.compute``, and ``fn.key(*args, **kwargs)`` gives the key.
+    CPU seconds of the computation as a row (``demo``, ``wall_s``, ``cpu_s``,
+    ``threads``, ``load_average``) and returns ``(result, timing)``: a warm run
+    shows the times of the run that produced its numbers. The undecorated
+    function stays reachable as ``fn.compute``, and ``fn.key(*args, **kwargs)``
+    gives the key.
     """
     ignore = frozenset(ignore)
 
@@ -201,14 +179,19 @@ def step(name: str, ignore: Iterable[str] = (), timed_as: str | None = None):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            k = key(*args, **kwargs)
-            if timed_as is not None:
-                return timed(name, k, lambda: fn(*args, **kwargs), timed_as)
-            return cached(name, k, lambda: fn(*args, **kwargs))
+            if timed_as is None:
+                return cached(name, key(*args, **kwargs), lambda: fn(*args, **kwargs))
+
+            def run():
+                with Stopwatch() as sw:
+                    result = fn(*args, **kwargs)
+                return {"result": result, "timing": sw.row(timed_as)}
+
+            out = cached(name, key(*args, **kwargs), run)
+            return out["result"], out["timing"]
 
         wrapper.compute = fn
         wrapper.key = key
-        wrapper.step_name = name
         return wrapper
 
     return decorate

