@@ -1,33 +1,22 @@
 """Streaming weight statistics of one model in memory, in fixed memory.
 
-A model with hundreds of millions of floats must not go into one array, so
-every number is accumulated tensor by tensor, in flat chunks of at most
-:attr:`StatsConfig.chunk` values:
-
-* counts (exact zeros, ``|w| < 1e-3, 1e-2, 5e-2``) by comparison;
-* mean, std, skewness and kurtosis from central moments per chunk, merged
-  across chunks and tensors with Pébay's pairwise update in float64, so a
-  norm weight near 1 and an embedding near 0 combine without cancellation;
-* histograms with ``torch.histc`` on bin edges fixed for the whole model: a
-  fine *core* histogram over ``[-core, core]`` (core = the 99.99% quantile of
-  ``|w|``), with the counts below and above it, and a coarse *outer* one over
-  the full range ``[-max|w|, max|w|]`` for the tails (the values beyond the
-  core are binned exactly; those inside go to the outer bin of their fine
-  bin's centre, which saves a second pass of ``histc`` over every value). Bin
-  counts are odd, so zero sits in the middle of a bin and the spike of exact
-  zeros is one bar. Histograms of a layer, a block or a component are sums of
-  per-tensor rows;
-* quantiles from a seeded sample (with replacement, allocated to tensors in
-  proportion to their size): :data:`SAMPLE_SIZE` values give a quantile's rank
-  to within about ``sqrt(q (1 - q) / n)``, i.e. +/-0.05% at the median.
-
-This module only measures (a model in, a :class:`WeightStats` out) and stores
-the result; loading models and the tables derived from the statistics are
-:mod:`lab_utils.experiments.weights`.
+Every number is accumulated tensor by tensor, in flat chunks of at most
+:attr:`StatsConfig.chunk` values, so hundreds of millions of floats never sit
+in one array: near-zero counts by comparison; mean, std, skewness and kurtosis
+from per-chunk central moments merged with Pébay's pairwise update in float64
+(a norm weight near 1 and an embedding near 0 combine without cancellation);
+histograms on edges fixed for the whole model, a fine *core* one over
+``[-core, core]`` (core = the 99.99% quantile of ``|w|``) and a coarse *outer*
+one over the full range for the tails, with odd bin counts so the exact zeros
+are one bar; quantiles from a seeded sample, whose :data:`SAMPLE_SIZE` values
+place a quantile's rank within about ``sqrt(q (1 - q) / n)`` (+/-0.05% at the
+median). A group's histogram is a sum of per-tensor rows. The tables derived
+from the statistics are :mod:`lab_utils.experiments.weights`.
 """
 
 from __future__ import annotations
 
+import functools
 import io as _io
 import json
 import math
@@ -142,10 +131,7 @@ class Moments:
 
 
 def merge_moments(parts) -> Moments:
-    total = Moments()
-    for m in parts:
-        total = total.merge(m)
-    return total
+    return functools.reduce(Moments.merge, parts, Moments())
 
 
 # --------------------------------------------------------------------------- bins
@@ -179,10 +165,7 @@ class BinSpec:
 # --------------------------------------------------------------------------- the parameter table
 def _side_of(name: str) -> str:
     parts = name.split(".")
-    for side in ("encoder", "decoder"):
-        if side in parts:
-            return side
-    return ""
+    return next((side for side in ("encoder", "decoder") if side in parts), "")
 
 
 def param_table(model: nn.Module) -> pd.DataFrame:
@@ -236,14 +219,9 @@ def param_table(model: nn.Module) -> pd.DataFrame:
 
 
 def parameters(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters in the order of :func:`param_table` (tied tensors once)."""
-    out, seen = [], set()
-    for _, module in model.named_modules():
-        for _, p in module.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    """Parameters in the order of :func:`param_table`: torch lists them module by
+    module, each module's own, tied tensors once."""
+    return list(model.parameters())
 
 
 # --------------------------------------------------------------------------- the streaming pass
@@ -297,17 +275,16 @@ def _allocate(numels: list[int], total: int) -> list[int]:
     return base
 
 
-def default_bins(model: nn.Module, *, sample_size: int = SAMPLE_SIZE, seed: int = 0,
-                 core_quantile: float = CORE_QUANTILE) -> BinSpec:
+def default_bins(model: nn.Module, *, sample_size: int = SAMPLE_SIZE, seed: int = 0) -> BinSpec:
     """Edges from the data: the outer range is max |w| (exact, streamed); the
-    core is the ``core_quantile`` of |w| in a seeded sample."""
+    core is the :data:`CORE_QUANTILE` of |w| in a seeded sample."""
     params = parameters(model)
     if not params:
         raise StatsError("the model has no parameters")
     absmax = max(max(-float(lo), float(hi)) for lo, hi in
                  (torch.aminmax(p.detach()) for p in params if p.numel()))
     sample, _ = _sample(params, sample_size, seed)
-    core = float(np.quantile(np.abs(sample), core_quantile)) if len(sample) else absmax
+    core = float(np.quantile(np.abs(sample), CORE_QUANTILE)) if len(sample) else absmax
     outer = absmax if absmax > 0 else 1.0
     core = min(core, outer) if core > 0 else outer
     return BinSpec(core=core, outer=outer)
@@ -432,18 +409,15 @@ class _Accumulator:
 @torch.no_grad()
 def weight_stats(model: nn.Module, config: StatsConfig = DEFAULT_STATS, *, label: str = "model",
                  bins: BinSpec | None = None, info: dict | None = None,
-                 reuse: WeightStats | None = None, workers: int | None = None) -> WeightStats:
+                 reuse: WeightStats | None = None) -> WeightStats:
     """Stream once over every parameter of ``model`` (tied tensors once).
 
-    ``bins``: pass the dense model's :class:`BinSpec` when measuring a pruned
-    copy, so the histograms share their edges. ``reuse``: the dense model's
-    statistics; a tensor that is not prunable and whose fingerprint (sum and
-    sum of squares, two cheap reductions) matches is copied from it instead of
-    being measured again: pruning leaves embeddings and norms alone, and they
-    are up to half of a small model. ``workers`` threads (default: torch's
-    thread count) each take a chunk, because ``torch.histc`` runs on one core.
-    Memory beyond the model: a few temporaries of one chunk per worker plus
-    the per-tensor histograms.
+    ``bins``: the dense model's :class:`BinSpec` when measuring a pruned copy,
+    so the histograms share their edges. ``reuse``: the dense model's
+    statistics; a non-prunable tensor whose fingerprint (sum and sum of
+    squares) matches is copied from it: pruning leaves embeddings and norms
+    alone, up to half of a small model. One thread per chunk (torch's thread
+    count), because ``torch.histc`` runs on one core.
     """
     sample_size, seed, chunk, device = config.sample_size, config.seed, config.chunk, config.device
     table = param_table(model)
@@ -455,7 +429,7 @@ def weight_stats(model: nn.Module, config: StatsConfig = DEFAULT_STATS, *, label
     bins = bins or (reuse.bins if reuse is not None else
                     default_bins(model, sample_size=sample_size, seed=seed))
     acc = _Accumulator(len(params), bins)
-    workers = max(1, workers or torch.get_num_threads())
+    workers = max(1, torch.get_num_threads())
     # One thread per op while the pass runs several at once: histc is serial
     # anyway, and every sum then rounds the same way in every pass (so the
     # fingerprints that ``reuse`` compares are reproducible).
@@ -497,10 +471,8 @@ def weight_stats(model: nn.Module, config: StatsConfig = DEFAULT_STATS, *, label
     for k, v in acc.cols.items():
         table[k] = v
     table["min"], table["max"] = acc.lo, acc.hi
-    table["mean"] = [m.mean for m in acc.moments]
-    table["m2"] = [m.m2 for m in acc.moments]
-    table["m3"] = [m.m3 for m in acc.moments]
-    table["m4"] = [m.m4 for m in acc.moments]
+    for k in ("mean", "m2", "m3", "m4"):
+        table[k] = [getattr(m, k) for m in acc.moments]
     table["fp_sum"], table["fp_sumsq"] = acc.fp[:, 0], acc.fp[:, 1]
     sample, owner = _sample(params, sample_size, seed)
     info = {**(info or {}), "reused_tensors": len(params) - len(todo)}

@@ -1,18 +1,14 @@
-"""Notebook 02's weight statistics of whole models: is most of a model close to
-zero, and do higher layers deviate from the overall distribution?
-
+"""Notebook 02's tables of whole models' weight statistics: is most of a model
+close to zero, and do higher layers deviate from the overall distribution?
 Each model is loaded (or pruned), measured by the streaming pass of
-:mod:`lab_utils.experiments.weight_stats`, cached, and let go; the tables are
-derived from the statistics alone: summaries, per-block distances, depth
-correlation, storage precision, memory. Figures and sentences live in
+:mod:`lab_utils.experiments.weight_stats`, cached and let go; every table here
+is derived from the statistics alone. Figures and sentences live in
 :mod:`lab_utils.presentation.weights_view`.
 
-Distance of a layer to the whole-model distribution is the Kolmogorov-Smirnov
-statistic ``max |F_layer - F_model|`` evaluated on the shared core bin edges
-(:func:`ks_binned`). It is exact at those edges, so it is at most the true KS
-and below it by at most the mass of one fine bin; it is bounded in [0, 1],
-needs no choice of scale, and values beyond the core range cannot dominate it
-(Wasserstein-1 would be driven by a few layer-norm weights near 10).
+A layer's distance to the whole model is the Kolmogorov-Smirnov statistic on
+the shared core bin edges (:func:`ks_binned`): at most the true KS and below it
+by at most one fine bin's mass, bounded in [0, 1], and not dominated by values
+beyond the core (Wasserstein-1 would be driven by a few layer-norm weights near 10).
 """
 
 from __future__ import annotations
@@ -85,16 +81,9 @@ def summarize(ws: WeightStats, mask: np.ndarray | None = None) -> dict:
 
 
 def group_table(ws: WeightStats, by: str = "group") -> pd.DataFrame:
-    """:func:`summarize` per group (``by``: group, component, side+block, name)."""
-    keys = ["side", "block"] if by == "block" else [by]
-    df = ws.tensors
-    if by == "block":
-        df = df[df["block"].notna()]
-    rows = []
-    for key, part in df.groupby(keys, sort=False, dropna=False):
-        mask = ws.tensors.index.isin(part.index)
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(keys, key, strict=True)), **summarize(ws, mask)})
+    """:func:`summarize` per value of the ``by`` column (group, component, name)."""
+    rows = [{by: key, **summarize(ws, ws.tensors.index.isin(part.index))}
+            for key, part in ws.tensors.groupby(by, sort=False, dropna=False)]
     out = pd.DataFrame(rows)
     if by == "group" and len(out):
         order = {g: i for i, g in enumerate(GROUP_ORDER)}
@@ -103,11 +92,10 @@ def group_table(ws: WeightStats, by: str = "group") -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def magnitude_cut(ws: WeightStats, sparsity_ratio: float, prunable_only: bool = True) -> float:
-    """The |w| below which ``sparsity_ratio`` of the (prunable) weights lie:
-    the cut of global magnitude pruning (per-layer cuts scatter around it).
-    From the seeded sample."""
-    s = np.abs(sample_of(ws, ws.mask(prunable=True) if prunable_only else None))
+def magnitude_cut(ws: WeightStats, sparsity_ratio: float) -> float:
+    """The |w| below which ``sparsity_ratio`` of the prunable weights lie (in the
+    seeded sample): the cut of global magnitude pruning (per-layer cuts scatter around it)."""
+    s = np.abs(sample_of(ws, ws.mask(prunable=True)))
     if not len(s):
         raise StatsError("no sampled prunable weights: the model has no prunable layers")
     return float(np.quantile(s, sparsity_ratio))
@@ -238,11 +226,9 @@ def levels_per_block(model: nn.Module, block: int = 32, rows: int | None = None,
 def model_stats(name: str, prune: PruneConfig | None = None, config: StatsConfig = DEFAULT_STATS, *,
                 bins: BinSpec | None = None, reuse: WeightStats | None = None,
                 cache: bool = True) -> WeightStats:
-    """:func:`measure_model`, cached: the statistics of a model (and of each
-    pruned version) are computed once per arguments and code version, and
-    read back in a fraction of a second (checksummed; a damaged entry is
-    recomputed). The entry is an .npz, not :mod:`~lab_utils.core.memo`'s JSON,
-    so its key is built here, from the arguments (``reuse`` only saves time)."""
+    """:func:`measure_model`, cached once per arguments and code version as a
+    checksummed .npz (a damaged entry is recomputed). Not :mod:`~lab_utils.core.memo`'s
+    JSON, so the key is built here from the arguments (``reuse`` only saves time)."""
     key = memo.key_value({"name": name, "prune": prune, "config": config, "bins": bins})
     path = memo.step_path("weight-stats", key).with_suffix(".npz")
     if cache:
@@ -260,16 +246,11 @@ def model_stats(name: str, prune: PruneConfig | None = None, config: StatsConfig
 
 def measure_model(name: str, prune: PruneConfig | None = None, config: StatsConfig = DEFAULT_STATS, *,
                   bins: BinSpec | None = None, reuse: WeightStats | None = None) -> WeightStats:
-    """Load (or prune with ``prune``, through
-    :func:`lab_utils.engine.checkpoints.pruned_model`) one model, stream
-    its statistics, and let the model go: only the statistics stay.
-
-    ``info`` records the family, source, preset note, in-memory size of the
-    parameters, the distinct values per group of 32 weights (storage
-    precision), the process's resident memory before and at its peak, and for
-    a pruned model the engine's report (actual sparsity, cache hit). For a
-    pruned model pass the dense statistics as ``reuse`` (and their bins).
-    """
+    """Load (or prune with ``prune``, through :func:`~lab_utils.engine.checkpoints.pruned_model`)
+    one model, stream its statistics, and let the model go. ``info`` records the
+    model's family, source, size in memory, storage precision, the process's
+    resident memory before and at its peak, and a pruned model's engine report.
+    For a pruned model pass the dense statistics as ``reuse`` (and their bins)."""
     sparsity = prune.sparsity if prune is not None else 0.0
     with PeakMemory() as mem:
         if sparsity > 0:
@@ -326,11 +307,10 @@ def model_summary(ws: WeightStats, distances: pd.DataFrame | None = None) -> dic
     row["prunable_params"] = int(ws.tensors.loc[ws.tensors["prunable"], "numel"].sum())
     distances = depth_distances(ws) if distances is None else distances
     for r in depth_correlation(distances).itertuples():
-        row[f"{r.side}_blocks"] = r.n
-        row[f"{r.side}_ks_first"] = float(distances.loc[distances["side"] == r.side, "ks"].iloc[0])
-        row[f"{r.side}_ks_last"] = float(distances.loc[distances["side"] == r.side, "ks"].iloc[-1])
-        row[f"{r.side}_rho"] = r.rho
-        row[f"{r.side}_p"] = r.p
+        ks = distances.loc[distances["side"] == r.side, "ks"]
+        row.update({f"{r.side}_blocks": r.n, f"{r.side}_ks_first": float(ks.iloc[0]),
+                    f"{r.side}_ks_last": float(ks.iloc[-1]),
+                    f"{r.side}_rho": r.rho, f"{r.side}_p": r.p})
     return row
 
 
@@ -338,12 +318,11 @@ def models_table(all_stats) -> pd.DataFrame:
     """The models measured: family, source, parameters, prunable, size in memory, storage."""
     rows = []
     for ws in all_stats:
-        levels = ws.info.get("levels_per_block")
         rows.append({"model": ws.label, "family": ws.info.get("family"),
                      "source": ws.info.get("source"), "parameters": ws.n,
                      "prunable": int(ws.tensors.loc[ws.tensors["prunable"], "numel"].sum()),
                      "MiB in memory": ws.info.get("model_bytes", 0) / 2 ** 20,
-                     "distinct values per 32 weights": levels})
+                     "distinct values per 32 weights": ws.info.get("levels_per_block")})
     return pd.DataFrame(rows)
 
 

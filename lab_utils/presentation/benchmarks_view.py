@@ -1,12 +1,7 @@
-"""Tables, figures and generated prose of notebook 04 (the presentation floor).
-
-Everything here reads the tables that :mod:`lab_utils.experiments.benchmarks`
-returns (:func:`~lab_utils.experiments.benchmarks.benchmark_table`,
-:func:`~lab_utils.experiments.throughput.speed_comparison`) or the benchmark
-data and parameters, and nothing else, so each sentence of the notebook's
-conclusions follows the numbers: if a method stops staying within tolerance,
-the paragraph says so on the next run.
-"""
+"""Tables, figures and generated prose of notebook 04, from the tables of
+:mod:`lab_utils.experiments.benchmarks` and :mod:`lab_utils.experiments.throughput`
+alone, so each sentence follows the numbers: if a method stops staying within
+tolerance, the paragraph says so on the next run."""
 
 from __future__ import annotations
 
@@ -36,10 +31,15 @@ def metric_label(metric: str, task, protocol: str | None = None) -> str:
     return f"{metric} ({task})" if isinstance(task, str) and task else metric
 
 
+def _tasks(df: pd.DataFrame) -> pd.Series:
+    """The task of every row ('' where it has none, or the table has no task column)."""
+    return df["task"].fillna("") if "task" in df else pd.Series("", index=df.index)
+
+
 def metric_labels(df: pd.DataFrame, protocol: str | None = None) -> pd.Series:
-    """:func:`metric_label` of every row (a table without a task column: the metric)."""
-    tasks = df["task"] if "task" in df else pd.Series("", index=df.index)
-    return pd.Series([metric_label(m, t, protocol) for m, t in zip(df.metric, tasks, strict=True)], index=df.index)
+    """:func:`metric_label` of every row."""
+    labels = [metric_label(m, t, protocol) for m, t in zip(df.metric, _tasks(df), strict=True)]
+    return pd.Series(labels, index=df.index)
 
 
 def fmt_value(metric: str, value: float) -> str:
@@ -66,7 +66,7 @@ def reach_table(df: pd.DataFrame) -> pd.DataFrame:
     that stays within tolerance (0 when none does), and the lowest that does not."""
     t = df[(df.method != DENSE) & (df.pattern == "unstructured")].copy()
     t["ok"] = within(t)
-    t["task"] = t["task"].fillna("") if "task" in t else ""
+    t["task"] = _tasks(t)
     rows = []
     for (model, metric, task, method), g in t.groupby(["model", "metric", "task", "method"], sort=False):
         ok = g[g.ok].requested_sparsity
@@ -110,8 +110,7 @@ def _join(items: list[str]) -> str:
 
 def _measured(g: pd.DataFrame) -> list[tuple[str, str]]:
     """(metric, task) of the headline metrics measured for one model, in HEADLINE order."""
-    tasks = g["task"].fillna("") if "task" in g else pd.Series("", index=g.index)
-    measured = dict.fromkeys(zip(g.metric, tasks, strict=True))
+    measured = dict.fromkeys(zip(g.metric, _tasks(g), strict=True))
     return [(m, t) for m in HEADLINE for m2, t in measured if m2 == m]
 
 
@@ -149,9 +148,9 @@ def summary_table(df: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame
     reach = reach_table(df)
     rows = []
     for model, g in df.groupby("model", sort=False):
-        tasks = g["task"].fillna("") if "task" in g else pd.Series("", index=g.index)
         for metric, task in _measured(g):
-            dense = g[(g.method == DENSE) & (g.metric == metric) & (tasks == task)].value.iloc[0]
+            at = (g.method == DENSE) & (g.metric == metric) & (_tasks(g) == task)
+            dense = g[at].value.iloc[0]
             r = reach[(reach.model == model) & (reach.metric == metric) & (reach.task == task)]
             row = {"model": g.label.iloc[0], "metric": metric_label(metric, task, protocol),
                    "dense": fmt_value(metric, dense),
@@ -208,17 +207,12 @@ def metric_figure(df: pd.DataFrame, model: str, protocol: str | None = None):
     return files.save_figure(fig, f"benchmarks_{_slug(label)}.png")
 
 
-def headline_metric(df: pd.DataFrame, model: str) -> str:
-    g = df[df.model == model]
-    return next(m for m in HEADLINE if m in set(g.metric))
-
-
 def size_figure(df: pd.DataFrame, sizes: pd.DataFrame, model: str, protocol: str | None = None):
     """Headline quality vs the checkpoint's file size (the smallest lossless
     format measured on disk), a marker per setting, dense highlighted."""
     import matplotlib.pyplot as plt
 
-    metric = headline_metric(df, model)
+    metric = next(m for m in HEADLINE if m in set(df[df.model == model].metric))
     t = df[(df.model == model) & (df.metric == metric)].merge(
         sizes[sizes.model == model][["method", "pattern", "requested_sparsity", "format", "file_bytes",
                                      "dense_file_bytes"]],

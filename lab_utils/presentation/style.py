@@ -1,14 +1,11 @@
 """One look per pruning method and per sparsity pattern, for every figure.
 
-A method keeps its colour and marker in every figure of the lab (the sweep,
-the benchmarks, the file sizes, the concepts), so a reader who learnt that
-Wanda is green in one figure finds it green in the next. A pattern changes
-the line style and the marker's fill, never the colour: "wanda 2:4" is a
-hollow green Wanda marker. OWL's outlier-weighted allocation keeps its
-method's colour and marker, with a dash-dot line.
-
-The colours are the Okabe-Ito palette, which stays distinguishable for the
-common forms of colour blindness and in greyscale print.
+A method keeps its colour and marker in every figure of the lab, so Wanda is
+green in the sweep, the benchmarks, the file sizes and the concepts alike. A
+pattern changes the line style and the marker's fill, never the colour ("wanda
+2:4" is a hollow green Wanda marker); OWL keeps its method's look with a
+dash-dot line. The colours are the Okabe-Ito palette, which stays
+distinguishable for the common forms of colour blindness and in greyscale.
 """
 
 from __future__ import annotations

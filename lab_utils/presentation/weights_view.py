@@ -1,11 +1,7 @@
-"""Figures and sentences of weight distributions, drawn from
-:class:`lab_utils.experiments.WeightStats` and the tables of
-:mod:`lab_utils.experiments.weights`.
-
-Nothing here touches a model or measures anything: every figure is drawn from
-the streamed histograms, so drawing GPT-2 medium costs what drawing MiniLM
-costs. Saved with :func:`lab_utils.core.files.save_figure`, the same
-statistics give the same bytes."""
+"""Figures and sentences of weight distributions, drawn from the streamed
+histograms of :class:`lab_utils.experiments.WeightStats` and the tables of
+:mod:`lab_utils.experiments.weights`: nothing here touches a model, so drawing
+GPT-2 medium costs what drawing MiniLM costs."""
 
 from __future__ import annotations
 
@@ -100,26 +96,24 @@ def _stored_note(ws: WeightStats) -> str | None:
 
 # --------------------------------------------------------------------------- the original lab's figure
 def all_params_figure(ws: WeightStats, *, dense: WeightStats | None = None,
-                      cut: float | None = None, sparsity: float | None = None,
                       method: str | None = None):
     """Histogram of every parameter: zoomed window (left) and full range on a
     log-count axis (right). ``dense``: overlay the unpruned model's histogram
-    and, for a sparsified model, mark the magnitude cut (``cut``, by default
-    the dense prunable weights' |w| quantile at this sparsity). Sparsity and
-    method default to the ones recorded in ``ws.info``."""
-    sparsity = float(ws.info.get("sparsity") or 0.0) if sparsity is None else float(sparsity)
+    and, for a sparsified model, mark the magnitude cut at its sparsity
+    (recorded in ``ws.info``, as is the method unless ``method`` is given)."""
+    sparsity = float(ws.info.get("sparsity") or 0.0)
     method = method or ws.info.get("method")
-    if cut is None and dense is not None and sparsity > 0:
-        cut = st.magnitude_cut(dense, sparsity)
+    sparsified = bool(method and sparsity)
+    cut = st.magnitude_cut(dense, sparsity) if dense is not None and sparsity > 0 else None
     window = display_window(dense or ws)
     edges, counts = rebin(ws, st.core_histogram(ws)[0], window)
     log = zero_spike(counts)
     summ = st.summarize(ws)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
     # a sparsified model in its method's colour, as in every other figure of the lab
-    color = style.method_color(method) if method and sparsity else sns.color_palette()[0]
+    color = style.method_color(method) if sparsified else sns.color_palette()[0]
     ax.stairs(counts, edges, fill=True, color=color, alpha=0.75,
-              label=f"{ws.label}" + (f" after {method}" if method and sparsity else ""))
+              label=f"{ws.label}" + (f" after {method}" if sparsified else ""))
     if dense is not None:
         d_edges, d_counts = rebin(dense, st.core_histogram(dense)[0], window)
         ax.stairs(d_counts, d_edges, color="0.25", lw=1.0, label="dense (before pruning)")
@@ -137,7 +131,7 @@ def all_params_figure(ws: WeightStats, *, dense: WeightStats | None = None,
     inside = counts.sum() / ws.n
     shown = f"{100 * inside:.2f}% of parameters inside ±{window:.3g}"
     ax.set_title(f"{ws.label}: all {ws.n / 1e6:.1f}M parameters, sparsity "
-                 f"{sparsity_percent(sparsity)}%" + (f" ({method})" if method and sparsity else ""),
+                 f"{sparsity_percent(sparsity)}%" + (f" ({method})" if sparsified else ""),
                  fontsize=11)
     text = (f"|w| < 0.05: {100 * summ['frac_abs_lt_0.05']:.1f}%\n"
             f"|w| < 0.01: {100 * summ['frac_abs_lt_0.01']:.1f}%\n"
@@ -237,7 +231,7 @@ def components_figure(ws: WeightStats):
     """Per-component distributions: weight matrices by role (attention q/k/v/o,
     cross-attention, MLP, embeddings, conv, head) in the main window; norms and
     biases, whose values sit elsewhere, on their own axis."""
-    table = st.group_table(ws, "group")
+    table = st.group_table(ws, "group").set_index("group", drop=False)
     window = display_window(ws)
     main = [g for g in table["group"] if g not in ("norm", "bias")]
     side = [g for g in table["group"] if g in ("norm", "bias")]
@@ -248,9 +242,8 @@ def components_figure(ws: WeightStats):
     edges, overall = rebin(ws, st.core_histogram(ws)[0], window)
     for g in main:
         e, c = rebin(ws, st.core_histogram(ws, ws.mask(group=g))[0], window)
-        share = float(table.loc[table["group"] == g, "share"].iloc[0])
-        std = float(table.loc[table["group"] == g, "std"].iloc[0])
         rows.append((g, e, _density(e, c)))
+        share, std = table.loc[g, "share"], table.loc[g, "std"]
         labels.append(f"{100 * share:.1f}% of params, std {std:.3g}")
     _ridge(axes[0][0], rows, reference=(edges, _density(edges, overall)), right_labels=labels)
     axes[0][0].set_xlim(edges[0], edges[-1])
@@ -268,9 +261,8 @@ def components_figure(ws: WeightStats):
         for g in side:
             c = st.outer_histogram(ws, ws.mask(group=g))[keep]
             e = oe[np.concatenate([keep, [False]]) | np.concatenate([[False], keep])]
-            share = float(table.loc[table["group"] == g, "share"].iloc[0])
             rows.append((g, e, _density(e, c)))
-            labels.append(f"{100 * share:.2f}%")
+            labels.append(f"{100 * table.loc[g, 'share']:.2f}%")
         _ridge(ax, rows, right_labels=labels, color=sns.color_palette()[1])
         ax.set_xlim(lo, hi)
         ax.set_xlabel("parameter value")
@@ -347,12 +339,11 @@ def caption_all_params(ws: WeightStats) -> str:
 
 def caption_layers(ws: WeightStats, distances) -> str:
     parts = []
-    for r in st.depth_correlation(distances).itertuples():
-        part = distances[distances["side"] == r.side]
-        far = part.loc[part["ks"].idxmax()]
-        parts.append(f"{ws.label}'s {r.n} {r.side} blocks are within KS {part['ks'].min():.3f}–"
-                     f"{part['ks'].max():.3f} of the whole model (farthest: block {int(far.block)}); "
-                     f"{describe_correlation(r.rho, r.p, r.n)}")
+    for _, r in st.depth_table({ws.label: distances}).iterrows():
+        parts.append(f"{ws.label}'s {r['blocks']} {r['stack']} blocks are within KS "
+                     f"{r['KS min']:.3f}–{r['KS max']:.3f} of the whole model "
+                     f"(farthest: block {r['farthest block']}); "
+                     f"{describe_correlation(r['ρ'], r['p'], r['blocks'])}")
     return ". ".join(parts) + "."
 
 
@@ -461,9 +452,8 @@ PRESPARSIFIED = 0.01  # exact zeros in >= 1% of the prunable weights: sparsified
 
 def claim_presparsified(all_stats) -> str:
     """The original lab's "billion-parameter models come partly sparsified": what our
-    models can and cannot say about it. Exact zeros are counted in the
-    prunable weight matrices (what a developer's pruning would zero) and
-    elsewhere (zero-initialized biases, padding rows) apart (:func:`~lab_utils.experiments.weights.claims_table`)."""
+    models can say about it, from the exact zeros of the prunable weight matrices (what a
+    developer's pruning would zero; :func:`~lab_utils.experiments.weights.claims_table`)."""
     fracs = {}
     for ws in all_stats:
         z, n, _ = st.prunable_zeros(ws)
@@ -485,9 +475,9 @@ def claim_presparsified(all_stats) -> str:
 
 
 def resources_paragraph(memory, usage: dict) -> str:
-    """Notebook 02's resources paragraph from its :func:`~lab_utils.experiments.weights.memory_table` and the
-    kernel's run time, CPU time and load so far
-    (:func:`lab_utils.core.measure.process_usage`)."""
+    """Notebook 02's resources paragraph from its
+    :func:`~lab_utils.experiments.weights.memory_table` and the kernel's usage so
+    far (:func:`lab_utils.core.measure.process_usage`)."""
     later = memory.iloc[1:] if len(memory) > 1 else memory
     calibrated = memory[memory.method.isin(["wanda", "sparsegpt"]) & memory["pruning peak MiB"].notna()]
     engine_peak = (f" The pruning engine peaked at {human_bytes(calibrated['pruning peak MiB'].max() * 2**20)} "
