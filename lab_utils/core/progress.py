@@ -13,4 +13,5 @@ import os
 from tqdm import tqdm as _text
 from tqdm.auto import tqdm as _auto
 
-tqdm = _text if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes") else _auto
+QUIET = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")  # the switch is on
+tqdm = _text if QUIET else _auto

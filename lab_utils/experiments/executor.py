@@ -48,7 +48,7 @@ from pathlib import Path
 import dask
 from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
 
-from lab_utils.core import files
+from lab_utils.core import files, progress
 
 LOCAL = "local"
 SERIAL = "serial"
@@ -336,8 +336,7 @@ def run_jobs(func: str | Callable, jobs: Sequence[dict], executor: str | Executo
     name = check_executor(executor)
     if name == SERIAL or (name == LOCAL and (len(jobs) <= 1 or workers == 1)):
         return _run_here(function, jobs, describe=describe, desc=desc)
-    # tqdm reads its switch as a bool of the text: any value switches the bars off
-    with open_executor(name, workers=workers, announce=not os.environ.get("TQDM_DISABLE")) as opened:
+    with open_executor(name, workers=workers, announce=not progress.QUIET) as opened:
         return _run_on(opened, function, jobs, threads=threads, describe=describe, desc=desc,
                        resources=resources)
 
@@ -352,10 +351,8 @@ def _failure(what: str, error: BaseException) -> str:
 
 def _run_here(function: Callable, jobs: list[dict], describe: Callable[[dict], str],
               desc: str) -> list:
-    from tqdm.auto import tqdm
-
     results = []
-    for job in tqdm(jobs, desc=desc) if jobs else ():  # no disable=: it would override tqdm's own
+    for job in progress.tqdm(jobs, desc=desc) if jobs else ():
         try:
             results.append(function(**job))
         except Exception as e:  # the same one error as on a cluster, the traceback chained
@@ -393,8 +390,6 @@ def _check_resources(client: Client, resources: dict[str, float] | None) -> None
 
 def _run_on(executor: Executor, function: Callable, jobs: list[dict], threads: int,
             describe: Callable[[dict], str], desc: str, resources: dict[str, float] | None) -> list:
-    from tqdm.auto import tqdm
-
     client = executor.client
     if client is None:
         return _run_here(function, jobs, describe=describe, desc=desc)
@@ -403,7 +398,7 @@ def _run_on(executor: Executor, function: Callable, jobs: list[dict], threads: i
     _check_resources(client, resources)
     results: list = [None] * len(jobs)
     pending: dict[str, tuple[int, Future]] = {}
-    bar = tqdm(total=len(jobs), desc=f"{desc} ({len(client.nthreads())} workers)")
+    bar = progress.tqdm(total=len(jobs), desc=f"{desc} ({len(client.nthreads())} workers)")
     name = getattr(function, "__name__", "job")
     try:
         # one call for the batch (the scheduler runs the jobs in this order); an interrupt
