@@ -227,12 +227,9 @@ def parameters(model: nn.Module) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- the streaming pass
 @dataclass
 class WeightStats:
-    """Everything the figures and tables need, without the weights themselves.
-
-    ``tensors`` has one row per parameter tensor (see :func:`param_table`)
-    plus its counts and moments; the histogram arrays have one row per tensor,
-    so any group's histogram is a sum of rows.
-    """
+    """Everything the figures and tables need, without the weights themselves:
+    ``tensors`` (:func:`param_table` plus counts and moments) and the histogram
+    arrays have one row per parameter tensor, so a group's histogram is a sum of rows."""
 
     label: str
     bins: BinSpec
