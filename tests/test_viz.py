@@ -175,3 +175,17 @@ def test_a_sparsified_histogram_is_drawn_in_its_methods_colour(pair):
         patch = next(p for p in fig.axes[0].patches if p.get_label().endswith(f"after {method}"))
         assert to_hex(patch.get_facecolor(), keep_alpha=False) == style.method_color(method).lower()
         plt.close(fig)
+
+
+def test_headlines_answer_the_three_claims_from_the_summary_table():
+    import pandas as pd
+
+    from lab_utils.presentation import weights_view
+    summary = pd.DataFrame({"model": ["A", "B"], "frac_abs_lt_0.05": [0.7, 0.3],
+                            "decoder_rho": [0.9, float("nan")], "decoder_p": [0.01, float("nan")],
+                            "encoder_rho": [float("nan"), -0.2], "encoder_p": [float("nan"), 0.5],
+                            "exact_zero_frac": [0.0, 0.002]})
+    h = weights_view.headlines(summary)
+    assert h["near_zero"] == "More than half lie within ±0.05 in 1 of 2 models."
+    assert h["layers"] == "The distance grows significantly with depth in 1 of 2 block stacks: A decoder."
+    assert "at most 0.20%" in h["presparsified"] and "(B)" in h["presparsified"]

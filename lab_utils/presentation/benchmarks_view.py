@@ -97,6 +97,24 @@ def best_method(df: pd.DataFrame, model: str, metric: str, pattern: str, sparsit
     return t.loc[i]
 
 
+def method_headline(df: pd.DataFrame) -> str | None:
+    """Which method was best most often, over every model at 50% unstructured and at
+    2:4 (each model judged on its first headline metric): the write-up's short answer."""
+    wins = {}
+    for model, g in df.groupby("model", sort=False):
+        metric = next((m for m in HEADLINE if m in set(g.metric)), None)
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            row = best_method(g, model, metric, pattern, sparsity) if metric else None
+            if row is not None:
+                wins[row.method] = wins.get(row.method, 0) + 1
+    if not wins:
+        return None
+    order = sorted(wins, key=wins.get, reverse=True)
+    others = ", ".join(f"{m} in {wins[m]}" for m in order[1:])
+    return (f"{order[0]}: the best in {wins[order[0]]} of {sum(wins.values())} model and setting pairs "
+            f"(50% unstructured, 2:4){', ' + others if others else ''}.")
+
+
 def _change(row) -> str:
     rc = row.relative_change
     return "n/a" if rc is None or math.isnan(rc) else f"{100 * rc:+.1f}%"

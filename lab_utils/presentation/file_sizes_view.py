@@ -118,6 +118,17 @@ def size_summary(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95) -> p
     return pd.DataFrame(rows)
 
 
+def size_headline(sizes: pd.DataFrame) -> str | None:
+    """The write-up's short answer on file sizes: the range, over models, of how many
+    times smaller the smallest lossless file is than the dense one at the top sparsity."""
+    x = size_summary(sizes).x_smaller.dropna()
+    if not len(x):
+        return None
+    span = f"{x.min():.1f}x" + (f" to {x.max():.1f}x" if len(x) > 1 else "")
+    return (f"Only in a sparse format: at the highest sparsity the smallest lossless file is {span} smaller "
+            "than the dense one, which keeps every zero.")
+
+
 def size_summary_table(sizes: pd.DataFrame, low: float = 0.5, high: float = 0.95) -> pd.DataFrame:
     """:func:`size_summary` as the write-up shows it: ranges as 'a–b', MiB to one decimal."""
     t = size_summary(sizes, low, high)

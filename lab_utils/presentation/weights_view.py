@@ -474,6 +474,31 @@ def claim_presparsified(all_stats) -> str:
     return f"**Claim 3, large models come pre-sparsified**: {verdict}; {scale}."
 
 
+def headlines(summary, alpha: float = ALPHA) -> dict[str, str]:
+    """Short answers to the seed's three claims, for the write-up's first screen,
+    from the per-model summary table (``weights.model_summary`` rows, dense models)."""
+    most = int((summary["frac_abs_lt_0.05"] > 0.5).sum())
+    out = {"near_zero": f"More than half lie within ±0.05 in {most} of {len(summary)} models."}
+    trends, stacks = [], 0
+    for r in summary.itertuples():
+        for side in ("decoder", "encoder"):
+            rho, p = getattr(r, f"{side}_rho", math.nan), getattr(r, f"{side}_p", math.nan)
+            if rho is None or rho != rho:
+                continue
+            stacks += 1
+            if rho > 0 and p < alpha:
+                trends.append(f"{r.model} {side}")
+    if stacks:
+        out["layers"] = (f"The distance grows significantly with depth in {len(trends)} of {stacks} block stacks"
+                         + (f": {', '.join(trends)}." if trends else "."))
+    z = summary.exact_zero_frac
+    worst = summary.model.iloc[int(z.to_numpy().argmax())]
+    out["presparsified"] = (f"**None of these models comes pre-sparsified**: at most {z.max():.2%} of any "
+                            f"model's parameters are exactly zero ({worst})." if z.max() < 0.01 else
+                            f"**Some pre-sparsification**: {worst} has {z.max():.1%} exact zeros before any pruning.")
+    return out
+
+
 def resources_paragraph(memory, usage: dict) -> str:
     """Notebook 02's resources paragraph from its
     :func:`~lab_utils.experiments.weights.memory_table` and the kernel's usage so

@@ -237,13 +237,13 @@ def harness_version(df) -> str:
 
 # The "What we found" list, in order: (question, notebook, finding key, section). Each answer
 # is the sentence the notebook showed and recorded (``notebook.md(text, key=...)``), quoted.
-HEADLINES = (
-    (None, "02_visualization", "claim_near_zero", "model-visualization"),
-    (None, "02_visualization", "claim_layers", "model-visualization"),
-    (None, "02_visualization", "claim_presparsified", "model-visualization"),
-    *((f"Which pruning method keeps the most quality ({family})?", "04_benchmarks", f"benchmarks_{family}",
-       "benchmarks") for family in models.FAMILIES),
-    ("Does sparsity make files smaller?", "03_sparsification_and_sizes", "model_sizes", "sizes"),
+HEADLINES = (  # (question, notebook, key, section): the short answers each notebook recorded
+    ("Are most parameters close to 0?", "02_visualization", "headline_near_zero", "model-visualization"),
+    ("Do higher layers deviate from the overall distribution?", "02_visualization", "headline_layers",
+     "model-visualization"),
+    (None, "02_visualization", "headline_presparsified", "model-visualization"),
+    ("Which pruning method keeps the most quality?", "04_benchmarks", "headline_method", "benchmarks"),
+    ("Does sparsity make files smaller?", "03_sparsification_and_sizes", "headline_sizes", "sizes"),
     ("Does sparsity make a CPU faster?", "03_sparsification_and_sizes", "speed", "speed"),
 )
 
