@@ -160,10 +160,7 @@ def decode_weight(parts: dict[str, torch.Tensor], fmt: str | Format, shape: tupl
         values = values.to(dtype)
     W = torch.zeros(out_f, in_f, dtype=dtype)
     if f.layout == "csr":
-        crow = parts["crow_indices"].to(torch.int64)
-        col = parts["col_indices"].to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(out_f), crow.diff())
-        W[rows, col] = values
+        W[_value_rows(parts, f, shape, pattern), parts["col_indices"].to(torch.int64)] = values
     elif f.layout == "bitmask":
         keep = np.unpackbits(parts["mask"].numpy())[: out_f * in_f].astype(bool).reshape(out_f, in_f)
         W[torch.from_numpy(keep)] = values
@@ -180,7 +177,7 @@ def decode_weight(parts: dict[str, torch.Tensor], fmt: str | Format, shape: tupl
 
 
 def _value_rows(parts, f: Format, shape, pattern) -> torch.Tensor:
-    """Row index of every stored value (to apply its row's int8 scale)."""
+    """Row index of every stored value (its row's int8 scale; a CSR value's row)."""
     out_f, in_f = shape
     if f.layout == "csr":
         return torch.repeat_interleave(torch.arange(out_f), parts["crow_indices"].to(torch.int64).diff())

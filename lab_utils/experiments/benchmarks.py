@@ -1,21 +1,15 @@
 """Run every family's benchmarks on a model's dense and pruned checkpoints.
 
-One tidy table comes out (:data:`COLUMNS`): a row per model, setting, metric
-and zero-shot task, with the dense model's value (the first setting of every
-model) and the relative change. Benchmarks per family, each in its module of
-:mod:`lab_utils.core.evaluation`:
-
-=================  ==========================================================
-decoder-only       ``perplexity`` and ``zero-shot`` (a row per lm-eval task)
-encoder-only       ``sentiment-probe``: a head trained once on the dense
-                   encoder, accuracy/F1 of every encoder, embedding fidelity
-encoder-decoder    ``wer`` for a speech model, ``denoising`` for a text model
-=================  ==========================================================
-
-Every evaluation is cached as checksummed JSON under ``cache_dir()/eval/``,
-keyed by the checkpoint key (the pruning engine's, computed here *without
-loading the model*, so a fully cached run loads nothing), the benchmark, its
-parameters and :data:`EVAL_VERSION`.
+One tidy table comes out (:data:`COLUMNS`): a row per model, setting, metric and
+zero-shot task, with the dense model's value and the relative change. The
+benchmarks of a family (:func:`benchmarks_for`, each in :mod:`lab_utils.core.evaluation`):
+``perplexity`` and ``zero-shot`` (a row per lm-eval task) for a decoder;
+``sentiment-probe`` (a head trained once on the dense encoder: accuracy, F1,
+embedding fidelity) for an encoder; ``wer`` for a speech model and ``denoising``
+for a text encoder-decoder. Every evaluation is cached as checksummed JSON under
+``cache_dir()/eval/``, keyed by the checkpoint key (computed without loading the
+model, so a fully cached run loads nothing), the benchmark, its parameters and
+:data:`EVAL_VERSION`.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from lab_utils.presentation import style
 MB = 1e6
 
 
-def _ratio(new: float, old: float, unit: str = "MB", scale: float = MB) -> str:
+def _ratio(new: float, old: float) -> str:
     if new == old:
-        return f"unchanged ({old / scale:.1f} {unit})"
-    return f"{old / scale:.1f} -> {new / scale:.1f} {unit} (x{new / old:.2f})"
+        return f"unchanged ({old / MB:.1f} MB)"
+    return f"{old / MB:.1f} -> {new / MB:.1f} MB (x{new / old:.2f})"
 
 
 def _speed(new, old) -> str:
@@ -31,6 +31,13 @@ def _speed(new, old) -> str:
 
 def _ppl(new: float, old: float) -> str:
     return f"perplexity {old:.1f} -> {new:.1f} ({new / old - 1:+.0%})"
+
+
+def _changes(new: pd.Series, old: pd.Series) -> dict:
+    """File, memory, speed and quality of table row ``new`` against row ``old``."""
+    return {"file": _ratio(new.file_bytes, old.file_bytes),
+            "memory": _ratio(new.memory_bytes, old.memory_bytes),
+            "speed": _speed(new, old), "quality": _ppl(new.perplexity, old.perplexity)}
 
 
 def pick_moe_row(moe_table: pd.DataFrame, router: str = "linear") -> pd.Series:
@@ -53,21 +60,13 @@ def side_by_side(sparse: pd.DataFrame, structured: pd.DataFrame, quant: pd.DataF
                  + f"; bitmask format {s.filter(like='bitmask').iloc[0] / MB:.1f} MB",
                  "memory": _ratio(s.memory_bytes, d.memory_bytes),
                  "speed": _speed(s, d), "quality": _ppl(s.perplexity, d.perplexity)})
-    base = structured.iloc[0]
     r = structured.iloc[-1]
     rows.append({"technique": "Pruning (structured)",
                  "setting": f"{r.neurons_removed:.0%} of MLP neurons removed",
-                 "file": _ratio(r.file_bytes, base.file_bytes),
-                 "memory": _ratio(r.memory_bytes, base.memory_bytes),
-                 "speed": _speed(r, base),
-                 "quality": _ppl(r.perplexity, base.perplexity)})
-    q0 = quant.iloc[0]
+                 **_changes(r, structured.iloc[0])})
     for _, q in quant.iloc[1:].iterrows():
         rows.append({"technique": "Quantization", "setting": f"{q.scheme} ({q.bits_per_weight:.2f} bits/weight)",
-                     "file": _ratio(q.file_bytes, q0.file_bytes),
-                     "memory": _ratio(q.memory_bytes, q0.memory_bytes),
-                     "speed": _speed(q, q0),
-                     "quality": _ppl(q.perplexity, q0.perplexity)})
+                     **_changes(q, quant.iloc[0])})
     t = distill.set_index("model")
     teacher, student = t.loc["teacher"], t.loc["student, distilled"]
     rows.append({"technique": "Distillation",

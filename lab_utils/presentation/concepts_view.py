@@ -21,21 +21,17 @@ def _x(new: float, old: float) -> str:
 
 
 def _faster(new, old, tol: float = 0.05) -> str:
-    """'1.31x faster' / '1.20x slower' / 'about as fast' for two table rows with
-    ``forward_cpu_s`` and ``forward_s``. The verdict uses CPU time, which other
-    processes on a shared machine disturb less than wall time; both are shown."""
+    """'1.31x faster' / '1.20x slower' / 'about as fast' for two table rows, by
+    their ``forward_cpu_s``: CPU time, which other processes on a shared machine
+    disturb less than wall time."""
     r = old.forward_cpu_s / new.forward_cpu_s
-    w = old.forward_s / new.forward_s
-    both = f"CPU time {old.forward_cpu_s:.2f} s -> {new.forward_cpu_s:.2f} s, wall time x{w:.2f}"
     if abs(r - 1) <= tol:
-        return f"about as fast ({both})"
-    return (f"{r:.2f}x faster" if r > 1 else f"{1 / r:.2f}x slower") + f" ({both})"
+        return "about as fast"
+    return f"{r:.2f}x faster" if r > 1 else f"{1 / r:.2f}x slower"
 
 
-def _ppl_change(new: float, old: float, protocol: str | None = None) -> str:
-    """'perplexity (PROTOCOL) up from A to B (+x%)' or 'unchanged at A'."""
-    if protocol is not None:
-        return f"perplexity ({protocol}) " + _ppl_change(new, old)
+def _ppl_change(new: float, old: float) -> str:
+    """'up from A to B (+x%)' or 'unchanged at A'."""
     r = new / old
     if abs(r - 1) < 0.005:
         return f"unchanged at {new:.2f}"
@@ -45,16 +41,13 @@ def _ppl_change(new: float, old: float, protocol: str | None = None) -> str:
 CORPORA = {"nyt": "NYT editorial", "wikitext2": "WikiText-2 (test split)"}
 
 
-def _ppl(value: float, protocol: str) -> str:
-    return f"perplexity ({protocol}) {value:,.2f}"
-
-
 def baseline(label: str, parameters: int, ppl: float, windows, corpus: str, file_bytes: int,
              protocol: str = "quick") -> str:
     corpus = CORPORA.get(corpus, corpus)
     return (f"**Baseline.** {label}: {parameters:,} parameters, a {file_bytes / MB:.1f} MB weights file, "
-            f"{_ppl(ppl, protocol)} on {windows.shape[0]} windows of {windows.shape[1]} tokens of the "
-            f"{corpus} text; every demo below is measured on the same windows.")
+            f"perplexity ({protocol}) {ppl:,.2f} on {windows.shape[0]} windows of "
+            f"{windows.shape[1]} tokens of the {corpus} text; every demo below is measured on the "
+            f"same windows.")
 
 
 def sparsification(t: pd.DataFrame, method: str, protocol: str = "quick") -> str:
@@ -67,7 +60,7 @@ def sparsification(t: pd.DataFrame, method: str, protocol: str = "quick") -> str
     kept = f"leaves the {names} unchanged" if unchanged else "changes the size"
     return (f"{method.capitalize()} pruning of {s.prunable_zero_fraction:.0%} of the prunable weights {kept} "
             f"(a zero costs 4 bytes like any fp32 value) and the forward pass is "
-            f"{_faster(s, d).split(' (')[0]}; only the `{fmt.removesuffix('_file_bytes')}` format shrinks the file "
+            f"{_faster(s, d)}; only the `{fmt.removesuffix('_file_bytes')}` format shrinks the file "
             f"({_x(s[fmt], s.dense_file_bytes)}), and perplexity ({protocol}) is "
             f"{_ppl_change(s.perplexity, d.perplexity)}.")
 
@@ -93,7 +86,7 @@ def structured(t: pd.DataFrame, protocol: str = "quick") -> str:
             f"perplexity ({protocol}) stays within {worst:.2f}x dense")
     return (f"Removing whole neurons shrinks parameters, file and memory alike ({top.neurons_removed:.0%} of "
             f"the MLP neurons: file {_x(top.file_bytes, base.file_bytes)}, forward "
-            f"{_faster(top, base).split(' (')[0]}); {cost}.")
+            f"{_faster(top, base)}); {cost}.")
 
 
 def quantization(t: pd.DataFrame, label: str, protocol: str = "quick") -> str:
@@ -134,7 +127,7 @@ def quantization_speed(t: pd.DataFrame, protocol: str = "quick") -> str:
     for s in dyn:
         r, ref = q.loc[s], q.loc[wo[0]]
         costly = r.perplexity > 1.1 * ref.perplexity
-        text += (f" Torch's dynamic int8 is {_faster(r, fp32).split(' (')[0]}, and with the same weight error as "
+        text += (f" Torch's dynamic int8 is {_faster(r, fp32)}, and with the same weight error as "
                  f"{wo[0]} its perplexity ({protocol}) of {r.perplexity:,.2f} against {ref.perplexity:,.2f} is the "
                  f"cost of int8 *activations*: "
                  + ("large, because a few outlier channels stretch a per-tensor scale." if costly else

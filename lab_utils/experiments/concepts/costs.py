@@ -70,28 +70,25 @@ def count_zeros(model: nn.Module) -> dict[str, int]:
             "prunable_zeros": prunable_zeros}
 
 
-def seconds_each(calls: dict, reps: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of each zero-argument call, timed interleaved
-    (:func:`lab_utils.core.measure.time_calls`), as ``{name: {"forward_s",
-    "forward_cpu_s"}}``. CPU time does not count the time other processes hold
-    the cores, so it is the steadier of the two on a busy machine."""
-    times = time_calls(calls, warmup, reps)
+def seconds_each(calls: dict, reps: int = 5) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of each zero-argument call after one warm-up,
+    timed interleaved (:func:`lab_utils.core.measure.time_calls`), as ``{name:
+    {"forward_s", "forward_cpu_s"}}``. CPU time does not count the time other
+    processes hold the cores, so it is the steadier of the two on a busy machine."""
+    times = time_calls(calls, warmup=1, repeats=reps)
     wall, cpu = median_seconds(times), median_seconds(times, "cpu_seconds")
     return {k: {"forward_s": float(wall[k]), "forward_cpu_s": float(cpu[k])} for k in calls}
 
 
-def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor, reps: int = 5,
-                         warmup: int = 1, device: str = "cpu") -> dict[str, dict[str, float]]:
+def forward_seconds_each(models: dict[str, nn.Module], input_ids: torch.Tensor,
+                         reps: int = 5) -> dict[str, dict[str, float]]:
     """:func:`seconds_each` of one forward pass of every model over ``input_ids``."""
-    input_ids = input_ids.to(device)
-    return seconds_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()},
-                        reps, warmup)
+    return seconds_each({k: (lambda m=m: m(input_ids=input_ids)) for k, m in models.items()}, reps)
 
 
 def file_bytes(write) -> int:
-    """Size on disk of what ``write(folder)`` writes (every file in it), measured
-    in a scratch folder of the cache that is removed afterwards (model files
-    are hundreds of MB)."""
+    """Size on disk of the safetensors files ``write(folder)`` writes, in a
+    scratch folder of the cache removed afterwards (model files are hundreds of MB)."""
     folder = Path(tempfile.mkdtemp(prefix="concepts-", dir=files.cache_dir()))
     try:
         write(folder)

@@ -1,9 +1,8 @@
 """The decoder every decoder demo of notebook 01 runs on, and its data.
 
-A :class:`Decoder` is described by its settings alone: they are its fields, so
-a demo step that takes it (:func:`lab_utils.core.memo.step`) is keyed by the
-model and every shared setting. The model and the windows are loaded on first
-use, so a rerun that reads every demo back never tokenizes the calibration text.
+Its fields are its settings, so a demo step taking it is keyed by all of them;
+the model and windows load on first use, so a rerun that reads every demo back
+from the cache never tokenizes the calibration text.
 """
 
 from __future__ import annotations

@@ -149,14 +149,11 @@ def head_from_probe(probe: dict) -> nn.Linear:
 
 @torch.no_grad()
 def predict_logits(model: SentenceClassifier, tokenizer, texts, batch_size: int = 64,
-                   max_length: int = 64, device: str = "cpu") -> torch.Tensor:
+                   max_length: int = 64) -> torch.Tensor:
     model.eval()
-    out = []
-    n = (len(texts) + batch_size - 1) // batch_size
-    for ids, mask in tqdm(_batches(tokenizer, texts, batch_size, max_length), total=n,
-                          desc="predict", leave=False):
-        out.append(model(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+    batches = tqdm(_batches(tokenizer, texts, batch_size, max_length),
+                   total=(len(texts) + batch_size - 1) // batch_size, desc="predict", leave=False)
+    return torch.cat([model(ids, mask).float() for ids, mask in batches])
 
 
 def accuracy(logits: torch.Tensor, labels) -> float:
@@ -164,7 +161,7 @@ def accuracy(logits: torch.Tensor, labels) -> float:
 
 
 def train_student(student: SentenceClassifier, tokenizer, texts, labels,
-                  teacher_logits: torch.Tensor | None, cfg: DistillConfig, device: str = "cpu") -> list[float]:
+                  teacher_logits: torch.Tensor | None, cfg: DistillConfig) -> list[float]:
     """Train ``student`` in place for ``cfg.steps`` AdamW steps on the loss
     :func:`distillation_loss` with ``cfg``'s temperature and alpha; return the
     loss per step. The batches are a seeded shuffle of the training set, so two
@@ -176,7 +173,7 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
     labels = torch.as_tensor(labels)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout draws, if the encoder has any
-    student.to(device).train()
+    student.train()
     if cfg.freeze_embeddings:
         # the token table is most of a small student's parameters and the same
         # for every student: training only the blocks and the head keeps a step cheap
@@ -192,9 +189,9 @@ def train_student(student: SentenceClassifier, tokenizer, texts, labels,
         idx = order[step * batch_size : (step + 1) * batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                         max_length=cfg.max_length, return_tensors="pt")
-        logits = student(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        t = teacher_logits[idx].to(device) if teacher_logits is not None else None
-        loss = distillation_loss(logits, t, labels[idx].to(device), cfg.temperature, cfg.alpha)
+        logits = student(enc["input_ids"], enc["attention_mask"])
+        t = teacher_logits[idx] if teacher_logits is not None else None
+        loss = distillation_loss(logits, t, labels[idx], cfg.temperature, cfg.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -234,13 +231,14 @@ def experiment(encoder: nn.Module, tokenizer, train, test, cfg: DistillConfig):
     teacher_s = time.perf_counter() - t0
     n_blocks = len(next(iter(transformer_blocks(encoder).values()))[1])
 
-    def size(m):
-        return sum(p.numel() for p in m.parameters())
+    def row(name: str, layers: int, model: nn.Module, logits: torch.Tensor, train_s: float) -> dict:
+        return {"model": name, "layers": layers,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "accuracy": accuracy(logits, test["label"]), "train_s": train_s,
+                "agreement_with_teacher": accuracy(logits, teacher_test.argmax(-1))}
 
     teacher = SentenceClassifier(encoder, head)
-    rows = [{"model": "teacher", "layers": n_blocks, "parameters": size(teacher),
-             "accuracy": accuracy(teacher_test, test["label"]), "train_s": teacher_s,
-             "agreement_with_teacher": 1.0}]
+    rows = [row("teacher", n_blocks, teacher, teacher_test, teacher_s)]
     # The truncated encoder's features live elsewhere than the teacher's: its
     # starting head is the same probe, fitted on its own frozen features.
     truncated = truncate_blocks(encoder, student_layers)
@@ -248,10 +246,7 @@ def experiment(encoder: nn.Module, tokenizer, train, test, cfg: DistillConfig):
     start = SentenceClassifier(truncated, head_from_probe(
         sentiment.train_probe(f_student, train["label"], seed=seed)))
     logits = predict_logits(start, tokenizer, test["text"], max_length=max_length)
-    rows.append({"model": "student, probe only", "layers": student_layers,
-                 "parameters": size(start), "accuracy": accuracy(logits, test["label"]),
-                 "train_s": 0.0, "agreement_with_teacher": float(
-                     (logits.argmax(-1) == teacher_test.argmax(-1)).float().mean())})
+    rows.append(row("student, probe only", student_layers, start, logits, 0.0))
     losses = {}
     for name, a in (("student, distilled", cfg.alpha), ("student, labels only", 0.0)):
         student = copy.deepcopy(start)
@@ -260,10 +255,7 @@ def experiment(encoder: nn.Module, tokenizer, train, test, cfg: DistillConfig):
                                      teacher_train, dataclasses.replace(cfg, alpha=a))
         seconds = time.perf_counter() - t0
         logits = predict_logits(student, tokenizer, test["text"], max_length=max_length)
-        rows.append({"model": name, "layers": student_layers, "parameters": size(student),
-                     "accuracy": accuracy(logits, test["label"]), "train_s": seconds,
-                     "agreement_with_teacher": float((logits.argmax(-1) == teacher_test.argmax(-1))
-                                                     .float().mean())})
+        rows.append(row(name, student_layers, student, logits, seconds))
     table = pd.DataFrame(rows)
     table["bytes_fp32"] = 4 * table.parameters
     table["embedding_parameters"] = sum(p.numel() for n, p in start.named_parameters()

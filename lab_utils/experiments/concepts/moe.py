@@ -1,14 +1,12 @@
 """MoEfication (Zhang et al. 2022): split a dense MLP into experts, run a few per token.
 
-The MLP's neurons are split into K experts of equal size by **balanced
-k-means over the neurons' weight vectors** (their rows of the input
-projections, normalized: the paper's parameter clustering). Each token keeps
-its top-k experts by the sum of |h_j| * ||down[:, j]|| over their neurons,
-either computed from its true activations (``oracle``: an upper bound, since it
-needs the dense MLP) or predicted from the MLP input by a ridge-regression
-``linear`` router. The other neurons' h is zeroed before the output projection:
-that measures quality exactly, while a real MoE kernel would also skip their
-multiply-adds.
+The neurons are split into K equal experts by balanced k-means over their
+normalized input-projection rows (the paper's parameter clustering). Each token
+keeps its top-k experts by the sum of |h_j| * ||down[:, j]|| over their neurons,
+from its true activations (``oracle``: an upper bound, it needs the dense MLP)
+or predicted from the MLP input by a ridge-regression ``linear`` router. The
+other neurons' h is zeroed before the output projection: quality is measured
+exactly, while a real MoE kernel would also skip their multiply-adds.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import set_module, weight_out_in
 from lab_utils.core.progress import tqdm
 from lab_utils.experiments.concepts.decoder import Decoder, baseline
-from lab_utils.experiments.concepts.structured import MLP, mlps
+from lab_utils.experiments.concepts.structured import MLP, mlps, run_windows
 
 ROUTERS = ("oracle", "linear")
 
@@ -107,19 +105,17 @@ def expert_sums(h: torch.Tensor, labels: torch.Tensor, n_experts: int,
     return a @ onehot
 
 
-def output_norms(mlp: MLP) -> torch.Tensor:
-    """||down[:, j]||_2 for every neuron j."""
-    return weight_out_in(mlp.output).detach().float().norm(dim=0)
+def output_norms(output: nn.Module) -> torch.Tensor:
+    """||down[:, j]||_2 for every neuron j of an MLP's output projection ``down``."""
+    return weight_out_in(output).detach().float().norm(dim=0)
 
 
 # --------------------------------------------------------------------------- routers
-@torch.no_grad()
-def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windows: torch.Tensor,
-                            batch_size: int = 4, device: str = "cpu"):
+def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windows: torch.Tensor):
     """Per MLP: (inputs x: tokens x d_model, expert sums of |h|: tokens x K) on calibration text."""
     layers = mlps(model)
     K = int(experts[0].max()) + 1
-    norms = [output_norms(m) for m in layers]
+    norms = [output_norms(m.output) for m in layers]
     xs = [[] for _ in layers]
     ss = [[] for _ in layers]
 
@@ -138,12 +134,7 @@ def calibration_activations(model: nn.Module, experts: list[torch.Tensor], windo
     for i, m in enumerate(layers):
         handles.append(m.inputs[0].register_forward_pre_hook(keep_x(i)))
         handles.append(m.output.register_forward_pre_hook(keep_s(i)))
-    try:
-        for s in tqdm(range(0, len(windows), batch_size), desc="router data", leave=False):
-            model(input_ids=windows[s : s + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_windows(model, windows, handles, "router data")
     return [(torch.cat(x), torch.cat(s)) for x, s in zip(xs, ss, strict=True)]
 
 
@@ -205,8 +196,7 @@ class MoEOutput(nn.Module):
         self.output, self.top_k, self.router = output, top_k, router
         self.n_experts = int(labels.max()) + 1
         self.register_buffer("labels", labels.clone(), persistent=False)
-        self.register_buffer("norms", weight_out_in(output).detach().float().norm(dim=0),
-                             persistent=False)
+        self.register_buffer("norms", output_norms(output), persistent=False)
         self.router_weights = router_weights
         self.captured = captured
         self.x = None  # the MLP input of the current forward, set by a pre-hook
@@ -286,14 +276,13 @@ def active_top_k(fraction: float, n_experts: int) -> int:
 
 
 # --------------------------------------------------------------------------- the demo
-def fit_routers(model: nn.Module, experts: list[torch.Tensor], calibration: torch.Tensor,
-                ks=(1,), ridge: float = 1e-3):
+def fit_routers(model: nn.Module, experts: list[torch.Tensor], calibration: torch.Tensor, ks=(1,)):
     """Linear routers fitted on the first 3/4 of the calibration windows, and
     their top-k recall of the true experts on the held-out last quarter
     ({k: recall}, empty with a single window)."""
     n_fit = max(1, (3 * len(calibration)) // 4)
     fit = calibration_activations(model, experts, calibration[:n_fit])
-    routers = [fit_linear_router(x, s, ridge) for x, s in fit]
+    routers = [fit_linear_router(x, s) for x, s in fit]
     recalls = {}
     if n_fit < len(calibration):
         held = calibration_activations(model, experts, calibration[n_fit:])

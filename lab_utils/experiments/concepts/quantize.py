@@ -10,7 +10,7 @@
 
 The weight-only schemes dequantize a layer's weight when it runs
 (:class:`QuantLinear`): memory shrinks, but without a fused low-bit kernel the
-CPU still multiplies in fp32, after paying for the dequantization.
+CPU still multiplies in fp32.
 """
 
 from __future__ import annotations
@@ -133,10 +133,13 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{g}"
 
 
-def _max_ratio(err: torch.Tensor, bound: torch.Tensor) -> float:
-    """max err / bound; a zero bound (an all-zero row) must come with a zero error."""
+def _error_row(W: torch.Tensor, err: torch.Tensor, bound: torch.Tensor) -> dict:
+    """A layer's squared error and weight sums, its largest error, and the largest
+    error over its ``bound`` (a zero bound, an all-zero row, needs a zero error)."""
     ratio = torch.where(bound > 0, err / bound.clamp(min=1e-30), torch.where(err > 0, torch.inf, 0.0))
-    return float(ratio.max())
+    return {"numel": W.numel(), "sq_err": float((err.double() ** 2).sum()),
+            "sq_w": float((W.double() ** 2).sum()), "max_abs_err": float(err.max()),
+            "max_err_over_bound": float(ratio.max())}
 
 
 def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32):
@@ -151,10 +154,8 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = 32):
         W = pl.weight.float()
         q = QuantLinear(W, pl.module.bias, scheme, group_size)
         err = (q.dequantized() - W).abs()
-        rows.append({"layer": pl.name, "component": pl.component, "numel": W.numel(),
-                     "sq_err": float((err.double() ** 2).sum()), "sq_w": float((W.double() ** 2).sum()),
-                     "max_abs_err": float(err.max()),
-                     "max_err_over_bound": _max_ratio(err, q.half_step())})
+        rows.append({"layer": pl.name, "component": pl.component,
+                     **_error_row(W, err, q.half_step())})
         set_module(model, pl.name, q)
     return model, pd.DataFrame(rows)
 
@@ -194,10 +195,7 @@ def dynamic_int8(model: nn.Module):
             W = originals[n]
             err = (qw.dequantize() - W).abs()
             bound = (qw.q_per_channel_scales().float() / 2)[:, None]
-            rows.append({"layer": n, "numel": W.numel(),
-                         "sq_err": float((err.double() ** 2).sum()),
-                         "sq_w": float((W.double() ** 2).sum()), "max_abs_err": float(err.max()),
-                         "max_err_over_bound": _max_ratio(err, bound.expand_as(err))})
+            rows.append({"layer": n, **_error_row(W, err, bound.expand_as(err))})
     return qmodel, pd.DataFrame(rows)
 
 

@@ -1,11 +1,8 @@
 """Sparsification: zeros in tensors that keep their shape.
 
-The pruned model comes from the lab's one way to get one
-(:func:`lab_utils.engine.checkpoints.pruned_model`, given the loaded dense
-model); this module lays the dense and the sparsified model side by side: the
-parameter count, the zeros, the dense file, a sparse-format file, the memory,
-the forward time and the perplexity. :func:`mask_table` compares the masks
-notebook 01 computes on one layer with :mod:`lab_utils.core.sparsify`.
+:func:`compare` lays the dense model and the engine's pruned copy side by side
+(parameters, zeros, files, memory, forward time, perplexity); :func:`mask_table`
+compares the masks notebook 01 computes on one layer with :mod:`lab_utils.core.sparsify`.
 """
 
 from __future__ import annotations
@@ -22,10 +19,9 @@ from lab_utils.experiments.concepts.decoder import Decoder, baseline
 
 
 def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tensor,
-            time_ids: torch.Tensor, dense_ppl: float | None = None, sparse_format: str = "bitmask",
-            reps: int = 5, dense_file: int | None = None) -> pd.DataFrame:
+            time_ids: torch.Tensor, dense_ppl: float | None = None, reps: int = 5,
+            dense_file: int | None = None) -> pd.DataFrame:
     """One row per model: what sparsification changes and what it does not.
-
     ``dense_ppl`` and ``dense_file`` (the dense model's perplexity on the same
     windows and its checkpoint size) save measuring them again."""
     speed = costs.forward_seconds_each({"dense": dense, "sparsified": sparse}, time_ids, reps)
@@ -38,7 +34,7 @@ def compare(dense: torch.nn.Module, sparse: torch.nn.Module, windows: torch.Tens
             "prunable_zero_fraction": zeros["prunable_zeros"] / zeros["prunable"],
             "dense_file_bytes": dense_file if name == "dense" and dense_file is not None
             else costs.dense_file_bytes(model),
-            f"{sparse_format}_file_bytes": costs.sparse_file_bytes(model, sparse_format),
+            "bitmask_file_bytes": costs.sparse_file_bytes(model, "bitmask"),
             "memory_bytes": costs.model_bytes(model), **speed[name],
             "perplexity": dense_ppl if name == "dense" and dense_ppl is not None
             else perplexity(model, windows),

@@ -2,12 +2,10 @@
 
 Neuron j of an MLP (``down(h)``, ``h = act(gate(x)) * up(x)`` in Llama,
 ``act(c_fc(x))`` in GPT-2 and BERT) owns row j of every input projection and
-column j of the output projection; removing it changes nothing else, because h
-is summed away by ``down``. Its score on calibration text,
-``mean over tokens of |h_j| * ||down[:, j]||_2``, is Wanda's "weight times
-activation" lifted from one weight to one neuron. Every MLP loses the same
-number of neurons, so ``config.intermediate_size`` stays one number and the
-pruned model reloads with ``from_pretrained``.
+column j of ``down``, which sums h away: removing it changes nothing else. Its
+score, mean |h_j| * ||down[:, j]||_2 on calibration text, is Wanda's "weight
+times activation" lifted to a neuron. Every MLP loses as many neurons, so the
+config's MLP width stays one number and the model reloads with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -75,8 +73,17 @@ def neuron_scores(mean_abs_h: torch.Tensor, W_down: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                     device: str = "cpu") -> list[torch.Tensor]:
+def run_windows(model: nn.Module, windows: torch.Tensor, handles: list, desc: str) -> None:
+    """Run ``model`` over ``windows``, 4 at a time, for its hooks; then remove ``handles``."""
+    try:
+        for s in tqdm(range(0, len(windows), 4), desc=desc, leave=False):
+            model(input_ids=windows[s : s + 4])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hidden_abs_means(model: nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
     """Mean |h_j| of every MLP neuron over the calibration tokens, one tensor per
     MLP (read where h enters the output projection, in every architecture)."""
     layers = mlps(model)
@@ -92,19 +99,13 @@ def hidden_abs_means(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         return fn
 
     handles = [m.output.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
-    try:
-        for s in tqdm(range(0, len(windows), batch_size), desc="calibration", leave=False):
-            model(input_ids=windows[s : s + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_windows(model, windows, handles, "calibration")
     return [(x / max(count[0], 1)).float() for x in sums]
 
 
-def calibrated_scores(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4,
-                      device: str = "cpu") -> list[torch.Tensor]:
+def calibrated_scores(model: nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
     """The score of every neuron of every MLP, from activations on ``calibration``."""
-    acts = hidden_abs_means(model, calibration, batch_size, device)
+    acts = hidden_abs_means(model, calibration)
     return [neuron_scores(a, weight_out_in(m.output)) for a, m in zip(acts, mlps(model), strict=True)]
 
 
@@ -150,16 +151,6 @@ def remove_neurons_(mlp: MLP, keep: torch.Tensor) -> int:
     return before - after
 
 
-def expected_removed(mlp: MLP, n_removed: int) -> int:
-    """Parameters that removing ``n_removed`` neurons deletes: one row (+bias) of
-    every input projection and one column of the output projection each."""
-    per = 0
-    for m in mlp.inputs:
-        per += weight_out_in(m).shape[1] + (1 if m.bias is not None else 0)
-    per += weight_out_in(mlp.output).shape[0]
-    return per * n_removed
-
-
 def prune_neurons_(model: nn.Module, scores: list[torch.Tensor], sparsity_ratio: float) -> dict:
     """Remove the lowest-scored ``sparsity_ratio`` of the neurons of every MLP,
     in place, and set the config's MLP width to match. Returns {"removed":
@@ -201,14 +192,10 @@ def demo(decoder: Decoder, sparsities) -> pd.DataFrame:
         variants[f"{s:g}"] = (s, pruned, rep["removed"])
     speed = costs.forward_seconds_each({k: v[1] for k, v in variants.items()}, decoder.time_ids,
                                        decoder.timing_reps)
-    rows = []
-    for name, (s, m, removed) in variants.items():
-        rows.append({
-            "neurons_removed": s, "mlp_width": mlps(m)[0].width,
-            "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
-            "file_bytes": dense_file if s == 0 else costs.dense_file_bytes(m),
-            "memory_bytes": costs.model_bytes(m),
-            **speed[name],
-            "perplexity": dense_ppl if s == 0 else perplexity(m, decoder.windows),
-        })
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{
+        "neurons_removed": s, "mlp_width": mlps(m)[0].width,
+        "parameters": sum(p.numel() for p in m.parameters()), "removed": removed,
+        "file_bytes": dense_file if s == 0 else costs.dense_file_bytes(m),
+        "memory_bytes": costs.model_bytes(m), **speed[name],
+        "perplexity": dense_ppl if s == 0 else perplexity(m, decoder.windows),
+    } for name, (s, m, removed) in variants.items()])
