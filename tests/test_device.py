@@ -1,8 +1,9 @@
-"""Devices and dtypes: one line for what cannot run here, and the block-offload
+"""Devices and dtypes: one line for what cannot run here, what fits on a GPU, and the block-offload
 engine forced on the CPU equal, bit for bit, to the in-place engine."""
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,15 +104,71 @@ def test_bfloat16_forward_prunes_to_the_same_counts_with_float32_weights(tiny_di
     assert all(pl.weight.dtype == torch.float32 for pl in prunable_layers(lm.model))
 
 
-def test_footprint_arithmetic():
-    from lab_utils.experiments import footprint
+# --------------------------------------------------------------------------- what fits
+def test_footprint_arithmetic_on_a_hand_computed_mixture_of_experts():
+    from lab_utils.experiments.footprint import BlockShape, block_footprint, expert_footprint
 
-    p = footprint.block_footprint(4096, 11008, method="sparsegpt", nsamples=128, seqlen=2048, act_bytes=2)
+    # hidden 8, an expert's intermediate 4, 2 heads of 6 (q and o 12 wide), 1 kv head, 4 experts, top 2
+    shape = BlockShape(8, 4, heads=2, kv_heads=1, blocks=3, head_dim=6, experts=4, experts_per_token=2)
+    calib = {"nsamples": 2, "seqlen": 3, "act_bytes": 2, "batch_tokens": 5}
+    sgpt = block_footprint(shape, "sparsegpt", **calib)
+    # q, o 8x12 each; k, v 8x6 each; 4 experts x 3 x 8x4; router 4x8: 192 + 96 + 384 + 32 = 704 weights
+    assert sgpt["weights"] == 704 * 4
+    assert sgpt["activations"] == 2 * 2 * 3 * 8 * 2  # input and output, 2 x 3 tokens x 8 wide, 2 bytes
+    # Hessians: q, k, v 8x8, o 12x12 = 336; per expert gate, up 8x8, down 4x4 = 144, x 4 = 576
+    assert sgpt["statistics"] == (336 + 576) * 4
+    # 3 temporaries of 5 tokens x 2 experts x 4; the largest Hessian (o's, 12x12) and its inverse
+    assert sgpt["working"] == (3 * 5 * 2 * 4 + 2 * 144) * 4
+    assert sgpt["total"] == 2816 + 192 + 3648 + 1632
+    wanda = block_footprint(shape, "wanda", **calib)
+    assert wanda["statistics"] == (8 + 8 + 8 + 12 + 4 * (8 + 8 + 4)) * 4 and wanda["working"] == 480
+    assert wanda["total"] == 2816 + 192 + 464 + 480
+    assert expert_footprint(shape, "sparsegpt") == {"weights": 3 * 8 * 4 * 4, "statistics": 144 * 4}
+    assert expert_footprint(shape, "wanda") == {"weights": 384, "statistics": 20 * 4}
+    with pytest.raises(ValueError, match="'wanda' and 'sparsegpt'"):
+        block_footprint(shape, "magnitude")
+
+
+def test_footprint_counts_the_weights_of_real_blocks_and_a_dense_block_as_before():
+    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+    from lab_utils.experiments.footprint import BlockShape, block_footprint
+
+    common = {"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1}
+    blocks = [(MixtralDecoderLayer(MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
+                                                 num_experts_per_tok=2), 0),
+               BlockShape(16, 24, heads=4, kv_heads=2, blocks=1, experts=4, experts_per_token=2)),
+              (Qwen3MoeDecoderLayer(Qwen3MoeConfig(**common, head_dim=8, moe_intermediate_size=12, num_experts=4,
+                                                   num_experts_per_tok=2), 0),
+               BlockShape(16, 12, heads=4, kv_heads=2, blocks=1, head_dim=8, experts=4, experts_per_token=2))]
+    for layer, shape in blocks:  # every parameter but the norms, fused 3-D experts included
+        numel = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
+        assert block_footprint(shape)["weights"] == numel * 4, type(layer).__name__
+    p = block_footprint(BlockShape(4096, 11008, heads=32, kv_heads=32, blocks=32), "sparsegpt")
     assert p["activations"] == 2 * 128 * 2048 * 4096 * 2
     assert p["statistics"] == (6 * 4096 ** 2 + 11008 ** 2) * 4
-    assert p["total"] == sum(v for k, v in p.items() if k != "total")
-    table = footprint.footprint_table()
-    assert set(table.method) == {"wanda", "sparsegpt"} and len(table) == 6
+    assert p["working"] == (3 * 8192 * 11008 + 2 * 11008 ** 2) * 4
+
+
+def test_the_footprint_tables_are_the_ones_benchmarks_readme_shows():
+    from transformers import MixtralConfig
+
+    from lab_utils.experiments import footprint
+
+    mixtral, defaults = footprint.MOE_SHAPES["Mixtral-8x7B"], MixtralConfig()  # its defaults are Mixtral-8x7B's
+    assert (mixtral.hidden, mixtral.intermediate, mixtral.heads, mixtral.kv_heads, mixtral.blocks, mixtral.experts,
+            mixtral.experts_per_token) == (defaults.hidden_size, defaults.intermediate_size,
+                                           defaults.num_attention_heads, defaults.num_key_value_heads,
+                                           defaults.num_hidden_layers, defaults.num_local_experts,
+                                           defaults.num_experts_per_tok)
+    dense, moe = footprint.footprint_table(), footprint.footprint_table(footprint.MOE_SHAPES)
+    assert len(dense) == 6 and "experts" not in dense and len(moe) == 4
+    assert list(moe.tokens_per_expert) == [128 * 2048 * 2 // 8] * 2 + [128 * 2048 * 8 // 128] * 2
+    readme = (Path(__file__).resolve().parents[1] / "benchmarks" / "README.md").read_text()
+    for table in (dense, moe):
+        assert table.to_markdown(index=False) in readme
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

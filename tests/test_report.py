@@ -41,6 +41,24 @@ def test_every_params_file_is_valid_offline_or_names_the_hub():
     ("notebooks:\n  03_sparsification_and_sizes:\n    owl_sparsity: 1.0\n", "^owl_sparsity: "),
     ("eval_windows: -1\n", "^eval_windows: "),
     ("notebooks:\n  03_sparsification_and_sizes:\n    protocol: full\n", "^protocol: 'full'"),
+    # what used to pass here and stop a notebook later: a format that is none, or one the notebook cannot use
+    ("size_formats: [bitmask+zsdt]\n", "^size_formats: unknown format 'bitmask\\+zsdt'"),
+    ("notebooks:\n  04_benchmarks:\n    size_formats: ['csr ']\n", "^size_formats: format 'csr ' is written 'csr'"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    size_formats: [dense-fp16, dense-int8+zstd]\n",
+     "^size_formats: .* no lossless format"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    size_formats: [dense, bitmask]\n",
+     "^size_formats: .* neither 'csr' nor a '\\+zstd' format"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    size_formats: []\n", "^size_formats: \\[\\] holds no"),
+    # a list that names one thing twice, or nothing
+    ("methods: [wanda, sparsegpt, wanda]\n", "^methods: 'wanda' is listed twice; list each once"),
+    ("models: [smollm2-135m, minilm-l6, smollm2-135m]\n", "^models: 'smollm2-135m' is listed twice"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    sparsities: [0.5, 0.50]\n", "^sparsities: 0.5 is listed twice"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    patterns: ['2:4', ' 2:4']\n",
+     "^patterns: ' 2:4' names the same as '2:4'"),
+    ("notebooks:\n  03_sparsification_and_sizes:\n    size_methods: []\n", r"^size_methods: \[\] names no method"),
+    ("notebooks:\n  02_visualization:\n    sparsities: []\n", r"^sparsities: \[\] names no sparsity"),
+    ("notebooks:\n  01_concepts:\n    student_layers: 0\n", "^student_layers: must be a positive integer"),
+    ("notebooks:\n  01_concepts:\n    distill_test_size: 0\n", "^distill_test_size: must be a positive integer"),
 ])
 def test_bad_parameters_fail_before_any_work(tmp_path, text, needle):
     with pytest.raises(params.ParamError, match=needle):
@@ -70,6 +88,75 @@ def test_value_rules_by_parameter_name(name, value, needle):
         params.validate({name: value})
     with pytest.raises(params.ParamError, match=needle):  # suffixed names follow the same rule
         params.validate({f"size_{name}": value})
+
+
+def test_a_list_may_name_one_thing_once_and_nothing_only_where_it_means_something():
+    with pytest.raises(params.ParamError, match=r"^models: 'facebook/bart-large' names the same as 'bart-large'"):
+        params.validate({"models": ["bart-large", "facebook/bart-large"]}, check_hub=False)
+    with pytest.raises(params.ParamError, match=r"^zeroshot_tasks: 'lab_sentiment' is listed twice"):
+        params.validate({"zeroshot_tasks": ["lab_sentiment", "lab_sentiment"]})
+    with pytest.raises(params.ParamError, match=r"^sparsities: \[\] names no sparsity for the unstructured"):
+        params.validate({"patterns": ["unstructured", "2:4"], "sparsities": []})
+    params.validate({"patterns": ["2:4"], "sparsities": []})  # an N:M pattern has its own sparsity
+    params.validate({"size_formats": []})  # notebook 04: no file measured (notebook 03 refuses it, above)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_answers_a_scheduler_nobody_listens_at_in_one_line(tmp_path, capsys):
+    import time
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    assert runner.main(["--params", _write(tmp_path, f"executor: {address}\n"), "--check"]) == 2
+    assert time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: executor {address!r}: no Dask scheduler answers")
+    scheduler_file = tmp_path / "scheduler.json"  # a scheduler file whose scheduler has gone
+    scheduler_file.write_text(json.dumps({"address": address}))
+    with pytest.raises(params.ParamError, match=rf"answers at {address} \(from {scheduler_file}\)"):
+        params.validate({"executor": str(scheduler_file)})
+
+
+def test_a_scheduler_passes_and_a_silent_port_or_network_is_answered_in_time(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from distributed import LocalCluster
+
+    from lab_utils.experiments import executor as ex
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:  # a scheduler in this process: no spawn
+        params.validate({"executor": cluster.scheduler_address})
+    with socket.socket() as silent:  # accepts (the kernel does) but never speaks as a scheduler does
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=r"no Dask scheduler answers .*\(no answer within 0.5 s\)"):
+            ex.check_reachable(f"tcp://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        assert time.perf_counter() - t0 < 2
+    release = threading.Event()  # a name lookup that never returns, until the test ends
+
+    def hanging(*args, **kwargs):
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr(ex.socket, "create_connection", hanging)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match=r"no Dask scheduler answers .*\(no answer within 0.5 s\)"):
+            ex.check_reachable("tcp://scheduler.invalid:8786", timeout=0.5)
+        assert time.perf_counter() - t0 < 2
+    finally:
+        release.set()
 
 
 def test_runner_exits_2_on_unknown_parameter_without_running(tmp_path):

@@ -57,6 +57,7 @@ ALLOWED_FAILURES = 3  # worker deaths one job may cause before it is a JobError,
 CONNECT_TIMEOUT_S = 5.0  # an unreachable scheduler fails in seconds (Dask's default is 30 s)
 WORKERS_TIMEOUT_S = 60.0  # a batch-queue cluster may take a while to get its first worker
 PROBE_WAIT_S = 2.0  # network file systems may show another machine's new file a little late
+REACH_TIMEOUT_S = 3.0  # a scheduler that listens accepts a connection in milliseconds
 
 
 class JobError(RuntimeError):
@@ -96,6 +97,41 @@ def _check_address(address: str) -> str:
         raise ValueError(f"executor {address!r}: a scheduler address is written tcp://HOST:PORT, "
                          f"e.g. tcp://127.0.0.1:8786")
     return address
+
+
+def check_reachable(executor: str | os.PathLike, timeout: float = REACH_TIMEOUT_S) -> str:
+    """:func:`check_executor`, and for an existing cluster its scheduler answering within
+    ``timeout`` seconds, name lookup included: a parameter check's question, asked without a Dask
+    client. A Dask scheduler speaks first (its handshake) on a tcp:// connection, so a port that
+    accepts and stays silent (a proxy, another service) does not pass; a tls:// one is connected
+    to only. Nobody answering there is a one-line ValueError."""
+    name = check_executor(executor)
+    if name in (LOCAL, SERIAL):
+        return name
+    address = name if name.startswith(PROTOCOLS) else _check_address(_file_address(name))
+    host, _, port = address.split("://", 1)[1].rpartition(":")
+    outcome: list[str | None] = []  # None: a scheduler answered; else why not
+
+    def ask() -> None:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+                if address.startswith("tcp://") and not conn.recv(1):
+                    raise OSError("it closed the connection without a Dask handshake")
+            outcome.append(None)
+        except TimeoutError:
+            outcome.append(f"no answer within {timeout:g} s")
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    probe = threading.Thread(target=ask, daemon=True)  # the name lookup has no timeout of its own
+    probe.start()
+    probe.join(timeout)
+    if outcome == [None]:
+        return name
+    where = address if address == name else f"{address} (from {name})"
+    raise ValueError(f"executor {name!r}: no Dask scheduler answers at {where} "
+                     f"({outcome[0] if outcome else f'no answer within {timeout:g} s'}): start it "
+                     f"(dask scheduler, or dask-jobqueue) or use executor 'local'")
 
 
 def _file_address(path: str | os.PathLike) -> str | None:

@@ -6,9 +6,10 @@ them; an optional ``notebooks:`` mapping holds per-notebook overrides
 
 Papermill only *warns* about a parameter that a notebook does not declare, so
 a typo would silently run the defaults. Here it is an error, as is any value
-the lab refuses: :func:`check_file` catches both before any work starts, in
-one line naming the parameter, the value and what is allowed, through the
-lower floors' own checks. A notebook checks its parameters cell in one call,
+the lab refuses, a list that names nothing or one thing twice, and a scheduler
+address nobody listens at: :func:`check_file` catches them before any work
+starts, in one line naming the parameter, the value and what is allowed,
+through the lower floors' own checks. A notebook checks its parameters cell in one call,
 ``params.validate_notebook(globals(), "02_visualization")``.
 """
 
@@ -128,31 +129,44 @@ def _as_list(name: str, value) -> list:
     return list(value)
 
 
+def _format(value) -> core_formats.Format:
+    """A storage format, written as its name (``"csr "`` or ``"csr-"`` would reach the notebooks
+    as a string that no longer names what was measured)."""
+    fmt = core_formats.parse_format(value)
+    if fmt.name != value:
+        raise ValueError(f"format {value!r} is written {fmt.name!r}")
+    return fmt
+
+
 # The rule a parameter follows, from the last word of its name (``methods``,
-# ``size_methods`` ... are all lists of methods): the check of one value, whether a list.
+# ``size_methods`` ... are all lists of methods): the check of one value, and for
+# a list what one entry is called (a list names at least one, each once).
 RULES = {
-    "method": (sparsify.check_method, False), "methods": (sparsify.check_method, True),
-    "sparsity": (sparsify.check_sparsity_ratio, False), "sparsities": (sparsify.check_sparsity_ratio, True),
-    "pattern": (sparsify.parse_pattern, False), "patterns": (sparsify.parse_pattern, True),
-    "scope": (sparsify.check_scope, False), "formats": (core_formats.parse_format, True),
+    "method": (sparsify.check_method, None), "methods": (sparsify.check_method, "method"),
+    "sparsity": (sparsify.check_sparsity_ratio, None), "sparsities": (sparsify.check_sparsity_ratio, "sparsity"),
+    "pattern": (sparsify.parse_pattern, None), "patterns": (sparsify.parse_pattern, "pattern"),
+    "scope": (sparsify.check_scope, None), "formats": (_format, "format"),
 }
+# Lists that may be empty, as their notebooks' rules decide: no size_formats, no file measured
+# (notebook 04; notebook 03 refuses it); N:M patterns alone need no sparsities.
+MAY_BE_EMPTY = ("size_formats", "sparsities")
 # Whole numbers, by the last word of the name: the smallest allowed.
 WHOLE = {"seed": 0, **dict.fromkeys(("nsamples", "seqlen", "windows", "window", "utterances", "examples",
-                                     "sentences", "tokens", "repeats", "reps", "steps"), 1)}
+                                     "sentences", "tokens", "repeats", "reps", "steps", "layers", "size"), 1)}
 
 
 def validate_value(name: str, value, check_hub: bool = True) -> None:
     """Check one parameter by the rule its name implies; unknown names pass."""
     _check_renamed(name)
     kind = name.split("_")[-1]
-    if name == "executor":  # local | serial | a scheduler address or scheduler file
-        _lower(name, ex.check_executor, value)
+    if name == "executor":  # local | serial | a scheduler address or scheduler file, which must answer
+        _lower(name, ex.check_reachable, value)
     elif name in ("device", "dtype"):  # checked as a pair: float16 is refused on the CPU only
         _check_device(value if name == "device" else "cpu", value if name == "dtype" else "auto")
     elif name == "zeroshot_tasks":  # lm-eval task names; asking whether the hub answers only for a hub task
         tasks = _as_list(name, value)
         hub = not check_hub or set(tasks) <= set(zeroshot.OFFLINE_TASKS) or hub_reachable()[0]
-        _lower(name, zeroshot.check_tasks, tasks, hub_available=hub)
+        _distinct(name, tasks, _lower(name, zeroshot.check_tasks, tasks, hub_available=hub))
     elif name == "protocol":
         _lower(name, protocols.get, value)
     elif name in PROTOCOL_OVERRIDES:  # 0: the protocol's own
@@ -163,12 +177,29 @@ def validate_value(name: str, value, check_hub: bool = True) -> None:
         names = _as_list(name, value) if kind == "models" else [value]
         if not names:
             raise ParamError(f"{name}: [] names no model; give at least one (a preset, hub id or folder)")
-        for v in names:
-            _lower(name, resolve, v, check_hub=check_hub)
+        _distinct(name, names, [_model_key(_lower(name, resolve, v, check_hub=check_hub)) for v in names])
     elif kind in RULES:
-        check, many = RULES[kind]
-        for v in _as_list(name, value) if many else [value]:
-            _lower(name, check, v)
+        check, entry = RULES[kind]
+        values = _as_list(name, value) if entry else [value]
+        if entry and not values and name not in MAY_BE_EMPTY:
+            raise ParamError(f"{name}: [] names no {entry}; give at least one")
+        _distinct(name, values, [_lower(name, check, v) for v in values])
+
+
+def _model_key(spec) -> tuple[str, str]:
+    """What a model name loads: a preset and its hub id, or two spellings of one folder, are one model."""
+    return spec.source, str(Path(spec.location).resolve()) if spec.source == "local" else spec.location
+
+
+def _distinct(name: str, values: list, keys) -> None:
+    """Each entry of a list once (``keys``: what each entry names): a repeated model, method or
+    sparsity would be computed and shown twice."""
+    first: dict = {}
+    for value, key in zip(values, keys, strict=True):
+        if key in first:
+            what = "is listed twice" if first[key] == value else f"names the same as {first[key]!r}"
+            raise ParamError(f"{name}: {value!r} {what}; list each once")
+        first[key] = value
 
 
 def validate(params: dict, check_hub: bool = True) -> None:
@@ -182,6 +213,10 @@ def validate(params: dict, check_hub: bool = True) -> None:
         validate_value(name, value, check_hub)
     if "device" in params and "dtype" in params:
         _check_device(params["device"], params["dtype"])
+    patterns = params.get("patterns", [sparsify.UNSTRUCTURED])
+    if params.get("sparsities") == [] and any(not sparsify.parse_pattern(p)[0] for p in patterns):
+        raise ParamError("sparsities: [] names no sparsity for the unstructured pattern; give at least one, "
+                         "e.g. [0.5], or list only N:M patterns")
 
 
 def _check_device(device: str, dtype: str) -> None:
@@ -224,6 +259,8 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
                          f"soft targets; 1 = soft targets only)")
     whole_number("moe_experts:", moe_experts, error=ParamError)
     whole_number("timing_reps:", timing_reps, error=ParamError)
+    if not moe_active_fractions:
+        raise ParamError("moe_active_fractions: [] names no fraction; give at least one, e.g. [0.25, 1.0]")
     for f in moe_active_fractions:
         k = float(f) * moe_experts
         if not 0 < float(f) <= 1 or abs(k - round(k)) > 1e-9:
@@ -232,9 +269,16 @@ def _check_concepts(structured_sparsities, quant_group_sizes, distill_temperatur
 
 
 def _check_sweep(size_formats, owl, owl_method, owl_sparsity, nsamples, seqlen, seed, **_) -> None:
-    """Notebook 03: the size table's formats (``nm`` needs an N:M pattern) and the OWL
-    run's configuration, as the engine will check it."""
-    _lower("size_formats", core_formats.check_formats, size_formats)
+    """Notebook 03: the size table's formats (``nm`` needs an N:M pattern; its conclusions need a
+    lossless format, its round trip csr or a +zstd one) and the OWL run's configuration, as the
+    engine will check it."""
+    names = _lower("size_formats", core_formats.check_formats, size_formats)
+    if not any(core_formats.parse_format(f).lossless for f in names):
+        raise ParamError(f"size_formats: {size_formats!r} holds no lossless format; notebook 03 compares "
+                         f"the lossless files (add e.g. 'bitmask+zstd')")
+    if not any(f == "csr" or f.endswith("+zstd") for f in names):
+        raise ParamError(f"size_formats: {size_formats!r} holds neither 'csr' nor a '+zstd' format, those "
+                         f"notebook 03 reads back in its round trip (add e.g. 'bitmask+zstd')")
     if owl:
         _lower("owl", PruneConfig, owl_method, owl_sparsity, owl=True, nsamples=nsamples, seqlen=seqlen, seed=seed)
 
