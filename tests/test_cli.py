@@ -29,6 +29,7 @@ def test_prune_then_perplexity_end_to_end(tiny_dirs, tmp_path, cache_with_data, 
     assert code == 0 and len(printed.strip().splitlines()) == 1
     result = json.loads(printed)
     assert result["actual_sparsity"] == pytest.approx(0.5) and result["nm_verified"] is True
+    assert result["coverage"] == 1.0 and "routers excluded" in result["actual_sparsity_over"]
     assert result["seconds"] > 0 and result["peak_memory_bytes"] > 0
     assert result["output"] == str(out.resolve()) and (out / "config.json").is_file()
     assert files.verify_dir(out)

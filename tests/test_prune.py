@@ -45,6 +45,9 @@ def test_wanda_prunes_every_decoder_layer_exactly_per_row(tiny_dirs, kind):
     assert 0 < report.actual_sparsity_total < report.actual_sparsity  # embeddings stay dense
     assert report.seconds > 0 and report.peak_memory_bytes > report.start_memory_bytes * 0.5
     assert report.nm_verified is None
+    # every block matrix seen, and the report (the CLI's line) says so and what it counted
+    assert report.coverage == 1.0 and report.left_out == [] and report.experts == report.experts_fallback == 0
+    assert {"coverage", "actual_sparsity_over"} <= report.summary().keys()
 
 
 def test_sparsegpt_nm_on_llama_is_verified(tiny_dirs):
@@ -218,6 +221,7 @@ def test_pruned_model_caches_checkpoints(tiny_dirs, cache_with_data):
     assert not r5.from_cache and r5.checkpoint == r4.checkpoint and files.verify_dir(r5.checkpoint)
     _, r6 = checkpoints.pruned_model(name, config.PruneConfig("wanda", 0.5, "2:4", **CAL))
     assert r6.from_cache and r6.seconds == r5.seconds != r4.seconds
+    assert r6.coverage == 1.0  # measured again on the loaded model (a report from before lacks it)
 
 
 def test_sparsity_zero_is_the_dense_model(tiny_dirs, cache_with_data):

@@ -371,18 +371,73 @@ def _conv1d_type():
     return Conv1D
 
 
-def find_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` under ``module``, by name.
+# MoE routers and gates (Mixtral's ``gate``, gpt-oss's ``router``, Qwen2-MoE's ``shared_expert_gate``,
+# Switch's ``router.classifier``): never pruned, and not counted among the matrices to prune
+_ROUTER = re.compile(r"(^|\.)(gate|router|\w+_gate)(\.|$)")
 
-    GPT-2 uses ``Conv1D`` (weight stored in x out): looking only for
-    ``nn.Linear`` would silently prune nothing.
-    """
+
+def is_router(name: str) -> bool:
+    return _ROUTER.search(name) is not None
+
+
+def fused_experts(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own 3-D parameters that hold one matrix per expert
+    (``num_experts`` x out x in): how transformers 5 stores Mixtral-style experts."""
+    n = getattr(module, "num_experts", None)
+    if not isinstance(n, int):
+        return []
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == n]
+
+
+class ExpertMatrix:
+    """One expert's projection inside a fused 3-D parameter, pruned like a linear layer's
+    weight. The parameter is experts x out x in (``F.linear``'s layout), or experts x in x out
+    where the experts module says ``is_transposed`` (gpt-oss)."""
+
+    bias = None
+
+    def __init__(self, experts: nn.Module, param: str, expert: int):
+        self.experts, self.param, self.expert = experts, param, expert
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The fused parameter (every expert's)."""
+        return getattr(self.experts, self.param)
+
+    def matrix(self) -> torch.Tensor:
+        W = self.weight.data[self.expert]  # read afresh: an offloaded block swaps .data
+        return W.t() if self.transposed else W
+
+
+def find_layers(module: nn.Module) -> dict[str, nn.Module | ExpertMatrix]:
+    """Every matrix the engine prunes under ``module``, by name: each ``nn.Linear`` and GPT-2
+    ``Conv1D`` (weight stored in x out: looking only for ``nn.Linear`` would silently prune
+    nothing), and each expert's projection in a fused parameter (``mlp.experts.down_proj[3]``).
+    Routers and gates are left out."""
     types = (nn.Linear, _conv1d_type())
-    return {n: m for n, m in module.named_modules() if isinstance(m, types)}
+    out: dict[str, nn.Module | ExpertMatrix] = {}
+    for n, m in module.named_modules():
+        if is_router(n):
+            continue
+        if isinstance(m, types):
+            out[n] = m
+        for p in fused_experts(m):
+            out.update({f"{n}.{p}[{e}]".lstrip("."): ExpertMatrix(m, p, e) for e in range(m.num_experts)})
+    return out
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
+def expert_of(name: str) -> str | None:
+    """The expert a layer belongs to (``mlp.experts.3`` for ``mlp.experts.gate_up_proj[3]``,
+    ``mlp.experts.expert_0`` for ``mlp.experts.expert_0.wi``), or None outside the experts."""
+    m = re.match(r"^(.*)\.[^.\[]+\[(\d+)\]$", name) or re.match(r"^((?:.*\.)?experts)\.([^.]+)\.", name)
+    return None if m is None else f"{m[1]}.{m[2]}"
+
+
+def weight_out_in(module: nn.Module | ExpertMatrix) -> torch.Tensor:
     """The weight as out x in, a view that writes through to the module."""
+    if isinstance(module, ExpertMatrix):
+        return module.matrix()
     if isinstance(module, _conv1d_type()):
         return module.weight.data.t()
     return module.weight.data
@@ -432,6 +487,7 @@ _COMPONENTS = [  # (regex on the name inside the block, component); first match 
 def component_of(inner_name: str) -> str:
     """Map a layer's name inside its block to a component such as ``attn.q``,
     ``xattn.o`` (cross-attention) or ``mlp.up``."""
+    inner_name = re.sub(r"\[\d+\]$", "", inner_name)  # an expert's matrix: as its projection
     for pattern, comp in _COMPONENTS:
         if re.search(pattern, inner_name):
             if comp.startswith("mlp"):
@@ -467,7 +523,7 @@ class PrunableLayer:
     block: int  # index of the transformer block
     side: str  # "encoder" | "decoder"
     component: str  # attn.q | attn.k | attn.v | attn.o | attn.qkv | xattn.* | mlp.* | other
-    module: nn.Module
+    module: nn.Module | ExpertMatrix
 
     @property
     def weight(self) -> torch.Tensor:
@@ -487,13 +543,38 @@ class PrunableLayer:
 
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
-    """Every linear layer inside the transformer blocks, in forward order per
-    side: the embeddings and the output head are left out, as in the Wanda and
-    SparseGPT papers."""
+    """Every matrix :func:`find_layers` finds inside the transformer blocks (linear layers,
+    each expert's projections), in forward order per side: the embeddings and the output head
+    are left out, as in the Wanda and SparseGPT papers, and so are routers."""
     return [PrunableLayer(f"{prefix}.{i}.{inner}", i, side, component_of(inner), m)
             for side, (prefix, blocks) in transformer_blocks(model).items()
             for i, block in enumerate(blocks)
             for inner, m in find_layers(block).items()]
+
+
+def block_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every matrix weight inside the transformer blocks, as (name, parameter), the block number
+    in the name as ``*`` (``model.layers.*.mlp.experts.down_proj``): the parameters of two or
+    more dimensions, less embedding tables (T5's position biases), biases (an expert's are 2-D)
+    and routers, which are never pruned. What :func:`coverage` counts against."""
+    out = []
+    for prefix, blocks in transformer_blocks(model).values():
+        for block in blocks:
+            tables = {id(m.weight) for m in block.modules() if isinstance(m, nn.Embedding)}
+            out += [(f"{prefix}.*.{n}", p) for n, p in block.named_parameters()
+                    if p.dim() >= 2 and id(p) not in tables and "bias" not in n.rpartition(".")[2]
+                    and not is_router(n.rpartition(".")[0])]
+    return out
+
+
+def coverage(model: nn.Module) -> tuple[float, list[str]]:
+    """The fraction of the block matrices' weights (:func:`block_matrices`) that the pruner
+    sees (:func:`prunable_layers`), and the names of the matrices it leaves out."""
+    seen = {id(pl.module.weight) for pl in prunable_layers(model)}
+    matrices = block_matrices(model)
+    total = sum(p.numel() for _, p in matrices)
+    kept = sum(p.numel() for _, p in matrices if id(p) in seen)
+    return (kept / total if total else 1.0), sorted({n for n, p in matrices if id(p) not in seen})
 
 
 def layer_table(model: nn.Module):

@@ -3,11 +3,14 @@ layer-sequential plumbing (inputs captured per block, input statistics per layer
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.profiler import record_function
 
 from lab_utils.core import data, models, sparsify
@@ -38,8 +41,12 @@ class _Caught(Exception):
 
 
 def _model_kwargs(model: nn.Module) -> dict:
+    """No key/value cache: a block run twice on captured inputs would append to it. Some
+    models (Switch) take ``use_cache`` through ``**kwargs`` only."""
     params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}
+    takes = "use_cache" in params or (getattr(model.config, "use_cache", False)
+                                      and any(p.kind == p.VAR_KEYWORD for p in params.values()))
+    return {"use_cache": False} if takes else {}
 
 
 def calibration_batches(lm: LoadedModel, nsamples: int, seqlen: int, seed: int = 0,
@@ -230,6 +237,58 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class _ExpertInputs(TorchFunctionMode):
+    """Sees the input of every product with one expert's slice of a fused parameter, as the
+    experts' eager loop computes them (``linear(x, gate_up_proj[e])``, or gpt-oss's
+    ``x @ gate_up_proj[e]``), and hands it to ``record(name, x)``: the tokens the router sent
+    to that expert, and for the down projection that expert's own activations."""
+
+    PRODUCTS = (F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+    def __init__(self, layers: dict[str, models.ExpertMatrix], record):
+        super().__init__()
+        self.record = record
+        self.params: dict[int, tuple[torch.Tensor, dict[int, str]]] = {}
+        self.width = {name: em.matrix().shape[1] for name, em in layers.items()}
+        for name, em in layers.items():
+            W = em.weight
+            self.params.setdefault(W.untyped_storage().data_ptr(), (W, {}))[1][em.expert] = name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            W = args[1]
+            hit = self.params.get(W.untyped_storage().data_ptr())
+            if hit is not None and W.dim() == 2:
+                name = hit[1].get((W.storage_offset() - hit[0].storage_offset()) // hit[0].stride(0))
+                if name is not None:
+                    if args[0].shape[-1] != self.width[name]:
+                        raise SparsityError(f"{name}: its experts module multiplies it in a layout the "
+                                            f"engine does not know; it cannot be pruned")
+                    self.record(name, args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _eager_experts(layers: dict[str, models.ExpertMatrix], record):
+    """Fused experts run their eager loop, one product per expert (what :class:`_ExpertInputs`
+    sees), instead of transformers' default that multiplies every expert at once."""
+    if not layers:
+        yield
+        return
+    # the config each experts module reads its implementation from (that one only, not its sub-configs)
+    configs = {id(em.experts.config): em.experts.config for em in layers.values()
+               if hasattr(getattr(em.experts, "config", None), "_experts_implementation_internal")}
+    saved = {k: c._experts_implementation_internal for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation_internal = "eager"
+        with _ExpertInputs(layers, record):
+            yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation_internal = saved[k]
+
+
 @torch.no_grad()
 def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: list[Chunk],
                        kind: str, propagate: bool = False) -> dict[str, dict]:
@@ -237,22 +296,40 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
 
     ``kind="norm"``: per-input-feature sums of squares (Wanda); ``kind="hessian"``: sums of
     x x^T (SparseGPT). Layers that read the same input tensor (q/k/v, gate/up) share one
-    computation. Without ``propagate`` the forward stops once every layer has been seen (the
-    pruned block recomputes the outputs anyway); with it, the chunks' hidden states are
-    replaced by the block's outputs. Each chunk runs in :func:`slices`, whose inputs are joined
-    again before the statistic, so the sums are those of one call, bit for bit.
+    computation. An expert's matrices (per-expert layers, or an
+    :class:`~lab_utils.core.models.ExpertMatrix` of fused experts) see the tokens the router
+    sends that expert, and none if it sends none. Without ``propagate`` the forward stops once
+    every layer has been seen (the pruned block recomputes the outputs anyway); with it, the
+    chunks' hidden states are replaced by the block's outputs. Each chunk runs in
+    :func:`slices`, whose inputs are joined again before the statistic, so the sums are those
+    of one call, bit for bit (an expert's inputs come out of products over the tokens routed
+    to it in each slice, which may differ from one call's in the last bits).
 
     Returns ``{name: {"sum": tensor, "count": tokens, "input": i}}``; layers with the same
     ``i`` read the same input (so their statistics are equal).
     """
     stats = {name: {"sum": None, "count": 0, "input": None} for name in layers}
+    fused = {n: m for n, m in layers.items() if isinstance(m, models.ExpertMatrix)}
+    hooked = {n: m for n, m in layers.items() if n not in fused}
+    # an expert's layers read tokens that vary from slice to slice (or none): each keeps its
+    # own pieces and its own input (no inverse shared), and the forward runs to its end
+    experts = {n for n in layers if models.expert_of(n)}
+    for name in experts:
+        stats[name]["input"] = name
+    stop = not propagate and not experts
     # per chunk: each input's tensors from the slices ("pieces", by number in call order) and
     # which input each layer read; per slice: the inputs' ids (-> number) and the layers seen
     state: dict = {}
 
+    def record(name, x):
+        state["expert_pieces"].setdefault(name, []).append(x)
+
     def make_hook(name):
         def hook(_module, args):
             x = args[0]
+            if name in experts:
+                record(name, x)
+                return
             number = state["ids"].setdefault(id(x), len(state["ids"]))
             if number == len(state["pieces"]):
                 state["pieces"].append([])
@@ -260,19 +337,19 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
                 state["pieces"][number].append(x)  # holding x keeps its id unique
             stats[name]["input"] = state["inputs_of"][name] = number
             state["seen"].add(name)
-            if not propagate and len(state["seen"]) == len(layers):
+            if stop and len(state["seen"]) == len(hooked):
                 raise _StopBlock
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in hooked.items()]
     try:
         for c in chunks:
-            state["pieces"], state["inputs_of"], outputs = [], {}, []
+            state["pieces"], state["inputs_of"], state["expert_pieces"], outputs = [], {}, {}, []
             for k, part in enumerate(slices(c)):
                 state.update(ids={}, seen=set(), slice=k)
                 try:
-                    with record_function("lab::statistics_pass"):
+                    with record_function("lab::statistics_pass"), _eager_experts(fused, record):
                         out = block(part.hidden, *part.args, **part.kwargs)
                     if propagate:
                         outputs.append(_block_output(out).to(c.hidden.dtype))
@@ -281,10 +358,9 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
             increments = [_increment(_joined(xs), c.token_mask, kind) for xs in state["pieces"]]
             state["pieces"] = None
             for name, number in state["inputs_of"].items():
-                inc, n = increments[number]
-                st = stats[name]
-                st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
-                st["count"] += n
+                _add(stats[name], *increments[number])
+            for name, xs in state.pop("expert_pieces").items():
+                _add(stats[name], *_increment(_joined(xs), None, kind))
             if propagate:
                 c.hidden = _joined(outputs)
     finally:
@@ -292,6 +368,11 @@ def collect_statistics(block: nn.Module, layers: dict[str, nn.Module], chunks: l
             h.remove()
         state.clear()
     return stats
+
+
+def _add(st: dict, inc: torch.Tensor, n: int) -> None:
+    st["sum"] = inc.clone() if st["sum"] is None else st["sum"].add_(inc)
+    st["count"] += n
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from lab_utils.core import files
 from lab_utils.core.models import LoadedModel, load_model, prunable_layers, resolve
 from lab_utils.core.sparsify import SparsityError
 from lab_utils.engine.config import PruneConfig, checkpoint_key, resolve_config
-from lab_utils.engine.prune import PruneReport, fill_report, prune_model
+from lab_utils.engine.prune import PruneReport, fill_coverage, fill_report, prune_model
 
 
 def checkpoint_dir(model_slug: str, cfg: PruneConfig, key: str) -> Path:
@@ -93,6 +93,7 @@ def pruned_model(model: str | LoadedModel, cfg: PruneConfig, *, save: bool | Non
         load_checkpoint(lm.model, folder)
         report = PruneReport.from_json((folder / REPORT_FILE).read_text())
         report.from_cache = True
+        fill_coverage(report, lm.model)  # a report from before coverage lacks it; and the warning
         return lm, report
     if separate_process and cfg.calibrated and save:
         _build_in_child(spec.name, cfg, rebuild)

@@ -12,6 +12,17 @@ On an accelerator the model stays in host memory and each block goes there and b
 (:func:`block_on`); forward passes run in ``cfg.dtype`` (autocast), statistics and mask math
 in float32. ``prune_model(..., offload=True)`` takes that path on the CPU too, with the same
 masks bit for bit. :func:`lab_utils.engine.checkpoints.pruned_model` adds the checkpoint cache.
+
+Mixture-of-experts blocks: every expert's projections are pruned as matrices (fused 3-D
+parameters or per-expert layers), their statistics taken from the calibration tokens the router
+sends that expert (its top-k), and N:M and OWL include them; routers and gates are never pruned.
+An expert that receives fewer than :data:`MIN_EXPERT_TOKENS` tokens is pruned by magnitude
+instead (no statistics to rank its weights by, and no weight update for SparseGPT): the report
+counts those experts (``experts_fallback``). Magnitude, not statistics over every token, because
+it needs no extra forward passes and claims no evidence the calibration did not provide.
+Every report says which weights ``actual_sparsity`` counts and what fraction of the blocks'
+matrix weights the pruner saw (``coverage``); below :data:`MIN_COVERAGE` it warns in one line
+naming what it left out.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,6 +42,8 @@ from lab_utils.core import sparsify
 from lab_utils.core.measure import PeakMemory
 from lab_utils.core.models import (
     LoadedModel,
+    coverage,
+    expert_of,
     find_layers,
     prunable_layers,
     transformer_blocks,
@@ -48,6 +62,16 @@ from lab_utils.engine.config import PruneConfig, resolve_config
 
 # the settings every report holds (its first fields)
 REPORT_FIELDS = ("method", "sparsity", "pattern", "scope", "nsamples", "seqlen", "seed", "owl", "calibration")
+# an expert routed fewer calibration tokens than this is pruned by magnitude: below 64 tokens its
+# Hessian has rank < 64 and its input norms are off by ~18% (sqrt(2/64)); a judgment, not a measured optimum
+MIN_EXPERT_TOKENS = 64
+MIN_COVERAGE = 0.99  # below: one warning line naming the block matrices the pruner left out
+COUNTED = ("the linear layers and expert matrices of the transformer blocks (embeddings, head, "
+           "norms, biases and routers excluded)")
+
+
+class CoverageWarning(UserWarning):
+    """The pruner saw less than :data:`MIN_COVERAGE` of the blocks' matrix weights."""
 
 
 # --------------------------------------------------------------------------- pruning one layer
@@ -97,10 +121,15 @@ class PruneReport:
     seed: int | None
     owl: bool
     calibration: str | None
-    actual_sparsity: float = 0.0  # over the prunable layers
+    actual_sparsity: float = 0.0  # over actual_sparsity_over
+    actual_sparsity_over: str = COUNTED
     actual_sparsity_total: float = 0.0  # over all parameters
     prunable_params: int = 0
     total_params: int = 0
+    coverage: float | None = None  # of the blocks' matrix weights, those pruned (None: a report from before)
+    left_out: list[str] = field(default_factory=list)  # block matrices the pruner did not see
+    experts: int = 0  # experts in the blocks (0: a dense model)
+    experts_fallback: int = 0  # experts pruned by magnitude, for lack of calibration tokens
     nm_verified: bool | None = None  # None for unstructured
     nm_violations: int = 0
     seconds: float = 0.0  # wall clock, model loading excluded
@@ -125,7 +154,8 @@ class PruneReport:
     def summary(self) -> dict:
         """The headline numbers (what the command line prints)."""
         keep = ("model", "method", "pattern", "sparsity", "scope", "nsamples", "seqlen", "seed",
-                "owl", "actual_sparsity", "actual_sparsity_total", "nm_verified", "seconds", "cpu_seconds",
+                "owl", "actual_sparsity", "actual_sparsity_over", "actual_sparsity_total", "coverage",
+                "left_out", "experts", "experts_fallback", "nm_verified", "seconds", "cpu_seconds",
                 "peak_memory_bytes", "device", "dtype", "peak_device_memory_bytes", "checkpoint", "key",
                 "from_cache")
         return {k: getattr(self, k) for k in keep}
@@ -143,9 +173,18 @@ class PruneReport:
         return cls(model, family, **{k: getattr(cfg, k) for k in REPORT_FIELDS}, **measured)
 
 
+def fill_coverage(report: PruneReport, model: nn.Module) -> None:
+    """The report's coverage and the matrices left out; below :data:`MIN_COVERAGE`, one warning line."""
+    report.coverage, report.left_out = coverage(model)
+    if report.sparsity > 0 and report.coverage < MIN_COVERAGE:
+        warnings.warn(f"{report.model}: the pruner saw {report.coverage:.1%} of the block matrices' weights; "
+                      f"left out, unpruned and outside actual_sparsity: {', '.join(report.left_out)}",
+                      CoverageWarning, stacklevel=3)
+
+
 def fill_report(report: PruneReport, model: nn.Module, targets: dict[str, float] | None = None) -> None:
     """Measure what the pruning did: sparsity per layer (zeros counted in the weights), over
-    the prunable layers and over all parameters, and the N:M check."""
+    the prunable layers and over all parameters, the coverage and the N:M check."""
     rows = []
     for pl in prunable_layers(model):
         W = pl.weight
@@ -154,6 +193,8 @@ def fill_report(report: PruneReport, model: nn.Module, targets: dict[str, float]
                      "zeros": W.numel() - int(torch.count_nonzero(W)), "sparsity": sparsify.sparsity(W),
                      "target": (targets or {}).get(pl.name, report.sparsity)})
     report.layers = rows
+    report.experts = len({expert_of(r["name"]) for r in rows} - {None})
+    fill_coverage(report, model)
     report.prunable_params = sum(r["numel"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
     report.actual_sparsity = zeros / max(1, report.prunable_params)
@@ -201,7 +242,8 @@ def prune_model(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False,
         t0, c0 = time.perf_counter(), time.process_time()
         if cfg.sparsity > 0:
             with record_function("lab::prune"):
-                targets, report.block_sparsity = _prune(lm, cfg, offload=offload, batches=batches)
+                targets, report.block_sparsity, fallback = _prune(lm, cfg, offload=offload, batches=batches)
+            report.experts_fallback = len(fallback)
         devices.synchronize(device)
         report.seconds = time.perf_counter() - t0
         report.cpu_seconds = time.process_time() - c0
@@ -247,9 +289,18 @@ def _placement(model: nn.Module, cfg: PruneConfig, offload: bool) -> tuple[torch
     return (home if same else device), home, offload or not same
 
 
-def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches: list[dict] | None = None) -> tuple[dict[str, float], dict]:
-    """Prune every block; return the target sparsity of each layer (by name)
-    and OWL's sparsity per block and side (empty without OWL)."""
+def _with_tokens(name: str, stat: dict | None) -> dict | None:
+    """A layer's statistics, or None for an expert routed fewer than :data:`MIN_EXPERT_TOKENS`
+    tokens (pruned by magnitude)."""
+    if stat is not None and expert_of(name) and stat["count"] < max(1, MIN_EXPERT_TOKENS):
+        return None
+    return stat
+
+
+def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False,
+           batches: list[dict] | None = None) -> tuple[dict[str, float], dict, set[str]]:
+    """Prune every block; return the target sparsity of each layer (by name), OWL's sparsity
+    per block and side (empty without OWL) and the experts pruned by magnitude for lack of tokens."""
     model = lm.model
     sides = _sides_in_order(model)
     if not sides:
@@ -257,7 +308,7 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches:
     block_sparsity = {side: [cfg.sparsity] * len(blocks) for side, _, blocks in sides}
 
     if not cfg.calibrated:
-        return _prune_uncalibrated(model, cfg), {}
+        return _prune_uncalibrated(model, cfg), {}, set()
 
     if batches is None:
         batches = calibration_batches(lm, cfg.nsamples, cfg.seqlen, cfg.seed or 0, cfg.calibration,
@@ -269,6 +320,7 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches:
         block_sparsity = owl_sparsity = _owl_allocation(model, sides, batches, cfg, device, offload)
 
     targets: dict[str, float] = {}
+    fallback: set[str] = set()
     index = 0
     for side, prefix, blocks in sides:
         # the model runs up to the side's first block where it sits (the host, when offloading)
@@ -290,7 +342,10 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches:
                 # (8 bits of mantissa) loses rank; sparsify casts to float32 itself
                 inverses: dict = {}
                 for name, module in layers.items():
-                    prune_layer(module, cfg, s, stats.get(name), index, inverses=inverses)
+                    stat = _with_tokens(name, stats.get(name))
+                    if stat is None and name in stats:
+                        fallback.add(f"{prefix}.{i}.{expert_of(name)}")
+                    prune_layer(module, cfg, s, stat, index, inverses=inverses)
                     targets[f"{prefix}.{i}.{name}"] = s
                     index += 1
                 del stats, inverses
@@ -298,7 +353,7 @@ def _prune(lm: LoadedModel, cfg: PruneConfig, *, offload: bool = False, batches:
                     with _forward(device, dtype):
                         propagate(block, chunks)
         del chunks
-    return targets, owl_sparsity
+    return targets, owl_sparsity, fallback
 
 
 def _prune_uncalibrated(model: nn.Module, cfg: PruneConfig) -> dict[str, float]:
@@ -341,9 +396,14 @@ def _owl_allocation(model: nn.Module, sides: list[tuple[str, str, nn.ModuleList]
                 layers = find_layers(block)
                 with _forward(device, dtype):
                     stats = collect_statistics(block, layers, chunks, "norm", propagate=True)
-                metrics = [sparsify.wanda_metric(weight_out_in(m), stats[n]["sum"] / max(1, stats[n]["count"]))
-                           for n, m in layers.items()]
+                metrics = [_owl_metric(weight_out_in(m), _with_tokens(n, stats[n])) for n, m in layers.items()]
                 ratios[side].append(sparsify.outlier_ratio(metrics, cfg.owl_m))
         del chunks
     return {side: sparsify.owl_sparsities(r, cfg.sparsity, cfg.owl_lambda) for side, r in ratios.items()}
 
+
+def _owl_metric(W: torch.Tensor, stat: dict | None) -> torch.Tensor:
+    """Wanda's score of ``W``; an expert without enough tokens counts by magnitude, as it is pruned."""
+    if stat is None:
+        return W.abs().float()
+    return sparsify.wanda_metric(W, stat["sum"] / max(1, stat["count"]))

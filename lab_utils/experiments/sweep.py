@@ -93,6 +93,7 @@ def run_one(model_name: str, cfg: PruneConfig, sweep: SweepConfig) -> tuple[dict
     row = {"model": lm.label, "family": lm.family, "method": cfg.method if pruned else DENSE,
            "pattern": cfg.pattern if pruned else "-", "owl": cfg.owl, "requested": cfg.sparsity,
            "actual": report.actual_sparsity, "actual_total": report.actual_sparsity_total,
+           "coverage": report.coverage,
            "nm_ok": report.nm_verified, "seconds": report.seconds, "cpu_seconds": report.cpu_seconds,
            "threads": report.threads,
            "peak_memory_gib": report.peak_memory_bytes / 2**30, "perplexity": ppl,
