@@ -14,13 +14,13 @@ TEST_HASH := $(shell cat $(REQS) $(TEST_REQS) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.stamp-run-$(REQ_HASH)
 TEST_STAMP := $(VENV)/.stamp-test-$(TEST_HASH)
 
-.PHONY: report test test-fast lab bench venv test-venv browser clean distclean lock help
+.PHONY: report test test-fast lab bench venv test-venv browser git-filter clean distclean lock help
 
 help:
 	@echo "make report   run the four notebooks on $(PARAMS), write report/index.html"
 	@echo "make test     unit tests, notebook smoke runs, browser check, hygiene"
 	@echo "make test-fast  unit tests only, for the edit loop (no smoke report, browser or real models)"
-	@echo "make lab      open JupyterLab on notebooks/"
+	@echo "make lab      JupyterLab on notebooks/ (PARAMS=FILE: FILE's values over the defaults); prints the URL"
 	@echo "make bench    run benchmarks/ (timings and quality targets, prints tables)"
 	@echo "make clean    remove build outputs (keeps .venv and the model cache)"
 
@@ -50,19 +50,40 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
-report: venv
+# Notebook outputs never reach a commit: .gitattributes sends every .ipynb through the
+# "nbstripout" filter, defined here in the clone's .git/config (outside a git clone: nothing).
+git-filter: venv
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout' && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config diff.ipynb.textconv '"$(abspath $(PY))" -m nbstripout -t'; \
+	fi
+
+report: venv git-filter
 	$(PY) -m lab_utils.report --params $(PARAMS)
 
-test: test-venv browser
+test: test-venv browser git-filter
 	$(PY) -m pytest -q --durations=15 tests
 
 # The edit loop: the slow tests (a real model, the smoke report) and the
 # browser are left out; make test runs everything.
-test-fast: test-venv
+test-fast: test-venv git-filter
 	$(PY) -m pytest -q --durations=5 -m "not slow and not browser" tests
 
-lab: venv
-	$(VENV)/bin/jupyter lab notebooks/
+# make lab PARAMS=FILE: every kernel applies FILE (checked first) over the notebook defaults.
+LIVE_PARAMS := $(if $(filter command line environment,$(origin PARAMS)),$(PARAMS))
+LAB_PORT ?= 8888
+LAB_DIR ?= notebooks
+LAB_ARGS ?=
+lab: venv git-filter
+	@$(if $(LIVE_PARAMS),$(PY) -m lab_utils.report --params "$(LIVE_PARAMS)" --check >/dev/null &&) \
+	export JUPYTER_TOKEN=$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))') \
+	  $(if $(LIVE_PARAMS),LAB_LIVE_PARAMS="$(abspath $(LIVE_PARAMS))") && \
+	echo "JupyterLab on $(LAB_DIR)/$(if $(LIVE_PARAMS), with $(LIVE_PARAMS) over the notebook defaults); open:" && \
+	echo "    http://127.0.0.1:$(LAB_PORT)/lab?token=$$JUPYTER_TOKEN" && \
+	exec $(VENV)/bin/jupyter lab --ServerApp.root_dir="$(LAB_DIR)" --ServerApp.ip=127.0.0.1 \
+	  --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 bench: venv
 	$(PY) -m benchmarks

@@ -80,3 +80,57 @@ return {print: window.matchMedia('print').matches,
         print_rules: Array.from(document.styleSheets).flatMap(s => Array.from(s.cssRules))
             .filter(r => r.media && Array.from(r.media).includes('print')).length};
 """
+
+
+# --------------------------------------------------------------------------- JupyterLab
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, poll: float = 0.5):
+    """Call ``check()`` until it returns something truthy, and return that."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(poll)
+    return value
+
+
+def lab_menu(driver, menu: str, item: str) -> None:
+    """Click ``menu`` in JupyterLab's menu bar, then its entry ``item`` (as a user does)."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.XPATH, f"//div[contains(@class, 'lm-MenuBar-itemLabel') and text()='{menu}']").click()
+    driver.find_element(By.XPATH, f"//div[contains(@class, 'lm-Menu-itemLabel') and text()='{item}']").click()
+
+
+# The open notebook as JupyterLab shows it: the kernel's state (and the status bar's
+# "Python 3 (llm-sparsity-lab) | Idle"), whether the document
+# is marked modified, each code cell's prompt, what went to stderr (errors and warnings
+# alike), the values cells returned, the figures and whether they loaded, the parameters table.
+LAB_STATE_JS = """
+const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+if (!nb) return null;
+const tab = document.querySelector('.lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current');
+const status = document.querySelector('.jp-Notebook-ExecutionIndicator');
+const cells = Array.from(nb.querySelectorAll('.jp-Notebook .jp-Cell.jp-CodeCell'));
+const bar = document.querySelector('#jp-main-statusbar');
+return {kernel: status ? status.getAttribute('data-status') : null,
+        statusbar: bar ? bar.innerText : '',
+        dirty: !!(tab && tab.classList.contains('jp-mod-dirty')),
+        prompts: cells.map(c => (c.querySelector('.jp-InputPrompt') || {}).textContent || ''),
+        stderr: Array.from(nb.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+                     .map(e => e.innerText),
+        results: nb.querySelectorAll('.jp-OutputArea-executeResult').length,
+        images: Array.from(nb.querySelectorAll('.jp-OutputArea-output img')).map(i => [i.complete, i.naturalWidth]),
+        tables: Array.from(nb.querySelectorAll('table.lab-parameters tr')).map(
+            r => Array.from(r.cells).map(c => c.innerText.trim())),
+        text: nb.querySelector('.jp-Notebook').innerText};
+"""

@@ -64,6 +64,11 @@ def test_timed_reports_the_time_of_the_computation_that_made_the_result(tmp_cach
     out2, row2 = total(10_000)  # read back: the timing of the first run
     assert out1 == out2 == sum(range(10_000)) and calls == [10_000]
     assert row1 == row2 and row1["demo"] == "sum" and row1["wall_s"] >= 0
+    # when and where, so that a rerun showing the row can say it is not its own
+    import datetime as dt
+    import platform
+
+    assert row1["host"] == platform.node() and dt.datetime.fromisoformat(row1["measured"]).tzinfo is not None
 
 
 def test_code_version_hashes_the_computing_floors_only():

@@ -1,4 +1,5 @@
-"""The notebook helpers of the report floor: the parameters table and table formatting."""
+"""The notebook helpers of the report floor: a run (its clock, its errors, a live parameter file),
+the parameters table and table formatting."""
 
 import json
 
@@ -69,3 +70,74 @@ def test_format_table_shows_sparsities_and_accuracies_as_percentages():
                                                                           names=[None, "sparsity"]))
     assert list(nbk.format_table(wide).columns.get_level_values("sparsity")) == ["50.0%", "90.0%"]
     assert nbk.format_table(df, percent_of=["lower"]).lower.tolist() == ["25.0%", "50.0%"]
+
+
+# --------------------------------------------------------------------------- a run
+@pytest.fixture()
+def shell(tmp_path, monkeypatch):
+    """An IPython shell in this process, as a kernel holds one (no history file)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.delenv("LAB_NOTEBOOK", raising=False)
+    monkeypatch.delenv(nbk.LIVE_PARAMS_ENV, raising=False)
+    config = Config()
+    config.HistoryManager.enabled = False
+    sh = InteractiveShell.instance(config=config)
+    try:
+        yield sh
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_the_labs_errors_show_one_line_and_tb_the_traceback(shell, capsys):
+    nbk.start({}, STEM)
+    shell.run_cell("from lab_utils.report.params import validate_value\nvalidate_value('sparsities', [0.5, 1.5])")
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(shown) == 1 and "ParamError" in shown[0] and "1.5 is outside [0, 1)" in shown[0], shown
+    assert "%tb" in shown[0]
+    shell.run_cell("%tb")
+    traceback = capsys.readouterr().out
+    assert "Traceback" in traceback and "validate_value" in traceback and "params.py" in traceback
+    shell.run_cell("int('x')")  # not the lab's: the whole traceback as usual
+    assert "Traceback" in capsys.readouterr().out
+
+
+def test_a_live_parameter_file_goes_over_the_defaults_left_unedited(monkeypatch):
+    stem = "02_visualization"
+    monkeypatch.setenv(nbk.PARAMS_FILE_ENV, "")  # restored after the test (apply sets it)
+    monkeypatch.setenv(nbk.PARAMS_KEYS_ENV, "")
+    namespace = {**_defaults(stem), "sparsities": [0.0, 0.7]}  # edited in the parameters cell
+    smoke = runner.files.REPO_ROOT / "params" / "smoke.yaml"
+    applied = nbk.apply_params_file(namespace, stem, smoke)
+    assert applied == ["methods", "models", "seed"] and namespace["methods"] == ["magnitude"]
+    t = nbk.parameters_table(namespace, stem).set_index("parameter")
+    assert t.loc["methods", "set by"] == "params/smoke.yaml" and t.loc["methods", "value"] == "['magnitude']"
+    assert t.loc["models", "set by"] == "params/smoke.yaml"
+    assert t.loc["sparsities", "set by"] == "changed here" and t.loc["nsamples", "set by"] == "notebook default"
+    namespace["methods"] = ["wanda"]  # edited after the file was applied: the edit wins
+    assert "methods" not in nbk.apply_params_file(namespace, stem, smoke) and namespace["methods"] == ["wanda"]
+
+
+def test_run_usage_counts_from_the_start_of_the_run():
+    nbk.start({}, STEM)
+    usage, process = nbk.run_usage(), nbk.process_usage()
+    assert 0 <= usage["elapsed_s"] < 1 < process["elapsed_s"]  # this process imported torch: over a second
+    assert 0 <= usage["cpu_s"] < process["cpu_s"]
+
+
+def test_a_cached_timing_says_when_and_where_it_was_measured():
+    import datetime as dt
+
+    nbk.start({}, STEM)
+    now = dt.datetime.now().astimezone()
+    rows = pd.DataFrame({"demo": ["1 sparsification", "2 structured pruning"],
+                         "measured": [(now - dt.timedelta(days=2)).isoformat(timespec="seconds"),
+                                      (now + dt.timedelta(seconds=1)).isoformat(timespec="seconds")],
+                         "host": ["node-a", "node-b"]})
+    note = nbk.measured_note(rows)
+    earlier = (now - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M")
+    assert note.startswith("Read back from the cache") and f"1 sparsification on `node-a` at {earlier}" in note
+    assert "Measured in this run: 2 structured pruning" in note and "This run took" in note
+    assert nbk.measured_note(rows.iloc[1:]) == "Measured in this run, on `node-b`."

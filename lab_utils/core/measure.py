@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import os
+import platform
 import re
 import threading
 import time
@@ -31,6 +33,7 @@ class Stopwatch:
     def __enter__(self):
         self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
         self.load0 = _load_average()
+        self.started = dt.datetime.now().astimezone()
         return self
 
     def __exit__(self, *exc):
@@ -40,8 +43,10 @@ class Stopwatch:
         return False
 
     def row(self, demo: str) -> dict:
+        # When and where: a cached row is shown again by later runs, elsewhere perhaps.
         return {"demo": demo, "wall_s": self.wall, "cpu_s": self.cpu,
-                "threads": torch.get_num_threads(), "load_average": self.load}
+                "threads": torch.get_num_threads(), "load_average": self.load,
+                "measured": self.started.isoformat(timespec="seconds"), "host": platform.node()}
 
 
 def _load_average() -> float:

@@ -159,8 +159,9 @@ def step(name: str, ignore: Iterable[str] = (), timed_as: str | None = None):
     their fields), less those in ``ignore`` (where the work runs, how it is
     shown: ``executor``, ``workers``). ``timed_as`` also stores the wall and
     CPU seconds of the computation as a row (``demo``, ``wall_s``, ``cpu_s``,
-    ``threads``, ``load_average``) and returns ``(result, timing)``: a warm run
-    shows the times of the run that produced its numbers. The undecorated
+    ``threads``, ``load_average``, and when and where: ``measured``, ``host``)
+    and returns ``(result, timing)``: a warm run shows the times of the run that
+    produced its numbers. The undecorated
     function stays reachable as ``fn.compute``, and ``fn.key(*args, **kwargs)``
     gives the key.
     """

@@ -1,6 +1,8 @@
 """Small helpers that keep notebook cells to one-liners (the report floor).
 
-:func:`setup` fixes seeds, threads and the figure style; :func:`md` displays
+:func:`start` opens a run (its clock, the lab's errors in one line, the
+parameter file of ``make lab PARAMS=...``); :func:`setup` fixes seeds,
+threads and the figure style; :func:`md` displays
 generated prose (a sentence stating a result is built from the computed
 values, never typed in) and, with a key, records it for the write-up;
 :func:`show_parameters` opens a rendered notebook with every effective
@@ -10,18 +12,115 @@ other floats to four significant digits (the CSVs keep full precision).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
 import random
 import re
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from lab_utils.core import files
+from lab_utils.core.data import DataError
+from lab_utils.core.device import DeviceError
+from lab_utils.core.formats import StorageError
+from lab_utils.core.measure import process_usage
+from lab_utils.core.models import ModelError
+from lab_utils.core.sparsify import SparsityError
+from lab_utils.core.speech import SpeechError
+from lab_utils.experiments.executor import ExecutorError
 from lab_utils.report import params
+
+# --------------------------------------------------------------------------- a run
+# The lab's own errors: something the user set or lacks (a parameter, the hub, a model
+# folder, the device, a scheduler), said by the message; in a live kernel a traceback
+# through the checks would push that line below the first screen.
+LAB_ERRORS = (params.ParamError, ModelError, DataError, DeviceError, SparsityError, StorageError,
+              SpeechError, ExecutorError)
+# make lab PARAMS=FILE names the file to every kernel it starts (the report runner does not:
+# papermill injects its values).
+LIVE_PARAMS_ENV = "LAB_LIVE_PARAMS"
+_run: dict = {}  # when this run started: "at" (epoch seconds) and process_usage() then
+
+
+def start(namespace: dict, notebook: str) -> None:
+    """Open a run of ``notebook``, first thing after its parameters cell: the run's
+    clock starts (:func:`run_usage`), the lab's errors show as one line in a live
+    kernel (``%tb`` shows the traceback), and under ``make lab PARAMS=FILE`` the
+    file's values go over the defaults in ``namespace`` (:func:`apply_params_file`)."""
+    _run.update(at=time.time(), usage=process_usage())
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc(LAB_ERRORS, _one_line)
+    if os.environ.get(LIVE_PARAMS_ENV):
+        apply_params_file(namespace, notebook, os.environ[LIVE_PARAMS_ENV])
+
+
+def _one_line(shell, etype, value, tb, tb_offset=None):
+    """IPython's handler of :data:`LAB_ERRORS`: the error's own line; the
+    traceback stays where ``%tb`` and ``%debug`` find it."""
+    sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
+    sys.last_exc = value
+    hint = "" if os.environ.get("LAB_NOTEBOOK") else "   \x1b[2m(%tb shows the traceback)\x1b[0m"
+    shell._showtraceback(etype, value, [f"\x1b[1;31m{etype.__name__}\x1b[0m: {value}{hint}"])
+
+
+def apply_params_file(namespace: dict, notebook: str, path: str | Path) -> list[str]:
+    """Set the values that the parameter file ``path`` gives ``notebook`` in its
+    kernel's ``namespace``, over each default the parameters cell still holds (a
+    value edited in the cell wins), and name the file and those keys to
+    :func:`parameters_table`. The file is checked first, as the runner checks it."""
+    _, per_notebook = params.check_file(path)
+    given = per_notebook[notebook]
+    defaults = params.defaults(params.declared(notebook))
+    applied = sorted(k for k, v in given.items() if namespace.get(k) in (defaults[k], v))
+    namespace.update({k: given[k] for k in applied})
+    os.environ[PARAMS_FILE_ENV] = shown_path(path)
+    os.environ[PARAMS_KEYS_ENV] = json.dumps(applied)
+    return applied
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as a reader finds it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(files.REPO_ROOT)) if p.is_relative_to(files.REPO_ROOT) else str(path)
+
+
+def run_usage() -> dict:
+    """:func:`~lab_utils.core.measure.process_usage` counted from :func:`start`:
+    this run's seconds, not the kernel's (idle time before a Run All included)."""
+    now, then = process_usage(), _run.get("usage", {})
+    return {**now, "elapsed_s": now["elapsed_s"] - then.get("elapsed_s", 0.0),
+            "cpu_s": now["cpu_s"] - then.get("cpu_s", 0.0)}
+
+
+def measured_note(timings: pd.DataFrame) -> str:
+    """When and where the timings of cached steps (``measured``, ``host``: a
+    :class:`~lab_utils.core.measure.Stopwatch` row each, column ``demo``) were
+    taken: a rerun reads them back, and must not pass them off as its own."""
+    if "measured" not in timings:
+        return ""
+    when = [dt.datetime.fromisoformat(m) for m in timings.measured]
+    earlier = [w.timestamp() < _run.get("at", 0.0) for w in when]
+    if not any(earlier):
+        return f"Measured in this run, on `{', '.join(dict.fromkeys(timings.host))}`."
+    groups: dict = {}
+    for demo, host, w, old in zip(timings.demo, timings.host, when, earlier, strict=True):
+        if old:
+            groups.setdefault((host, w.strftime("%Y-%m-%d %H:%M %Z")), []).append(str(demo))
+    where = "; ".join(f"{', '.join(d)} on `{h}` at {t}" for (h, t), d in groups.items())
+    fresh = [str(d) for d, old in zip(timings.demo, earlier, strict=True) if not old]
+    return (f"Read back from the cache, as measured by the run that first computed them: {where}. "
+            + (f"Measured in this run: {', '.join(fresh)}. " if fresh else "")
+            + f"This run took {run_usage()['elapsed_s']:.0f} s up to here.")
 
 
 def setup(seed: int = 0, threads: int | None = None) -> None:
@@ -42,6 +141,12 @@ def setup(seed: int = 0, threads: int | None = None) -> None:
     pd.set_option("display.width", 160)
     pd.set_option("display.max_columns", 30)
     pd.set_option("display.precision", 4)
+    # Third-party bars would stay behind in a live kernel, under every model load and dataset
+    # map; the lab's own bars (core.progress) are the ones that say how far a step is.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def md(text: str, key: str | None = None):

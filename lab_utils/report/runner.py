@@ -166,12 +166,6 @@ def write_index(runs: list[NotebookRun], params_file: str, params: dict, started
     return files.write_text(report_dir() / "index.html", html)
 
 
-def _shown_path(path: str | Path) -> str:
-    """A path as a reader finds it: relative to the repository when inside it."""
-    p = Path(path).resolve()
-    return str(p.relative_to(files.REPO_ROOT)) if p.is_relative_to(files.REPO_ROOT) else str(path)
-
-
 def _device_row(params: dict) -> dict:
     """The resolved device, dtype and device name the notebooks ran with."""
     try:
@@ -220,7 +214,7 @@ def run(params_file: str, only: list[str] | None = None, timeout: int = 3600,
         executed = build_dir() / "notebooks" / path.name
         os.environ["LAB_NOTEBOOK"] = path.stem  # findings are recorded per notebook
         # the notebook's parameters table names the file and the keys it set
-        os.environ[nbk.PARAMS_FILE_ENV] = _shown_path(params_file)
+        os.environ[nbk.PARAMS_FILE_ENV] = nbk.shown_path(params_file)
         os.environ[nbk.PARAMS_KEYS_ENV] = json.dumps(sorted(per_nb[path.stem]))
         findings = files.results_dir() / "findings" / f"{path.stem}.json"
         findings.unlink(missing_ok=True)
