@@ -191,6 +191,8 @@ def test_notebook_02_in_jupyterlab(driver, lab, tmp_path):  # no browser: skippe
     driver.execute_script("document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-WindowedPanel-outer')"
                           "?.scrollTo(0, 0)")
     driver.save_screenshot(str(shots / "2-run-all.png"))
+    driver.execute_script("document.querySelector('.jp-OutputArea-output img').scrollIntoView()")
+    driver.save_screenshot(str(shots / "2-first-figure.png"))
     assert all(re.fullmatch(r"\[\d+\]:", p.strip()) for p in state["prompts"]), state["prompts"]
     assert not state["stderr"], state["stderr"]
     assert state["results"] == 0, "a cell showed its return value"
