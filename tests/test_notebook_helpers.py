@@ -134,7 +134,7 @@ def test_a_cached_timing_says_when_and_where_it_was_measured():
     now = dt.datetime.now().astimezone()
     rows = pd.DataFrame({"demo": ["1 sparsification", "2 structured pruning"],
                          "measured": [(now - dt.timedelta(days=2)).isoformat(timespec="seconds"),
-                                      (now + dt.timedelta(seconds=1)).isoformat(timespec="seconds")],
+                                      now.isoformat(timespec="seconds")],  # this very second: this run
                          "host": ["node-a", "node-b"]})
     note = nbk.measured_note(rows)
     earlier = (now - dt.timedelta(days=2)).strftime("%Y-%m-%d %H:%M")

@@ -106,10 +106,10 @@ def measured_note(timings: pd.DataFrame) -> str:
     """When and where the timings of cached steps (``measured``, ``host``: a
     :class:`~lab_utils.core.measure.Stopwatch` row each, column ``demo``) were
     taken: a rerun reads them back, and must not pass them off as its own."""
-    if "measured" not in timings:
+    if "measured" not in timings or timings.measured.isna().any():  # rows from before the field
         return ""
     when = [dt.datetime.fromisoformat(m) for m in timings.measured]
-    earlier = [w.timestamp() < _run.get("at", 0.0) for w in when]
+    earlier = [w.timestamp() < int(_run.get("at", 0.0)) for w in when]  # "measured" has whole seconds
     if not any(earlier):
         return f"Measured in this run, on `{', '.join(dict.fromkeys(timings.host))}`."
     groups: dict = {}
