@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import build_tiny
 
-from lab_utils.core import measure
+from lab_utils.core import formats, measure
 from lab_utils.core.models import prunable_layers
 from lab_utils.experiments import speed
 from lab_utils.presentation import speed_view
@@ -141,29 +141,30 @@ def test_csr_linear_feature_major_output_is_a_transposed_view():
 
 
 @pytest.mark.parametrize("checked, keeps_csr", [(1.3, True), (0.8, False)])
-def test_tuning_keeps_the_plan_only_if_it_is_faster_end_to_end(monkeypatch, checked, keeps_csr):
+def test_tuning_keeps_the_plan_only_if_it_is_faster_end_to_end(checked, keeps_csr):
     model = prune(build_tiny("llama"), 0.9)
     t = synthetic_table([(s, sp, 3.0) for s in speed.prunable_shapes(model) for sp in (0.5, 0.95)])
     fake = pd.DataFrame({"model": ["dense", "sparse-aware"], "median_s": [1.0, 1 / checked],
                          "speedup": [1.0, checked], "repeats": 1})
-    monkeypatch.setattr(speed, "forward_speed", lambda *a, **k: fake)  # a deterministic "measurement"
-    tuned, plan, got = speed.tune_sparse_aware(model, t, tiny_inputs("llama"))
-    assert got == checked
+    asked = []
+    tuned, plan, got = speed.tune_sparse_aware(model, t, lambda ms: asked.append(list(ms)) or fake)
+    assert got == checked and asked == [["dense", "sparse-aware"]]
     assert plan.use_csr.all() == keeps_csr and plan.use_csr.any() == keeps_csr
     assert (tuned is model) != keeps_csr  # a fall-back hands back the dense model itself
     # nothing worth converting: nothing to check
     slow = synthetic_table([(s, sp, 0.5) for s in speed.prunable_shapes(model) for sp in (0.5, 0.95)])
-    tuned, plan, got = speed.tune_sparse_aware(model, slow, tiny_inputs("llama"))
+    tuned, plan, got = speed.tune_sparse_aware(model, slow, lambda ms: pytest.fail("checked a dense plan"))
     assert tuned is model and not plan.use_csr.any() and math.isnan(got)
 
 
-def synthetic_table(rows):
+def synthetic_table(rows, regime=None):
     """A layer_speed-shaped table from (shape, sparsity, speedup) triples."""
     out = []
     for shape, sp, su in rows:
         o, i = shape
         out.append({"shape": f"{o}x{i}", "out_features": o, "in_features": i, "sparsity": sp,
-                    "tokens": 8, "dense_ms": 1.0, "csr_ms": 1.0 / su, "speedup": su})
+                    "tokens": 1 if regime == "decode" else 8, "dense_ms": 1.0, "csr_ms": 1.0 / su, "speedup": su}
+                   | ({"regime": regime} if regime else {}))
     return pd.DataFrame(out)
 
 
@@ -238,9 +239,111 @@ def test_num_threads_pins_and_restores():
 
 def test_layer_speed_table_shape():
     t = speed.layer_speed([(16, 8), (8, 16)], [0.5, 0.9], speed.Timing(tokens=4, warmup=0, repeats=1))
-    assert len(t) == 4 and set(t["shape"]) == {"16x8", "8x16"}
+    assert len(t) == 4 and set(t["shape"]) == {"16x8", "8x16"} and set(t.regime) == {"prefill"}
     assert (t.speedup == t.dense_ms / t.csr_ms).all()
     assert (t.drop_in_speedup == t.dense_ms / t.drop_in_ms).all()
+    assert (t.dense_copies == 1).all() and (t.csr_copies == 1).all()
+
+
+def test_decode_timing_cycles_through_copies_of_each_format():
+    timing = speed.Timing(tokens=1, warmup=0, repeats=1, cycle_mib=1)
+    assert timing.regime == "decode" and timing.copies(2**20) == 2 and timing.copies(2**18) == 4
+    t = speed.layer_speed([(64, 128)], [0.5, 0.9], timing)
+    assert set(t.regime) == {"decode"} and (t.tokens == 1).all()
+    W = speed.sparse_weight((64, 128), 0.9)
+    csr = speed.csr_bytes(speed.to_csr(W))
+    assert csr == int((W != 0).sum()) * 8 + 65 * 4  # fp32 values and int32 column indices, 65 row pointers
+    row = t.set_index("sparsity").loc[0.9]
+    assert row.dense_copies == 2**20 // (64 * 128 * 4) and row.csr_copies == math.ceil(2**20 / csr)
+    assert row.byte_limit == pytest.approx(64 * 128 * 4 / csr)
+    assert row.dense_gb_s == pytest.approx(64 * 128 * 4 / (row.dense_ms / 1e3) / 1e9)
+    with pytest.raises(ValueError, match="Timing.cycle_mib"):
+        speed.Timing(cycle_mib=-1)
+
+
+def test_crossover_and_predictions_per_regime():
+    t = pd.concat([synthetic_table([((8, 8), 0.5, 0.5), ((8, 8), 0.9, 2.0)], "prefill"),
+                   synthetic_table([((8, 8), 0.5, 1.5), ((8, 8), 0.9, 4.0)], "decode")])
+    c = speed.crossover(t).set_index(["regime", "shape"])
+    assert c.loc[("prefill", "8x8"), "crossover_sparsity"] == pytest.approx(0.7)
+    assert c.loc[("decode", "8x8"), "crossover_sparsity"] == 0.5
+    wide = speed_view.regimes_table(t).set_index("shape")
+    assert wide.loc["8x8", "crossover_prefill"] == pytest.approx(0.7) and wide.loc["8x8", "decode@0.9"] == 4.0
+    with pytest.raises(ValueError, match="one regime"):
+        speed.predicted_speedup(t, (8, 8), 0.7)
+    assert speed.predicted_speedup(t[t.regime == "decode"], (8, 8), 0.9) == pytest.approx(4.0)
+
+
+def test_token_bytes_by_hand():
+    layers, other = [((4, 8), 8)], 100  # one 4 x 8 weight with 8 nonzeros, 100 bytes of the rest
+    assert formats.token_bytes("dense", layers, other) == 4 * 8 * 4 + 100
+    assert formats.token_bytes("csr", layers, other) == 8 * 4 + 5 * 1 + 8 * 1 + 100  # values, uint8 rows, columns
+    assert formats.token_bytes("bitmask", layers, other) == 32 // 8 + 8 * 4 + 100  # one bit per weight, values
+    assert formats.token_bytes("dense-int8", layers, other) == 4 * 8 + 4 * 4 + 100  # int8 values, a scale per row
+    assert formats.token_bytes("nm", [((4, 8), 16)], 0, pattern="2:4") == 16 * 4 + 16 * 2 // 8  # 2 bits a position
+
+
+def test_token_reads_count_the_head_once_and_one_embedding_row():
+    llama = prune(build_tiny("llama"), 0.75)  # hidden 32, vocab 64, 2 blocks, tied head
+    layers, other, bits = formats.token_reads(llama)
+    assert bits == 32 and len(layers) == 14
+    assert sum(o * i for (o, i), _ in layers) == 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)
+    assert sum(n for _, n in layers) == sum(int((pl.weight != 0).sum()) for pl in prunable_layers(llama))
+    assert other == (64 * 32 + 5 * 32) * 4  # the tied table read whole by the head; 5 norm vectors
+    gpt2 = build_tiny("gpt2")  # wte tied to the head; wpe read one row per token
+    _, other, _ = formats.token_reads(gpt2)
+    norms_and_biases = sum(p.numel() for n, p in gpt2.named_parameters()
+                           if not n.endswith(("wte.weight", "wpe.weight")) and "attn.c_attn.weight" not in n
+                           and not n.endswith(("c_proj.weight", "c_fc.weight")))
+    assert other == (64 * 32 + 32 + norms_and_biases) * 4
+
+
+@pytest.mark.parametrize("check_speedup", [1.5, 0.5])
+def test_generation_on_a_tiny_model(tiny_dirs, cache_with_data, monkeypatch, check_speedup):
+    name = str(tiny_dirs["llama"])
+    model = prune(build_tiny("llama"), 0.9)
+    wins = synthetic_table([(s, sp, 3.0) for s in speed.prunable_shapes(model) for sp in (0.5, 0.95)], "decode")
+    real = speed.generation_speed
+
+    def timed(models, prompt, gen):  # the real generations, a deterministic clock
+        t, ids = real(models, prompt, gen)
+        tps = [10.0, 10.0 * check_speedup][:len(t)]
+        return t.assign(tokens_per_s=tps, speedup=[v / tps[0] for v in tps]), ids
+
+    monkeypatch.setattr(speed, "generation_speed", timed)
+    gen = speed.Generation(new_tokens=5, prompt_tokens=6, warmup=0, repeats=1, stream_mib=1)
+    t = speed.generation_sweep(name, "magnitude", [0.9], wins, gen)
+    assert list(t.format) == list(speed.GENERATION_FORMATS)
+    r = t.set_index("format").loc["csr"]
+    kept = check_speedup > 1
+    assert r.csr_layers == (r.layers if kept else 0) == (14 if kept else 0) and r.fell_back != kept
+    assert r.speedup == pytest.approx(check_speedup if kept else 1.0) and r.checked_speedup == check_speedup
+    assert r.tokens_per_s_dense == 10.0 and r.stream_gb_s > 0 and r.prompt_tokens == 6
+    # the same pruned weights dense and in CSR: the same logits, and the same text but for a near tie
+    assert r.logits_agree and r.logits_max_abs_diff < 1e-4
+    assert r.texts_equal or r.divergence_margin < 1e-3
+    assert 1 < r.byte_limit < 10 and (r.run_byte_limit > 1) == kept
+    assert t.set_index("format").loc["bitmask", "byte_limit"] > 1
+    # where the decode table says CSR loses, no layer is converted and nothing is checked
+    loses = wins.assign(speedup=0.5)
+    t = speed.generation_sweep(name, "magnitude", [0.9], loses, gen).set_index("format")
+    assert t.loc["csr", "csr_layers"] == 0 and math.isnan(t.loc["csr", "checked_speedup"])
+    assert t.loc["csr", "speedup"] == 1.0 and t.loc["csr", "run_byte_limit"] == 1.0
+
+
+def test_formats_check_reports_the_first_divergence_with_its_margin():
+    dense = build_tiny("llama")
+    other = build_tiny("llama")
+    torch.manual_seed(1)
+    for p in other.parameters():  # another model: its greedy text parts from the first
+        p.data.normal_()
+    prompt = torch.tensor([[1, 5, 9, 12]])
+    c = speed.compare_formats(dense, other, prompt, 6)
+    assert not c["logits_agree"] and not c["texts_equal"]
+    k = c["first_divergence"]
+    d, s = c["ids"]["dense"][0, 4 + k], c["ids"]["sparse"][0, 4 + k]
+    assert d != s and c["divergence_margin"] > 0
+    assert torch.equal(c["ids"]["dense"][0, :4 + k], c["ids"]["sparse"][0, :4 + k])
 
 
 def test_model_shapes_from_the_config_alone(tiny_dirs):
@@ -259,8 +362,33 @@ def test_speed_conclusions_follow_the_numbers():
                          "sparse_aware_is_dense": False, "csr_layers": 3, "layers": 4, "all_csr_speedup": 0.8,
                          "checked_speedup": 1.25, "fell_back": False, "flop_limit": 2.5, "unprunable_share": 0.2}])
     text = speed_view.speed_conclusions(t, fwd)
-    assert "1.30x dense (3 of 4 layers in CSR)" in text and "multiply-add limit of 2.50x" in text
+    assert "1.30x dense (3 of 4 layers in CSR) against a multiply-add limit of 2.50x" in text
     assert "2 threads" in speed_view.timing_conditions(t)
     fwd = fwd.assign(sparse_aware_speedup=1.0, sparse_aware_is_dense=True, csr_layers=0, checked_speedup=0.9,
                      fell_back=True)
     assert "ran at 0.90x dense in a first timing, so it falls back" in speed_view.speed_conclusions(t, fwd)
+
+
+def test_speed_conclusions_state_both_regimes():
+    t = pd.concat([synthetic_table([((8, 8), 0.5, 0.25), ((8, 8), 0.9, 2.0)], "prefill"),
+                   synthetic_table([((8, 8), 0.5, 0.5), ((8, 8), 0.7, 1.5)], "decode")])
+    t["threads"], t["load_avg"], t["dense_copies"], t["csr_copies"] = 2, 1.0, 3, 9
+    gen = pd.DataFrame([{"label": "Tiny", "sparsity": sp, "format": f, "new_tokens": 32, "speedup": su,
+                         "byte_limit": bl, "run_byte_limit": 1.4, "csr_layers": n, "layers": 4, "fell_back": False,
+                         "checked_speedup": 1.1, "dense_of_stream": 0.61, "stream_gb_s": 30.0}
+                        for sp, su, n in ((0.7, 1.2, 4), (0.9, 2.5, 4)) for f, bl in (("csr", 1.5), ("bitmask", 2.1))])
+    text = speed_view.speed_conclusions(t, None, gen)
+    assert "**Prefill** (8-token inputs" in text and "**Generation**" in text
+    prefill, decode = text.split("**Generation**")
+    assert "from 77% sparsity up" in prefill and "from 63% sparsity up" in decode  # log-linear between points
+    assert "runs at 1.20x at 70% (4 of 4 layers in CSR; byte limit 1.50x in CSR, 2.10x as a bitmask" in text
+    assert "2.50x at 90% (" in text and "61% of the 30.0 GB/s" in text
+    assert text.count(". ") == 1  # one sentence per regime
+    assert "3 dense and 9 CSR copies" in speed_view.timing_conditions(t)
+    head = speed_view.speed_headline(t, gen)
+    assert head.startswith("Per layer, CSR beats the dense matmul from 77% sparsity on a prompt and from 63% "
+                           "sparsity generating one token at a time; greedy generation runs at 1.20x, 2.50x dense")
+    assert "(byte limits in CSR 1.50x, 1.50x)." in head
+    assert speed_view.speed_headline(t.assign(speedup=0.5)) == (
+        "Per layer, CSR beats the dense matmul at no sparsity up to 90% on a prompt and at no sparsity up to 90% "
+        "generating one token at a time.")

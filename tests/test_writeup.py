@@ -44,7 +44,8 @@ def test_model_selection_uses_the_measured_counts_and_names_the_seed_model():
 FOUND = {"02_visualization": {"headline_near_zero": "More than half lie within ±0.05 in 1 of 2 models.",
                                 "claim_near_zero": "**Claim 1**: a long verdict, shown in its section.",
                                 "all_params_M": "A caption, not a headline."},
-         "03_sparsification_and_sizes": {"speed": "CSR beats the dense matmul for 2 of 3 layer shapes."},
+         "03_sparsification_and_sizes": {"headline_speed": "Per layer, CSR beats the dense matmul from 84% sparsity.",
+                                          "speed": "CSR beats the dense matmul for 2 of 3 layer shapes."},
          "04_benchmarks": {"headline_method": "wanda: the best in 2 of 2 model and setting pairs.",
                            "benchmarks_decoder-only": "### decoder-only\n\n**M** (perplexity): best at 2:4, wanda."}}
 
@@ -62,7 +63,7 @@ def test_headlines_quote_the_recorded_short_answers_and_link_their_sections(tmp_
         "([Model Visualization](#model-visualization))",
         "**Which pruning method keeps the most quality?** wanda: the best in 2 of 2 model and setting pairs. "
         "([Results on Benchmarks](#benchmarks))",
-        "**Does sparsity make a CPU faster?** CSR beats the dense matmul for 2 of 3 layer shapes. ([Speed](#speed))"]
+        "**Does sparsity make a CPU faster?** Per layer, CSR beats the dense matmul from 84% sparsity. ([Speed](#speed))"]
     assert writeup.headlines(writeup.Findings(tmp_output / "none")) == []  # a question not answered is left out
 
 
@@ -131,7 +132,9 @@ def test_the_write_up_opens_with_the_findings_and_links_them_to_anchors_that_exi
     md = (tmp_output / "report" / "LAB4.md").read_text()
     assert md.index("## What we found") < md.index("* **Are most parameters close to 0?**") < md.index("## Concepts")
     # the short answer opens the write-up, the long verdict stands in its section; each once
-    assert md.count("in 1 of 2 models.") == 1 and md.count("CSR beats the dense matmul") == 1
+    assert md.count("in 1 of 2 models.") == 1 and md.count("CSR beats the dense matmul for 2 of 3") == 1
+    assert md.index("## What we found") < md.index("from 84% sparsity.") < md.index("## Concepts")
+    assert md.index('<a id="speed">') < md.index("CSR beats the dense matmul for 2 of 3")
     assert md.index("## Model Visualization") < md.index("a long verdict, shown in its section")
     assert "A caption, not a headline." not in md
     for anchor in re.findall(r"\]\(#([a-z-]+)\)", md):

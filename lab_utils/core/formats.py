@@ -209,6 +209,32 @@ def _total(f: Format, shapes, sparsity: float, value_bits: int, pattern: str) ->
                for s in shapes)
 
 
+# --------------------------------------------------------------------------- one generated token
+def token_bytes(fmt: str | Format, layers: Iterable[tuple[tuple[int, int], int]], other_bytes: int,
+                value_bits: int = 32, pattern: str = "unstructured") -> int:
+    """Bytes of weights one generated token reads when every prunable weight, given as
+    ((out, in), nnz), is held in ``fmt`` and the rest (``other_bytes``) stays dense: at one
+    token a layer reads each of its stored bytes once, so this bounds a memory-bound step."""
+    return other_bytes + sum(sum(format_bytes(fmt, shape, nnz, value_bits, pattern).values())
+                             for shape, nnz in layers)
+
+
+def token_reads(model: nn.Module) -> tuple[list[tuple[tuple[int, int], int]], int, int]:
+    """What one generated token reads of ``model``'s weights: its prunable layers as
+    ((out, in), nnz), the bytes of every other parameter, and the weights' bit width. A
+    parameter counts once (a tied head and embedding are one table, which the head reads
+    whole); an embedding table no linear layer reads is read one row per token."""
+    prunable = prunable_layers(model)
+    skip = {id(pl.module.weight) for pl in prunable}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    rows = {id(m.weight): m.weight[0] for m in model.modules() if isinstance(m, nn.Embedding)}
+    other = sum((rows[id(p)] if id(p) in rows and id(p) not in linear else p).nbytes
+                for p in model.parameters() if id(p) not in skip)
+    layers = [(tuple(pl.shape), int((pl.weight != 0).sum())) for pl in prunable]
+    value_bits = prunable[0].weight.element_size() * 8 if prunable else 32
+    return layers, int(other), value_bits
+
+
 # --------------------------------------------------------------------------- sweeps
 # What notebook 03 writes by default: the plain and compressed sparse layouts
 # next to the two usual dense baselines, and int8 to show the two composing.

@@ -1,13 +1,18 @@
-"""Does sparsity buy time on a CPU? Dense vs ``torch.sparse`` CSR matmuls.
+"""Does sparsity buy time on a CPU? Dense vs ``torch.sparse`` CSR matmuls, in both regimes.
 
 A pruned layer that keeps its zeros runs as fast as the dense one. A CSR layer skips them,
 but each kept weight costs far more (an index to read, scattered access, no cache blocking),
 so CSR only wins above some sparsity, the *crossover*, measured per shape by
-:func:`layer_speed`. :func:`to_sparse_aware` swaps :class:`CSRLinear` in where that pays;
+:func:`layer_speed` in two regimes: *prefill* (a prompt of many tokens: compute-bound) and
+*decode* (one token, the weights streamed from memory: each format cycles through enough
+copies of its weight that they do not sit in cache, so the time is its bytes' traffic).
+:func:`to_sparse_aware` swaps :class:`CSRLinear` in where that pays;
 inside such a model the CSR layers work feature-major (torch multiplies a sparse matrix on
 the left only, so ``x @ W.T`` is ``(W @ x.T).T``), siblings sharing one transpose of their
 input. :func:`tune_sparse_aware` keeps the plan only if it is faster end to end;
-:func:`forward_speed` times whole models and :func:`flop_limit` bounds the speed-up.
+:func:`forward_speed` times whole forward passes and :func:`flop_limit` bounds their
+speed-up; :func:`generation_sweep` times greedy generation (tokens/s) against the bytes one
+token reads (:func:`lab_utils.core.formats.token_bytes`) and the machine's streaming rate.
 
 Timings on a shared machine are noisy: compare ratios measured in one run (every variant is
 timed interleaved, medians). The CSR kernels are the CPU's; :func:`forward_speed` times models
@@ -20,15 +25,16 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from lab_utils.core import memo
+from lab_utils.core import formats, memo
+from lab_utils.core.checks import whole_number
 from lab_utils.core.data import forward_inputs
 from lab_utils.core.device import model_device
 from lab_utils.core.measure import median_seconds, time_calls
@@ -51,12 +57,50 @@ from lab_utils.engine.config import PruneConfig, hf_config
 class Timing:
     """How a timing is taken: on ``tokens`` input rows, ``warmup`` untimed
     rounds then ``repeats`` timed ones (medians), on ``threads`` torch threads
-    (resolved when made: a cached timing is keyed by the threads it ran on)."""
+    (resolved when made: a cached timing is keyed by the threads it ran on).
+    ``cycle_mib`` > 0: each timed call cycles through that many MiB of distinct
+    copies of the weight in each format, so that none is read from cache (the
+    decode regime; 0: one weight, as a prompt's matmul reads it)."""
 
     tokens: int = 512
     warmup: int = 1
     repeats: int = 5
     threads: int = field(default_factory=torch.get_num_threads)
+    cycle_mib: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "repeats", "threads"):
+            whole_number(f"Timing.{name}", getattr(self, name))
+        for name in ("warmup", "cycle_mib"):
+            whole_number(f"Timing.{name}", getattr(self, name), minimum=0)
+
+    @property
+    def regime(self) -> str:
+        return "decode" if self.tokens == 1 else "prefill"
+
+    def copies(self, nbytes: int) -> int:
+        """How many copies of a weight of ``nbytes`` one timed call reads."""
+        return max(2, math.ceil(self.cycle_mib * 2**20 / nbytes)) if self.cycle_mib else 1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How greedy generation is timed: a prompt of ``prompt_tokens`` tokens of real
+    text, ``new_tokens`` generated with the KV cache (never stopping early),
+    ``warmup`` untimed then ``repeats`` timed generations per model, in turns;
+    the streaming rate is read over a buffer of ``stream_mib`` MiB."""
+
+    new_tokens: int = 32
+    prompt_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 3
+    threads: int = field(default_factory=torch.get_num_threads)
+    stream_mib: int = 64
+
+    def __post_init__(self):
+        for name in ("new_tokens", "prompt_tokens", "repeats", "threads", "stream_mib"):
+            whole_number(f"Generation.{name}", getattr(self, name))
+        whole_number("Generation.warmup", self.warmup, minimum=0)
 
 
 # --------------------------------------------------------------------------- layers
@@ -122,33 +166,57 @@ def csr_linear(x: torch.Tensor, W_csr: torch.Tensor, bias: torch.Tensor | None =
     return y.reshape(*x.shape[:-1], W_csr.shape[0])
 
 
+def csr_bytes(W_csr: torch.Tensor) -> int:
+    """Bytes a CSR tensor holds as torch keeps it: values, row pointers, column indices."""
+    return sum(t.numel() * t.element_size() for t in (W_csr.values(), W_csr.crow_indices(), W_csr.col_indices()))
+
+
+def _copies(W: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``W`` and ``n - 1`` copies of it in memory of their own (a CSR tensor's three parts each)."""
+    if W.layout == torch.sparse_csr:
+        return [W] + [torch.sparse_csr_tensor(W.crow_indices().clone(), W.col_indices().clone(),
+                                              W.values().clone(), W.shape) for _ in range(n - 1)]
+    return [W] + [W.clone() for _ in range(n - 1)]
+
+
 def layer_speed(shapes: Iterable[tuple[int, int]], sparsities: Iterable[float], timing: Timing | None = None,
                 seed: int = 0) -> pd.DataFrame:
     """Median time of ``x @ W.T`` (x: ``timing.tokens`` x in) dense and CSR, per shape and
     sparsity, timed in turns under the same load. ``csr_ms`` is the CSR kernel on
     feature-major activations, as the sparse-aware model runs it; ``speedup`` = dense / that.
-    ``drop_in_ms`` / ``drop_in_speedup`` add both transposes (one CSR layer in a dense model)."""
+    ``drop_in_ms`` / ``drop_in_speedup`` add both transposes (one CSR layer in a dense model; nan
+    at one token, where they are free).
+    With ``timing.cycle_mib`` each call reads the next of ``dense_copies`` / ``csr_copies``
+    copies of the weight (times are per product); ``dense_gb_s`` / ``csr_gb_s`` are the weight
+    bytes each kernel reads per second, ``byte_limit`` dense bytes / CSR bytes as torch holds them."""
     timing = timing or Timing(warmup=2, repeats=7)
     shapes = sorted({tuple(int(v) for v in s) for s in shapes})
     sparsities = sorted({float(s) for s in sparsities})
     rows = []
     g = torch.Generator().manual_seed(seed)
     jobs = [(s, sp) for s in shapes for sp in sparsities]
-    for shape, sp in tqdm(jobs, desc="layer timings"):
+    for shape, sp in tqdm(jobs, desc=f"layer timings ({timing.regime})"):
         W = sparse_weight(shape, sp, seed)
         W_csr = to_csr(W)
+        dense_b, sparse_b = W.numel() * W.element_size(), csr_bytes(W_csr)
+        Ws, Cs = _copies(W, timing.copies(dense_b)), _copies(W_csr, timing.copies(sparse_b))
         load = os.getloadavg()[0]
         x = torch.randn(timing.tokens, shape[1], generator=g)
         xT = feature_major(x)
-        med = median_seconds(time_calls({"dense": lambda W=W, x=x: torch.nn.functional.linear(x, W),
-                                         "csr": lambda W_csr=W_csr, xT=xT: csr_matmul(W_csr, xT),
-                                         "drop_in": lambda W_csr=W_csr, x=x: csr_linear(x, W_csr)},
-                                        timing.warmup, timing.repeats, timing.threads))
-        rows.append({"shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0], "in_features": shape[1],
-                     "sparsity": sp, "tokens": timing.tokens, "dense_ms": 1e3 * med["dense"],
-                     "csr_ms": 1e3 * med["csr"], "speedup": med["dense"] / med["csr"],
-                     "drop_in_ms": 1e3 * med["drop_in"], "drop_in_speedup": med["dense"] / med["drop_in"],
-                     "threads": timing.threads, "load_avg": load})
+        fns = {"dense": lambda Ws=Ws, x=x: [torch.nn.functional.linear(x, w) for w in Ws],
+               "csr": lambda Cs=Cs, xT=xT: [csr_matmul(c, xT) for c in Cs]}
+        if timing.tokens > 1:  # the transposes of one row are free: no drop-in timing at decode
+            fns["drop_in"] = lambda Cs=Cs, x=x: [csr_linear(x, c) for c in Cs]
+        med = median_seconds(time_calls(fns, timing.warmup, timing.repeats, timing.threads))
+        dense_s, csr_s = med["dense"] / len(Ws), med["csr"] / len(Cs)
+        drop_in_s = med["drop_in"] / len(Cs) if "drop_in" in med else math.nan
+        rows.append({"regime": timing.regime, "shape": f"{shape[0]}x{shape[1]}", "out_features": shape[0],
+                     "in_features": shape[1], "sparsity": sp, "tokens": timing.tokens, "dense_ms": 1e3 * dense_s,
+                     "csr_ms": 1e3 * csr_s, "speedup": dense_s / csr_s, "drop_in_ms": 1e3 * drop_in_s,
+                     "drop_in_speedup": dense_s / drop_in_s, "dense_copies": len(Ws), "csr_copies": len(Cs),
+                     "dense_gb_s": dense_b / dense_s / 1e9, "csr_gb_s": sparse_b / csr_s / 1e9,
+                     "byte_limit": dense_b / sparse_b, "threads": timing.threads, "load_avg": load})
+        del Ws, Cs
     return pd.DataFrame(rows)
 
 
@@ -156,7 +224,10 @@ def predicted_speedup(speed: pd.DataFrame, shape: tuple[int, int], sparsity_rati
     """CSR speed-up for ``shape`` at ``sparsity_ratio``, interpolated from a
     :func:`layer_speed` table (linearly in log speed-up between the measured
     sparsities, flat beyond them). A shape that was not timed borrows the
-    timed shape with the closest number of weights."""
+    timed shape with the closest number of weights. The table must hold one regime."""
+    if "regime" in speed and speed.regime.nunique() > 1:
+        raise ValueError("predicted_speedup needs the timings of one regime (prefill or decode), "
+                         f"got {sorted(speed.regime.unique())}: select one, e.g. speed[speed.regime == 'decode']")
     t = speed[(speed.out_features == shape[0]) & (speed.in_features == shape[1])]
     if t.empty:
         numel = speed.out_features * speed.in_features
@@ -167,12 +238,13 @@ def predicted_speedup(speed: pd.DataFrame, shape: tuple[int, int], sparsity_rati
 
 
 def crossover(speed: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
-    """Per shape: the sparsity above which CSR beats dense by more than
-    ``margin`` at every measured point (interpolated between the last losing
-    and the first winning sparsity; nan if it never wins, the lowest measured
+    """Per shape (and regime, when the table has both): the sparsity above which CSR beats
+    dense by more than ``margin`` at every measured point (interpolated between the last
+    losing and the first winning sparsity; nan if it never wins, the lowest measured
     sparsity if it always wins), and the measured speed-ups."""
     rows = []
-    for shape, t in speed.groupby("shape", sort=False):
+    by = ["regime", "shape"] if "regime" in speed else ["shape"]
+    for key, t in speed.groupby(by, sort=False):
         t = t.groupby("sparsity")["speedup"].median().sort_index()
         s, v = t.index.to_numpy(), np.log(t.to_numpy())
         target = math.log(1 + margin)
@@ -184,7 +256,7 @@ def crossover(speed: pd.DataFrame, margin: float = 0.0) -> pd.DataFrame:
         else:
             i = int(np.flatnonzero(~wins)[-1])  # last losing point; all above it win
             cross = float(s[i] + (target - v[i]) * (s[i + 1] - s[i]) / (v[i + 1] - v[i]))
-        row = {"shape": shape, "crossover_sparsity": cross}
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)) | {"crossover_sparsity": cross}
         row.update({f"speedup@{sp:g}": float(np.exp(val)) for sp, val in zip(s, v, strict=True)})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -373,12 +445,14 @@ def model_shapes(model_name: str) -> list[tuple[int, int]]:
     return prunable_shapes(model)
 
 
-def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict, margin: float = 0.1,
-                      warmup: int = 1, repeats: int = 3, threads: int | None = None
+def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None,
+                      check: Callable[[dict[str, nn.Module]], pd.DataFrame], margin: float = 0.1
                       ) -> tuple[nn.Module, pd.DataFrame, float]:
-    """:func:`to_sparse_aware`, checked end to end on ``inputs``: the per-layer table cannot
-    see what happens between layers (transposes, layouts a later op must copy), so the plan is
-    timed against the dense model and, if not faster, the dense model is returned.
+    """:func:`to_sparse_aware`, checked end to end: the per-layer table cannot see what happens
+    between layers (transposes, layouts a later op must copy), so ``check`` times the plan
+    against the dense model ({"dense": ..., "sparse-aware": ...} -> a table with ``speedup``
+    in that order: :func:`forward_speed` or :func:`generation_speed`) and, if it is not faster,
+    the dense model is returned.
 
     Returns (model, plan, checked speed-up), ``plan.use_csr`` cleared after a fall-back, nan
     when no layer was worth converting. Time the returned model again to report it: the
@@ -386,8 +460,7 @@ def tune_sparse_aware(model: nn.Module, speed: pd.DataFrame | None, inputs: dict
     aware, plan = to_sparse_aware(model, speed, margin)
     if not plan.use_csr.any():
         return model, plan, math.nan
-    check = forward_speed({"dense": model, "sparse-aware": aware}, inputs, warmup, repeats, threads)
-    checked = float(check.speedup.iloc[1])
+    checked = float(check({"dense": model, "sparse-aware": aware}).speedup.iloc[1])
     if checked >= 1.0:
         return aware, plan, checked
     return model, plan.assign(use_csr=False), checked
@@ -405,7 +478,9 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="forward timings"):
         lm, _ = checkpoints.pruned_model(dense, PruneConfig(method, sparsity))
         inputs = forward_inputs(lm, timing.tokens)
-        aware, plan, checked = tune_sparse_aware(lm.model, speed, inputs, margin, timing.warmup, timing.repeats, timing.threads)
+        aware, plan, checked = tune_sparse_aware(
+            lm.model, speed, lambda ms, inputs=inputs: forward_speed(ms, inputs, timing.warmup, timing.repeats, timing.threads),
+            margin)
         # With no layer in CSR, the sparse-aware model *is* the dense model:
         # timing it again would only measure the machine's noise.
         variants = {"dense": lm.model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
@@ -432,6 +507,138 @@ def forward_sweep(model_name: str, method: str, sparsities: Iterable[float], spe
     return pd.DataFrame(rows)
 
 
+# --------------------------------------------------------------------------- generation
+LOGIT_TOLERANCE = 1e-4  # largest |logit difference| between formats, relative to the largest |logit|
+GENERATION_FORMATS = ("csr", "bitmask")  # the byte limits reported (csr: the one timed)
+
+
+def stream_rate(mib: int, repeats: int = 5, threads: int | None = None) -> float:
+    """Bytes per second this machine reads from memory: medians of summing an ``mib`` MiB
+    float32 buffer (take it several times the last-level cache)."""
+    buf = torch.ones(mib * 2**20 // 4)
+    med = median_seconds(time_calls({"sum": buf.sum}, 1, repeats, threads))
+    return buf.numel() * 4 / float(med["sum"])
+
+
+def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy generation with the KV cache: ``prompt`` and exactly ``new_tokens`` more tokens."""
+    from transformers import GenerationConfig
+
+    eos = getattr(model.config, "eos_token_id", None)
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                           use_cache=True, eos_token_id=eos, pad_token_id=pad)
+    with torch.inference_mode():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg)
+
+
+def generation_speed(models: dict[str, nn.Module], prompt: torch.Tensor, gen: Generation
+                     ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """Tokens per second of :func:`greedy` for each model (timed in turns; the prompt's
+    prefill included) and its speed-up over the first model; and each one's generated ids."""
+    ids: dict[str, torch.Tensor] = {}
+
+    def run(name, model):
+        ids[name] = greedy(model, prompt, gen.new_tokens)
+
+    times = time_calls({name: (lambda n=name, m=m: run(n, m)) for name, m in models.items()},
+                       gen.warmup, gen.repeats, gen.threads)
+    med = median_seconds(times)
+    first = next(iter(models))
+    table = pd.DataFrame({"model": list(models), "median_s": [med[n] for n in models],
+                          "tokens_per_s": [gen.new_tokens / med[n] for n in models],
+                          "speedup": [med[first] / med[n] for n in models]})
+    return table, ids
+
+
+def compare_formats(dense: nn.Module, sparse: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                    known: dict[str, torch.Tensor] | None = None) -> dict:
+    """The same weights held dense and in CSR: the largest logit difference on ``prompt``
+    (and whether it is within :data:`LOGIT_TOLERANCE`), and their greedy continuations: equal,
+    or the first new token where they part and the dense model's logit margin there (its
+    token's logit minus the other's: a small margin is a near tie that rounding decides).
+    ``known`` may hold ids already generated ({"dense": ..., "sparse": ...})."""
+    known = known or {}
+    with torch.inference_mode():
+        a, b = dense(input_ids=prompt).logits, sparse(input_ids=prompt).logits
+        diff, scale = float((a - b).abs().max()), float(a.abs().max())
+        ids = {k: known.get(k) if known.get(k) is not None else greedy(m, prompt, new_tokens)
+               for k, m in (("dense", dense), ("sparse", sparse))}
+        n = prompt.shape[1]
+        d, s = ids["dense"][0, n:], ids["sparse"][0, n:]
+        parted = torch.nonzero(d != s).flatten()
+        first, margin = math.nan, math.nan
+        if len(parted):
+            first = int(parted[0])
+            logits = dense(input_ids=ids["dense"][:, :n + first]).logits[0, -1]
+            margin = float(logits[d[first]] - logits[s[first]])
+    return {"logits_max_abs_diff": diff, "logits_agree": diff <= LOGIT_TOLERANCE * scale,
+            "texts_equal": not len(parted), "first_divergence": first, "divergence_margin": margin,
+            "ids": ids}
+
+
+def generation_sweep(model_name: str, method: str, sparsities: Iterable[float], speed: pd.DataFrame,
+                     gen: Generation, margin: float = 0.1) -> pd.DataFrame:
+    """Greedy generation at each sparsity (``method``'s pruning, engine defaults): the pruned
+    model with dense kernels and the sparse-aware model planned on the decode-regime rows of
+    ``speed`` (:func:`tune_sparse_aware`, checked on one generation each), in turns. One row
+    per format of :data:`GENERATION_FORMATS`: ``byte_limit`` = the dense model's bytes per
+    token / those with every prunable layer in that format (:func:`formats.token_bytes`);
+    the ``csr`` row holds the measured tokens/s (torch's CSR, int32 indices:
+    ``run_byte_limit`` is that model's limit as it holds them) and the formats check of
+    :func:`compare_formats` (the pruned weights dense against all of them in CSR). The
+    machine's streaming rate is measured in the same run: ``*_of_stream`` = tokens/s over
+    what reading the model's bytes at that rate allows."""
+    decode = speed[speed.regime == "decode"] if "regime" in speed else speed
+    dense = load_model(model_name)
+    prompt = forward_inputs(dense, gen.prompt_tokens)["input_ids"]
+    stream = stream_rate(gen.stream_mib, gen.repeats + 2, gen.threads)
+    rows = []
+    for sparsity in tqdm(sorted(float(s) for s in sparsities), desc="generation timings"):
+        lm, _ = checkpoints.pruned_model(dense, PruneConfig(method, sparsity))
+        model = lm.model
+        aware, plan, checked = tune_sparse_aware(
+            model, decode, lambda ms: generation_speed(ms, prompt, replace(gen, repeats=1))[0], margin)
+        variants = {"dense": model} | ({"sparse-aware": aware} if plan.use_csr.any() else {})
+        load = os.getloadavg()[0]
+        t, ids = generation_speed(variants, prompt, gen)
+        t = t.set_index("model")
+        if not plan.use_csr.any():  # the sparse-aware model *is* the dense model
+            t.loc["sparse-aware"] = t.loc["dense"]
+        all_csr = plan.use_csr.all()
+        csr_model = aware if all_csr else to_sparse_aware(model, None, force=True)[0]
+        check = compare_formats(model, csr_model, prompt, gen.new_tokens,
+                                {"dense": ids["dense"], "sparse": ids.get("sparse-aware") if all_csr else None})
+        layers, other, bits = formats.token_reads(model)
+        dense_b = formats.token_bytes("dense", layers, other, bits)
+        run_b = dense_b + sum(csr_bytes(m.weight_csr) - m.out_features * m.in_features * bits // 8
+                              for m in aware.modules() if isinstance(m, CSRLinear))  # the plan's layers in CSR
+        tokenizer = lm.tokenizer
+        text = {k: tokenizer.decode(v[0, prompt.shape[1]:]) if tokenizer is not None else ""
+                for k, v in check.pop("ids").items()}
+        dense_tps, sparse_tps = t.loc["dense", "tokens_per_s"], t.loc["sparse-aware", "tokens_per_s"]
+        for fmt in GENERATION_FORMATS:
+            timed = fmt == "csr"
+            row = {"model": model_name, "label": lm.label, "method": method, "sparsity": sparsity, "format": fmt,
+                   "prompt_tokens": int(prompt.shape[1]), "new_tokens": gen.new_tokens,
+                   "tokens_per_s_dense": dense_tps, "tokens_per_s_sparse": sparse_tps if timed else math.nan,
+                   "speedup": sparse_tps / dense_tps if timed else math.nan,
+                   "byte_limit": dense_b / formats.token_bytes(fmt, layers, other, bits),
+                   "run_byte_limit": dense_b / run_b if timed else math.nan,
+                   "csr_layers": int(plan.use_csr.sum()) if timed else 0, "layers": len(plan),
+                   "checked_speedup": checked if timed else math.nan, "fell_back": bool(timed and checked < 1.0),
+                   "stream_gb_s": stream / 1e9, "dense_mb_per_token": dense_b / 1e6,
+                   "dense_of_stream": dense_tps * dense_b / stream,
+                   "sparse_of_stream": sparse_tps * run_b / stream if timed else math.nan}
+            if timed:
+                row.update(check, text_dense=text["dense"], text_csr=text["sparse"])
+            rows.append(row | {"threads": gen.threads, "repeats": gen.repeats, "load_avg": load})
+        del lm, model, aware, csr_model, variants
+    return pd.DataFrame(rows)
+
+
 @memo.step("03-layer-speed")
 def models_layer_speed(models, sparsities, timing: Timing) -> pd.DataFrame:
     """:func:`layer_speed` of every distinct prunable shape of ``models``, as a
@@ -449,3 +656,16 @@ def models_forward_speed(models, method: str, sparsities, timing: Timing, layer_
     model = next((m for m in models if resolve(m).family == DECODER_ONLY), models[0])
     speed = models_layer_speed(models, layer_sparsities, layer_timing)
     return forward_sweep(model, method, sparsities, speed, timing)
+
+
+@memo.step("03-generation-speed")
+def models_generation_speed(models, method: str, sparsities, gen: Generation, layer_sparsities,
+                            decode_timing: Timing) -> pd.DataFrame:
+    """:func:`generation_sweep` of the first decoder-only model of ``models`` (an empty table
+    when there is none), planned on :func:`models_layer_speed`'s decode-regime table of
+    ``layer_sparsities`` timed as ``decode_timing``; a cached step."""
+    model = next((m for m in models if resolve(m).family == DECODER_ONLY), None)
+    if model is None:
+        return pd.DataFrame()
+    speed = models_layer_speed(models, layer_sparsities, decode_timing)
+    return generation_sweep(model, method, sparsities, speed, gen)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from lab_utils.core import files, models
 from lab_utils.core.evaluation import protocols
-from lab_utils.experiments import speed
 from lab_utils.presentation import benchmarks_view, file_sizes_view, speed_view, sweep_view
 from lab_utils.report.notebook import format_table
 
@@ -147,7 +146,7 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
         "harness_version": harness_version(bench),
         "concept_tables": concept_tables(findings["01_concepts"].get("protocol", "")),
         "sweep_tables": sweep_tables(read_csv("sweep.csv"), read_csv("owl.csv")),
-        "speed_tables": speed_tables(speed_layers, read_csv("speed_forward.csv")),
+        "speed_tables": speed_tables(speed_layers, read_csv("speed_forward.csv"), read_csv("speed_generation.csv")),
         "headlines": headlines(findings),
     }
     markdown = render_markdown(context)
@@ -244,7 +243,7 @@ HEADLINES = (  # (question, notebook, key, section): the short answers each note
     (None, "02_visualization", "headline_presparsified", "model-visualization"),
     ("Which pruning method keeps the most quality?", "04_benchmarks", "headline_method", "benchmarks"),
     ("Does sparsity make files smaller?", "03_sparsification_and_sizes", "headline_sizes", "sizes"),
-    ("Does sparsity make a CPU faster?", "03_sparsification_and_sizes", "speed", "speed"),
+    ("Does sparsity make a CPU faster?", "03_sparsification_and_sizes", "headline_speed", "speed"),
 )
 
 
@@ -324,19 +323,25 @@ def sweep_tables(sweep_csv, owl_csv) -> dict:
     return out
 
 
-def speed_tables(layers, forward) -> dict:
-    """Per layer shape the crossover and the speed-ups; the whole forward; how
-    the timings were taken."""
+def speed_tables(layers, forward, generation=None) -> dict:
+    """Per layer shape the crossover in each regime and the speed-ups; the whole forward;
+    greedy generation against its byte limits; how the timings were taken."""
     out = {}
     if layers is not None and len(layers):
-        cross = speed.crossover(layers)
-        out["layers"] = md_table(shown(cross, percent_of=("crossover_sparsity",)))
+        cross = speed_view.regimes_table(layers)
+        out["layers"] = md_table(shown(cross, percent_of=[c for c in cross if c.startswith("crossover_")]))
         out["conditions"] = speed_view.timing_conditions(layers)
     if forward is not None and len(forward):
         out["forward"] = md_table(shown(forward, columns=[
             "label", "sparsity", "tokens", "dense_s", "sparse_aware_speedup", "csr_layers", "layers",
             "checked_speedup", "fell_back", "all_csr_speedup", "flop_limit", "unprunable_share", "load_avg"],
             percent_of=("unprunable_share",)))
+    if generation is not None and len(generation):
+        out["generation"] = md_table(shown(generation, columns=[
+            "label", "sparsity", "format", "tokens_per_s_dense", "tokens_per_s_sparse", "speedup", "byte_limit",
+            "run_byte_limit", "csr_layers", "layers", "fell_back", "dense_of_stream", "stream_gb_s",
+            "logits_agree", "texts_equal", "first_divergence", "divergence_margin"],
+            percent_of=("dense_of_stream",)))
     return out
 
 
