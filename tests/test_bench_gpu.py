@@ -45,3 +45,24 @@ def test_the_smollm2_literals_match_its_config():
             assert cfg.get("rope_parameters", cfg).get("rope_theta", cfg.get("rope_theta")) == v
         else:
             assert k in cfg and cfg[k] == pytest.approx(v), k
+
+
+def test_without_cuda_it_refuses_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_gpu, "compare_devices", lambda *a, **k: pytest.fail("ran without CUDA"))
+    monkeypatch.setattr(bench_gpu, "semi_structured_table", lambda *a, **k: pytest.fail("ran without CUDA"))
+    assert bench_gpu.main(["--only-2-4"]) == 0
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_the_2_4_pruning_keeps_the_two_largest_of_every_four():
+    import torch
+
+    W = torch.randn(6, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    P = bench_gpu.prune_2_4(W)
+    groups, kept = W.reshape(6, 4, 4).abs(), P.reshape(6, 4, 4)
+    assert ((kept != 0).sum(-1) == 2).all()
+    assert torch.equal((kept != 0), groups >= groups.topk(2, dim=-1).values[..., -1:])
+    assert torch.equal(P[P != 0], W[P != 0])
