@@ -206,9 +206,13 @@ SMALL = EvalConfig(eval_windows=2, eval_seqlen=16, sentiment_examples=8, probe_t
 @pytest.mark.slow  # worker processes evaluate every setting (make test-fast leaves it out)
 def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny_dirs, eval_cache,
                                                                              monkeypatch):
+    from lab_utils.experiments import executor
+
     names = [str(tiny_dirs[k]) for k in ("llama", "bert", "bart")]
     cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL, size_formats=("dense", "bitmask+zstd"))
-    df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7], cfg)
+    with executor.open_executor("local", workers=2) as local:  # one cluster for the three models' jobs
+        df, sizes = benchmarks.benchmark_table(names, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.5, 0.7],
+                                               cfg, executor=local)
     per_model = {"decoder-only": 2, "encoder-only": 3, "encoder-decoder": 2}  # metrics (tasks) per setting
     n_settings = 1 + 2 * 3
     for name in names:
@@ -236,13 +240,14 @@ def test_benchmark_table_has_every_setting_and_a_cached_rerun_loads_nothing(tiny
     pd.testing.assert_frame_equal(sizes, sizes2)
 
 
-@pytest.mark.slow  # worker processes evaluate every setting (make test-fast leaves it out)
 def test_probe_head_is_trained_on_the_dense_encoder_only(tiny_dirs, eval_cache, monkeypatch):
     calls = []
     real = sentiment.train_probe
     monkeypatch.setattr(sentiment, "train_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL)
-    df, _ = benchmarks.benchmark_table([str(tiny_dirs["bert"])], ["magnitude"], ["unstructured"], [0.3, 0.6], cfg)
+    # every setting in this process, where the count sees a head trained for a pruned one too
+    df, _ = benchmarks.benchmark_table([str(tiny_dirs["bert"])], ["magnitude"], ["unstructured"], [0.3, 0.6], cfg,
+                                       executor="serial")
     assert len(calls) == 1
     fid = df[df.metric == "embedding fidelity"].set_index("requested_sparsity").value
     assert fid[0.0] == pytest.approx(1.0) and fid[0.6] < 1.0

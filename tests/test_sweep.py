@@ -17,7 +17,9 @@ def small(models, methods, patterns, sparsities, **kw) -> sweep.SweepConfig:
 @pytest.mark.slow
 def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_output):
     models = [str(tiny_dirs["llama"]), str(tiny_dirs["bert"])]
-    df = sweep.sparsity_sweep(small(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6]))
+    # in this process: the side-by-side test below and test_sweep_executor cover the workers
+    df = sweep.sparsity_sweep(small(models, ["magnitude", "wanda"], ["unstructured", "2:4"], [0.3, 0.6]),
+                              executor="serial")
     # 2 dense rows + 2 models x 2 methods x (2 sparsities + one 2:4)
     assert len(df) == 2 + 2 * 2 * 3
     pruned = df[df.method != "dense"]
@@ -32,7 +34,7 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
     assert path.name == f"perplexity_vs_sparsity_{llama.model.iloc[0]}.png" and first[:4] == b"\x89PNG"
     assert sweep_view.plot_perplexity(df, llama.model.iloc[0]).read_bytes() == first  # deterministic
 
-    again = sweep.sparsity_sweep(small(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6]))
+    again = sweep.sparsity_sweep(small(models[:1], ["wanda"], ["unstructured"], [0.3, 0.6]), executor="serial")
     assert again[again.method == "wanda"].cached.all()  # calibrated runs come from the cache
     text = sweep_view.conclusions(df)
     assert "N:M" in text and "perplexity (sweep)" in text
@@ -46,7 +48,13 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
 
     models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
     cfg = small(models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
-    side = sweep.sparsity_sweep(cfg, workers=2)
+    with executor.open_executor("local", workers=2) as local:  # one cluster start for both sweeps
+        side = sweep.sparsity_sweep(cfg, executor=local)
+        # a failed configuration is one error naming it
+        with pytest.raises(executor.JobError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) "
+                                                     r"failed: SparsityError: seqlen 4096 exceeds"):
+            sweep.sparsity_sweep(small(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5], seqlen=4096),
+                                 executor=local)
     assert (side[side.method != "dense"].threads == 1).all()  # each built in a one-thread worker
     other = tmp_path / "other-cache"  # the same sweep in this process, into an empty cache
     other.mkdir()
@@ -55,11 +63,6 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
     here = sweep.sparsity_sweep(cfg, workers=1)
     timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
     pd.testing.assert_frame_equal(side.drop(columns=timing), here.drop(columns=timing), rtol=1e-4)
-    # a failed configuration is one error naming it
-    with pytest.raises(executor.JobError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) "
-                                                 r"failed: SparsityError: seqlen 4096 exceeds"):
-        sweep.sparsity_sweep(small(models[:1], ["wanda", "sparsegpt"], ["unstructured"], [0.5], seqlen=4096),
-                             workers=2)
 
 
 @pytest.mark.slow
