@@ -92,14 +92,17 @@ def smoke_cache(out: Path) -> Path:
     return out.parent / "cache"
 
 
-def _uses_the_smoke_report(item) -> bool:
-    return "smoke_report" in getattr(item, "fixturenames", ())
+def _smoke_runs_read(item) -> int:
+    """How many runs of the smoke report a test reads: 0, 1 (smoke_report), or 2 (smoke_rerun too)."""
+    names = getattr(item, "fixturenames", ())
+    return 2 if "smoke_rerun" in names else int("smoke_report" in names)
 
 
 def pytest_collection_modifyitems(items):
     # The tests that read the smoke report run last: the report runs in the background
-    # (_smoke_report_in_the_background) while every other test runs.
-    items.sort(key=_uses_the_smoke_report)  # stable: the order within each part is kept
+    # (_smoke_report_in_the_background) while every other test runs; the second run starts
+    # when the first ends, and the tests that read only the first run beside it.
+    items.sort(key=_smoke_runs_read)  # stable: the order within each part is kept
 
 
 def _kill_family(pid: int) -> None:
@@ -117,40 +120,79 @@ def _kill_family(pid: int) -> None:
         psutil.wait_procs(family, timeout=60)
 
 
+def _start_smoke_report(out: Path, cache: Path):
+    """The smoke report in a process of its own: outputs under ``out``, cache in ``cache``, its
+    stdout and stderr in ``out``.log and ``out``.err beside ``out``."""
+    import subprocess
+
+    env = dict(os.environ, LAB_OUTPUT_DIR=str(out), LAB_CACHE_DIR=str(cache), **{BACKGROUND: "1"})
+    with out.with_suffix(".log").open("w") as stdout, out.with_suffix(".err").open("w") as stderr:
+        return subprocess.Popen(report_command(SMOKE_PARAMS), cwd=REPO, env=env, stdout=stdout,
+                                stderr=stderr, text=True)
+
+
+def _finished(proc, out: Path, timeout: int = 1500):
+    """Wait for a background run of the smoke report: (output root, completed process)."""
+    import subprocess
+
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_family(proc.pid)
+        raise
+    return out, subprocess.CompletedProcess(proc.args, returncode, out.with_suffix(".log").read_text(),
+                                            out.with_suffix(".err").read_text())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _smoke_report_in_the_background(request, tmp_path_factory):
     """Start the smoke report at the start of the session when a selected test reads it: the
     cold run takes minutes, mostly in its own processes, and the other tests run meanwhile.
-    It has a cache of its own, so it and the tests never write the same entry."""
-    import subprocess
+    It has a cache of its own, so it and the tests never write the same entry. When a test
+    reads a second run (smoke_rerun), that one starts on the first one's cache as soon as the
+    first has ended well, beside the tests that read the first."""
+    import threading
 
-    if not any(_uses_the_smoke_report(item) for item in request.session.items):
+    reads = max(map(_smoke_runs_read, request.session.items), default=0)
+    if not reads:
         yield None
         return
     out = tmp_path_factory.mktemp("smoke") / "out"
     smoke_cache(out).mkdir(parents=True)
-    log = out.parent / "report.log"
-    env = dict(os.environ, LAB_OUTPUT_DIR=str(out), LAB_CACHE_DIR=str(smoke_cache(out)), **{BACKGROUND: "1"})
-    with log.open("w") as stdout, (out.parent / "report.err").open("w") as stderr:
-        proc = subprocess.Popen(report_command(SMOKE_PARAMS), cwd=REPO, env=env, stdout=stdout,
-                                stderr=stderr, text=True)
+    first = _start_smoke_report(out, smoke_cache(out))
+    again, second = out.parent / "again", []
+    ending = threading.Event()
+
+    def rerun():
+        if first.wait() == 0 and not ending.is_set():
+            second.append(_start_smoke_report(again, smoke_cache(out)))
+
+    starter = threading.Thread(target=rerun, daemon=True)
+    if reads == 2:
+        starter.start()
     try:
-        yield out, proc
-    finally:
-        _kill_family(proc.pid)  # a run the session did not wait for (a failure, -x) ends with it
+        yield out, first, again, second, starter
+    finally:  # a run the session did not wait for (a failure, -x) ends with it
+        ending.set()
+        _kill_family(first.pid)
+        if starter.is_alive():
+            starter.join()
+        for proc in second:
+            _kill_family(proc.pid)
 
 
 @pytest.fixture(scope="session")
 def smoke_report(_smoke_report_in_the_background):
     """One run of every notebook under params/smoke.yaml, shared by the tests
     that check what it produced: (output root, completed process)."""
-    import subprocess
+    out, first, *_ = _smoke_report_in_the_background
+    return _finished(first, out)
 
-    out, proc = _smoke_report_in_the_background
-    try:
-        returncode = proc.wait(timeout=1500)
-    except subprocess.TimeoutExpired:
-        _kill_family(proc.pid)
-        raise
-    return out, subprocess.CompletedProcess(proc.args, returncode, (out.parent / "report.log").read_text(),
-                                            (out.parent / "report.err").read_text())
+
+@pytest.fixture(scope="session")
+def smoke_rerun(smoke_report, _smoke_report_in_the_background):
+    """A second run of the smoke report that reads the cache the first one wrote:
+    (output root, completed process), or None when the first run failed."""
+    _, _, again, second, starter = _smoke_report_in_the_background
+    starter.join()
+    return _finished(second[0], again) if second else None

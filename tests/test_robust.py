@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_report, smoke_cache
+import yaml
+from conftest import REPO, SMOKE_PARAMS
 
 # Both run the smoke report (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
 
 PNG_END = b"IEND\xaeB`\x82"
+NOTEBOOK = "03_sparsification_and_sizes"
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
@@ -28,12 +30,12 @@ def _outputs(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
-def test_two_runs_give_byte_identical_tables_and_figures(smoke_report, tmp_path):
+def test_two_runs_give_byte_identical_tables_and_figures(smoke_report, smoke_rerun):
     first_root, proc = smoke_report
     assert proc.returncode == 0, proc.stderr[-2000:]
-    second = run_report(tmp_path / "again", cache=smoke_cache(first_root))
+    second_root, second = smoke_rerun  # on the cache the first run wrote
     assert second.returncode == 0, second.stderr[-2000:]
-    a, b = _outputs(first_root), _outputs(tmp_path / "again")
+    a, b = _outputs(first_root), _outputs(second_root)
     assert a.keys() == b.keys() and len(a) > 20
     differ = [name for name in a if a[name] != b[name]]
     assert not differ, f"differ between two runs: {differ}"
@@ -87,6 +89,17 @@ def _finished(pruned: Path) -> list[Path]:
     return [d for d in pruned.iterdir() if not d.name.startswith(".") and (d / "MANIFEST.json").is_file()]
 
 
+def killed_run_params() -> dict:
+    """Notebook 03 on the encoder alone (no perplexity, no generation to time), with the smoke
+    report's small settings for everything after the sweep, and a sweep of three calibrated
+    checkpoints: the run is killed once two are written, while the third is being pruned."""
+    smoke = yaml.safe_load((REPO / SMOKE_PARAMS).read_text())
+    section = {**smoke["notebooks"][NOTEBOOK], "methods": ["wanda"], "sparsities": [0.3, 0.5, 0.7],
+               "patterns": ["unstructured"], "owl": False, "size_sparsities": [0.5],
+               "size_formats": ["dense", "bitmask+zstd"]}
+    return {"models": ["minilm-l6"], "seed": 0, "notebooks": {NOTEBOOK: section}}
+
+
 def test_killed_run_leaves_whole_files_and_resumes_without_redoing_work(tmp_path):
     from lab_utils.core import files
 
@@ -99,16 +112,11 @@ def test_killed_run_leaves_whole_files_and_resumes_without_redoing_work(tmp_path
         (real / sub).mkdir(parents=True, exist_ok=True)
         os.symlink(real / sub, cache / sub)
     params = tmp_path / "p.yaml"
-    params.write_text(
-        "models: [minilm-l6]\nseed: 0\nnotebooks:\n  03_sparsification_and_sizes:\n"
-        "    methods: [magnitude, wanda]\n    sparsities: [0.3, 0.5, 0.7]\n    patterns: [unstructured]\n"
-        "    nsamples: 2\n    seqlen: 32\n    eval_windows: 1\n    eval_seqlen: 32\n    owl: false\n"
-        "    size_sparsities: [0.5]\n    size_formats: [dense, bitmask+zstd]\n    speed_sparsities: [0.9]\n"
-        "    speed_tokens: 16\n    speed_repeats: 1\n    forward_sparsities: [0.9]\n    forward_repeats: 1\n")
+    params.write_text(yaml.safe_dump(killed_run_params()))
     out = tmp_path / "out"
     env = dict(os.environ, LAB_OUTPUT_DIR=str(out), LAB_CACHE_DIR=str(cache))
     cmd = [sys.executable, "-m", "lab_utils.report", "--params", str(params), "--no-progress",
-           "--only", "03_sparsification_and_sizes"]
+           "--only", NOTEBOOK]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     pruned = cache / "pruned"
