@@ -254,3 +254,13 @@ def test_rendered_notebooks_open_with_the_parameters_table_and_leak_no_hidden_va
         html = (out / "report" / f"{path.stem}.html").read_text()
         assert "lab-parameters" in html and "# Parameters" not in html, path.stem
         assert "params/smoke.yaml" in html
+
+
+def test_declared_parameters_read_without_papermill_equal_papermills():
+    # --check reads the parameters cells with ast (importing papermill costs seconds); the
+    # entries must stay exactly what papermill's inspect_notebook gives for every notebook
+    from papermill import inspect_notebook
+
+    from lab_utils.report import params
+    for nb in params.notebook_names():
+        assert params.declared(nb) == inspect_notebook(str(params.NOTEBOOKS_DIR / f"{nb}.ipynb")), nb

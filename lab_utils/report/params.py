@@ -16,11 +16,12 @@ through the lower floors' own checks. A notebook checks its parameters cell in o
 from __future__ import annotations
 
 import ast
+import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
-from papermill import inspect_notebook
 
 from lab_utils.core import files, sparsify
 from lab_utils.core import formats as core_formats
@@ -343,12 +344,28 @@ def notebook_names() -> list[str]:
 
 
 def declared(notebook: str) -> dict[str, dict]:
-    """The parameters a notebook's ``parameters`` cell declares (name -> papermill's
-    ``inspect_notebook`` entry: type, default, help), read from ``notebooks/``."""
+    """The parameters a notebook's ``parameters`` cell declares: name -> the entry
+    papermill's ``inspect_notebook`` gives (name, inferred_type_name, default, help),
+    read here with ``ast``: importing papermill (nbformat's jsonschema) takes seconds,
+    which ``--check`` should not spend."""
     path = NOTEBOOKS_DIR / f"{notebook}.ipynb"
     if not path.is_file():
         raise ParamError(f"notebook {notebook!r} does not exist in {NOTEBOOKS_DIR}")
-    return inspect_notebook(str(path))
+    cells = json.loads(path.read_text())["cells"]
+    src = next(("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    lines, out = src.splitlines(), {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name, kind = node.target.id, ast.get_source_segment(src, node.annotation)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, kind = node.targets[0].id, "None"
+        else:
+            continue
+        comment = re.search(r"#\s*(.*)$", lines[node.end_lineno - 1][node.end_col_offset:])
+        out[name] = {"name": name, "inferred_type_name": kind,
+                     "default": ast.get_source_segment(src, node.value) if node.value is not None else None,
+                     "help": comment.group(1).strip() if comment else ""}
+    return out
 
 
 def defaults(decl: dict[str, dict]) -> dict:
