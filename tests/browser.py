@@ -42,6 +42,20 @@ def browser_available() -> bool:
 
 
 @contextlib.contextmanager
+def chromium_or_skip(user_data_dir) -> Iterator:
+    """:func:`chromium` for a test. Under CI (CI=true) a machine without Chromium fails the
+    test; elsewhere it skips it with the command that installs it."""
+    import pytest
+
+    if not browser_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Chromium/chromedriver not installed: `make test` installs them (make browser)")
+        pytest.skip("no Chromium: run `make browser` (apt-get install chromium chromium-driver)")
+    with chromium(user_data_dir) as driver:
+        yield driver
+
+
+@contextlib.contextmanager
 def chromium(user_data_dir) -> Iterator:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -4,23 +4,18 @@ Under CI (CI=true) a browser that cannot start fails the test; elsewhere a
 machine without Chromium skips it with the command that installs it.
 """
 
-import os
 import urllib.parse
 import urllib.request
 
 import pytest
-from browser import IMAGES_JS, LINKS_JS, PRINT_LAYOUT_JS, browser_available, chromium, serve
+from browser import IMAGES_JS, LINKS_JS, PRINT_LAYOUT_JS, chromium_or_skip, serve
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    if not browser_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Chromium/chromedriver not installed: `make test` installs them (make browser)")
-        pytest.skip("no Chromium: run `make browser` (apt-get install chromium chromium-driver)")
-    with chromium(tmp_path_factory.mktemp("chrome-profile")) as d:
+    with chromium_or_skip(tmp_path_factory.mktemp("chrome-profile")) as d:
         yield d
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from browser import LAB_STATE_JS, browser_available, chromium, free_port, lab_menu, wait_for
+from browser import LAB_STATE_JS, chromium_or_skip, free_port, lab_menu, wait_for
 
 from lab_utils.report import runner
 
@@ -137,11 +137,7 @@ def lab(tmp_path):
 
 @pytest.fixture()
 def driver(tmp_path_factory):
-    if not browser_available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("Chromium/chromedriver not installed: `make test` installs them (make browser)")
-        pytest.skip("no Chromium: run `make browser` (apt-get install chromium chromium-driver)")
-    with chromium(tmp_path_factory.mktemp("chrome-profile-lab")) as d:
+    with chromium_or_skip(tmp_path_factory.mktemp("chrome-profile-lab")) as d:
         d.set_window_size(1280, 1000)
         yield d
 
