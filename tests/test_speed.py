@@ -381,14 +381,27 @@ def test_speed_conclusions_state_both_regimes():
     assert "**Prefill** (8-token inputs" in text and "**Generation**" in text
     prefill, decode = text.split("**Generation**")
     assert "from 77% sparsity up" in prefill and "from 63% sparsity up" in decode  # log-linear between points
-    assert "runs at 1.20x at 70% (4 of 4 layers in CSR; byte limit 1.50x in CSR, 2.10x as a bitmask" in text
+    assert ("runs at 1.20x at 70% (4 of 4 layers in CSR; 86% of the 1.40x byte limit of the model as run, "
+            "1.50x in CSR with the smallest indices, 2.10x as a bitmask)") in text
     assert "2.50x at 90% (" in text and "61% of the 30.0 GB/s" in text
     assert text.count(". ") == 1  # one sentence per regime
     assert "3 dense and 9 CSR copies" in speed_view.timing_conditions(t)
     head = speed_view.speed_headline(t, gen)
     assert head.startswith("Per layer, CSR beats the dense matmul from 77% sparsity on a prompt and from 63% "
                            "sparsity generating one token at a time; greedy generation runs at 1.20x, 2.50x dense")
-    assert "(byte limits in CSR 1.50x, 1.50x)." in head
+    assert "(byte limits as run 1.40x, 1.40x)." in head
+    # a shape that already wins at the lowest sparsity timed has its crossover there or below;
+    # and the dense kernel's one-token rate is stated beside the streaming rate
+    decode = synthetic_table([((8, 8), 0.5, 1.2), ((8, 8), 0.7, 1.5), ((4, 8), 0.5, 0.5), ((4, 8), 0.7, 1.5)],
+                             "decode").assign(dense_gb_s=[10.2, 9.8, 14.4, 13.6])
+    both = pd.concat([t[t.regime == "prefill"], decode]).assign(threads=2, load_avg=1.0)
+    text = speed_view.speed_conclusions(both, None, gen)
+    assert "for 2 of 2 layer shapes: 1 already at 50%, the lowest sparsity timed, 1 from 63% up" in text
+    assert "dense one-token products read their weights at 10–14 GB/s and dense generation at 61%" in text
+    assert "from 50% or below (1 of 2 shapes) to 63% generating" in speed_view.speed_headline(both, gen)
+    fell = gen.assign(csr_layers=0, fell_back=True, speedup=1.0, run_byte_limit=1.0)
+    assert "1.00x at 70% (its CSR plan ran at 1.10x dense in a first timing, so it falls back to dense; byte limit " \
+           "1.50x in CSR" in speed_view.speed_conclusions(both, None, fell)
     assert speed_view.speed_headline(t.assign(speedup=0.5)) == (
         "Per layer, CSR beats the dense matmul at no sparsity up to 90% on a prompt and at no sparsity up to 90% "
         "generating one token at a time.")

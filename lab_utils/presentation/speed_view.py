@@ -65,19 +65,41 @@ def regimes_table(layers: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def _pct_span(values: pd.Series) -> str:
+    lo, hi = values.min(), values.max()
+    return f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}–{hi:.0%}"
+
+
+def _crossovers(layers: pd.DataFrame, regime: str) -> tuple[pd.DataFrame, pd.Series]:
+    """The regime's crossover per shape and, per shape, whether CSR already wins at the lowest
+    sparsity timed: there the crossover is only known to lie at or below that sparsity."""
+    t = _of(layers, regime).drop(columns="regime", errors="ignore")
+    cross = crossover(t)
+    lowest = t.groupby("shape").sparsity.min()
+    already = cross.crossover_sparsity.le(cross["shape"].map(lowest))  # False where it never wins
+    return cross, already
+
+
 def _crossover_clause(layers: pd.DataFrame, regime: str) -> str:
     """'CSR beats the dense matmul for 3 of 4 layer shapes from 84–88% sparsity up (never for 576x576 up to
-    95%)', from the regime's rows."""
-    cross = crossover(_of(layers, regime).drop(columns="regime", errors="ignore"))
+    95%)', or '... for 7 of 7 layer shapes: 5 already at 50%, the lowest sparsity timed, 2 from 54–65% up',
+    from the regime's rows."""
+    cross, already = _crossovers(layers, regime)
     wins = cross.dropna(subset=["crossover_sparsity"])
     never = cross[cross.crossover_sparsity.isna()]["shape"].tolist()
-    top = layers.sparsity.max()
+    top, low = _of(layers, regime).sparsity.max(), _of(layers, regime).sparsity.min()
     if not len(wins):
         return f"CSR never beats the dense matmul for any measured shape, up to {top:.0%} sparsity"
-    c = wins.crossover_sparsity
-    return (f"CSR beats the dense matmul for {len(wins)} of {len(cross)} layer shapes from "
-            + (f"{c.min():.0%}" if c.min() == c.max() else f"{c.min():.0%}–{c.max():.0%}")
-            + " sparsity up" + (f" (never for {', '.join(never)} up to {top:.0%})" if never else ""))
+    later = cross[~already].crossover_sparsity.dropna()
+    if not already.any():
+        where = f" from {_pct_span(later)} sparsity up"
+    elif not len(later):
+        where = f" at every sparsity timed, from {low:.0%}"
+    else:
+        where = (f": {int(already.sum())} already at {low:.0%}, the lowest sparsity timed, "
+                 f"{len(later)} from {_pct_span(later)} up")
+    return (f"CSR beats the dense matmul for {len(wins)} of {len(cross)} layer shapes{where}"
+            + (f" (never for {', '.join(never)} up to {top:.0%})" if never else ""))
 
 
 def _plan(r) -> str:
@@ -88,12 +110,25 @@ def _plan(r) -> str:
     return f"{r.csr_layers} of {r.layers} layers in CSR"
 
 
+def _generation_run(r, bitmask_limit: float) -> str:
+    """'1.33x at 70% (210 of 210 layers in CSR; 91% of the 1.46x byte limit of the model as run,
+    1.76x in CSR with the smallest indices, 2.12x as a bitmask)'. The model as run holds torch's
+    int32 indices and only the layers its plan converts: its limit is the one the kernel could
+    reach, the others what a format alone allows."""
+    limits = f"{r.byte_limit:.2f}x in CSR with the smallest indices, {bitmask_limit:.2f}x as a bitmask"
+    if r.csr_layers == 0:
+        return f"{r.speedup:.2f}x at {r.sparsity:.0%} ({_plan(r)}; byte limit {limits})"
+    return (f"{r.speedup:.2f}x at {r.sparsity:.0%} ({_plan(r)}; {r.speedup / r.run_byte_limit:.0%} of the "
+            f"{r.run_byte_limit:.2f}x byte limit of the model as run, {limits})")
+
+
 def speed_conclusions(layers: pd.DataFrame, forward: pd.DataFrame | None = None,
                       generation: pd.DataFrame | None = None) -> str:
     """What sparsity buys in each regime, one sentence each: on a prompt, where CSR beats the
     dense matmul and what the whole forward gains against the multiply-add limit; generating,
-    where CSR wins at one token and what greedy generation gains against the byte limits, and
-    how close dense generation comes to the streaming rate measured in the same run."""
+    where CSR wins at one token, how fast the dense kernel reads its weights there, and what
+    greedy generation gains against the byte limits (the distance as a ratio), and how close
+    dense generation comes to the streaming rate measured in the same run."""
     text = []
     if "prefill" in _regimes(layers):
         tokens = int(_of(layers, "prefill").tokens.iloc[0])
@@ -103,30 +138,47 @@ def speed_conclusions(layers: pd.DataFrame, forward: pd.DataFrame | None = None,
         text.append(f"**Prefill** ({tokens}-token inputs, compute-bound): {_crossover_clause(layers, 'prefill')}"
                     + (f"; {'; '.join(runs)}." if runs else "."))
     if "decode" in _regimes(layers):
+        decode = _of(layers, "decode")
         gen = generation[generation.format == "csr"] if generation is not None and len(generation) else None
         sentence = (f"**Generation** (one token per call, weights streamed from memory): "
                     f"{_crossover_clause(layers, 'decode')}")
+        rate = ""
+        if "dense_gb_s" in decode:
+            per_shape = decode.groupby("shape").dense_gb_s.median()
+            lo, hi = round(per_shape.min()), round(per_shape.max())
+            rate = f"{lo} GB/s" if lo == hi else f"{lo}–{hi} GB/s"
         if gen is not None:
             limits = generation.pivot_table(index="sparsity", columns="format", values="byte_limit")
-            runs = [f"{r.speedup:.2f}x at {r.sparsity:.0%} ({_plan(r)}; byte limit {r.byte_limit:.2f}x in CSR, "
-                    f"{limits.loc[r.sparsity].get('bitmask', math.nan):.2f}x as a bitmask, "
-                    f"{r.run_byte_limit:.2f}x for the model as run)" for r in gen.itertuples()]
+            runs = [_generation_run(r, limits.loc[r.sparsity].get("bitmask", math.nan)) for r in gen.itertuples()]
             r0 = gen.iloc[0]
-            sentence += (f"; greedy generation of {r0.label} runs at {', '.join(runs)} dense tokens/s, dense "
-                         f"generation reading its weights at {r0.dense_of_stream:.0%} of the {r0.stream_gb_s:.1f} "
-                         f"GB/s this machine streams")
+            sentence += (f"; greedy generation of {r0.label}, in tokens/s over dense, runs at {' and '.join(runs)}; "
+                         + (f"dense one-token products read their weights at {rate} and " if rate else "")
+                         + f"dense generation at {r0.dense_of_stream:.0%} of the {r0.stream_gb_s:.1f} GB/s this "
+                           f"machine streams")
+        elif rate:
+            sentence += f", dense one-token products reading their weights at {rate}"
         text.append(sentence + ".")
     return " ".join(text)
 
 
 def _from(layers: pd.DataFrame, regime: str) -> str:
-    c = crossover(_of(layers, regime).drop(columns="regime", errors="ignore")).crossover_sparsity.dropna()
-    return f"from {c.min():.0%} sparsity" if len(c) else f"at no sparsity up to {layers.sparsity.max():.0%}"
+    """'from 77–84% sparsity', 'from 50% or below (5 of 7 shapes) to 65%', 'at every sparsity timed, from 50%'."""
+    cross, already = _crossovers(layers, regime)
+    c, low = cross.crossover_sparsity, _of(layers, regime).sparsity.min()
+    if not c.notna().any():
+        return f"at no sparsity up to {layers.sparsity.max():.0%}"
+    later = c[~already].dropna()
+    if not already.any():
+        return f"from {_pct_span(later)} sparsity"
+    if not len(later):
+        return f"at every sparsity timed, from {low:.0%}"
+    return f"from {low:.0%} or below ({int(already.sum())} of {len(cross)} shapes) to {later.max():.0%}"
 
 
 def speed_headline(layers: pd.DataFrame, generation: pd.DataFrame | None = None) -> str | None:
     """The write-up's short answer on speed: from which sparsity CSR beats the dense matmul for
-    some layer in each regime, and greedy generation's tokens/s ratios beside their byte limits."""
+    the layer shapes in each regime, and greedy generation's tokens/s ratios beside the byte
+    limits of the models as run."""
     regimes = _regimes(layers)
     if not len(layers):
         return None
@@ -136,8 +188,8 @@ def speed_headline(layers: pd.DataFrame, generation: pd.DataFrame | None = None)
     gen = generation[generation.format == "csr"] if generation is not None and len(generation) else None
     if gen is not None and len(gen):
         text += (f"; greedy generation runs at {', '.join(f'{r.speedup:.2f}x' for r in gen.itertuples())} dense "
-                 f"tokens/s at {', '.join(f'{r.sparsity:.0%}' for r in gen.itertuples())} (byte limits in CSR "
-                 f"{', '.join(f'{r.byte_limit:.2f}x' for r in gen.itertuples())})")
+                 f"tokens/s at {', '.join(f'{r.sparsity:.0%}' for r in gen.itertuples())} (byte limits as run "
+                 f"{', '.join(f'{r.run_byte_limit:.2f}x' for r in gen.itertuples())})")
     return text + "."
 
 
