@@ -16,7 +16,7 @@ Three losses (``RecoveryConfig.loss``):
   with the kd loss on the prunable linear layers. A plain ``merge_and_unload()`` adds the dense
   product B·A to each weight and so undoes the pruning; the lab's adapters are **masked**: their
   product is multiplied by the mask's complement in the forward pass and at the merge
-  (:class:`MaskedLoraLinear`), so the merged model has exactly the pruned model's zeros and no
+  (:func:`masked_lora_class`), so the merged model has exactly the pruned model's zeros and no
   extra bytes. :func:`lora_merge_zero_fractions` measures both merges. Fused expert parameters
   are not adapted (they stay as pruned).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -39,8 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from lab_utils.core import files, memo
@@ -53,7 +52,6 @@ from lab_utils.engine.config import PruneConfig, checkpoint_key
 
 RECOVERY_VERSION = 1  # part of every recovered checkpoint's key: bump when recovery results change
 LOSSES = ("kd", "next-token", "lora")
-LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank (Wanda's lora_ft: r=8, alpha=16), so the scale is 2
 STATE_EVERY = 10  # steps between two saves of the resumable state
 STATE_FORMAT = 1
 
@@ -195,11 +193,12 @@ def hidden_loss(student_hidden, teacher_hidden) -> torch.Tensor:
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of each position's prediction of the next token (padding ignored)."""
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of each position's prediction of the next token (where ``mask`` is 0, a
+    padding position, nothing is predicted)."""
     targets = input_ids[:, 1:].clone()
-    if attention_mask is not None:
-        targets[attention_mask[:, 1:] == 0] = -100
+    if mask is not None:
+        targets[mask[:, 1:] == 0] = -100
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=-100)
 
@@ -236,52 +235,60 @@ def default_step_loss(student_out, teacher_out, batch: dict, cfg: RecoveryConfig
 
 
 # --------------------------------------------------------------------------- LoRA
-class MaskedLoraLinear(LoraLinear):
+LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank (Wanda's lora_ft: r=8, alpha=16), so the scale is 2
+
+
+@functools.cache
+def masked_lora_class() -> type:
     """peft's LoRA linear layer whose update B·A is multiplied by the complement of the base
     weight's W_mask (the zeros it had when the adapter was added), in the forward pass and at
-    the merge: the model it merges into keeps exactly the pruned zeros. ``masked = False``
-    gives peft's plain LoRA back (what :func:`lora_merge_zero_fractions` measures)."""
+    the merge, so the model it merges into keeps exactly the pruned zeros and gains no byte.
+    ``masked = False`` gives peft's plain LoRA back (what :func:`lora_merge_zero_fractions`
+    measures). A class made on first use: importing peft takes seconds (it imports much of
+    transformers), and only the lora loss needs it."""
+    from peft.tuners.lora.layer import Linear as LoraLinear  # deferred: see the docstring
 
-    def __init__(self, base_layer, adapter_name, config, **kwargs):
-        conv1d = not isinstance(base_layer, nn.Linear)  # GPT-2's Conv1D stores in x out
-        super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=conv1d, **kwargs)
-        self.fan_in_fan_out = conv1d
-        self.masked = True
-        self.register_buffer("W_keep", self.get_base_layer().weight.detach() != 0, persistent=False)
+    class MaskedLoraLinear(LoraLinear):
+        def __init__(self, base_layer, adapter_name, config, **kwargs):
+            conv1d = not isinstance(base_layer, nn.Linear)  # GPT-2's Conv1D stores in x out
+            super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=conv1d, **kwargs)
+            self.fan_in_fan_out = conv1d
+            self.masked = True
+            self.register_buffer("W_keep", self.get_base_layer().weight.detach() != 0, persistent=False)
 
-    def get_delta_weight(self, adapter) -> torch.Tensor:
-        delta = super().get_delta_weight(adapter)
-        return delta * self.W_keep.to(delta.dtype) if self.masked else delta
+        def get_delta_weight(self, adapter) -> torch.Tensor:
+            delta = super().get_delta_weight(adapter)
+            return delta * self.W_keep.to(delta.dtype) if self.masked else delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters or self.merged or not self.masked:
-            return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
-            if adapter in self.lora_A:
-                delta = self.get_delta_weight(adapter)  # the parameter's layout
-                W = delta.t() if self.fan_in_fan_out else delta
-                result = result + F.linear(x.to(W.dtype), W).to(result.dtype)
-        return result
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.disable_adapters or self.merged or not self.masked:
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            for adapter in self.active_adapters:
+                if adapter in self.lora_A:
+                    delta = self.get_delta_weight(adapter)  # the parameter's layout
+                    W = delta.t() if self.fan_in_fan_out else delta
+                    result = result + F.linear(x.to(W.dtype), W).to(result.dtype)
+            return result
 
-
-def _lora_targets(model: nn.Module) -> list[str]:
-    """The prunable layers LoRA adapts: linear layers and GPT-2 Conv1D (not fused experts)."""
-    return [pl.name for pl in prunable_layers(model) if isinstance(pl.module, nn.Module)]
+    return MaskedLoraLinear
 
 
 def with_lora(model: nn.Module, cfg: RecoveryConfig):
-    """``model`` (changed in place) with masked LoRA adapters of rank ``cfg.lora_rank`` on its
-    prunable linear layers, as a peft model whose only trainable parameters are the adapters."""
-    from transformers.pytorch_utils import Conv1D  # transformers is loaded by now (the model)
+    """``model`` (changed in place) with masked LoRA adapters (:func:`masked_lora_class`) of rank
+    ``cfg.lora_rank`` on its prunable linear layers (GPT-2's Conv1D included; fused expert
+    parameters are not adapted), as a peft model whose only trainable parameters are the adapters."""
+    from peft import LoraConfig, get_peft_model  # deferred: see masked_lora_class
+    from transformers.pytorch_utils import Conv1D
 
-    targets = _lora_targets(model)
+    targets = [pl.name for pl in prunable_layers(model) if isinstance(pl.module, nn.Module)]
     if not targets:
         raise RecoveryError(f"{type(model).__name__} has no prunable linear layer to put LoRA adapters on; "
                             f"use loss 'kd'")
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=LORA_ALPHA_PER_RANK * cfg.lora_rank, lora_dropout=0.0,
                       target_modules=targets, bias="none")
-    lora._register_custom_module({nn.Linear: MaskedLoraLinear, Conv1D: MaskedLoraLinear})
+    masked = masked_lora_class()
+    lora._register_custom_module({nn.Linear: masked, Conv1D: masked})  # peft's API for custom LoRA layers
     torch.manual_seed(cfg.seed)  # the A matrices' initialization
     return get_peft_model(model, lora)
 
@@ -298,7 +305,7 @@ def lora_merge_zero_fractions(peft_model) -> dict:
     for name, masked in (("zero_fraction_plain_merge", False), ("zero_fraction_masked_merge", True)):
         twin = copy.deepcopy(peft_model)
         for m in twin.modules():
-            if isinstance(m, MaskedLoraLinear):
+            if isinstance(m, masked_lora_class()):
                 m.masked = masked
         out[name] = zero_fraction(twin.merge_and_unload())
         del twin
@@ -344,8 +351,14 @@ class RecoveryRun:
 StepLoss = Callable[[object, object, dict, RecoveryConfig], torch.Tensor]
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """A batch on the student's device, its floating tensors (speech features) in its dtype."""
+    def moved(v):
+        if not torch.is_tensor(v):
+            return v
+        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+
+    return {k: moved(v) for k, v in batch.items()}
 
 
 def _batch_tokens(batch: dict) -> int:
@@ -393,14 +406,14 @@ def _load_state(path: Path, fingerprint: str, trainable, opt, run: RecoveryRun) 
 
 def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dict], cfg: RecoveryConfig, *,
             step_loss: StepLoss | None = None, state_path: str | Path | None = None,
-            state_every: int = STATE_EVERY) -> RecoveryRun:
+            state_every: int | None = None) -> RecoveryRun:
     """Train ``student`` (changed in place) for ``cfg.steps`` steps on ``batches`` (dicts passed
     as ``model(**batch)``, one per step) with its W_mask fixed: every pruned weight is exactly 0
     after every step. ``step_loss(student_out, teacher_out, batch, cfg)`` is the family's loss
     (default :func:`default_step_loss`); the teacher runs only when the loss reads it.
 
     With ``state_path`` the trainable weights, the optimizer, the step, the history and the RNG
-    are saved there (atomically) every ``state_every`` steps, and a run that finds a state of the
+    are saved there (atomically) every ``state_every`` steps (default :data:`STATE_EVERY`), and a run that finds a state of the
     same settings continues from it, skipping the batches already used: an interrupted and
     resumed run gives the weights of an uninterrupted one. The caller removes the file.
     Models stay where they are; the batches go to the student's device; forward passes run in
@@ -433,6 +446,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
     extra = {"output_hidden_states": True} if cfg.distils and cfg.hidden_weight else {}
     fingerprint = _fingerprint(cfg, trainable)
     state_path = Path(state_path) if state_path is not None else None
+    state_every = state_every or STATE_EVERY
     start = _load_state(state_path, fingerprint, trainable, opt, run) if state_path and state_path.is_file() else 0
     run.resumed_at = start
     it = iter(batches)
@@ -446,7 +460,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
         if batch is None:
             raise RecoveryError(f"the batches ran out after {step} of {cfg.steps} steps: give at least "
                                 f"steps={cfg.steps} batches")
-        batch = _to(batch, device)
+        batch = _to(batch, device, next(student.parameters()).dtype)
         with _autocast(device, dtype):
             student_out = model(**batch, **extra)
             teacher_out = None
