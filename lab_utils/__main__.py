@@ -5,12 +5,19 @@
     python -m lab_utils perplexity --model PRESET_OR_DIR [--seqlen 512 --windows 64] [--corpus nyt]
     python -m lab_utils sweep --models smollm2-135m --methods wanda sparsegpt --sparsities 0.5 0.7 \\
         [--patterns unstructured 2:4] [--executor local|serial|tcp://HOST:PORT|FILE] [--workers N]
+    python -m lab_utils recover --model smollm2-135m --method wanda --sparsity 0.5 [--pattern 2:4] \\
+        [--loss kd|next-token|lora] [--steps N --batch-size B --seqlen T --lr LR] [--temperature T] \\
+        [--hidden-weight W] [--lora-rank R] [--out DIR]
 
 ``prune`` reuses the checkpoint cache (``from_cache`` says so) and, with
 ``--out``, also writes a complete model folder that ``perplexity --model DIR``
-(or ``load_model(DIR)``) reads. A bad argument prints one line to stderr and
-exits with status 2. Progress bars go to stderr; ``TQDM_DISABLE=1`` switches
-them off (tqdm reads it itself).
+(or ``load_model(DIR)``) reads. ``recover`` prunes the same way, then fine-tunes
+the pruned model with its mask kept on its family's training data (distilling
+the dense model by default), cached and resumable like a pruned checkpoint; it
+prints the run (training loss per step, tokens, seconds, sparsity before and
+after). A bad argument prints one line to stderr and exits with status 2.
+Progress bars go to stderr; ``TQDM_DISABLE=1`` switches them off (tqdm reads
+it itself).
 
 The commands import torch and the engine only once the arguments parse: a
 typo is answered at once, not after seconds of imports.
@@ -19,6 +26,7 @@ typo is answered at once, not after seconds of imports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -77,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--eval-seqlen", type=int, default=256, help="tokens per perplexity window")
     sw.add_argument("--executor", default="local", help="local | serial | tcp://HOST:PORT | scheduler file")
     sw.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+
+
+    rc = sub.add_parser("recover", help="prune a model (cached), then fine-tune it with its mask kept; "
+                        "print the run")
+    rc.add_argument("--model", required=True, help="preset, hub id or folder")
+    rc.add_argument("--method", required=True, help="random | magnitude | wanda | sparsegpt")
+    rc.add_argument("--sparsity", required=True, type=float, help="fraction of weights zeroed, in (0, 1)")
+    rc.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    rc.add_argument("--nsamples", type=int, default=64, help="calibration samples of the pruning")
+    # unset recovery settings take RecoveryConfig's defaults (one place for them)
+    rc.add_argument("--loss", default=None, help="kd (distil the dense model, default) | next-token | lora")
+    rc.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    rc.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    rc.add_argument("--seqlen", type=int, default=None, help="tokens per training sequence")
+    rc.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    rc.add_argument("--temperature", type=float, default=None, help="softmax temperature of the kd loss")
+    rc.add_argument("--hidden-weight", type=float, default=None, help="weight of per-block hidden-state "
+                    "matching added to kd (0: off)")
+    rc.add_argument("--lora-rank", type=int, default=None, help="rank of the LoRA adapters (loss lora)")
+    rc.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, the data and the adapters")
+    rc.add_argument("--out", default=None, help="also write the recovered model folder here")
+    _device_arguments(rc)
     return p
 
 
@@ -128,6 +158,33 @@ def cmd_sweep(a) -> dict:
     return {"executor": name, "rows": json.loads(df.to_json(orient="records"))}  # NaN -> null
 
 
+def cmd_recover(a) -> dict:
+    from lab_utils.engine import checkpoints, recover  # deferred: see the module docstring
+    from lab_utils.engine.config import PruneConfig
+    from lab_utils.experiments import recovery
+
+    if a.out:
+        checkpoints.check_output_dir(a.out)  # before minutes of training, not after
+    given = {"loss": a.loss, "steps": a.steps, "batch_size": a.batch_size, "seqlen": a.seqlen, "lr": a.lr,
+             "temperature": a.temperature, "hidden_weight": a.hidden_weight, "lora_rank": a.lora_rank}
+    cfg = recover.RecoveryConfig(**{k: v for k, v in given.items() if v is not None}, seed=a.seed,
+                                 device=a.device, dtype=a.dtype)
+    prune_cfg = PruneConfig(a.method, a.sparsity, a.pattern, nsamples=a.nsamples, seed=a.seed,
+                            device=a.device, dtype=a.dtype)
+    task = recovery.task_for(a.model, seed=a.seed)
+    if task is None:
+        raise ValueError(f"{a.model}: the lab has no recovery task for this model's family (a text "
+                         f"encoder-decoder); recover a decoder, an encoder or Whisper")
+    if not recovery.supports(task, cfg.loss):
+        raise ValueError(f"{a.model}: an encoder predicts no next token; use --loss kd or lora")
+    lm, run = recover.recovered_model(a.model, prune_cfg, cfg, task)
+    out = dataclasses.asdict(run)
+    out["output"] = run.checkpoint
+    if a.out:
+        out["output"] = str(checkpoints.save_pretrained(lm, a.out).resolve())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch  # deferred: see the module docstring
@@ -144,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
             found = device.describe(args.device, args.dtype)
             args.device, args.dtype = found["device"], found["dtype"]
-        result = {"prune": cmd_prune, "perplexity": cmd_perplexity, "sweep": cmd_sweep}[args.command](args)
+        commands = {"prune": cmd_prune, "perplexity": cmd_perplexity, "sweep": cmd_sweep, "recover": cmd_recover}
+        result = commands[args.command](args)
     except (SparsityError, ModelError, DataError, ValueError, ExecutorError, JobError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps(result, sort_keys=True, default=str))

@@ -78,3 +78,33 @@ def test_perplexity_errors(tiny_dirs, capsys):
     assert "decoder-only" in capsys.readouterr().err
     assert main(["perplexity", "--model", "/no/such/folder"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_recover_prints_the_run_and_a_second_call_reads_the_cache(tiny_dirs, cache_with_data, capsys):
+    argv = ["recover", "--model", str(tiny_dirs["llama"]), "--method", "magnitude", "--sparsity", "0.5",
+            "--steps", "2", "--batch-size", "2", "--seqlen", "16", "--lr", "1e-3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert len(printed.strip().splitlines()) == 1
+    run = json.loads(printed)
+    assert run["loss"] == "kd" and run["steps"] == 2 and len(run["history"]) == 2
+    assert run["sparsity_before"] == run["sparsity_after"] == pytest.approx(0.5, abs=0.01)
+    assert run["tokens"] == 2 * 2 * 16 and not run["from_cache"] and run["output"] == run["checkpoint"]
+    assert files.verify_dir(run["checkpoint"])
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["from_cache"] and again["history"] == run["history"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--loss", "sft"], "unknown recovery loss 'sft'"),
+    (["--steps", "0"], "steps must be a positive integer"),
+    (["--lr", "-1"], "lr must be a number > 0"),
+    (["--sparsity", "0"], "nothing to recover"),
+])
+def test_recover_errors_are_one_line_and_status_2(tiny_dirs, cache_with_data, capsys, args, match):
+    argv = ["recover", "--model", str(tiny_dirs["llama"]), "--method", "magnitude", "--sparsity", "0.5", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    lines = err.err.strip().splitlines()
+    assert err.out == "" and len(lines) == 1 and __import__("re").search(match, lines[0]), lines
