@@ -1,11 +1,13 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from smoke_runs import REPO, SMOKE_PARAMS, outputs, report_command  # noqa: E402
 from tiny_models import KINDS, save_tiny  # noqa: E402
 
 # Tests never reach for a model hub: a hub lookup fails at once instead of
@@ -30,6 +32,26 @@ def external(tmp_path_factory):
 
     with external_cluster(tmp_path_factory.mktemp("dask-cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture()
+def cluster_cache(external, monkeypatch) -> Path:
+    """The cache of the session's Dask cluster (``external``: its workers' LAB_CACHE_DIR),
+    emptied, with the real cache's corpora, converted models and synthesized speech linked in,
+    and made this test's cache: for a test that needs *a* cluster beside this process, not the
+    start and close of a local one (test_executor and test_sweep_executor test those)."""
+    import shutil
+
+    from lab_utils.core import files
+
+    real, cache = files.cache_dir(), external.cache_dir
+    for entry in cache.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for sub in ("data", "models", "speech"):
+        (real / sub).mkdir(parents=True, exist_ok=True)
+        (cache / sub).symlink_to(real / sub, target_is_directory=True)
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
 
 
 @pytest.fixture()
@@ -67,13 +89,10 @@ def cache_with_data(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE_PARAMS = "params/smoke.yaml"
-BACKGROUND = "LAB_TEST_BACKGROUND"  # in the environment of the smoke report's processes
-
-
-def report_command(params: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lab_utils.report", "--params", params, "--no-progress", *extra]
+# How much lower the test process's priority is than the smoke report's (0: the same). The
+# report is the session's longest chain (cold run, resumed run, second run); the other tests
+# fill the cores around it instead of stretching it. LAB_TEST_NICE=0 turns this off.
+NICE = int(os.environ.get("LAB_TEST_NICE", "5"))
 
 
 def run_report(out_dir: Path, params: str = SMOKE_PARAMS, *extra: str, timeout: int = 1500,
@@ -85,11 +104,6 @@ def run_report(out_dir: Path, params: str = SMOKE_PARAMS, *extra: str, timeout: 
     env = dict(os.environ, LAB_OUTPUT_DIR=str(out_dir), **({"LAB_CACHE_DIR": str(cache)} if cache else {}))
     return subprocess.run(report_command(params, *extra), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def smoke_cache(out: Path) -> Path:
-    """The cache of the smoke report whose output root is ``out`` (a cold one of its own)."""
-    return out.parent / "cache"
 
 
 def _smoke_runs_read(item) -> int:
@@ -105,94 +119,99 @@ def pytest_collection_modifyitems(items):
     items.sort(key=_smoke_runs_read)  # stable: the order within each part is kept
 
 
-def _kill_family(pid: int) -> None:
-    """A process and every process under it (the runner's kernel runs in a session of its own,
-    its Dask workers under the kernel)."""
-    import contextlib
-
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        for p in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(family, timeout=60)
+@dataclass
+class Killed:
+    """What the first run of the smoke report left when it was killed in notebook 03's sweep:
+    the files that were not whole, its finished checkpoints (name: mtime) and the tables and
+    figures it had written (notebooks 01 and 02, and whatever 03 had written)."""
+    broken: list[str]
+    checkpoints: dict[str, int]
+    outputs: dict[str, bytes]
 
 
-def _start_smoke_report(out: Path, cache: Path):
-    """The smoke report in a process of its own: outputs under ``out``, cache in ``cache``, its
-    stdout and stderr in ``out``.log and ``out``.err beside ``out``."""
-    import subprocess
+@dataclass
+class SmokeRuns:
+    """tests/smoke_runs.py, running the smoke report's runs under ``root``."""
+    root: Path
+    proc: object  # its subprocess.Popen
 
-    env = dict(os.environ, LAB_OUTPUT_DIR=str(out), LAB_CACHE_DIR=str(cache), **{BACKGROUND: "1"})
-    with out.with_suffix(".log").open("w") as stdout, out.with_suffix(".err").open("w") as stderr:
-        return subprocess.Popen(report_command(SMOKE_PARAMS), cwd=REPO, env=env, stdout=stdout,
-                                stderr=stderr, text=True)
+    def ended(self, name: str) -> dict:
+        """How run ``name`` (first, second) ended, once it has: {"returncode": N}."""
+        import json
+        import time
 
+        path = self.root / f"{name}.json"
+        while not path.exists():
+            if self.proc.poll() is not None and not path.exists():
+                log = (self.root / "runs.log").read_text()
+                raise RuntimeError(f"tests/smoke_runs.py ended ({self.proc.returncode}) before the {name} "
+                                   f"run did: {log[-2000:]}")
+            time.sleep(0.5)
+        return json.loads(path.read_text())
 
-def _finished(proc, out: Path, timeout: int = 1500):
-    """Wait for a background run of the smoke report: (output root, completed process)."""
-    import subprocess
+    def completed(self, name: str, out: Path):
+        """(output root, subprocess.CompletedProcess) of run ``name``, whose outputs are ``out``."""
+        import subprocess
 
-    try:
-        returncode = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_family(proc.pid)
-        raise
-    return out, subprocess.CompletedProcess(proc.args, returncode, out.with_suffix(".log").read_text(),
-                                            out.with_suffix(".err").read_text())
+        code = self.ended(name)["returncode"]
+        return out, subprocess.CompletedProcess(name, code, out.with_suffix(".log").read_text(),
+                                                out.with_suffix(".err").read_text())
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _smoke_report_in_the_background(request, tmp_path_factory):
-    """Start the smoke report at the start of the session when a selected test reads it: the
-    cold run takes minutes, mostly in its own processes, and the other tests run meanwhile.
-    It has a cache of its own, so it and the tests never write the same entry. When a test
-    reads a second run (smoke_rerun), that one starts on the first one's cache as soon as the
-    first has ended well, beside the tests that read the first."""
-    import threading
+    """Start the smoke report's runs (tests/smoke_runs.py) at the start of the session when a
+    selected test reads them, then lower this process's priority (NICE): the cold run takes
+    minutes, mostly in its own processes, and the other tests run meanwhile. When a test reads
+    the second run (smoke_rerun: tests/test_robust.py), the first run is also killed in
+    notebook 03's sweep and resumed, and the second runs notebooks 03 and 04 on the cache the
+    first wrote, beside the tests that read the first."""
+    import subprocess
+
+    from smoke_runs import kill_family
 
     reads = max(map(_smoke_runs_read, request.session.items), default=0)
     if not reads:
         yield None
         return
-    out = tmp_path_factory.mktemp("smoke") / "out"
-    smoke_cache(out).mkdir(parents=True)
-    first = _start_smoke_report(out, smoke_cache(out))
-    again, second = out.parent / "again", []
-    ending = threading.Event()
-
-    def rerun():
-        if first.wait() == 0 and not ending.is_set():
-            second.append(_start_smoke_report(again, smoke_cache(out)))
-
-    starter = threading.Thread(target=rerun, daemon=True)
-    if reads == 2:
-        starter.start()
+    root = tmp_path_factory.mktemp("smoke")
+    with (root / "runs.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("smoke_runs.py")), str(root),
+                                 *(["--kill", "--rerun"] if reads == 2 else [])],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if NICE:
+        os.nice(NICE)
     try:
-        yield out, first, again, second, starter
+        yield SmokeRuns(root, proc)
     finally:  # a run the session did not wait for (a failure, -x) ends with it
-        ending.set()
-        _kill_family(first.pid)
-        if starter.is_alive():
-            starter.join()
-        for proc in second:
-            _kill_family(proc.pid)
+        kill_family(proc.pid)
 
 
 @pytest.fixture(scope="session")
 def smoke_report(_smoke_report_in_the_background):
     """One run of every notebook under params/smoke.yaml, shared by the tests
     that check what it produced: (output root, completed process)."""
-    out, first, *_ = _smoke_report_in_the_background
-    return _finished(first, out)
+    runs = _smoke_report_in_the_background
+    return runs.completed("first", runs.root / "out")
+
+
+@pytest.fixture(scope="session")
+def smoke_killed(smoke_report, _smoke_report_in_the_background) -> Killed | None:
+    """What the first run left when it was killed in notebook 03 (None: it ended before)."""
+    import json
+
+    root = _smoke_report_in_the_background.root
+    if not (root / "killed.json").exists():
+        return None
+    killed = json.loads((root / "killed.json").read_text())
+    return Killed(killed["broken"], killed["checkpoints"], outputs(root / "killed"))
 
 
 @pytest.fixture(scope="session")
 def smoke_rerun(smoke_report, _smoke_report_in_the_background):
-    """A second run of the smoke report that reads the cache the first one wrote:
+    """A second run of notebooks 03 and 04 that reads the cache the first one wrote:
     (output root, completed process), or None when the first run failed."""
-    _, _, again, second, starter = _smoke_report_in_the_background
-    starter.join()
-    return _finished(second[0], again) if second else None
+    runs = _smoke_report_in_the_background
+    if smoke_report[1].returncode != 0:
+        return None
+    return runs.completed("second", runs.root / "again")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from conftest import BACKGROUND
 from distributed import Client
+from smoke_runs import BACKGROUND
 
 DASK = Path(sys.executable).with_name("dask")  # the venv's CLI, as a user would start a cluster
 TESTS = Path(__file__).parent

@@ -351,13 +351,15 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
 
 
 @pytest.mark.slow
-def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, tmp_path, monkeypatch):
+def test_size_sweep_side_by_side_measures_what_one_process_measures(tiny_dirs, external, cluster_cache,
+                                                                    tmp_path, monkeypatch):
     cfg = st.SizeConfig([str(tiny_dirs["llama"]), str(tiny_dirs["bert"])], ["magnitude"], [0.0, 0.5, 0.9],
                         formats=["dense", "csr", "bitmask+zstd"])
-    tables = []
-    for n_workers in (1, 2):
-        monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / f"cache-{n_workers}"))
-        tables.append(st.size_sweep(cfg, workers=n_workers))
+    # on the session's cluster (two one-thread workers; test_sweep_executor starts and closes a
+    # local one), then in this process into another cache
+    tables = [st.size_sweep(cfg, executor=external.address)]
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache-here"))
+    tables.append(st.size_sweep(cfg, workers=1))
     assert len(tables[0]) == 2 * 3 * 3
     pd.testing.assert_frame_equal(tables[0].drop(columns="save_s"), tables[1].drop(columns="save_s"))
 

@@ -41,14 +41,17 @@ def test_sweep_table_figure_and_conclusions(tiny_dirs, cache_with_data, tmp_outp
 
 
 @pytest.mark.slow
-def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_data, tmp_path, monkeypatch):
+def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, external, cluster_cache, tmp_path,
+                                                          monkeypatch):
     import os
 
     from lab_utils.experiments import executor
 
     models = [str(tiny_dirs["gpt2"]), str(tiny_dirs["whisper"])]
     cfg = small(models, ["wanda", "sparsegpt"], ["unstructured"], [0.5])
-    with executor.open_executor("local", workers=2) as local:  # one cluster start for both sweeps
+    # the session's cluster (two one-thread workers) for both sweeps: test_sweep_executor
+    # starts and closes a local one
+    with executor.open_executor(external.address, announce=False) as local:
         side = sweep.sparsity_sweep(cfg, executor=local)
         # a failed configuration is one error naming it
         with pytest.raises(executor.JobError, match=r"pruning .*gpt2 \((wanda|sparsegpt), unstructured, 0.5\) "
@@ -58,7 +61,7 @@ def test_sweep_side_by_side_gives_the_rows_of_one_process(tiny_dirs, cache_with_
     assert (side[side.method != "dense"].threads == 1).all()  # each built in a one-thread worker
     other = tmp_path / "other-cache"  # the same sweep in this process, into an empty cache
     other.mkdir()
-    os.symlink(cache_with_data / "data", other / "data")
+    os.symlink(cluster_cache / "data", other / "data")
     monkeypatch.setenv("LAB_CACHE_DIR", str(other))
     here = sweep.sparsity_sweep(cfg, workers=1)
     timing = ["seconds", "cpu_seconds", "threads", "peak_memory_gib"]
