@@ -30,6 +30,9 @@ notebooks:
   02_visualization:
     methods: [magnitude]
 """
+# A wait this long is a hung test, not a busy machine (the tests run at a lower priority than the
+# smoke report beside them: tests/conftest.py).
+HUNG_S = 600
 URL_LINE = re.compile(r"^\s+(http://127\.0\.0\.1:\d+/lab\?token=(\S+))$", re.M)
 HIDDEN = {"remove-input", "remove-cell", "remove-output"}
 # Calls that show something themselves and return None.
@@ -122,14 +125,14 @@ def lab(tmp_path):
             assert proc.poll() is None, log.read_text()
             return URL_LINE.search(log.read_text())
 
-        url = wait_for(started, 60, "make lab printing its URL")
+        url = wait_for(started, HUNG_S, "make lab printing its URL")
         base, token = url[1].split("/lab?")[0], url[2]
 
         def answers():
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as resp:
                     return resp.status == 200
-        wait_for(answers, 60, "JupyterLab answering")
+        wait_for(answers, HUNG_S, "JupyterLab answering")
         yield base, token, clone, out, tmp_path / "lab.yaml"
     finally:
         _stop(proc)
@@ -172,7 +175,7 @@ def test_notebook_02_in_jupyterlab(driver, lab, tmp_path):  # no browser: skippe
 
     # Opening the notebook does not modify it.
     driver.get(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-    state = wait_for(lambda: _settled(driver), 120, "the notebook open, its kernel idle")
+    state = wait_for(lambda: _settled(driver), HUNG_S, "the notebook open, its kernel idle")
     driver.save_screenshot(str(shots / "1-opened.png"))
     assert not state["dirty"], "JupyterLab marks the notebook modified on opening"
     assert path.read_bytes() == committed
@@ -181,8 +184,8 @@ def test_notebook_02_in_jupyterlab(driver, lab, tmp_path):  # no browser: skippe
     time.sleep(3)
     lab_menu(driver, "Run", "Run All Cells")
     t0 = time.monotonic()
-    wait_for(lambda: any("*" in p for p in _state(driver)["prompts"]), 30, "Run All starting")
-    state = wait_for(lambda: _settled(driver), 240, "Run All finishing")
+    wait_for(lambda: any("*" in p for p in _state(driver)["prompts"]), HUNG_S, "Run All starting")
+    state = wait_for(lambda: _settled(driver), HUNG_S, "Run All finishing")
     ran = time.monotonic() - t0
     driver.execute_script("document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-WindowedPanel-outer')"
                           "?.scrollTo(0, 0)")
@@ -205,7 +208,7 @@ def test_notebook_02_in_jupyterlab(driver, lab, tmp_path):  # no browser: skippe
     # Saved, outputs and all: git sees no change, and a commit would hold none (its filter
     # strips them; `git status` lists the file until `git add` because its size changed).
     ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
-    wait_for(lambda: not _state(driver)["dirty"], 30, "the notebook saved")
+    wait_for(lambda: not _state(driver)["dirty"], HUNG_S, "the notebook saved")
     assert any(c.get("outputs") for c in json.loads(path.read_text())["cells"])
     assert _git(clone, "diff", "--stat") == ""
     _git(clone, "add", "-A")
@@ -217,7 +220,7 @@ def test_notebook_02_in_jupyterlab(driver, lab, tmp_path):  # no browser: skippe
     (ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.END).key_up(Keys.CONTROL)
      .send_keys(Keys.ENTER, "sparsities = [0.0, 1.5]")
      .key_down(Keys.SHIFT).send_keys(Keys.ENTER).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform())
-    state = wait_for(lambda: (s := _settled(driver)) and s["stderr"] and s, 60, "the error shown")
+    state = wait_for(lambda: (s := _settled(driver)) and s["stderr"] and s, HUNG_S, "the error shown")
     driver.save_screenshot(str(shots / "3-bad-value.png"))
     lines = [line for line in state["stderr"][0].splitlines() if line.strip()]
     assert len(state["stderr"]) == 1 and len(lines) == 1, state["stderr"]
