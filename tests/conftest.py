@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from smoke_runs import REPO, SMOKE_PARAMS, outputs, report_command  # noqa: E402
+from smoke_runs import REPO, outputs  # noqa: E402
 from tiny_models import KINDS, save_tiny  # noqa: E402
 
 # Tests never reach for a model hub: a hub lookup fails at once instead of
@@ -93,17 +93,6 @@ def cache_with_data(tmp_path, monkeypatch) -> Path:
 # report is the session's longest chain (cold run, resumed run, second run); the other tests
 # fill the cores around it instead of stretching it. LAB_TEST_NICE=0 turns this off.
 NICE = int(os.environ.get("LAB_TEST_NICE", "5"))
-
-
-def run_report(out_dir: Path, params: str = SMOKE_PARAMS, *extra: str, timeout: int = 1500,
-               cache: Path | None = None):
-    """Run the report runner in a subprocess with its outputs under ``out_dir`` (and its cache
-    in ``cache``, when given)."""
-    import subprocess
-
-    env = dict(os.environ, LAB_OUTPUT_DIR=str(out_dir), **({"LAB_CACHE_DIR": str(cache)} if cache else {}))
-    return subprocess.run(report_command(params, *extra), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def _smoke_runs_read(item) -> int:

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import yaml
-from conftest import run_report
 
 from lab_utils.report import params, runner
 
@@ -159,11 +158,12 @@ def test_a_scheduler_passes_and_a_silent_port_or_network_is_answered_in_time(mon
         release.set()
 
 
-def test_runner_exits_2_on_unknown_parameter_without_running(tmp_path):
-    proc = run_report(tmp_path / "out", _write(tmp_path, "sparsity_ratio: 0.5\n"), timeout=120)
-    assert proc.returncode == 2
-    assert "'sparsity_ratio' is not declared" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+def test_runner_exits_2_on_unknown_parameter_without_running(tmp_path, capsys):
+    # in this process (`python -m lab_utils.report` is sys.exit(main()); the smoke report runs it)
+    assert runner.main(["--params", _write(tmp_path, "sparsity_ratio: 0.5\n"), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "'sparsity_ratio' is not declared" in err and not out
+    assert len(err.strip().splitlines()) == 1  # one clear line, no traceback
     assert not (tmp_path / "out" / "build").exists()
 
 
