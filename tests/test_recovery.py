@@ -148,3 +148,12 @@ def test_a_pruned_checkpoint_of_the_benchmarks_is_the_one_recovered(tiny_dirs, e
     cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL)
     setting = recovery.parse_setting("magnitude 50%")
     assert benchmarks.prune_config(setting, cfg) == PruneConfig("magnitude", 0.5, nsamples=2, seqlen=16)
+
+
+def test_one_step_shows_a_plain_step_reviving_pruned_weights_and_the_masked_step_keeping_them(tiny_dirs, eval_cache):
+    cfg = benchmarks.BenchmarkConfig(nsamples=2, seqlen=16, bench=SMALL)
+    plan = recovery.RecoveryPlan(["magnitude 50%"], ["kd"], steps=4, batch_size=2, seqlen=16, lr=1e-2)
+    t = recovery.one_step(str(tiny_dirs["llama"]), plan, cfg).set_index("model state")
+    assert t["moved off 0"].tolist()[0] == 0 and t["moved off 0"].iloc[1] > 0 and t["moved off 0"].iloc[2] == 0
+    assert (t["pruned weights"] > 0).all()
+    assert recovery.one_step(str(tiny_dirs["llama"]), recovery.RecoveryPlan([], ["kd"]), cfg).empty

@@ -24,6 +24,7 @@ and measures the result with notebook 04's own benchmarks:
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -37,9 +38,16 @@ import torch.nn.functional as F
 from lab_utils.core import data, files, sparsify
 from lab_utils.core.data import DataError
 from lab_utils.core.evaluation import asr
-from lab_utils.core.models import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, resolve
+from lab_utils.core.models import (
+    DECODER_ONLY,
+    ENCODER_DECODER,
+    ENCODER_ONLY,
+    load_model,
+    prunable_layers,
+    resolve,
+)
+from lab_utils.engine import checkpoints, recover
 from lab_utils.engine import config as engine_config
-from lab_utils.engine import recover
 from lab_utils.experiments import benchmarks
 
 LOSSES = ("kd", "next-token", "lora")
@@ -282,20 +290,24 @@ class RecoveryPlan:
     dtype: str = "auto"
 
     def __post_init__(self):
+        """One ValueError opening with the field's name (``settings: ...``, ``lr must be ...``)."""
         object.__setattr__(self, "settings", tuple(self.settings))
         object.__setattr__(self, "losses", tuple(self.losses))
         bad = [x for x in self.losses if x not in LOSSES]
         if bad:
-            raise ValueError(f"{bad[0]!r} is not a recovery loss; choose from {', '.join(LOSSES)}")
+            raise ValueError(f"losses: {bad[0]!r} is not a recovery loss; choose from {', '.join(LOSSES)}")
         if len(set(self.losses)) != len(self.losses):
-            raise ValueError(f"{list(self.losses)} names a loss twice; list each once")
+            raise ValueError(f"losses: {list(self.losses)} names a loss twice; list each once")
         if self.settings and not self.losses:
-            raise ValueError("no recovery loss named; give at least one, e.g. ['kd']")
+            raise ValueError("losses: [] names no loss; give at least one, e.g. ['kd']")
         for loss in self.losses:
             self.config(loss)  # the engine's own checks, one line each
-        parsed = [parse_setting(s) for s in self.settings]
+        try:
+            parsed = [parse_setting(s) for s in self.settings]
+        except ValueError as e:
+            raise ValueError(f"settings: {e}") from None
         if len(set(parsed)) != len(parsed):
-            raise ValueError(f"{list(self.settings)} names a setting twice; list each once")
+            raise ValueError(f"settings: {list(self.settings)} names a setting twice; list each once")
 
     def config(self, loss: str) -> recover.RecoveryConfig:
         """The engine's configuration of a recovery with ``loss``."""
@@ -309,6 +321,55 @@ class RecoveryPlan:
         if not settings:
             return []
         return [Recovery(s, self.losses[0]) for s in settings] + [Recovery(settings[0], x) for x in self.losses[1:]]
+
+
+# --------------------------------------------------------------------------- the method, one step
+def _zeros_kept(state: str, model, W_mask: dict) -> dict:
+    """How many of the pruned weights (``W_mask``) are still exactly 0 in ``model``."""
+    weights = {pl.name: pl.weight.detach().cpu() for pl in prunable_layers(model)}
+    pruned = sum(int(m.sum()) for m in W_mask.values())
+    zero = sum(int((weights[name][m] == 0).sum()) for name, m in W_mask.items())
+    return {"model state": state, "pruned weights": pruned, "still exactly 0": zero, "moved off 0": pruned - zero}
+
+
+def _plain_step(student, teacher, batch: dict, task, cfg) -> None:
+    """One AdamW step on every prunable matrix with nothing masked: what recovery must not do."""
+    weights = list({id(pl.module.weight): pl.module.weight for pl in prunable_layers(student)}.values())
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
+    with torch.enable_grad():
+        out = student(**batch)
+        with torch.no_grad():
+            ref = teacher(**batch)
+        (task.step_loss or recover.default_step_loss)(out, ref, batch, cfg).backward()
+    opt.step()
+
+
+def one_step(model_name: str, plan: RecoveryPlan, cfg: benchmarks.BenchmarkConfig) -> pd.DataFrame:
+    """The mask kept, shown: the checkpoint of the plan's first recovery, then one training
+    step on one batch of its task two ways, a plain AdamW step and the lab's masked step
+    (:func:`lab_utils.engine.recover.recover`, one step), and how many pruned weights each
+    leaves exactly 0. Empty when the plan recovers nothing or the model has no task."""
+    task = task_for(model_name, cfg.bench.seed)
+    if not plan.recoveries or task is None:
+        return pd.DataFrame(columns=["model state", "pruned weights", "still exactly 0", "moved off 0"])
+    first = plan.recoveries[0]
+    rec_cfg = plan.config("kd" if first.loss == "lora" else first.loss).replace(steps=1)
+    dense = load_model(model_name)
+    lm, _ = checkpoints.pruned_model(dense, benchmarks.prune_config(first.setting, cfg))
+    W_mask = recover.W_masks(lm.model)
+    batch = next(task.batches(lm, rec_cfg))
+    rows = [_zeros_kept("pruned checkpoint", lm.model, W_mask)]
+    plain = copy.deepcopy(lm.model)
+    _plain_step(plain, dense.model, batch, task, rec_cfg)
+    rows.append(_zeros_kept("after one plain AdamW step", plain, W_mask))
+    del plain
+    recover.recover(lm.model, dense.model, [batch], rec_cfg, step_loss=task.step_loss)
+    rows.append(_zeros_kept("after one masked step (the lab's)", lm.model, W_mask))
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- measuring what it wins back

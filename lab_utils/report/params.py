@@ -31,7 +31,7 @@ from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import protocols, zeroshot
 from lab_utils.core.models import hub_reachable, resolve
 from lab_utils.engine.config import PruneConfig
-from lab_utils.experiments import benchmarks
+from lab_utils.experiments import benchmarks, recovery
 from lab_utils.experiments import executor as ex
 
 NOTEBOOKS_DIR = files.REPO_ROOT / "notebooks"
@@ -297,8 +297,22 @@ def _lossless_formats(size_formats) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["dense", *names])) if names else ()
 
 
-def _check_benchmarks(size_formats, **_) -> None:
+def _check_benchmarks(size_formats, **values) -> None:
     _lossless_formats(size_formats)
+    recovery_plan(values)
+
+
+def recovery_plan(values: dict) -> recovery.RecoveryPlan:
+    """Notebook 04's ``recovery_*`` parameters as one checked
+    :class:`~lab_utils.experiments.recovery.RecoveryPlan`, on the notebook's device."""
+    plan = {k.removeprefix("recovery_"): v for k, v in values.items() if k.startswith("recovery_")}
+    device, dtype = resolved(values.get("device", "auto"), values.get("dtype", "auto"))
+    try:
+        return recovery.RecoveryPlan(**plan, device=device, dtype=dtype)
+    except ValueError as e:  # its message opens with the field's name: name the parameter
+        field, _, rest = str(e).partition(" ")
+        name = field.rstrip(":")
+        raise ParamError(f"recovery_{name}: {rest}" if name in plan else f"recovery: {e}") from None
 
 
 def benchmark_config(values: dict) -> benchmarks.BenchmarkConfig:

@@ -20,13 +20,19 @@ from pathlib import Path
 
 from lab_utils.core import files, models
 from lab_utils.core.evaluation import protocols
-from lab_utils.presentation import benchmarks_view, file_sizes_view, speed_view, sweep_view
+from lab_utils.presentation import (
+    benchmarks_view,
+    file_sizes_view,
+    recovery_view,
+    speed_view,
+    sweep_view,
+)
 from lab_utils.report.notebook import format_table
 
 # Each section's anchor: an explicit <a id> survives both GitHub's Markdown and the HTML rendering.
 SECTIONS = {"findings": "What we found", "concepts": "Concepts", "model-selection": "Model Selection",
             "model-visualization": "Model Visualization", "sparsification": "Model Sparsification & Sizes",
-            "sizes": "Sizes", "speed": "Speed", "benchmarks": "Results on Benchmarks"}
+            "sizes": "Sizes", "speed": "Speed", "benchmarks": "Results on Benchmarks", "recovery": "Recovery"}
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -148,6 +154,7 @@ def build(report_dir: Path, runs=(), params: dict | None = None) -> Path:
         "sweep_tables": sweep_tables(read_csv("sweep.csv"), read_csv("owl.csv")),
         "speed_tables": speed_tables(speed_layers, read_csv("speed_forward.csv"), read_csv("speed_generation.csv")),
         "headlines": headlines(findings),
+        "recovery_table": recovery_table(read_csv("recovery.csv"), findings["04_benchmarks"].get("protocol")),
     }
     markdown = render_markdown(context)
     files.write_text(report_dir / "LAB4.md", markdown)
@@ -227,6 +234,13 @@ def benchmark_table(df, protocol: str | None = None):
     return out.rename(columns={"label": "model"}).fillna("")
 
 
+def recovery_table(df, protocol: str | None = None) -> str:
+    """Notebook 04's recovery table (``recovery.csv``) as the notebook shows it, in Markdown ("" when none)."""
+    if df is None or len(df) == 0:
+        return ""
+    return md_table(recovery_view.display_table(df, protocol))
+
+
 def harness_version(df) -> str:
     """The lm-evaluation-harness version of the table's zero-shot rows ("" when none)."""
     if df is None or "harness_version" not in df:
@@ -242,6 +256,8 @@ HEADLINES = (  # (question, notebook, key, section): the short answers each note
      "model-visualization"),
     (None, "02_visualization", "headline_presparsified", "model-visualization"),
     ("Which pruning method keeps the most quality?", "04_benchmarks", "headline_method", "benchmarks"),
+    ("Does training with the mask kept win back what pruning lost?", "04_benchmarks", "headline_recovery",
+     "recovery"),
     ("Does sparsity make files smaller?", "03_sparsification_and_sizes", "headline_sizes", "sizes"),
     ("Does sparsity make a CPU faster?", "03_sparsification_and_sizes", "headline_speed", "speed"),
 )
