@@ -263,13 +263,14 @@ def masked_lora_class() -> type:
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.disable_adapters or self.merged or not self.masked:
                 return super().forward(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
+            # one product with the weight as merging would make it (the parameter's layout):
+            # adding a second product x (B·A ∘ keep)^T would cost a dense matmul more each way
+            base = self.get_base_layer()
+            W = base.weight
             for adapter in self.active_adapters:
                 if adapter in self.lora_A:
-                    delta = self.get_delta_weight(adapter)  # the parameter's layout
-                    W = delta.t() if self.fan_in_fan_out else delta
-                    result = result + F.linear(x.to(W.dtype), W).to(result.dtype)
-            return result
+                    W = W + self.get_delta_weight(adapter).to(W.dtype)
+            return F.linear(x, W.t() if self.fan_in_fan_out else W, base.bias)
 
     return MaskedLoraLinear
 

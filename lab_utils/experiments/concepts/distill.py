@@ -29,6 +29,7 @@ from lab_utils.core.checks import whole_number
 from lab_utils.core.evaluation import sentiment
 from lab_utils.core.models import transformer_blocks
 from lab_utils.core.progress import tqdm
+from lab_utils.engine import recover
 from lab_utils.experiments import benchmarks
 from lab_utils.experiments.concepts import costs
 
@@ -67,11 +68,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if not 0 <= alpha <= 1:
         raise DistillError(f"alpha {alpha!r} must be in [0, 1]: the weight of the soft targets")
     loss = student_logits.new_zeros(())
-    if alpha > 0:
-        log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-        log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-        kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-        loss = loss + alpha * temperature**2 * kl
+    if alpha > 0:  # the engine's kd loss, the one recovery after pruning trains with
+        loss = loss + alpha * recover.kd_loss(student_logits, teacher_logits, temperature)
     if alpha < 1:
         if labels is None:
             raise DistillError("alpha < 1 mixes in the label loss: pass labels")
