@@ -399,6 +399,9 @@ def test_speed_conclusions_state_both_regimes():
     assert "for 2 of 2 layer shapes: 1 already at 50%, the lowest sparsity timed, 1 from 63% up" in text
     assert "dense one-token products read their weights at 10–14 GB/s and dense generation at 61%" in text
     assert "from 50% or below (1 of 2 shapes) to 63% generating" in speed_view.speed_headline(both, gen)
+    assert "A crossover of 50%, the lowest sparsity timed, means CSR already wins there" in \
+        speed_view.timing_conditions(both.assign(dense_copies=3, csr_copies=9))
+    assert "lowest sparsity timed" not in speed_view.timing_conditions(t)
     fell = gen.assign(csr_layers=0, fell_back=True, speedup=1.0, run_byte_limit=1.0)
     assert "1.00x at 70% (its CSR plan ran at 1.10x dense in a first timing, so it falls back to dense; byte limit " \
            "1.50x in CSR" in speed_view.speed_conclusions(both, None, fell)

@@ -208,6 +208,10 @@ def timing_conditions(layers: pd.DataFrame) -> str:
                        f"CSR copies of each weight (decode)")
         else:
             how.append(f"on {int(t.tokens.iloc[0])} input rows ({regime})")
+    censored = [r for r in _regimes(layers) if _crossovers(layers, r)[1].any()]
+    low = layers.sparsity.min()
     return (f"Dense and CSR timed in turns {' and '.join(how)}, {int(layers.threads.iloc[0])} threads, medians; "
             f"load average {layers.load_avg.min():.1f} to {layers.load_avg.max():.1f} on {os.cpu_count()} cores, "
-            f"so single ratios can be off by tens of percent.")
+            f"so single ratios can be off by tens of percent."
+            + (f" A crossover of {low:.0%}, the lowest sparsity timed, means CSR already wins there: the "
+               f"crossover is at or below it." if censored else ""))
