@@ -174,11 +174,12 @@ class EncoderTask:
 
 @dataclass(frozen=True)
 class WhisperTask:
-    """``rec_cfg.batch_size`` clips per step, each :data:`SPEECH_PER_CLIP` training
-    sentences of a speakable length spoken by espeak-ng and packed into 30 s as the
-    engine calibrates (none is an NYT sentence, which the WER set reads); the decoder
-    reads the transcript after Whisper's prompt (teacher forcing) and its logits are
-    distilled (or trained on the next token), padding masked out."""
+    """``rec_cfg.batch_size`` training sentences per step, of a speakable length, spoken by
+    espeak-ng and packed :data:`SPEECH_PER_CLIP` to a 30 s clip as the engine calibrates
+    (none is an NYT sentence, which the WER set reads): a clip costs the encoder the same
+    30 s whatever it holds. The decoder reads the transcript after Whisper's prompt
+    (teacher forcing) and its logits are distilled (or trained on the next token),
+    padding masked out."""
 
     family: str = ENCODER_DECODER
     corpus: str = "amazon+tweets+movie-train, speakable"
@@ -194,7 +195,7 @@ class WhisperTask:
         eos = lm.model.config.eos_token_id
         limit = lm.model.config.max_target_positions
         for _ in range(rec_cfg.steps):
-            idx = torch.randint(0, len(pool), (rec_cfg.batch_size * self.per_clip,), generator=gen).tolist()
+            idx = torch.randint(0, len(pool), (rec_cfg.batch_size,), generator=gen).tolist()
             texts = [pool[i] for i in idx]
             refs, clips = data.pack(texts, data.speech(texts, self.voice), self.per_clip)
             feats = lm.feature_extractor(clips, sampling_rate=data.SAMPLE_RATE, return_tensors="pt").input_features
