@@ -52,7 +52,8 @@ from lab_utils.engine.config import PruneConfig, checkpoint_key
 
 RECOVERY_VERSION = 1  # part of every recovered checkpoint's key: bump when recovery results change
 LOSSES = ("kd", "next-token", "lora")
-STATE_EVERY = 10  # steps between two saves of the resumable state
+STATE_EVERY = 10  # steps between two saves of the resumable state ...
+STATE_SECONDS = 120.0  # ... or seconds, whichever comes first: a CPU step of a real model takes many
 STATE_FORMAT = 1
 
 
@@ -414,7 +415,8 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
     (default :func:`default_step_loss`); the teacher runs only when the loss reads it.
 
     With ``state_path`` the trainable weights, the optimizer, the step, the history and the RNG
-    are saved there (atomically) every ``state_every`` steps (default :data:`STATE_EVERY`), and a run that finds a state of the
+    are saved there (atomically) every ``state_every`` steps (default :data:`STATE_EVERY`) or
+    :data:`STATE_SECONDS`, whichever comes first, and a run that finds a state of the
     same settings continues from it, skipping the batches already used: an interrupted and
     resumed run gives the weights of an uninterrupted one. The caller removes the file.
     Models stay where they are; the batches go to the student's device; forward passes run in
@@ -454,7 +456,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
     for _ in range(start):  # the batches the saved steps used
         if next(it, None) is None:
             raise RecoveryError(f"the batches ran out before step {start}, where the saved state resumes")
-    t0 = time.perf_counter()
+    t0 = saved = time.perf_counter()
     seconds0 = run.seconds
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"recover ({cfg.loss})"):
         batch = next(it, None)
@@ -481,8 +483,10 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
         run.history.append((step + 1, float(loss.detach())))
         run.tokens += _batch_tokens(batch)
         run.seconds = seconds0 + time.perf_counter() - t0
-        if state_path is not None and (step + 1) % state_every == 0 and step + 1 < cfg.steps:
+        due = (step + 1) % state_every == 0 or time.perf_counter() - saved > STATE_SECONDS
+        if state_path is not None and due and step + 1 < cfg.steps:
             _save_state(state_path, fingerprint, trainable, opt, run, step + 1)
+            saved = time.perf_counter()
     if cfg.loss == "lora":
         run.lora = {"adapter_params": adapter_parameters(model), **lora_merge_zero_fractions(model)}
         model.merge_and_unload()  # the masked merge, into ``student``
@@ -531,10 +535,10 @@ def recovered_model(model: str | LoadedModel, prune_cfg: PruneConfig, cfg: Recov
         run = RecoveryRun.from_json((folder / checkpoints.REPORT_FILE).read_text())
         run.from_cache = True
         return lm, run
-    on_host = cfg.device == "cpu" and cfg.dtype == "float32"
-    if isinstance(model, LoadedModel) and on_host:
-        teacher = model.model  # only read: recovery trains the pruned copy
+    if isinstance(model, LoadedModel) and model_device(model.model) == torch.device(cfg.device):
+        teacher = model.model  # only read (recovery trains the pruned copy); autocast gives it cfg.dtype
     else:
+        on_host = cfg.device == "cpu" and cfg.dtype == "float32"
         teacher = load_model(spec, **({} if on_host else {"device": cfg.device, "dtype": cfg.dtype})).model
     lm.model.to(cfg.device)
     state = folder.with_name(folder.name + ".state")
