@@ -134,6 +134,19 @@ def test_every_pruned_weight_stays_zero_after_training_steps(family):
         assert experts and any(not torch.equal(before[pl.name], after[pl.name]) for pl in experts)
 
 
+def test_forward_passes_run_in_the_configured_dtype_and_the_weights_stay_float32():
+    teacher = build_tiny("llama")
+    student = half_pruned(copy.deepcopy(teacher))
+    masks = rc.W_masks(student)
+    seen = []
+    hook = student.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    run = rc.recover(student, teacher, token_batches(2), RecoveryConfig("kd", steps=2, dtype="bfloat16", **TINY))
+    hook.remove()
+    assert seen == [torch.bfloat16] * 2 and run.dtype == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(torch.equal(rc.W_masks(student)[n], m) for n, m in masks.items())
+
+
 def test_a_recovery_lowers_the_training_loss():
     teacher = build_tiny("llama")
     student = half_pruned(copy.deepcopy(teacher))
