@@ -254,6 +254,27 @@ def test_an_interrupted_recovery_resumes_to_the_same_checkpoint_and_a_second_cal
     assert run.key in keys and len(keys) == 4  # every setting and the task key it
 
 
+def test_lora_resumes_to_the_same_weights(tmp_path):
+    teacher = build_tiny("llama")
+    pruned = half_pruned(copy.deepcopy(teacher))
+    cfg = RecoveryConfig("lora", steps=4, lora_rank=2, **TINY)
+
+    def interrupted(batches, at):
+        for i, b in enumerate(batches):
+            if i == at:
+                raise KeyboardInterrupt
+            yield b
+
+    whole = copy.deepcopy(pruned)
+    rc.recover(whole, teacher, token_batches(4), cfg)
+    state, resumed = tmp_path / "lora.state", copy.deepcopy(pruned)
+    with pytest.raises(KeyboardInterrupt):
+        rc.recover(copy.deepcopy(pruned), teacher, interrupted(token_batches(4), 3), cfg, state_path=state)
+    run = rc.recover(resumed, teacher, token_batches(4), cfg, state_path=state)
+    assert run.resumed_at == 2
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(whole).values(), snapshot(resumed).values(), strict=True))
+
+
 @pytest.fixture(autouse=True)
 def _state_every_two_steps(monkeypatch):
     monkeypatch.setattr(rc, "STATE_EVERY", 2)
