@@ -280,7 +280,8 @@ def with_lora(model: nn.Module, cfg: RecoveryConfig):
     """``model`` (changed in place) with masked LoRA adapters (:func:`masked_lora_class`) of rank
     ``cfg.lora_rank`` on its prunable linear layers (GPT-2's Conv1D included; fused expert
     parameters are not adapted), as a peft model whose only trainable parameters are the adapters."""
-    from peft import LoraConfig, get_peft_model  # deferred: see masked_lora_class
+    # deferred: see masked_lora_class (and transformers is loaded by now: the model is one)
+    from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
     targets = [pl.name for pl in prunable_layers(model) if isinstance(pl.module, nn.Module)]
