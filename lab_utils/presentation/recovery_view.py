@@ -10,11 +10,12 @@ import pandas as pd
 
 from lab_utils.core import files
 from lab_utils.presentation import style
-from lab_utils.presentation.benchmarks_view import fmt_value, metric_label
+from lab_utils.presentation.benchmarks_view import PERCENT_METRICS, fmt_value, metric_label
 from lab_utils.presentation.sweep_view import setting_name
 from lab_utils.presentation.text import pct
 
 LOG_SCALE = ("perplexity",)
+LOSS_LINESTYLES = {"kd": "-", "next-token": "--", "lora": "-."}  # the setting keeps its method's colour
 BARELY = 0.10  # a recovery that closes less than this of its gap "barely moved" the metric
 
 
@@ -65,13 +66,17 @@ def figure(table: pd.DataFrame, history: pd.DataFrame, protocol: str | None = No
         for r in t.itertuples():
             look = style.line_style(r.method, r.pattern)
             name = f"{_setting(r)} + {r.loss}"
-            top.plot([0, r.steps], [r.pruned, r.recovered], **{**look, "ls": "-" if r.loss == "kd" else "-."},
-                     label=name)
+            ls = LOSS_LINESTYLES.get(r.loss, ":")
+            top.plot([0, r.steps], [r.pruned, r.recovered], **{**look, "ls": ls}, label=name)
             h = history[(history.label == label) & (history.setting.str.startswith(_setting(r)))
                         & (history.loss == r.loss)]
-            bottom.plot(h.step, h.train_loss, color=look["color"], ls="-" if r.loss == "kd" else "-.", label=name)
+            bottom.plot(h.step, h.train_loss, color=look["color"], ls=ls, label=name)
         if metric in LOG_SCALE:
             top.set_yscale("log")
+        if metric in PERCENT_METRICS:
+            top.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:.0%}"))
+        for ax in (top, bottom):
+            ax.xaxis.get_major_locator().set_params(integer=True)
         top.set(title=label, xlabel="training steps", ylabel=metric_label(metric, "", protocol))
         bottom.set(xlabel="training step", ylabel="training loss")
         top.legend(fontsize=6, loc="best")
@@ -81,8 +86,8 @@ def figure(table: pd.DataFrame, history: pd.DataFrame, protocol: str | None = No
     return files.save_figure(fig, "recovery.png")
 
 
-def _row_phrase(r, protocol: str | None) -> str:
-    return (f"{_gap(r.gap_recovered)} at {_setting(r)} ({fmt_value(r.metric, r.pruned)} → "
+def _row_phrase(r, gap_of: str) -> str:
+    return (f"{_gap(r.gap_recovered)} of the {gap_of} at {_setting(r)} ({fmt_value(r.metric, r.pruned)} → "
             f"{fmt_value(r.metric, r.recovered)})")
 
 
@@ -97,8 +102,8 @@ def finding(table: pd.DataFrame, protocol: str | None = None) -> str:
         gap_of = "log-perplexity gap" if metric in LOG_SCALE else "gap"
         first = t[t.loss == t.loss.iloc[0]]
         text = (f"**{label}** ({metric_label(metric, '', protocol)}, dense {fmt_value(metric, t.dense.iloc[0])}): "
-                f"{first.loss.iloc[0]} recovery closed " + ", ".join(_row_phrase(r, protocol) for r in first.itertuples())
-                + f" of the {gap_of} in {int(first.steps.iloc[0])} steps ({int(first.tokens.sum()):,} tokens, "
+                f"{first.loss.iloc[0]} recovery closed " + ", ".join(_row_phrase(r, gap_of) for r in first.itertuples())
+                + f" in {int(first.steps.iloc[0])} steps each ({int(first.tokens.sum()):,} tokens, "
                 f"{first.seconds.sum():.0f} s)")
         others = t[t.loss != t.loss.iloc[0]]
         if len(others):
