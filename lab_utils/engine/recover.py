@@ -148,25 +148,24 @@ def W_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {pl.name: (pl.weight == 0).cpu() for pl in prunable_layers(model)}
 
 
-def _pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-    """(name, parameter, mask of its zeros) for every parameter holding prunable matrices, once
-    each: a fused expert parameter holds every expert's matrices, a GPT-2 Conv1D stores in x out;
-    the mask is in the parameter's own layout."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    out, seen = [], set()
-    for pl in prunable_layers(model):
-        p = pl.module.weight
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((names.get(id(p), pl.name), p, p.detach() == 0))
-    return out
+def _prunable_parameters(model: nn.Module) -> dict[int, nn.Parameter]:
+    """Every parameter holding prunable matrices, once each (by id): a fused expert parameter
+    holds every expert's matrices, a GPT-2 Conv1D stores in x out."""
+    return {id(pl.module.weight): pl.module.weight for pl in prunable_layers(model)}
+
+
+def _pruned_parameters(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, mask of its zeros, in the parameter's own layout) for each of
+    :func:`_prunable_parameters`."""
+    return [(p, p.detach() == 0) for p in _prunable_parameters(model).values()]
 
 
 def zero_fraction(model: nn.Module) -> float:
     """The fraction of the prunable matrices' weights that are exactly 0."""
-    params = _pruned_parameters(model)
-    total = sum(p.numel() for _, p, _ in params)
-    return sum(int(m.sum()) for _, _, m in params) / total if total else 0.0
+    params = list(_prunable_parameters(model).values())
+    total = sum(p.numel() for p in params)
+    # numel - count_nonzero: no mask materialized (seconds for a 100M-weight model otherwise)
+    return sum(p.numel() - int(torch.count_nonzero(p.detach())) for p in params) / total if total else 0.0
 
 
 # --------------------------------------------------------------------------- losses
@@ -432,8 +431,9 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
     device = model_device(student)
     dtype = resolve_dtype(cfg.dtype, device)
     masks = _pruned_parameters(student)  # before any step: the pruned model's zeros
-    run = RecoveryRun(cfg.loss, cfg.steps, sparsity_before=zero_fraction(student), device=str(device),
-                      dtype=dtype_name(dtype))
+    total = sum(m.numel() for _, m in masks)
+    run = RecoveryRun(cfg.loss, cfg.steps, device=str(device), dtype=dtype_name(dtype),
+                      sparsity_before=sum(int(torch.count_nonzero(m)) for _, m in masks) / total if total else 0.0)
     student.eval()  # dropout off: the steps are few, and a resumed run must replay them exactly
     if teacher is not None:
         teacher.eval()
@@ -441,7 +441,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
         model = with_lora(student, cfg)
     else:
         model = student
-        keep = {id(p) for _, p, _ in masks}
+        keep = {id(p) for p, _ in masks}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -475,11 +475,11 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            for _, p, m in masks:
+            for p, m in masks:
                 if p.grad is not None:
                     p.grad.masked_fill_(m, 0)
             opt.step()
-            for _, p, m in masks:
+            for p, m in masks:
                 p.masked_fill_(m, 0)
         run.history.append((step + 1, float(loss.detach())))
         run.tokens += _batch_tokens(batch)
