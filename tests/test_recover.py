@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import build_tiny, build_zoo
 
-from lab_utils.core.models import prunable_layers
+from lab_utils.core.models import load_model, prunable_layers
 from lab_utils.engine import recover as rc
 from lab_utils.engine.config import PruneConfig
 from lab_utils.engine.recover import RecoveryConfig, RecoveryError
@@ -225,7 +225,8 @@ class TokenTask:
 CONTROL = {"stop_after": None, "calls": 0}
 
 
-def test_an_interrupted_recovery_resumes_to_the_same_checkpoint_and_a_second_call_reads_it(tiny_dirs, tmp_cache):
+def test_an_interrupted_recovery_resumes_to_the_same_checkpoint_and_a_second_call_reads_it(tiny_dirs, tmp_cache,
+                                                                                           monkeypatch):
     model, prune_cfg = str(tiny_dirs["llama"]), PruneConfig("magnitude", 0.5)
     cfg, task = RecoveryConfig("kd", steps=4, **TINY), TokenTask()
     CONTROL.update(stop_after=3, calls=0)
@@ -240,7 +241,9 @@ def test_an_interrupted_recovery_resumes_to_the_same_checkpoint_and_a_second_cal
     resumed = (folder / "pruned.safetensors").read_bytes()
 
     CONTROL["calls"] = 0
-    cached, again = rc.recovered_model(model, prune_cfg, cfg, task)
+    with monkeypatch.context() as m:  # a cached recovery neither trains nor prunes
+        m.setattr(rc.checkpoints, "pruned_model", lambda *a, **k: pytest.fail("pruned again"))
+        cached, again = rc.recovered_model(model, prune_cfg, cfg, task)
     assert again.from_cache and CONTROL["calls"] == 0 and again.history == run.history
     assert all(torch.equal(a, b) for a, b in zip(snapshot(cached.model).values(), snapshot(lm.model).values(), strict=True))
 
@@ -252,6 +255,18 @@ def test_an_interrupted_recovery_resumes_to_the_same_checkpoint_and_a_second_cal
     keys = {rc.recovery_key(run.prune_key, c, t) for c, t in [
         (cfg, task), (cfg.replace(lr=1e-3), task), (cfg.replace(steps=5), task), (cfg, TokenTask(seed=1))]}
     assert run.key in keys and len(keys) == 4  # every setting and the task key it
+
+
+def test_a_loaded_dense_model_is_the_teacher_and_stays_dense(tiny_dirs, tmp_cache):
+    CONTROL.update(stop_after=None)
+    dense = load_model(str(tiny_dirs["llama"]))
+    before = {n: p.detach().clone() for n, p in dense.model.named_parameters()}
+    prune_cfg, cfg = PruneConfig("magnitude", 0.5), RecoveryConfig("kd", steps=2, **TINY)
+    lm, run = rc.recovered_model(dense, prune_cfg, cfg, TokenTask())
+    assert all(torch.equal(p, before[n]) for n, p in dense.model.named_parameters())
+    assert lm.model is not dense.model and run.sparsity_after == pytest.approx(0.5, abs=0.01)
+    _, again = rc.recovered_model(str(tiny_dirs["llama"]), prune_cfg, cfg, TokenTask())  # by name: the same key
+    assert again.from_cache and again.key == run.key
 
 
 def test_lora_resumes_to_the_same_weights(tmp_path):

@@ -526,21 +526,24 @@ def recovered_model(model: str | LoadedModel, prune_cfg: PruneConfig, cfg: Recov
     """
     if prune_cfg.sparsity == 0:
         raise RecoveryError("sparsity 0 is the dense model: there is nothing to recover")
-    spec = model.spec if isinstance(model, LoadedModel) else resolve(model)
-    lm, prune_report = checkpoints.pruned_model(model, prune_cfg)
-    prune_key = prune_report.key or checkpoint_key(spec, prune_cfg, lm.model.config)
+    given = model if isinstance(model, LoadedModel) else None
+    spec = given.spec if given else resolve(model)
+    prune_key = checkpoint_key(spec, prune_cfg, given.model.config if given else None)
     key = recovery_key(prune_key, cfg, task)
     folder = recovered_dir(spec.slug, prune_cfg, cfg, key)
-    if not rebuild and files.verify_dir(folder):
+    if not rebuild and files.verify_dir(folder):  # the recovered weights replace every prunable one: no pruning
+        lm = dataclasses.replace(given, model=copy.deepcopy(given.model)) if given else load_model(spec)
         checkpoints.load_checkpoint(lm.model, folder)
         run = RecoveryRun.from_json((folder / checkpoints.REPORT_FILE).read_text())
         run.from_cache = True
         return lm, run
-    if isinstance(model, LoadedModel) and model_device(model.model) == torch.device(cfg.device):
-        teacher = model.model  # only read (recovery trains the pruned copy); autocast gives it cfg.dtype
+    dense = given or load_model(spec)
+    lm, _ = checkpoints.pruned_model(dense, prune_cfg)  # a pruned copy: the dense model stays the teacher
+    if model_device(dense.model) == torch.device(cfg.device):
+        teacher = dense.model  # autocast gives its forward passes cfg.dtype
     else:
-        on_host = cfg.device == "cpu" and cfg.dtype == "float32"
-        teacher = load_model(spec, **({} if on_host else {"device": cfg.device, "dtype": cfg.dtype})).model
+        teacher = load_model(spec, device=cfg.device, dtype=cfg.dtype).model
+    del dense
     lm.model.to(cfg.device)
     state = folder.with_name(folder.name + ".state")
     try:
