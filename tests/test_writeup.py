@@ -161,3 +161,20 @@ def test_prose_lines_leave_out_tables_headings_figures_and_anchors():
 def test_a_bar_in_a_column_name_does_not_split_the_table():
     t = writeup.md_table(pd.DataFrame({"median |w|": [0.1], "b": ["x|y"]}))
     assert t.splitlines()[0] == "| median \\|w\\| | b |" and t.splitlines()[2] == "| 0.1 | x\\|y |"
+
+
+def test_the_recovery_table_finding_and_short_answer_stand_in_their_subsection(tmp_output):
+    row = {"model": "smollm2-135m", "label": "SmolLM2-135M", "family": "decoder-only", "method": "wanda",
+           "pattern": "unstructured", "requested": 0.5, "loss": "kd", "metric": "perplexity", "dense": 67.5,
+           "pruned": 175.0, "recovered": 120.0, "gap_recovered": 0.4, "sparsity_before": 0.5, "sparsity_after": 0.5,
+           "plain_merge_sparsity": float("nan"), "steps": 8, "tokens": 4096, "seconds": 90.0, "key": "k"}
+    files.write_csv(pd.DataFrame([row]), files.results_dir() / "recovery.csv")
+    files.write_json(files.results_dir() / "findings" / "04_benchmarks.json",
+                     {"protocol": "sweep", "recovery": "**SmolLM2-135M** recovered sentence.",
+                      "headline_recovery": "kd closed 40% of the gap."})
+    html = writeup.build(tmp_output / "report", params={"models": ["smollm2-135m"]})
+    md = (tmp_output / "report" / "LAB4.md").read_text()
+    assert md.index("## Results on Benchmarks") < md.index('<a id="recovery"></a>') < md.index("recovered sentence.")
+    assert "| SmolLM2-135M | wanda 50% | kd | perplexity (sweep) | 67.5 | 175 | 120 | 40% |" in md
+    assert md.index("kd closed 40% of the gap. ([Recovery](#recovery))") < md.index("## Concepts")
+    assert 'id="recovery"' in html.read_text()
