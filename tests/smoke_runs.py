@@ -13,7 +13,8 @@ priority: the report is the session's longest chain, the other tests fill the co
   ROOT/again (01 and 02 already ran twice when the first run was resumed).
 
 Each run's stdout and stderr go to ``<outputs>.log`` / ``.err``; ROOT/first.json and
-ROOT/second.json say how each ended ({"returncode": N}) once it has.
+ROOT/second.json say how each ended ({"returncode": N}) once it has; ROOT/code_version.txt holds
+the hash of the sources that enters every cache key, as the runs started.
 """
 
 from __future__ import annotations
@@ -166,7 +167,12 @@ class Runs:
         path.with_suffix(".tmp").rename(path)  # whole when a reader sees it
 
     def run(self, kill: bool, rerun: bool) -> None:
+        from lab_utils.core import memo
+
         self.cache.mkdir(parents=True, exist_ok=True)
+        # the hash in every step's cache key: sources edited during the runs move the keys, and
+        # the later runs compute again instead of reading what the first wrote
+        (self.root / "code_version.txt").write_text(memo.code_version())
         self.before = None
         proc = self.start(self.out)
         if kill and not self.wait(proc, until=self.in_the_sweep):

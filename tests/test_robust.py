@@ -14,6 +14,8 @@
 import pytest
 from smoke_runs import broken_files, outputs
 
+from lab_utils.core import memo
+
 # They read the smoke report (make test-fast leaves them out).
 pytestmark = pytest.mark.slow
 
@@ -39,6 +41,10 @@ def test_a_killed_run_resumes_and_two_runs_give_byte_identical_tables_and_figure
     # (03 and 04 on the first run's cache) against the first's; together they cover them all.
     second_root, second = smoke_rerun
     assert second.returncode == 0, second.stderr[-2000:]
+    started = (first_root.parent / "code_version.txt").read_text()
+    assert memo.code_version.__wrapped__() == started, (
+        "lab_utils sources (core, engine, experiments) were edited while the smoke report ran: "
+        "every cache key moved, so the later runs measured again instead of reading the cache")
     first, killed, again = outputs(first_root), smoke_killed.outputs, outputs(second_root)
     assert len(first) > 20 and killed and again
     differ = [name for name, data in [*killed.items(), *again.items()] if first.get(name) != data]
