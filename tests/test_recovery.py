@@ -17,6 +17,7 @@ from lab_utils.engine import recover
 from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import benchmarks, recovery
 from lab_utils.presentation import recovery_view
+from lab_utils.report import params
 
 
 @pytest.fixture()
@@ -157,3 +158,12 @@ def test_one_step_shows_a_plain_step_reviving_pruned_weights_and_the_masked_step
     assert t["moved off 0"].tolist()[0] == 0 and t["moved off 0"].iloc[1] > 0 and t["moved off 0"].iloc[2] == 0
     assert (t["pruned weights"] > 0).all()
     assert recovery.one_step(str(tiny_dirs["llama"]), recovery.RecoveryPlan([], ["kd"]), cfg).empty
+
+
+@pytest.mark.parametrize("name, bad", [("recovery_settings", ["wanda"]), ("recovery_losses", ["mse"]),
+                                       ("recovery_lr", 0.0), ("recovery_steps", 0), ("recovery_lora_rank", 0)])
+def test_a_bad_recovery_parameter_is_refused_naming_it(name, bad):
+    defaults = params.defaults(params.declared("04_benchmarks"))
+    with pytest.raises(params.ParamError, match=rf"^{name}: "):
+        params.check_values({**defaults, name: bad}, "04_benchmarks", params.declared("04_benchmarks"),
+                            check_hub=False)

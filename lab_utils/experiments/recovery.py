@@ -301,8 +301,8 @@ class RecoveryPlan:
             raise ValueError(f"losses: {list(self.losses)} names a loss twice; list each once")
         if self.settings and not self.losses:
             raise ValueError("losses: [] names no loss; give at least one, e.g. ['kd']")
-        for loss in self.losses:
-            self.config(loss)  # the engine's own checks, one line each
+        for loss in LOSSES:  # the engine's own checks, one line each, also of a loss not run now
+            self.config(loss)
         try:
             parsed = [parse_setting(s) for s in self.settings]
         except ValueError as e:
