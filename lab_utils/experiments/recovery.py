@@ -441,12 +441,13 @@ def recovery_table(models, plan: RecoveryPlan,
         dense = benchmarks.Setting(benchmarks.DENSE, sparsify.UNSTRUCTURED, 0.0)
         settings = list(dict.fromkeys(r.setting for r in todo))
         measured, _ = benchmarks.evaluate_model(model, [dense, *settings], cfg, executor="serial")
+        teacher = load_model(model)  # loaded once: every recovery of this model copies it and reads it
         value = {(r["method"], r["pattern"], r["requested_sparsity"]): r for r in measured if r["metric"] == metric}
         base = value[(dense.method, dense.pattern, dense.sparsity)]["value"]
         for r in todo:
             s = r.setting
             pruned = value[(s.method, s.pattern, s.sparsity)]
-            lm, run = recover.recovered_model(model, benchmarks.prune_config(s, cfg), plan.config(r.loss), task)
+            lm, run = recover.recovered_model(teacher, benchmarks.prune_config(s, cfg), plan.config(r.loss), task)
             got = evaluate_recovered(lm, run.key, benchmark, cfg)["metrics"][metric]
             del lm
             rows.append({"model": spec.name, "label": spec.label, "family": spec.family, "method": s.method,
@@ -459,6 +460,7 @@ def recovery_table(models, plan: RecoveryPlan,
                          "steps": run.steps, "tokens": run.tokens, "seconds": run.seconds, "key": run.key})
             history += [{"model": spec.name, "label": spec.label, "setting": r.name, "loss": r.loss,
                          "step": int(step), "train_loss": float(loss)} for step, loss in run.history]
+        del teacher
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["plain_merge_sparsity"] = pd.to_numeric(table["plain_merge_sparsity"])
     return table, pd.DataFrame(history, columns=HISTORY_COLUMNS)
