@@ -136,7 +136,7 @@ def headline(table: pd.DataFrame, protocol: str | None = None) -> str | None:
     r0 = t.iloc[0]
     gap_of = "log-perplexity gap" if r0.metric in LOG_SCALE else "gap"
     kept = (t.sparsity_before - t.sparsity_after).abs().max() == 0
-    return (f"{r0.loss} with the mask kept closed " + ", ".join(f"{_gap(r.gap_recovered)} at {_setting(r)}"
-                                                                  for r in t.itertuples())
-            + f" of {r0.label}'s {gap_of} ({metric_label(r0.metric, '', protocol)}) in {int(r0.steps)} steps, "
-            f"{t.seconds.sum():.0f} s of training, the sparsity {'unchanged' if kept else 'CHANGED'}.")
+    return (f"{r0.loss} with the mask kept closed {r0.label}'s {gap_of} ({metric_label(r0.metric, '', protocol)}) by "
+            + ", ".join(f"{_gap(r.gap_recovered)} at {_setting(r)}" for r in t.itertuples())
+            + f" in {int(r0.steps)} steps ({t.seconds.sum():.0f} s of training), the sparsity "
+            f"{'unchanged' if kept else 'CHANGED'}.")
