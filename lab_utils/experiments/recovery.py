@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from lab_utils.core import data, files, sparsify
+from lab_utils.core import data, files, memo, sparsify
 from lab_utils.core.data import DataError
 from lab_utils.core.evaluation import asr
 from lab_utils.core.models import (
@@ -274,7 +274,7 @@ class RecoveryPlan:
     """Notebook 04's recovery parameters, checked when the plan is made: which pruned
     ``settings`` (``"wanda 50%"``, ``"sparsegpt 2:4"``) are recovered with the first of
     ``losses`` (the default, kd), the further losses (the ablations) run on the first
-    setting only, so they compare at equal cost; and the engine's settings, the same for
+    setting of the first model only, so they compare at equal cost; and the engine's settings, the same for
     every loss (:meth:`config` drops those a loss ignores)."""
 
     settings: tuple = ("wanda 50%", "sparsegpt 2:4")
@@ -349,11 +349,13 @@ def _plain_step(student, teacher, batch: dict, task, cfg) -> None:
     opt.step()
 
 
+@memo.step("04-recovery-one-step")  # a rerun shows the table without training again
 def one_step(model_name: str, plan: RecoveryPlan, cfg: benchmarks.BenchmarkConfig) -> pd.DataFrame:
     """The mask kept, shown: the checkpoint of the plan's first recovery, then one training
     step on one batch of its task two ways, a plain AdamW step and the lab's masked step
     (:func:`lab_utils.engine.recover.recover`, one step), and how many pruned weights each
-    leaves exactly 0. Empty when the plan recovers nothing or the model has no task."""
+    leaves exactly 0. Empty when the plan recovers nothing or the model has no task.
+    Cached by its arguments like every step of the notebook."""
     task = task_for(model_name, cfg.bench.seed)
     if not plan.recoveries or task is None:
         return pd.DataFrame(columns=["model state", "pruned weights", "still exactly 0", "moved off 0"])
@@ -430,11 +432,16 @@ def recovery_table(models, plan: RecoveryPlan,
     evaluation are cached too, so a rerun trains nothing.
     """
     rows, history = [], []
+    ablations_run = False
     for model in models:
         task = task_for(model, cfg.bench.seed)  # the split seed: training avoids that test split
-        todo = [r for r in plan.recoveries if supports(task, r.loss)]
+        # the ablations (every loss after the first) cost a whole recovery each: the first
+        # model with a task runs them, the others run the default loss only
+        todo = [r for r in plan.recoveries if supports(task, r.loss)
+                and (r.loss == plan.losses[0] or not ablations_run)]
         if not todo:
             continue
+        ablations_run = True
         spec = resolve(model)
         benchmark = benchmarks.benchmarks_for(spec)[0]
         metric = METRIC_OF[benchmark]
