@@ -167,3 +167,15 @@ def test_a_bad_recovery_parameter_is_refused_naming_it(name, bad):
     with pytest.raises(params.ParamError, match=rf"^{name}: "):
         params.check_values({**defaults, name: bad}, "04_benchmarks", params.declared("04_benchmarks"),
                             check_hub=False)
+
+
+def test_the_finding_says_when_training_moved_a_model_away_from_dense():
+    row = {"model": "m", "label": "Enc", "family": "encoder-only", "method": "wanda", "pattern": "unstructured",
+           "requested": 0.5, "loss": "kd", "metric": "embedding fidelity", "dense": 1.0, "pruned": 0.86,
+           "recovered": 0.84, "gap_recovered": (0.84 - 0.86) / (1.0 - 0.86), "sparsity_before": 0.5,
+           "sparsity_after": 0.5, "plain_merge_sparsity": float("nan"), "steps": 8, "tokens": 800,
+           "seconds": 2.0, "key": "k"}
+    worse = recovery_view.finding(pd.DataFrame([row]))
+    assert "widened the gap by 14%" in worse and "made Enc worse" in worse and "closed -" not in worse
+    better = recovery_view.finding(pd.DataFrame([{**row, "recovered": 0.93, "gap_recovered": 0.5}]))
+    assert "closed 50% of the gap" in better and "worse" not in better

@@ -86,9 +86,13 @@ def figure(table: pd.DataFrame, history: pd.DataFrame, protocol: str | None = No
     return files.save_figure(fig, "recovery.png")
 
 
+def _did(gap: float, gap_of: str) -> str:
+    return f"widened the {gap_of} by {_gap(-gap)}" if gap < 0 else f"closed {_gap(gap)} of the {gap_of}"
+
+
 def _row_phrase(r, gap_of: str) -> str:
-    return (f"{_gap(r.gap_recovered)} of the {gap_of} at {_setting(r)} ({fmt_value(r.metric, r.pruned)} → "
-            f"{fmt_value(r.metric, r.recovered)})")
+    # a negative share means training moved the model further from dense: say so, not "closed -8%"
+    return f"{_did(r.gap_recovered, gap_of)} at {_setting(r)} ({fmt_value(r.metric, r.pruned)} → {fmt_value(r.metric, r.recovered)})"
 
 
 def finding(table: pd.DataFrame, protocol: str | None = None) -> str:
@@ -102,13 +106,13 @@ def finding(table: pd.DataFrame, protocol: str | None = None) -> str:
         gap_of = "log-perplexity gap" if metric in LOG_SCALE else "gap"
         first = t[t.loss == t.loss.iloc[0]]
         text = (f"**{label}** ({metric_label(metric, '', protocol)}, dense {fmt_value(metric, t.dense.iloc[0])}): "
-                f"{first.loss.iloc[0]} recovery closed " + ", ".join(_row_phrase(r, gap_of) for r in first.itertuples())
+                f"{first.loss.iloc[0]} recovery " + ", ".join(_row_phrase(r, gap_of) for r in first.itertuples())
                 + f" in {int(first.steps.iloc[0])} steps each ({int(first.tokens.sum()):,} tokens, "
                 f"{first.seconds.sum():.0f} s)")
         others = t[t.loss != t.loss.iloc[0]]
         if len(others):
             text += "; at " + _setting(others.iloc[0]) + ", " + ", ".join(
-                f"{r.loss} closed {_gap(r.gap_recovered)}" for r in others.itertuples())
+                f"{r.loss} {_did(r.gap_recovered, gap_of)}" for r in others.itertuples())
         kept = (t.sparsity_before - t.sparsity_after).abs().max() == 0
         text += (". The sparsity stayed exactly as pruned" if kept else
                  ". The sparsity changed (the mask was not kept)")
@@ -117,7 +121,11 @@ def finding(table: pd.DataFrame, protocol: str | None = None) -> str:
             r = lora.iloc[0]
             text += (f"; LoRA's adapters merged the plain way would have left {pct(r.plain_merge_sparsity)} of the "
                      f"weights zero instead of {pct(r.sparsity_after)}")
-        barely = first[first.gap_recovered < BARELY]
+        worse = first[first.gap_recovered < 0]
+        barely = first[(first.gap_recovered >= 0) & (first.gap_recovered < BARELY)]
+        if len(worse):
+            text += (f". Within this budget recovery made {label} worse at "
+                     + ", ".join(_setting(r) for r in worse.itertuples()))
         if len(barely):
             text += (f". Within this budget recovery barely moved {label} (under {BARELY:.0%} of the gap at "
                      + ", ".join(_setting(r) for r in barely.itertuples()) + ")")
