@@ -89,6 +89,22 @@ def cache_with_data(tmp_path, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture()
+def eval_cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache for checkpoints and evaluations that still sees the real cache's
+    corpora, converted models and synthesized speech (nothing fetched or converted again)."""
+    from lab_utils.core import files
+
+    real = files.cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sub in ("data", "models", "speech"):
+        (real / sub).mkdir(parents=True, exist_ok=True)
+        (cache / sub).symlink_to(real / sub, target_is_directory=True)
+    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
+    return cache
+
+
 # How much lower the test process's priority is than the smoke report's (0: the same). The
 # report is the session's longest chain (cold run, resumed run, second run); the other tests
 # fill the cores around it instead of stretching it. LAB_TEST_NICE=0 turns this off.

@@ -3,7 +3,6 @@ summary) on tiny models, hand-made features, and one real Whisper check."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,20 +17,6 @@ from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import benchmarks, throughput
 from lab_utils.presentation import benchmarks_view
 from lab_utils.report import params
-
-
-@pytest.fixture()
-def eval_cache(tmp_path, monkeypatch) -> Path:
-    """An empty cache for evaluations and checkpoints that still sees the
-    downloaded corpus, the converted models and the synthesized speech."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    real = files.cache_dir()
-    for sub in ("data", "models", "speech"):
-        (real / sub).mkdir(parents=True, exist_ok=True)
-        (cache / sub).symlink_to(real / sub, target_is_directory=True)
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
 
 
 def _tokenizer():

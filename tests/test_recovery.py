@@ -3,13 +3,12 @@ training text that no evaluation reads, each family's batches and loss, and the 
 tiny models. The loop and the mask invariant are tested in test_recover.py."""
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from lab_utils.core import data, files
+from lab_utils.core import data
 from lab_utils.core.data import DataError
 from lab_utils.core.evaluation.protocols import EvalConfig
 from lab_utils.core.models import load_model
@@ -18,20 +17,6 @@ from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import benchmarks, recovery
 from lab_utils.presentation import recovery_view
 from lab_utils.report import params
-
-
-@pytest.fixture()
-def eval_cache(tmp_path, monkeypatch) -> Path:
-    """An empty cache for checkpoints and evaluations that still sees the corpora,
-    the converted models and the synthesized speech."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    real = files.cache_dir()
-    for sub in ("data", "models", "speech"):
-        (real / sub).mkdir(parents=True, exist_ok=True)
-        (cache / sub).symlink_to(real / sub, target_is_directory=True)
-    monkeypatch.setenv("LAB_CACHE_DIR", str(cache))
-    return cache
 
 
 # --------------------------------------------------------------------------- data that cannot leak
