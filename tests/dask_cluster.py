@@ -74,6 +74,16 @@ def interrupted_when(condition) -> Iterator[None]:
         thread.join()
 
 
+def connect_timeout(monkeypatch, seconds: float = 0.5) -> float:
+    """Make ``seconds`` the connect timeout that ``open_executor`` (and so ``run_jobs`` and the
+    sweep) uses by default, for the test: a test of what an unreachable scheduler says need not
+    wait out the real bound (test_executor checks that the real one is the default)."""
+    from lab_utils.experiments import executor as ex
+
+    monkeypatch.setitem(ex.open_executor.__wrapped__.__kwdefaults__, "connect_timeout", seconds)
+    return seconds
+
+
 def child_processes() -> dict[int, str]:
     """This process's descendants, pid: command line, but multiprocessing's resource tracker
     (started with the first local cluster, it lives as long as this process, by design) and the

@@ -15,7 +15,13 @@ import dask
 import pandas as pd
 import psutil
 import pytest
-from dask_cluster import child_processes, interrupted_when, one_torch_thread, wait_for
+from dask_cluster import (
+    child_processes,
+    connect_timeout,
+    interrupted_when,
+    one_torch_thread,
+    wait_for,
+)
 from distributed import Client, LocalCluster
 from executor_jobs import hook_engine, job_name, prune_pids, unhook_engine
 
@@ -193,13 +199,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_scheduler_is_one_line_in_seconds(tiny_dirs, tmp_path):
+def test_an_unreachable_scheduler_is_one_line_in_seconds(tiny_dirs, tmp_path, monkeypatch):
+    seconds = connect_timeout(monkeypatch)  # not the 5 s default: test_executor checks that one
     address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(ex.ExecutorError) as info:
         run_sweep(tiny_dirs, address, empty_cache(tmp_path / "cache"))
-    # the executor's own connect timeout (test_executor checks it is kept), not Dask's 30 s
-    assert str(info.value).startswith(f"no Dask scheduler answers at {address} within "
-                                      f"{ex.CONNECT_TIMEOUT_S:g} s")
+    # the executor's own connect timeout, not Dask's 30 s
+    assert str(info.value).startswith(f"no Dask scheduler answers at {address} within {seconds:g} s")
     assert "\n" not in str(info.value)
 
 
@@ -209,13 +215,14 @@ def test_the_command_line_sweep_says_so_in_one_line(tiny_dirs, tmp_path, monkeyp
 
     from lab_utils.__main__ import main
 
+    seconds = connect_timeout(monkeypatch)
     address = f"tcp://127.0.0.1:{free_port()}"
     monkeypatch.setenv("LAB_CACHE_DIR", str(empty_cache(tmp_path / "cache")))
     monkeypatch.setenv("LAB_THREADS", str(torch.get_num_threads()))  # main sets torch's threads
     code = main(["sweep", "--models", *models(tiny_dirs), "--methods", "wanda", "--executor", address])
     out, err = capsys.readouterr()
     assert code == 2 and not out
-    assert err.startswith(f"error: no Dask scheduler answers at {address} within ")
+    assert err.startswith(f"error: no Dask scheduler answers at {address} within {seconds:g} s")
     assert err.count("\n") == 1
 
 
