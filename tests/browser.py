@@ -125,6 +125,18 @@ def lab_menu(driver, menu: str, item: str) -> None:
     driver.find_element(By.XPATH, f"//div[contains(@class, 'lm-Menu-itemLabel') and text()='{item}']").click()
 
 
+# Whether the open notebook is busy: the kernel's state, the status bar and each code cell's
+# prompt (LAB_STATE_JS's first fields, without the text of every cell).
+LAB_PROGRESS_JS = """
+const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+if (!nb) return null;
+const status = document.querySelector('.jp-Notebook-ExecutionIndicator');
+const bar = document.querySelector('#jp-main-statusbar');
+return {kernel: status ? status.getAttribute('data-status') : null,
+        statusbar: bar ? bar.innerText : '',
+        prompts: Array.from(nb.querySelectorAll('.jp-Notebook .jp-Cell.jp-CodeCell')).map(
+            c => (c.querySelector('.jp-InputPrompt') || {}).textContent || '')};
+"""
 # The open notebook as JupyterLab shows it: the kernel's state (and the status bar's
 # "Python 3 (llm-sparsity-lab) | Idle"), whether the document
 # is marked modified, each code cell's prompt, what went to stderr (errors and warnings
