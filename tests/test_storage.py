@@ -335,7 +335,7 @@ def test_size_sweep_measures_pruned_models_and_caches(tmp_cache, monkeypatch):
         calls.append((lm.spec.name, cfg.method, cfg.sparsity, cfg.pattern))
         return LoadedModel(prune_random(build_tiny("llama"), cfg.sparsity), None, lm.spec), None
 
-    monkeypatch.setattr(st, "load_model", fake_dense)
+    monkeypatch.setattr(st.sweep, "load_model", fake_dense)  # the dense model a job prunes copies of
     monkeypatch.setattr(st.checkpoints, "pruned_model", fake_pruned)
     cfg = st.SizeConfig(["tiny"], ["magnitude"], [0.5, 0.8], formats=["dense", "bitmask"])
     # workers=1: measured in this process, where the fake pruning is seen

@@ -275,28 +275,49 @@ def evaluate_model(model_name: str, setting_list: list[Setting], cfg: BenchmarkC
     token-by-token decoding, runs on one core), so each result's ``seconds`` is
     its wall time with the other evaluations running beside it.
     """
+    returned = _run_settings(_dense_first(model_name, setting_list, cfg), cfg, workers, executor, resources)
+    return _model_rows(model_name, setting_list, cfg, returned)
+
+
+def _dense_first(model_name: str, setting_list: list[Setting], cfg: BenchmarkConfig) -> list[dict]:
+    """Evaluate the dense setting here (what the cache lacks of it); the jobs of the
+    other settings whose results the cache lacks."""
     spec = resolve(model_name)
     config = engine_config.hf_config(spec)
     if not setting_list or not setting_list[0].is_dense:
         raise ValueError("the settings start with the dense baseline (see settings())")
     _evaluate_setting(model_name, setting_list[0], cfg, None)
     dense_bytes = _read_entries(spec, setting_list[0], cfg, config)[1].get("dense_file_bytes")
-    todo = [s for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
+    return [{"model_name": model_name, "setting": s, "cfg": cfg, "dense_file_bytes": dense_bytes}
+            for s in setting_list[1:] if not _complete(_read_entries(spec, s, cfg, config))]
+
+
+def _run_settings(jobs: list[dict], cfg: BenchmarkConfig, workers: int | None, executor: str | ex.Executor,
+                  resources: dict[str, float] | None = None) -> dict:
+    """:func:`evaluate_job` of every job, as one batch on ``executor``:
+    {(model name, setting): what the job found in the cache it wrote}."""
     try:
         evaluated = ex.run_jobs(
-            evaluate_job,
-            [{"model_name": model_name, "setting": s, "cfg": cfg, "dense_file_bytes": dense_bytes} for s in todo],
-            executor, workers=workers,
+            evaluate_job, jobs, executor, workers=workers,
             resources=resources if resources is not None else ex.accelerator_resources(cfg.device),
-            desc=f"{spec.label} settings",
-            describe=lambda j: f"evaluating {spec.label} ({j['setting'].method}, {j['setting'].pattern}, "
-                               f"{j['setting'].sparsity:g})")
+            desc="settings",
+            describe=lambda j: f"evaluating {resolve(j['model_name']).label} ({j['setting'].method}, "
+                               f"{j['setting'].pattern}, {j['setting'].sparsity:g})")
     except ex.JobError as e:
         raise RuntimeError(str(e)) from e
-    returned = dict(zip(todo, evaluated, strict=True))  # what the jobs found in the cache they wrote
+    finally:
+        sweep.release()  # jobs run here (serial) leave their model behind
+    return {(j["model_name"], j["setting"]): r for j, r in zip(jobs, evaluated, strict=True)}
+
+
+def _model_rows(model_name: str, setting_list: list[Setting], cfg: BenchmarkConfig,
+                returned: dict) -> tuple[list[dict], list[dict]]:
+    """(metric rows, size rows) of one model, from ``returned`` or the cache."""
+    spec = resolve(model_name)
+    config = engine_config.hf_config(spec)
     rows, sizes = [], []
     for setting in setting_list:
-        entries = returned.get(setting) or _read_entries(spec, setting, cfg, config)
+        entries = returned.get((model_name, setting)) or _read_entries(spec, setting, cfg, config)
         if not _complete(entries):
             raise RuntimeError(f"the evaluation of {spec.label} {setting} left no result in the cache")
         info, size, results = entries
@@ -345,7 +366,11 @@ def _evaluate_setting(model_name: str, setting: Setting, cfg: BenchmarkConfig, d
     if _complete(entries):
         return
     _, size, results = entries
-    lm, report = checkpoints.pruned_model(model_name, prune_config(setting, cfg))
+    # a pruned setting prunes a copy of the dense model that this process holds (a worker
+    # evaluates several settings of a model in turn); the dense one is loaded on its own, as the
+    # benchmarks then run on it
+    lm, report = checkpoints.pruned_model(model_name if setting.is_dense else sweep.dense_model(model_name),
+                                          prune_config(setting, cfg))
     if cfg.device != "cpu":  # the engine returns the model in host memory; evaluate it on the device
         lm.model.to(cfg.device)
     if report.key != key:  # the engine changed its key: do not file results under a wrong one
@@ -410,12 +435,17 @@ def benchmark_table(models, methods, patterns, sparsities, cfg: BenchmarkConfig 
                     executor: str | ex.Executor = ex.LOCAL) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy benchmark table of every model (dense rows first per model)
     and, when ``cfg.size_formats`` is set, the file size of every checkpoint;
-    the settings of a model are jobs on ``executor`` (see :func:`evaluate_model`)."""
+    the pruned settings of all models are one batch of jobs on ``executor`` (see
+    :func:`evaluate_model`)."""
     cfg = cfg or BenchmarkConfig()
     setting_list = settings(methods, patterns, sparsities)
+    # every model's dense setting here first, then the other settings of all models as one
+    # batch: a local cluster starts once (its workers import torch and the lab anew)
+    jobs = [job for model_name in models for job in _dense_first(model_name, setting_list, cfg)]
+    returned = _run_settings(jobs, cfg, workers, executor)
     rows, sizes = [], []
     for model_name in models:
-        r, s = evaluate_model(model_name, setting_list, cfg, workers, executor)
+        r, s = _model_rows(model_name, setting_list, cfg, returned)
         rows += r
         sizes += s
     return add_dense(pd.DataFrame(rows))[COLUMNS], pd.DataFrame(sizes)

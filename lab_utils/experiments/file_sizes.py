@@ -53,7 +53,7 @@ from lab_utils.core.formats import (
     parse_format,
     value_entropy_floor_bytes,
 )
-from lab_utils.core.models import LoadedModel, count_parameters, load_model, prunable_layers
+from lab_utils.core.models import count_parameters, prunable_layers
 from lab_utils.core.progress import tqdm
 from lab_utils.core.sparse_file import (
     _dtype,
@@ -66,6 +66,7 @@ from lab_utils.core.sparse_file import (
 from lab_utils.engine import checkpoints
 from lab_utils.engine.config import DEFAULT_NSAMPLES, ENGINE_VERSION, PruneConfig, key_settings
 from lab_utils.experiments import executor as ex
+from lab_utils.experiments import sweep
 
 SIZES_VERSION = 3  # part of the size cache key: bump when the size table changes
 
@@ -189,7 +190,7 @@ def size_sweep(cfg: SizeConfig, executor: str | ex.Executor = ex.LOCAL, workers:
     except ex.JobError as e:
         raise StorageError(str(e)) from e
     finally:
-        _DENSE.clear()
+        sweep.release()  # jobs run here (serial) leave their model behind
     returned = {job["path"]: table for job, table in zip(missing, measured, strict=True)}
     frames = []
     for path in paths:
@@ -206,23 +207,11 @@ def sizes_key(model_name: str, cfg: PruneConfig, size: SizeConfig) -> str:
                           list(size.formats), size.zstd_level)
 
 
-_DENSE: dict = {}  # the dense model of the last size_job (a worker measures one model's rows in turn)
-
-
-def _dense(model_name: str) -> LoadedModel:
-    """The dense model, loaded once per worker (one held at a time): each
-    setting prunes a copy of it (or reads its checkpoint into one)."""
-    if model_name not in _DENSE:
-        _DENSE.clear()
-        _DENSE[model_name] = load_model(model_name)
-    return _DENSE[model_name]
-
-
 def size_job(model_name: str, cfg: PruneConfig, size: SizeConfig, path: str) -> dict:
     """Measure one row group of :func:`size_sweep` (the pruning ``cfg`` of
     ``model_name``, written as ``size`` says), store it at ``path`` and return
     it as stored."""
-    lm, _ = checkpoints.pruned_model(_dense(model_name), cfg)
+    lm, _ = checkpoints.pruned_model(sweep.dense_model(model_name), cfg)  # a worker measures one model's rows in turn
     key = Path(path).stem
     table = model_sizes(lm.model, size.formats, pattern=size.pattern, zstd_level=size.zstd_level,
                         folder=(files.cache_dir() / "sizes" / "files" / key) if size.keep_files else None,

@@ -7,6 +7,8 @@ drawn by :mod:`lab_utils.presentation.sweep_view`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,7 +17,7 @@ import pandas as pd
 from lab_utils.core import memo, sparsify
 from lab_utils.core.device import resolved
 from lab_utils.core.evaluation import perplexity
-from lab_utils.core.models import DECODER_ONLY, resolve
+from lab_utils.core.models import DECODER_ONLY, LoadedModel, load_model, resolve
 from lab_utils.engine import checkpoints, prune
 from lab_utils.engine.config import PruneConfig
 from lab_utils.experiments import executor as ex
@@ -79,14 +81,33 @@ def settings(methods, patterns, sparsities) -> list[tuple[str, str, float]]:
     return list(dict.fromkeys(out))
 
 
+_DENSE: dict[str, LoadedModel] = {}  # the dense model of the last job here (jobs come grouped by model)
+
+
+def dense_model(model_name: str) -> LoadedModel:
+    """The dense model, loaded once per process (one held at a time): a job prunes a copy of it
+    (or reads its checkpoint into one). Loading reads and converts the whole folder, its
+    tokenizer too, several times the cost of the copy; :func:`release` lets it go."""
+    if model_name not in _DENSE:
+        release()
+        _DENSE[model_name] = load_model(model_name)
+    return _DENSE[model_name]
+
+
+def release() -> None:
+    """Drop the dense model that :func:`dense_model` holds."""
+    _DENSE.clear()
+
+
 def run_one(model_name: str, cfg: PruneConfig, sweep: SweepConfig) -> tuple[dict, prune.PruneReport]:
     """Prune (or load from the cache) and measure one configuration, on
     ``cfg.device`` (the engine moves one block at a time there; the perplexity,
     ``sweep.eval_windows`` of ``sweep.eval_seqlen`` tokens, is measured there too)."""
-    lm, report = checkpoints.pruned_model(model_name, cfg)
+    lm, report = checkpoints.pruned_model(dense_model(model_name), cfg)  # a copy, or the dense model itself
     ppl = math.nan
     if lm.family == DECODER_ONLY:
-        if sweep.device != "cpu":
+        if sweep.device != "cpu":  # the held dense model stays in host memory for the next copies
+            lm = dataclasses.replace(lm, model=copy.deepcopy(lm.model) if cfg.sparsity == 0 else lm.model)
             lm.model.to(sweep.device)
         ppl = perplexity.evaluate(lm, sweep.eval_seqlen, sweep.eval_windows, cache_key=report.key)["perplexity"]
     pruned = cfg.sparsity > 0
@@ -115,13 +136,19 @@ def sparsity_sweep(cfg: SweepConfig, executor: str | ex.Executor = ex.LOCAL,
     row's ``seconds`` is then its own wall time with another job beside it.
     """
     grid = settings(cfg.methods, cfg.patterns, cfg.sparsities)  # the dense baseline first
-    jobs = [(m, "magnitude", sparsify.UNSTRUCTURED, 0.0) for m in cfg.models]
-    jobs += [(m, meth, pat, s) for m in cfg.models for meth, pat, s in grid[1:]]
-    rows = ex.run_jobs(
-        sweep_job, [{"model_name": m, "cfg": cfg.prune_config(meth, s, pat), "sweep": cfg}
-                    for m, meth, pat, s in jobs],
-        executor, workers=workers, desc="sweep", resources=ex.accelerator_resources(cfg.device),
-        describe=lambda j: f"pruning {j['model_name']} ({j['cfg'].method}, {j['cfg'].pattern}, {j['cfg'].sparsity:g})")
+    # each model's jobs together: a worker then loads a model once for a run of its jobs
+    jobs = [(m, "magnitude" if meth == DENSE else meth, pat, s) for m in cfg.models for meth, pat, s in grid]
+    try:
+        rows = ex.run_jobs(
+            sweep_job, [{"model_name": m, "cfg": cfg.prune_config(meth, s, pat), "sweep": cfg}
+                        for m, meth, pat, s in jobs],
+            executor, workers=workers, desc="sweep", resources=ex.accelerator_resources(cfg.device),
+            describe=lambda j: f"pruning {j['model_name']} ({j['cfg'].method}, {j['cfg'].pattern}, "
+                               f"{j['cfg'].sparsity:g})")
+    finally:
+        release()  # jobs run here (serial) leave their model behind
+    # the rows as before: the dense ones first, then each model's settings
+    rows = [r for _, r in sorted(enumerate(rows), key=lambda ir: (jobs[ir[0]][3] > 0, ir[0]))]
     df = pd.DataFrame(rows)
     dense = df[df.method == DENSE].set_index("model").perplexity
     df["ppl_vs_dense"] = df.perplexity / df.model.map(dense)
@@ -147,10 +174,13 @@ def owl_comparison(cfg: SweepConfig, method: str, sparsity: float):
     if model is None:
         return None, None
     rows, tables = [], []
-    for owl in (False, True):
-        row, report = run_one(model, cfg.prune_config(method, sparsity, owl=owl), cfg)
-        row["allocation"] = "OWL" if owl else "uniform"
-        rows.append(row)
-        t = report.layer_table()[["name", "side", "block", "component", "numel", "sparsity"]]
-        tables.append(t.assign(allocation=row["allocation"]))
+    try:
+        for owl in (False, True):
+            row, report = run_one(model, cfg.prune_config(method, sparsity, owl=owl), cfg)
+            row["allocation"] = "OWL" if owl else "uniform"
+            rows.append(row)
+            t = report.layer_table()[["name", "side", "block", "component", "numel", "sparsity"]]
+            tables.append(t.assign(allocation=row["allocation"]))
+    finally:
+        release()
     return pd.concat(tables, ignore_index=True), pd.DataFrame(rows)
