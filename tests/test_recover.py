@@ -15,7 +15,7 @@ from lab_utils.engine import recover as rc
 from lab_utils.engine.config import PruneConfig
 from lab_utils.engine.recover import RecoveryConfig, RecoveryError
 
-TINY = dict(batch_size=2, seqlen=16, lr=1e-2)
+TINY = dict(batch_size=2, seqlen=16, lr=1e-2, dtype="float32")  # float32: the same steps on every CPU
 
 
 def half_pruned(model):
@@ -63,6 +63,7 @@ def snapshot(model):
     (dict(seqlen=1), "seqlen must be an integer >= 2"),
     (dict(lr=0), "lr must be a number > 0"),
     (dict(lr=float("nan")), "lr must be"),
+    (dict(schedule="step"), "schedule 'step' is not an lr schedule"),
     (dict(temperature=-1.0), "temperature must be a number > 0"),
     (dict(hidden_weight=-0.5), "hidden_weight must be a number >= 0"),
     (dict(loss="lora", lora_rank=0), "lora_rank must be a positive integer"),
@@ -81,7 +82,7 @@ def test_settings_a_loss_ignores_do_not_split_the_cache():
     assert (cfg.temperature, cfg.hidden_weight, cfg.lora_rank) == (None, None, None)
     assert cfg == RecoveryConfig("next-token") == RecoveryConfig(**dataclasses.asdict(cfg))
     assert RecoveryConfig("kd").lora_rank is None and RecoveryConfig("lora").lora_rank == 8
-    assert (cfg.device, cfg.dtype) == ("cpu", "float32")
+    assert cfg.device == "cpu" and cfg.dtype == rc.dtype_name(rc.training_dtype("auto", "cpu"))
     assert RecoveryConfig(batch_size=3, seqlen=100).tokens_per_step == 300
 
 
@@ -94,8 +95,13 @@ def test_losses():
     assert rc.kd_loss(s, t, 2.0).item() == pytest.approx(4 * kl.mean().item(), rel=1e-5)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
     assert rc.kd_loss(s, t, 2.0, mask).item() == pytest.approx(4 * kl[mask.bool()].mean().item(), rel=1e-5)
-    assert rc.hidden_loss([s, t], [s, t]).item() == 0.0
-    assert rc.hidden_loss([s, s], [t, s]).item() == pytest.approx(F.mse_loss(s, t).item() / 2)
+    assert rc.squarehead_loss([s, t], [s, t]).item() == 0.0
+    # per block MSE(s, t) / MSE(t, 0), averaged: a block's scale does not weigh it
+    expected = (F.mse_loss(s, t) / t.pow(2).mean() + 0) / 2
+    assert rc.squarehead_loss([s, s], [t, s]).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert rc.squarehead_loss([100 * s], [100 * t]).item() == pytest.approx(rc.squarehead_loss([s], [t]).item(),
+                                                                              rel=1e-5)
+    assert rc.squarehead_loss([torch.zeros_like(t)], [t]).item() == pytest.approx(1.0)  # a dead block: 1
 
     model = build_tiny("llama")
     ids = token_batches(1)[0]["input_ids"]
@@ -140,7 +146,7 @@ def test_forward_passes_run_in_the_configured_dtype_and_the_weights_stay_float32
     masks = rc.W_masks(student)
     seen = []
     hook = student.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    run = rc.recover(student, teacher, token_batches(2), RecoveryConfig("kd", steps=2, dtype="bfloat16", **TINY))
+    run = rc.recover(student, teacher, token_batches(2), RecoveryConfig("kd", steps=2, **{**TINY, "dtype": "bfloat16"}))
     hook.remove()
     assert seen == [torch.bfloat16] * 2 and run.dtype == "bfloat16"
     assert all(p.dtype == torch.float32 for p in student.parameters())
@@ -165,6 +171,42 @@ def test_hidden_state_matching_is_added_to_kd():
     plain = rc.recover(copy.deepcopy(student), teacher, b, RecoveryConfig("kd", steps=1, **TINY))
     both = rc.recover(copy.deepcopy(student), teacher, b, RecoveryConfig("kd", steps=1, hidden_weight=1.0, **TINY))
     assert both.history[0][1] > plain.history[0][1]
+
+
+@pytest.mark.parametrize("schedule", rc.SCHEDULES)
+def test_the_lr_schedule_warms_up_then_decays_towards_zero(schedule):
+    steps = 20
+    f = [rc.lr_factor(i, steps, schedule) for i in range(steps)]
+    if schedule == "constant":
+        assert f == [1.0] * steps
+        return
+    warmup = 2  # 10% of 20 steps
+    assert f[:warmup] == pytest.approx([1 / 3, 2 / 3]) and max(f) == f[warmup] < 1.0
+    assert all(a > b for a, b in zip(f[warmup:], f[warmup + 1:], strict=False)) and 0 < f[-1] < 0.06
+    assert rc.lr_factor(0, 1, schedule) == 0.5  # one step: half the peak, never 0
+    mid = rc.lr_factor(warmup - 1 + (steps - warmup + 1) // 2, steps, schedule)
+    assert mid == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_schedule_sets_each_steps_lr(monkeypatch):
+    teacher = build_tiny("llama")
+    seen = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         real(self, *a, **k))[1])
+    rc.recover(half_pruned(copy.deepcopy(teacher)), teacher, token_batches(4),
+               RecoveryConfig("kd", steps=4, schedule="linear", **TINY))
+    assert seen == pytest.approx([TINY["lr"] * rc.lr_factor(i, 4, "linear") for i in range(4)])
+
+
+def test_auto_trains_in_bfloat16_where_the_cpu_runs_it_natively(monkeypatch):
+    monkeypatch.setattr(rc, "cpu_bf16", lambda: "AVX512-BF16")
+    assert rc.training_dtype("auto", "cpu") == torch.bfloat16 == rc.training_dtype(None, "cuda")
+    assert RecoveryConfig(dtype="auto").dtype == "bfloat16"
+    assert rc.training_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(rc, "cpu_bf16", lambda: None)  # AVX2 only: bfloat16 would be emulated, slower
+    assert rc.training_dtype("auto", "cpu") == torch.float32 and RecoveryConfig().dtype == "float32"
+    assert RecoveryConfig(dtype="auto") != RecoveryConfig(dtype="bfloat16")  # the dtype keys the checkpoint
 
 
 def test_next_token_needs_no_teacher_and_kd_refuses_without_one():

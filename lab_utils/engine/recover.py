@@ -10,7 +10,8 @@ Three losses (``RecoveryConfig.loss``):
 
 * ``kd``: knowledge distillation from the dense model, the KL divergence of the logits at a
   temperature T, scaled by T^2 (:func:`kd_loss`), plus ``hidden_weight`` times the per-block
-  hidden-state MSE (:func:`hidden_loss`) when that is above 0;
+  hidden-state loss normalized per layer (:func:`squarehead_loss`, Kurtic et al. 2023's
+  SquareHead) when that is above 0;
 * ``next-token``: the plain language-modelling loss (:func:`next_token_loss`), the ablation;
 * ``lora``: LoRA adapters (``peft``, the library the Wanda repository's ``lora_ft`` uses) trained
   with the kd loss on the prunable linear layers. A plain ``merge_and_unload()`` adds the dense
@@ -23,6 +24,11 @@ Three losses (``RecoveryConfig.loss``):
 :func:`recover` is the loop (batches in, a :class:`RecoveryRun` out, resumable from a state
 file); :func:`recovered_model` adds the checkpoint cache, as :func:`~lab_utils.engine.checkpoints.
 pruned_model` does for pruning.
+
+The learning rate follows ``RecoveryConfig.schedule`` (:func:`lr_factor`: constant, or a short
+linear warmup then a linear or cosine decay to 0 over the steps). The forward passes run in
+``RecoveryConfig.dtype`` by autocast; ``auto`` is bfloat16 wherever the hardware runs it natively
+(a GPU, or a CPU with AMX or AVX512-BF16, :func:`training_dtype`) and float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -44,14 +50,16 @@ from torch import nn
 
 from lab_utils.core import files, memo
 from lab_utils.core.checks import whole_number
-from lab_utils.core.device import dtype_name, model_device, resolve_device, resolve_dtype
+from lab_utils.core.device import cpu_bf16, dtype_name, model_device, resolve_device, resolve_dtype
 from lab_utils.core.models import LoadedModel, load_model, prunable_layers, resolve
 from lab_utils.core.progress import tqdm
 from lab_utils.engine import checkpoints
 from lab_utils.engine.config import PruneConfig, checkpoint_key
 
-RECOVERY_VERSION = 1  # part of every recovered checkpoint's key: bump when recovery results change
+RECOVERY_VERSION = 2  # part of every recovered checkpoint's key: bump when recovery results change
 LOSSES = ("kd", "next-token", "lora")
+SCHEDULES = ("constant", "linear", "cosine")
+WARMUP = 0.1  # the share of the steps a decaying schedule warms up over (linearly, at least one step)
 STATE_EVERY = 10  # steps between two saves of the resumable state ...
 STATE_SECONDS = 120.0  # ... or seconds, whichever comes first: a CPU step of a real model takes many
 STATE_FORMAT = 1
@@ -84,6 +92,7 @@ class RecoveryConfig:
     batch_size: int = 4
     seqlen: int = 256
     lr: float = 1e-4
+    schedule: str = "cosine"
     temperature: float | None = 2.0
     hidden_weight: float | None = 0.0
     lora_rank: int | None = 8
@@ -122,6 +131,8 @@ def _normalized(c: RecoveryConfig) -> dict:
     batch_size = whole_number("batch_size", c.batch_size, error=RecoveryError)
     seqlen = whole_number("seqlen", c.seqlen, minimum=2, error=RecoveryError)
     lr = _positive("lr", c.lr)
+    if c.schedule not in SCHEDULES:
+        raise RecoveryError(f"schedule {c.schedule!r} is not an lr schedule: use one of {', '.join(SCHEDULES)}")
     seed = whole_number("seed", c.seed, minimum=0, error=RecoveryError)
     distils = c.loss != "next-token"
     temperature = _positive("temperature", c.temperature) if distils else None
@@ -129,11 +140,40 @@ def _normalized(c: RecoveryConfig) -> dict:
     lora_rank = whole_number("lora_rank", c.lora_rank, error=RecoveryError) if c.loss == "lora" else None
     try:
         dev = resolve_device(c.device)
-        dt = dtype_name(resolve_dtype(c.dtype, dev))
+        dt = dtype_name(training_dtype(c.dtype, dev))
     except ValueError as e:
         raise RecoveryError(str(e)) from None
     return dict(steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr, temperature=temperature,
                 hidden_weight=hidden_weight, lora_rank=lora_rank, seed=seed, device=str(dev), dtype=dt)
+
+
+def training_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    """The forward dtype of a recovery: ``auto`` (or None) is bfloat16 where it runs natively,
+    a GPU or a CPU with AMX or AVX512-BF16 (:func:`~lab_utils.core.device.cpu_bf16`; there
+    autocast halves a CPU step's time and distils as well as float32), float32 on any other
+    CPU (emulated bfloat16 is slower than float32); a named dtype as
+    :func:`~lab_utils.core.device.resolve_dtype` checks it."""
+    device = torch.device(device)
+    if (name is None or name == "auto") and device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16() else torch.float32
+    return resolve_dtype(name, device)
+
+
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The multiple of the peak learning rate at optimizer step ``step`` (0-based) of ``steps``:
+    1 for ``constant``; for ``linear`` and ``cosine`` a linear warmup over the first
+    :data:`WARMUP` of the steps (at least one: the first step already moves the weights) and
+    then a linear or cosine decay that would reach 0 one step after the last. A function of the
+    step alone, so a resumed run replays it."""
+    if schedule not in SCHEDULES:
+        raise RecoveryError(f"schedule {schedule!r} is not an lr schedule: use one of {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, math.ceil(WARMUP * steps))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup + 1) / (steps - warmup + 1)  # in (0, 1): the last step keeps a little
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def recovery_settings(cfg: RecoveryConfig) -> dict:
@@ -186,10 +226,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature**2 * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
-def hidden_loss(student_hidden, teacher_hidden) -> torch.Tensor:
-    """The mean over blocks of the mean squared difference of the hidden states."""
+def squarehead_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """SquareHead (Kurtic et al. 2023, "Sparse Fine-tuning for Inference Acceleration of Large
+    Language Models"): per block, the mean squared difference of the student's and the
+    teacher's hidden states divided by the teacher's mean square, ``MSE(s, t) / MSE(t, 0)``;
+    averaged over the blocks. The division puts every block on one scale, whatever the size
+    of its activations (a block with large outliers would otherwise drown the others)."""
     pairs = list(zip(student_hidden, teacher_hidden, strict=True))
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
+    if not pairs:
+        raise RecoveryError("no hidden states to match: the model returned none (set hidden_weight 0)")
+    return torch.stack([F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+                        for s, t in pairs]).mean()
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -212,14 +259,16 @@ def _tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _hidden_states(out) -> tuple:
+    """Each block's output: the hidden states transformers returns, less the first of each
+    stack, the embeddings' output (not trained, equal in student and teacher)."""
     if getattr(out, "hidden_states", None) is not None:
-        return tuple(out.hidden_states)
-    return tuple(out.encoder_hidden_states or ()) + tuple(out.decoder_hidden_states or ())
+        return tuple(out.hidden_states)[1:]
+    return tuple(out.encoder_hidden_states or ())[1:] + tuple(out.decoder_hidden_states or ())[1:]
 
 
 def default_step_loss(student_out, teacher_out, batch: dict, cfg: RecoveryConfig) -> torch.Tensor:
     """The loss of a model with logits: kd at ``cfg.temperature`` (+ ``hidden_weight`` x the
-    hidden-state loss), or next-token when ``cfg.loss`` says so."""
+    SquareHead loss of the blocks' outputs), or next-token when ``cfg.loss`` says so."""
     if getattr(student_out, "logits", None) is None:
         raise RecoveryError("the model's output has no logits (an encoder?): pass a step_loss that "
                             "compares its outputs, e.g. the encoder task's")
@@ -230,7 +279,7 @@ def default_step_loss(student_out, teacher_out, batch: dict, cfg: RecoveryConfig
         return next_token_loss(student_out.logits, ids, mask)
     loss = kd_loss(student_out.logits, teacher_out.logits, cfg.temperature, mask)
     if cfg.hidden_weight:
-        loss = loss + cfg.hidden_weight * hidden_loss(_hidden_states(student_out), _hidden_states(teacher_out))
+        loss = loss + cfg.hidden_weight * squarehead_loss(_hidden_states(student_out), _hidden_states(teacher_out))
     return loss
 
 
@@ -474,6 +523,8 @@ def recover(student: nn.Module, teacher: nn.Module | None, batches: Iterable[dic
             loss = step_loss(student_out, teacher_out, batch, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:  # the schedule, from the step alone: a resumed run replays it
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.schedule)
         with torch.no_grad():
             for p, m in masks:
                 if p.grad is not None:
