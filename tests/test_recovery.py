@@ -93,6 +93,22 @@ def test_each_family_yields_its_steps_of_batches_that_its_model_reads(tiny_dirs)
     assert not recovery.supports(recovery.EncoderTask(), "next-token")
 
 
+def test_an_encoder_step_holds_the_decoders_tokens_per_step_of_sentences(tiny_dirs):
+    lm = load_model(str(tiny_dirs["bert"]))
+    for batch in recovery.EncoderTask().batches(lm, CFG):
+        real = batch["attention_mask"].sum(1)
+        budget = CFG.batch_size * CFG.seqlen  # 32 tokens: several short sentences, not batch_size of them
+        assert int(real.sum()) >= budget > int(real[:-1].sum()) and (real <= CFG.seqlen).all()
+
+
+def test_plan_defaults_are_notebook_04s():
+    nb = params.defaults(params.declared("04_benchmarks"))
+    plan = recovery.RecoveryPlan()
+    for name in ("steps", "batch_size", "seqlen", "lr", "schedule", "temperature", "hidden_weight", "lora_rank"):
+        assert getattr(plan, name) == nb[f"recovery_{name}"], name
+    assert plan.dtype == nb["recovery_dtype"] == "auto"
+
+
 # --------------------------------------------------------------------------- the table, end to end
 SMALL = EvalConfig(eval_windows=2, eval_seqlen=16, probe_train_examples=40, probe_test_examples=12,
                    zeroshot_tasks=("lab_sentiment",), sentiment_examples=4)
@@ -146,12 +162,22 @@ def test_one_step_shows_a_plain_step_reviving_pruned_weights_and_the_masked_step
 
 
 @pytest.mark.parametrize("name, bad", [("recovery_settings", ["wanda"]), ("recovery_losses", ["mse"]),
-                                       ("recovery_lr", 0.0), ("recovery_steps", 0), ("recovery_lora_rank", 0)])
+                                       ("recovery_lr", 0.0), ("recovery_steps", 0), ("recovery_lora_rank", 0),
+                                       ("recovery_schedule", "step"), ("recovery_hidden_weight", -1.0),
+                                       ("recovery_dtype", "float8")])
 def test_a_bad_recovery_parameter_is_refused_naming_it(name, bad):
     defaults = params.defaults(params.declared("04_benchmarks"))
     with pytest.raises(params.ParamError, match=rf"^{name}: "):
         params.check_values({**defaults, name: bad}, "04_benchmarks", params.declared("04_benchmarks"),
                             check_hub=False)
+
+
+def test_recovery_dtype_auto_follows_the_notebooks_dtype_and_auto_there_is_the_engines():
+    defaults = params.defaults(params.declared("04_benchmarks"))
+    auto = recover.dtype_name(recover.training_dtype("auto", "cpu"))  # bfloat16 where this CPU runs it natively
+    assert params.recovery_plan(defaults).config("kd").dtype == auto
+    assert params.recovery_plan({**defaults, "dtype": "float32"}).config("kd").dtype == "float32"
+    assert params.recovery_plan({**defaults, "dtype": "float32", "recovery_dtype": "bfloat16"}).dtype == "bfloat16"
 
 
 def test_the_finding_says_when_training_moved_a_model_away_from_dense():

@@ -304,11 +304,16 @@ def _check_benchmarks(size_formats, **values) -> None:
 
 def recovery_plan(values: dict) -> recovery.RecoveryPlan:
     """Notebook 04's ``recovery_*`` parameters as one checked
-    :class:`~lab_utils.experiments.recovery.RecoveryPlan`, on the notebook's device."""
+    :class:`~lab_utils.experiments.recovery.RecoveryPlan`, on the notebook's device; its
+    dtype is ``recovery_dtype``, or the notebook's ``dtype`` where that is auto."""
     plan = {k.removeprefix("recovery_"): v for k, v in values.items() if k.startswith("recovery_")}
-    device, dtype = resolved(values.get("device", "auto"), values.get("dtype", "auto"))
+    device, _ = resolved(values.get("device", "auto"), values.get("dtype", "auto"))
+    # recovery_dtype auto follows the notebook's dtype, and an auto left there is the engine's to
+    # resolve: bfloat16 on a CPU that runs it natively (training only; the evaluation keeps dtype)
+    if plan.get("dtype", "auto") == "auto":
+        plan["dtype"] = values.get("dtype", "auto")
     try:
-        return recovery.RecoveryPlan(**plan, device=device, dtype=dtype)
+        return recovery.RecoveryPlan(**{**plan, "device": device})
     except ValueError as e:  # its message opens with the field's name: name the parameter
         field, _, rest = str(e).partition(" ")
         name = field.rstrip(":")
