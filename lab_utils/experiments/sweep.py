@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import pandas as pd
+import psutil
 
 from lab_utils.core import memo, sparsify
 from lab_utils.core.device import resolved
@@ -88,10 +89,15 @@ def dense_model(model_name: str) -> LoadedModel:
     """The dense model, loaded once per process (one held at a time): a job prunes a copy of it
     (or reads its checkpoint into one). Loading reads and converts the whole folder, its
     tokenizer too, several times the cost of the copy; :func:`release` lets it go."""
-    if model_name not in _DENSE:
-        release()
-        _DENSE[model_name] = load_model(model_name)
-    return _DENSE[model_name]
+    if model_name in _DENSE:
+        return _DENSE[model_name]
+    release()
+    lm = load_model(model_name)
+    # held only when it and a pruned copy take under half the free memory: a large model is
+    # loaded per job instead of being doubled in every worker
+    if 2 * sum(p.numel() * p.element_size() for p in lm.model.parameters()) < psutil.virtual_memory().available / 2:
+        _DENSE[model_name] = lm
+    return lm
 
 
 def release() -> None:
