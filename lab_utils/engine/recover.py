@@ -92,7 +92,7 @@ class RecoveryConfig:
     batch_size: int = 4
     seqlen: int = 256
     lr: float = 1e-4
-    schedule: str = "cosine"
+    schedule: str = "constant"
     temperature: float | None = 2.0
     hidden_weight: float | None = 0.0
     lora_rank: int | None = 8
@@ -150,8 +150,8 @@ def _normalized(c: RecoveryConfig) -> dict:
 def training_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
     """The forward dtype of a recovery: ``auto`` (or None) is bfloat16 where it runs natively,
     a GPU or a CPU with AMX or AVX512-BF16 (:func:`~lab_utils.core.device.cpu_bf16`; there
-    autocast halves a CPU step's time and distils as well as float32), float32 on any other
-    CPU (emulated bfloat16 is slower than float32); a named dtype as
+    autocast makes a CPU step much faster and distils as well as float32: benchmarks/README.md),
+    float32 on any other CPU (emulated bfloat16 is slower than float32); a named dtype as
     :func:`~lab_utils.core.device.resolve_dtype` checks it."""
     device = torch.device(device)
     if (name is None or name == "auto") and device.type == "cpu":

@@ -282,11 +282,11 @@ class RecoveryPlan:
 
     settings: tuple = ("wanda 50%", "sparsegpt 2:4")
     losses: tuple = ("kd", "next-token", "lora")
-    steps: int = 8
+    steps: int = 24
     batch_size: int = 4
     seqlen: int = 128
-    lr: float = 5e-4
-    schedule: str = "cosine"
+    lr: float = 2e-4
+    schedule: str = "constant"
     temperature: float = 2.0
     hidden_weight: float = 0.0
     lora_rank: int = 8
