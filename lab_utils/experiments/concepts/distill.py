@@ -54,6 +54,7 @@ class DistillConfig:
     lr: float = 1e-4
     max_length: int = 64  # tokens per sentence
     freeze_embeddings: bool = True  # the embedding layer keeps the teacher's weights
+    timing_reps: int = 3  # forward passes timed per model (median), as notebook 01's ``timing_reps``
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -263,7 +264,7 @@ def experiment(encoder: nn.Module, tokenizer, train, test, cfg: DistillConfig):
     teacher.eval()
     start.eval()
     speed = costs.seconds_each({m: (lambda c=c: c(enc["input_ids"], enc["attention_mask"]))
-                                for m, c in (("teacher", teacher), ("student", start))}, reps=3)
+                                for m, c in (("teacher", teacher), ("student", start))}, reps=cfg.timing_reps)
     for col in ("forward_s", "forward_cpu_s"):
         table[col] = [speed["teacher"][col]] + [speed["student"][col]] * (len(table) - 1)
     return table, pd.DataFrame(losses)

@@ -27,6 +27,7 @@ from lab_utils.core import memo, sparse_file
 from lab_utils.core.checks import whole_number
 from lab_utils.core.evaluation.perplexity import perplexity
 from lab_utils.core.models import _conv1d_type, prunable_layers, set_module, weight_out_in
+from lab_utils.experiments import weights
 from lab_utils.experiments.concepts import costs
 from lab_utils.experiments.concepts.decoder import Decoder, baseline
 
@@ -233,6 +234,14 @@ def error_summary(table) -> dict:
 
 
 # --------------------------------------------------------------------------- the demo
+@memo.step("01-levels")
+def baseline_levels(decoder: Decoder, block: int = 32) -> dict:
+    """:func:`lab_utils.experiments.weights.levels_per_block` of the dense decoder (is
+    it already on a 4-bit grid?), as a step: it sorts every block of every layer,
+    seconds that a rerun reads back instead."""
+    return weights.levels_per_block(decoder.lm.model, block)
+
+
 def quantized_layer_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes, weights) of the quantized layers' integer weights and scales."""
     nbytes = numel = 0
