@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 from tiny_models import tiny_tokenizer
@@ -57,7 +59,13 @@ def test_hub_corpora_fail_clearly_without_hub():
 
 
 @pytest.mark.slow
-def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_cache):
+def test_corrupted_cached_archive_is_detected_and_fetched_again(tmp_path, monkeypatch):
+    # an empty cache holding a copy of the real cache's verified archive: the corrupted copy is
+    # fetched again (one download: a first fetch into an empty cache is the same call)
+    real = data.vader_archive()
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
+    (files.cache_dir() / "data").mkdir()
+    shutil.copyfile(real, files.cache_dir() / "data" / data.VADER_SDIST)
     data.nyt_sentences.cache_clear()
     try:
         folder = data.corpus_dir()
