@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 
 from lab_utils.__main__ import main
 from lab_utils.core import files

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 
 from lab_utils.core import device as devices
 from lab_utils.core.evaluation import perplexity

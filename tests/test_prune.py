@@ -11,7 +11,6 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 
 from lab_utils.core import files
 from lab_utils.core import sparsify as sp

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 from scipy import stats as sps
 from torch import nn
 

@@ -3,7 +3,6 @@ import struct
 
 import pytest
 import torch
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 
 from lab_utils.core import ct2_whisper, models, speech
 

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from fixtures_shared import torch_on_one_thread  # noqa: F401 (autouse: every test here)
 from tiny_models import MOE, ZOO, build_zoo, zoo_batches
 from torch import nn
 from transformers.pytorch_utils import Conv1D
